@@ -1,0 +1,297 @@
+"""Bring your own multi-task data: images and named label arrays in one `.npz` file.
+
+`config.data_dir` is an `.npz` file, or a folder holding exactly one. It holds
+
+* the images under the key `images` (or `image`, or `x`; the JSON spec may name another key):
+  uint8 (0..255) or float (0..1) of shape (N, H, W) or (N, H, W, C);
+* one label array per task, under the task's name, laid out as in `dymu_jax.tasks`:
+  classification (N,) integers, regression (N,) or (N, 1), segmentation (N, H, W) integers
+  (255 = ignore), depth / edges / saliency (N, H, W) or (N, H, W, 1), normals (N, H, W, 3);
+* optionally `split`: (N,) of "train"/"test" (or 0 = train, 1 = test) choosing each example's
+  split; without it the split is `split_indices(N, config.test_fraction, config.seed)`.
+
+Other keys are ignored. `config.task_spec` says which label arrays are tasks and of what kind:
+
+* a JSON file `{"tasks": [{"name": "digit", "kind": "classification", "num_outputs": 10}, ...],
+  "images": "x"}` ("num_outputs" may be left out: classification and segmentation take the
+  largest label + 1, 255 not counted, over the whole file; other kinds take 1, normals 3;
+  "loss_type", "label_scale" and "pos_weight" pass through to `tasks.Task`; "images" is
+  optional);
+* or inline: `"digit:classification:10,age:regression,mask:segmentation"`.
+
+`config.num_train` / `config.num_test` keep a seeded random subset (0 keeps all);
+`config.image_size` > 0 resizes images (bilinear) and dense labels (nearest, so class ids,
+"no label" zeros and unit normals are never blended) to image_size x image_size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from dymu_jax import tasks as tasks_lib
+from dymu_jax.data import images as images_lib
+from dymu_jax.data.base import (ArraySource, DataConfig, DatasetError, check_split,
+                                split_indices)
+
+NAME = "arrays"
+IMAGE_KEYS = ("images", "image", "x")
+SPLIT_KEY = "split"
+LAYOUT = ("one .npz file with an image array (key 'images', 'image' or 'x') and one label "
+          "array per task")
+SPEC_HELP = ("a JSON file {\"tasks\": [{\"name\": ..., \"kind\": ...}, ...]} or "
+             "\"name:kind[:outputs],...\"")
+_TASK_FIELDS = {"name", "kind", "num_outputs", "loss_type", "label_scale", "pos_weight"}
+# Kinds whose num_outputs is fixed by the kind.
+_FIXED_OUTPUTS = {tasks_lib.REGRESSION: 1, tasks_lib.DEPTH: 1, tasks_lib.EDGES: 1,
+                  tasks_lib.SALIENCY: 1, tasks_lib.NORMALS: 3}
+
+
+def load(config: DataConfig, split: str) -> ArraySource:
+  """The `split` of the user's `.npz` file, with the tasks of `config.task_spec`."""
+  check_split(NAME, split)
+  path = find_npz(config.data_dir)
+  spec, image_key = parse_task_spec(config.task_spec)
+  data = read_npz(path)
+  image_key = image_key or next((k for k in IMAGE_KEYS if k in data), None)
+  if image_key not in data:
+    wanted = repr(image_key) if image_key else " or ".join(repr(k) for k in IMAGE_KEYS)
+    raise DatasetError(f"{NAME}: {path!r} has no image array {wanted}; it holds "
+                       f"{_keys(data)}.")
+  images = _check_images(path, image_key, data[image_key])
+  tasks = []
+  labels = {}
+  for entry in spec:
+    if entry["name"] not in data:
+      raise DatasetError(f"{NAME}: the task spec names task {entry['name']!r} but {path!r} has "
+                         f"no such array; it holds {_keys(data)}.")
+    label = _check_label_shape(path, entry, data[entry["name"]], images.shape)
+    tasks.append(_make_task(entry, label))
+    labels[entry["name"]] = label
+  keep = _split(path, data, len(images), config, split)
+  wanted = config.num_train if split == "train" else config.num_test
+  keep = subsample(keep, wanted, config.seed)
+  images = images[keep]
+  labels = {name: label[keep] for name, label in labels.items()}
+  if config.image_size > 0:
+    images = images_lib.resize_images(images, config.image_size)
+    for task in tasks:
+      if task.is_dense:
+        labels[task.name] = images_lib.resize_labels(labels[task.name], config.image_size)
+  return ArraySource(NAME, split, images, labels, tasks)
+
+
+def subsample(indices: np.ndarray, wanted: int, seed: int) -> np.ndarray:
+  """A seeded random subset of `wanted` of `indices` (in their order); 0 or more keeps all.
+
+  Random rather than the first ones, because files are often sorted by a label.
+  """
+  indices = np.asarray(indices)
+  if wanted <= 0 or wanted >= len(indices):
+    return indices
+  chosen = np.random.default_rng([seed, len(indices), wanted]).choice(
+      len(indices), wanted, replace=False)
+  return indices[np.sort(chosen)]
+
+
+# --------------------------------------------------------------------------------------------
+# Files.
+
+
+def find_npz(data_dir: str | None, dataset: str = NAME, layout: str = LAYOUT) -> str:
+  """`data_dir` when it is an .npz file, else the one .npz file in the folder `data_dir`."""
+  if not data_dir:
+    raise DatasetError(f"{dataset} needs data: pass --data_dir=/path/to/{layout}.")
+  path = os.path.expanduser(os.fspath(data_dir))
+  if os.path.isfile(path):
+    return path
+  if not os.path.isdir(path):
+    raise DatasetError(f"{dataset} data path {path!r} does not exist; expected {layout}, or a "
+                       f"folder holding it.")
+  found = sorted(f for f in os.listdir(path) if f.endswith(".npz"))
+  if len(found) != 1:
+    raise DatasetError(f"{dataset}: folder {path!r} holds {len(found)} .npz files "
+                       f"({', '.join(found) or 'none'}); expected exactly one: {layout}.")
+  return os.path.join(path, found[0])
+
+
+def read_npz(path: str, dataset: str = NAME) -> dict[str, np.ndarray]:
+  """All arrays of an .npz file, read now; an unreadable file stops with one sentence."""
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return {key: npz[key] for key in npz.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    raise DatasetError(f"{dataset}: cannot read {path!r} as an .npz file of plain arrays "
+                       f"({error}).") from None
+
+
+def _keys(data) -> str:
+  return ", ".join(repr(k) for k in data) or "no arrays"
+
+
+# --------------------------------------------------------------------------------------------
+# Task spec.
+
+
+def parse_task_spec(task_spec: str) -> tuple[list[dict], str | None]:
+  """Task entries (dicts with at least name and kind) and the image key of a task spec."""
+  task_spec = (task_spec or "").strip()
+  if not task_spec:
+    raise DatasetError(f"{NAME} needs a task spec: pass --task_spec= with {SPEC_HELP}.")
+  if task_spec.endswith(".json") or os.path.isfile(task_spec):
+    entries, image_key = _read_json_spec(task_spec)
+  else:
+    entries, image_key = _parse_inline_spec(task_spec), None
+  if not entries:
+    raise DatasetError(f"{NAME}: the task spec {task_spec!r} names no task; give {SPEC_HELP}.")
+  names = [e["name"] for e in entries]
+  for entry in entries:
+    if entry["kind"] not in tasks_lib.KINDS:
+      raise DatasetError(f"{NAME}: task {entry['name']!r} has unknown kind {entry['kind']!r}; "
+                         f"allowed kinds are {', '.join(tasks_lib.KINDS)}.")
+    if names.count(entry["name"]) > 1:
+      raise DatasetError(f"{NAME}: task {entry['name']!r} appears twice in the task spec.")
+    if entry["name"] in (SPLIT_KEY, image_key, *IMAGE_KEYS) or entry["name"].startswith("_"):
+      raise DatasetError(f"{NAME}: {entry['name']!r} cannot be a task name; it is reserved "
+                         f"for images, the split or batch metadata.")
+  return entries, image_key
+
+
+def _read_json_spec(path: str) -> tuple[list[dict], str | None]:
+  try:
+    with open(path) as f:
+      spec = json.load(f)
+  except (OSError, ValueError) as error:
+    raise DatasetError(f"{NAME}: cannot read the task spec {path!r} as JSON ({error}).") from None
+  if not isinstance(spec, dict) or not isinstance(spec.get("tasks"), list):
+    raise DatasetError(f"{NAME}: the task spec {path!r} must be a JSON object with a list "
+                       f"\"tasks\" of {{\"name\": ..., \"kind\": ...}} entries.")
+  entries = []
+  for entry in spec["tasks"]:
+    if not isinstance(entry, dict) or not {"name", "kind"} <= set(entry):
+      raise DatasetError(f"{NAME}: every task in {path!r} needs a \"name\" and a \"kind\", got "
+                         f"{entry!r}.")
+    unknown = set(entry) - _TASK_FIELDS
+    if unknown:
+      raise DatasetError(f"{NAME}: task {entry['name']!r} in {path!r} has unknown fields "
+                         f"{sorted(unknown)}; allowed fields are {sorted(_TASK_FIELDS)}.")
+    entries.append(dict(entry))
+  image_key = spec.get("images")
+  if image_key is not None and not isinstance(image_key, str):
+    raise DatasetError(f"{NAME}: \"images\" in {path!r} must be the key of the image array, "
+                       f"got {image_key!r}.")
+  return entries, image_key
+
+
+def _parse_inline_spec(task_spec: str) -> list[dict]:
+  entries = []
+  for item in filter(None, (part.strip() for part in task_spec.split(","))):
+    fields = [field.strip() for field in item.split(":")]
+    if len(fields) not in (2, 3) or not all(fields):
+      raise DatasetError(f"{NAME}: cannot parse task {item!r} of the task spec; write "
+                         f"name:kind or name:kind:outputs.")
+    entry = {"name": fields[0], "kind": fields[1]}
+    if len(fields) == 3:
+      if not fields[2].isdigit():
+        raise DatasetError(f"{NAME}: task {fields[0]!r} has outputs {fields[2]!r} in the task "
+                           f"spec; outputs must be a positive whole number.")
+      entry["num_outputs"] = int(fields[2])
+    entries.append(entry)
+  return entries
+
+
+def _make_task(entry: dict, label: np.ndarray) -> tasks_lib.Task:
+  kind = entry["kind"]
+  outputs = entry.get("num_outputs")
+  if outputs is None:
+    outputs = _FIXED_OUTPUTS.get(kind) or _infer_classes(entry["name"], label)
+  if kind in _FIXED_OUTPUTS and outputs != _FIXED_OUTPUTS[kind]:
+    raise DatasetError(f"{NAME}: task {entry['name']!r} of kind {kind} has "
+                       f"{_FIXED_OUTPUTS[kind]} output(s), not {outputs}.")
+  try:
+    return tasks_lib.Task(entry["name"], kind, int(outputs),
+                          loss_type=entry.get("loss_type", ""),
+                          pos_weight=entry.get("pos_weight"),
+                          label_scale=float(entry.get("label_scale", 1.0)))
+  except (TypeError, ValueError) as error:
+    raise DatasetError(f"{NAME}: bad task spec entry {entry!r} ({error}).") from None
+
+
+def _infer_classes(name: str, label: np.ndarray) -> int:
+  if not np.issubdtype(label.dtype, np.integer):
+    raise DatasetError(f"{NAME}: labels of task {name!r} must be integers, got {label.dtype}.")
+  values = label[label != tasks_lib.IGNORE_LABEL]
+  if not values.size:
+    raise DatasetError(f"{NAME}: task {name!r} has no label other than "
+                       f"{tasks_lib.IGNORE_LABEL} ('no label'); give its num_outputs in the spec.")
+  return int(values.max()) + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Arrays.
+
+
+def _check_images(path: str, key: str, images: np.ndarray) -> np.ndarray:
+  if images.ndim not in (3, 4):
+    raise DatasetError(f"{NAME}: images {key!r} in {path!r} must have shape (N, H, W) or "
+                       f"(N, H, W, C), got {images.shape}.")
+  if images.dtype == np.bool_:
+    images = images.astype(np.uint8) * np.uint8(255)
+  if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+    raise DatasetError(f"{NAME}: images {key!r} in {path!r} must be uint8 (0..255) or float "
+                       f"(0..1), got {images.dtype}.")
+  if np.issubdtype(images.dtype, np.floating) and images.size and not (
+      np.all(np.isfinite(images)) and images.min() >= 0.0 and images.max() <= 1.0):
+    raise DatasetError(f"{NAME}: float images {key!r} in {path!r} range over "
+                       f"[{images.min()}, {images.max()}] but must lie in [0, 1] (store "
+                       f"0..255 images as uint8).")
+  return images
+
+
+def _check_label_shape(path: str, entry: dict, label: np.ndarray, image_shape) -> np.ndarray:
+  """The label array in its batch layout, or one sentence on what shape was expected."""
+  name, kind = entry["name"], entry["kind"]
+  n, height, width = image_shape[:3]
+  if kind in (tasks_lib.CLASSIFICATION, tasks_lib.REGRESSION):
+    if kind == tasks_lib.REGRESSION and label.ndim == 2 and label.shape[1] == 1:
+      label = label[:, 0]
+    expected = (n,)
+  elif kind == tasks_lib.SEGMENTATION:
+    expected = (n, height, width)
+  elif kind == tasks_lib.NORMALS:
+    expected = (n, height, width, 3)
+  else:  # depth, edges, saliency: one channel, stored with or without its axis
+    if label.ndim == 3:
+      label = label[..., None]
+    expected = (n, height, width, 1)
+  if label.shape != expected:
+    raise DatasetError(f"{NAME}: labels {name!r} in {path!r} have shape {label.shape}, but a "
+                       f"{kind} task over images {tuple(image_shape)} needs {expected}.")
+  return label
+
+
+def _split(path: str, data, n: int, config: DataConfig, split: str) -> np.ndarray:
+  if SPLIT_KEY not in data:
+    train, test = split_indices(n, config.test_fraction, config.seed)
+    return train if split == "train" else test
+  marks = data[SPLIT_KEY]
+  if marks.shape != (n,):
+    raise DatasetError(f"{NAME}: {SPLIT_KEY!r} in {path!r} has shape {marks.shape}, expected "
+                       f"({n},) to match the images.")
+  if marks.dtype.kind in "US":
+    marks = marks.astype(str)
+    is_test, known = marks == "test", np.isin(marks, ["train", "test"])
+  elif marks.dtype.kind in "biu":
+    is_test, known = marks == 1, np.isin(marks, [0, 1])
+  else:
+    known = np.zeros(n, bool)
+  if not known.all():
+    raise DatasetError(f"{NAME}: {SPLIT_KEY!r} in {path!r} must hold 'train'/'test' or 0/1 "
+                       f"(1 = test), got {np.unique(marks[~known])[:5].tolist()}.")
+  keep = np.flatnonzero(is_test == (split == "test"))
+  if not keep.size:
+    raise DatasetError(f"{NAME}: {SPLIT_KEY!r} in {path!r} marks no example for {split}.")
+  return keep

@@ -1,0 +1,83 @@
+"""Hard parameter sharing: one shared encoder and one decoder per task, fixed task weights.
+
+The static multi-task baseline of every paper in this line; its full-width network is also the
+ECMT SuperNet before slimming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+
+from dymu_jax import tasks as tasks_lib
+
+
+def weighted_task_loss(tasks: Sequence[tasks_lib.Task], outputs: Mapping[str, jax.Array],
+                       batch: Mapping[str, jax.Array], weights: Sequence[float] | None = None
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(sum_t w_t L_t, {"loss/<task>": L_t}) for the predictions `outputs` of one batch."""
+  weights = weights or (1.0,) * len(tasks)
+  per_task = {task.name: task.loss(outputs[task.name], batch[task.name]) for task in tasks}
+  total = sum(w * per_task[t.name] for w, t in zip(weights, tasks))
+  return total, {f"loss/{name}": value for name, value in per_task.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticMethod:
+  """A fixed multi-task network trained on a fixed weighted sum of task losses.
+
+  Attributes:
+    tasks: the tasks, in the order of `task_weights`.
+    model: a Linen module `model(images, train=...) -> {task name: prediction}` (for example
+      `dymu_jax.models.multitask.MultiTaskNet`).
+    task_weights: loss weight of each task (default 1 each).
+  """
+
+  tasks: tuple[tasks_lib.Task, ...]
+  model: nn.Module
+  task_weights: tuple[float, ...] | None = None
+  name: str = "static"
+
+  def __post_init__(self):
+    if self.task_weights is not None and len(self.task_weights) != len(self.tasks):
+      raise ValueError(f"Got {len(self.task_weights)} task weights for {len(self.tasks)} tasks "
+                       f"({', '.join(t.name for t in self.tasks)}); give one weight per task.")
+
+  def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> Any:
+    return self.model.init(rng, batch["image"], train=False)
+
+  def loss(self, params, model_state, batch, rng, step):
+    del rng, step  # deterministic network
+    outputs, new_state = self.model.apply(
+        {"params": params, **model_state}, batch["image"], train=True,
+        mutable=list(model_state))
+    total, aux = weighted_task_loss(self.tasks, outputs, batch, self.task_weights)
+    return total, (aux, new_state)
+
+  def predict(self, variables, images, controls=None):
+    del controls  # nothing to control
+    return self.model.apply(variables, images, train=False)
+
+  def eval_controls(self):
+    return [None]
+
+
+class SingleTaskNets(nn.Module):
+  """N independent networks, one per task (no shared weights).
+
+  `make_net(tasks, name=...)` builds one network for a 1-tuple of tasks, e.g.
+  `functools.partial(dymu_jax.models.build_multitask, backbone="lenet")`.
+  """
+
+  tasks: tuple[tasks_lib.Task, ...]
+  make_net: Any
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    outputs = {}
+    for task in self.tasks:
+      outputs.update(self.make_net((task,), name=f"net_{task.name}")(images, train=train))
+    return outputs

@@ -1,0 +1,1 @@
+"""Metrics: accumulating per-task metrics (`tasks`) and multi-objective measures (`pareto`)."""

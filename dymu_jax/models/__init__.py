@@ -1,0 +1,42 @@
+"""Slimmable networks: widths, layers, backbones, decoders and the multi-task network.
+
+`build_multitask(tasks, backbone="resnet_small", **options)` is the usual entry point; see
+`multitask.MultiTaskNet` for the options and `widths.WidthConfig` for width configurations.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from dymu_jax import tasks as tasks_lib
+from dymu_jax.models import backbones, decoders, layers, multitask, widths
+from dymu_jax.models.backbones import REGISTRY as BACKBONES
+from dymu_jax.models.multitask import MultiTaskNet
+from dymu_jax.models.widths import WIDTH_CHOICES, WidthConfig, channels
+
+# Context rates of the dense heads per backbone [ours]: DeepLab's (6, 12, 18) for ImageNet-size
+# encoders, smaller rates for the small maps of resnet_small (8x8 on 64 px inputs).
+DEFAULT_ATROUS_RATES = {"resnet_small": (1, 2, 3)}
+
+
+def build_multitask(tasks: Sequence[tasks_lib.Task], backbone: str = "resnet_small",
+                    backbone_kwargs: dict[str, Any] | None = None, **options) -> MultiTaskNet:
+  """A `MultiTaskNet` for `tasks` on the named backbone.
+
+  Args:
+    tasks: the tasks, in decoder order.
+    backbone: one of `BACKBONES` ("lenet", "resnet_small", "resnet18", "resnet34",
+      "mobilenet_v2").
+    backbone_kwargs: options of the backbone class (e.g. {"output_stride": 8}).
+    **options: other `MultiTaskNet` attributes (head_width, atrous_rates, ...).
+  """
+  backbones.get_backbone(backbone)  # Unknown name: one sentence listing the names.
+  options.setdefault("atrous_rates", DEFAULT_ATROUS_RATES.get(backbone, (6, 12, 18)))
+  return MultiTaskNet(tasks=tuple(tasks), backbone=backbone,
+                      backbone_kwargs=multitask.kwargs_tuple(backbone_kwargs), **options)
+
+
+__all__ = [
+    "BACKBONES", "DEFAULT_ATROUS_RATES", "MultiTaskNet", "WIDTH_CHOICES", "WidthConfig",
+    "backbones", "build_multitask", "channels", "decoders", "layers", "multitask", "widths",
+]

@@ -1,0 +1,539 @@
+"""Slimmable encoders: LeNet, ResNet (small, 18, 34) and MobileNetV2.
+
+Every backbone is a Linen module with
+
+* `num_stages` and `stage_channels` (the full output width of every stage),
+* `__call__(x, *, widths, train) -> list of stage outputs`, where `widths` holds one multiplier
+  per stage (None: full width) and every layer of stage s keeps `channels(full, widths[s])` of
+  its channels (METHODS.md section 2 [ours]); the image input never slims,
+* `sliced(widths)`: the same backbone whose FULL widths are those slimmed widths. Running it on
+  variables cut with `layers.slice_variables` equals running this one slimmed (export).
+
+Convolutions pad like PyTorch (`padding = dilation * (k - 1) // 2` zeros on each side), so
+variables imported from torchvision give the same outputs (`models/pretrained.py`).
+
+Variable names and their torchvision state-dict counterparts (kernels OIHW -> HWIO, i.e.
+`w.transpose(2, 3, 1, 0)`; a depthwise (C, 1, kh, kw) kernel becomes (kh, kw, 1, C); for every
+batch norm `scale, bias` in "params" and `mean, var` in "batch_stats" are torch's
+`weight, bias, running_mean, running_var`):
+
+ResNet (`ResNet18`, `ResNet34`; `ResNetSmall` has no torchvision twin):
+
+| ours                                   | torchvision `resnet18/34`          |
+|----------------------------------------|------------------------------------|
+| stem_conv/kernel                       | conv1.weight                       |
+| stem_bn                                | bn1                                |
+| stage{s}_block{b}/conv1, bn1           | layer{s}.{b}.conv1, bn1  (s = 1..4)|
+| stage{s}_block{b}/conv2, bn2           | layer{s}.{b}.conv2, bn2            |
+| stage{s}_block{b}/downsample_conv      | layer{s}.{b}.downsample.0          |
+| stage{s}_block{b}/downsample_bn        | layer{s}.{b}.downsample.1          |
+| (none: the classifier is not encoder)  | fc                                 |
+
+MobileNetV2 (`block{i}` carries torchvision's `features.{i}` index, i = 1..17):
+
+| ours                          | torchvision `mobilenet_v2`                          |
+|-------------------------------|-----------------------------------------------------|
+| stem_conv, stem_bn            | features.0.0, features.0.1                          |
+| block{i}/expand_conv, _bn     | features.{i}.conv.0.0, conv.0.1   (expansion t > 1) |
+| block{i}/depthwise_conv, _bn  | features.{i}.conv.1.0, conv.1.1   (t = 1: conv.0.0, conv.0.1) |
+| block{i}/project_conv         | features.{i}.conv.2               (t = 1: conv.1)   |
+| block{i}/project_bn           | features.{i}.conv.3               (t = 1: conv.2)   |
+| last_conv, last_bn            | features.18.0, features.18.1                        |
+| (none)                        | classifier.1                                        |
+
+LeNet (the PHN Multi-MNIST target network, no torch checkpoint): conv1, conv2 [, bn1, bn2],
+fc [, bn_fc].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dymu_jax.models import layers
+from dymu_jax.models.layers import SlimBatchNorm, SlimConv
+from dymu_jax.models.widths import DynamicMultiplier, channels
+
+
+def stage_multipliers(widths: Sequence[float] | None, num_stages: int,
+                      owner: str) -> tuple[float, ...]:
+  """Validated per-stage multipliers (None: all 1.0)."""
+  if widths is None:
+    return (1.0,) * num_stages
+  widths = tuple(w if isinstance(w, DynamicMultiplier) else float(w) for w in widths)
+  if len(widths) != num_stages:
+    raise ValueError(
+        f"{owner} has {num_stages} stages but widths has {len(widths)} multipliers {widths}.")
+  for w in widths:
+    if not isinstance(w, DynamicMultiplier) and not 0.0 < w <= 1.0:
+      raise ValueError(f"{owner} got width multiplier {w}; multipliers must lie in (0, 1].")
+  return widths
+
+
+def _dilation_schedule(stem_stride: int, strides: Sequence[int], output_stride: int | None,
+                       owner: str) -> list[tuple[int, int, int]]:
+  """(stride, dilation of the first conv, dilation after) per strided unit.
+
+  Once the running stride would pass `output_stride`, strides become 1 and later convolutions
+  dilate instead (DeepLab); the unit that gave up its stride keeps the previous dilation on its
+  first convolution, as torchvision's `replace_stride_with_dilation`.
+  """
+  reachable = [stem_stride]
+  for s in strides:
+    reachable.append(reachable[-1] * s)
+  if output_stride is None:
+    output_stride = reachable[-1]
+  if output_stride not in reachable:
+    raise ValueError(
+        f"{owner} cannot reach output_stride={output_stride}; possible values: "
+        f"{', '.join(str(r) for r in sorted(set(reachable)))}.")
+  current, dilation, schedule = stem_stride, 1, []
+  for s in strides:
+    if current * s > output_stride:
+      schedule.append((1, dilation, dilation * s))
+      dilation *= s
+    else:
+      current *= s
+      schedule.append((s, dilation, dilation))
+  return schedule
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block (two 3x3 convolutions) with slimmable width.
+
+  Attributes:
+    features: full output width.
+    in_features: full input width.
+    strides: stride of the first convolution and of the projection.
+    dilation: (first conv, second conv) dilation.
+    projection: use a 1x1 convolution + batch norm shortcut.
+    zero_init_residual: start the last batch norm's scale at 0 (block starts as identity).
+    bn_momentum, bn_axis_name: passed to every `SlimBatchNorm`.
+  """
+
+  features: int
+  in_features: int
+  strides: int = 1
+  dilation: tuple[int, int] = (1, 1)
+  projection: bool = False
+  zero_init_residual: bool = False
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, width: int, train: bool) -> jax.Array:
+    bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
+                           axis_name=self.bn_axis_name, features=self.features)
+    d1, d2 = self.dilation
+    y = SlimConv(self.features, 3, strides=self.strides, dilation=d1, padding=d1,
+                 in_features=self.in_features, name="conv1")(x, width)
+    y = nn.relu(bn(name="bn1")(y, train, width))
+    y = SlimConv(self.features, 3, dilation=d2, padding=d2, in_features=self.features,
+                 name="conv2")(y, width)
+    scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = bn(scale_init=scale_init, name="bn2")(y, train, width)
+    if self.projection:
+      shortcut = SlimConv(self.features, 1, strides=self.strides, padding=0,
+                          in_features=self.in_features, name="downsample_conv")(x, width)
+      shortcut = bn(name="downsample_bn")(shortcut, train, width)
+    else:
+      shortcut = x
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """ResNet with basic blocks; one slimmable stage per group of blocks.
+
+  Stage 1 includes the stem (whose width follows stage 1, as in torchvision where both are 64),
+  so a stage's multiplier sets every convolution in it. The first block of every stage after
+  the first has a projection shortcut (torchvision's rule for ResNet-18/34); deciding it from
+  the position rather than from channel counts keeps slimmed and physically sliced networks
+  identical.
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    stage_channels: full output width of each stage.
+    stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool, torchvision) or "small" (3x3/1 conv, no
+      pool, for 32-64 px inputs).
+    output_stride: total stride of the last stage; smaller than the natural one (32 for
+      "imagenet", 8 for "small" with 4 stages) dilates the last stages (for dense tasks).
+    zero_init_residual: start each block's last batch-norm scale at 0.
+    bn_momentum, bn_axis_name: passed to every `SlimBatchNorm`.
+  """
+
+  stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
+  stage_channels: tuple[int, ...] = (64, 128, 256, 512)
+  stem: str = "imagenet"
+  output_stride: int | None = None
+  zero_init_residual: bool = False
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.stage_channels)
+
+  def sliced_kwargs(self, widths: Sequence[float]) -> dict[str, Any]:
+    """Attribute overrides whose full widths are this network slimmed by `widths`."""
+    widths = stage_multipliers(widths, self.num_stages, type(self).__name__)
+    return {"stage_channels": tuple(channels(c, m)
+                                    for c, m in zip(self.stage_channels, widths))}
+
+  def sliced(self, widths: Sequence[float]) -> ResNet:
+    """This backbone with the slimmed widths as its full widths."""
+    return self.clone(parent=None, **self.sliced_kwargs(widths))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, widths: Sequence[float] | None = None,
+               train: bool = False) -> list[jax.Array]:
+    owner = type(self).__name__
+    if len(self.stage_sizes) != len(self.stage_channels):
+      raise ValueError(
+          f"{owner} has {len(self.stage_sizes)} stage_sizes but {len(self.stage_channels)} "
+          f"stage_channels; give one width per stage.")
+    if self.stem not in ("imagenet", "small"):
+      raise ValueError(f"{owner} got stem={self.stem!r}; use 'imagenet' or 'small'.")
+    widths = stage_multipliers(widths, self.num_stages, owner)
+    bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
+                           axis_name=self.bn_axis_name)
+    stem_features = self.stage_channels[0]
+    stem_width = channels(stem_features, widths[0])
+    if self.stem == "imagenet":
+      x = SlimConv(stem_features, 7, strides=2, padding=3, name="stem_conv")(x, stem_width)
+      x = nn.relu(bn(features=stem_features, name="stem_bn")(x, train, stem_width))
+      x = layers.max_pool_3x3_s2(x)
+      stem_stride = 4
+    else:
+      x = SlimConv(stem_features, 3, padding=1, name="stem_conv")(x, stem_width)
+      x = nn.relu(bn(features=stem_features, name="stem_bn")(x, train, stem_width))
+      stem_stride = 1
+    strides = [1] + [2] * (self.num_stages - 1)
+    schedule = _dilation_schedule(stem_stride, strides, self.output_stride, owner)
+    outputs = []
+    in_features = stem_features
+    for s, (num_blocks, features, multiplier) in enumerate(
+        zip(self.stage_sizes, self.stage_channels, widths)):
+      stride, first_dilation, dilation = schedule[s]
+      width = channels(features, multiplier)
+      for b in range(num_blocks):
+        x = BasicBlock(
+            features=features,
+            in_features=in_features if b == 0 else features,
+            strides=stride if b == 0 else 1,
+            dilation=(first_dilation, dilation) if b == 0 else (dilation, dilation),
+            projection=(b == 0 and s > 0),
+            zero_init_residual=self.zero_init_residual,
+            bn_momentum=self.bn_momentum, bn_axis_name=self.bn_axis_name,
+            name=f"stage{s + 1}_block{b}")(x, width, train)
+      in_features = features
+      outputs.append(x)
+    return outputs
+
+
+class ResNet18(ResNet):
+  """torchvision ResNet-18 layout (stages 64-128-256-512, 2 blocks each)."""
+
+  stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
+
+
+class ResNet34(ResNet):
+  """torchvision ResNet-34 layout (stages 64-128-256-512, 3-4-6-3 blocks)."""
+
+  stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
+
+
+class ResNetSmall(ResNet):
+  """ResNet for 32-64 px inputs: 3x3 stem, no max-pool, stages 16-32-64-128 [ours default].
+
+  Use `stage_channels` to change the widths (e.g. (32, 64, 128, 256)) and `stage_sizes` the
+  depth; the natural output stride is 8 with four stages.
+  """
+
+  stage_sizes: tuple[int, ...] = (2, 2, 2, 2)
+  stage_channels: tuple[int, ...] = (16, 32, 64, 128)
+  stem: str = "small"
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+  """torchvision's `_make_divisible` (MobileNet channel rounding)."""
+  new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  if new_value < 0.9 * value:
+    new_value += divisor
+  return new_value
+
+
+# torchvision MobileNetV2 inverted-residual rows: (expansion t, channels c, repeats n, stride s).
+MOBILENET_V2_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                        (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+class InvertedResidual(nn.Module):
+  """MobileNetV2 block: 1x1 expansion, 3x3 depthwise, 1x1 linear projection (+ residual).
+
+  Attributes:
+    features: full output width.
+    in_features: full input width.
+    hidden_features: full expanded width (equals in_features when `expand` is False).
+    expand: has the 1x1 expansion convolution (expansion ratio t > 1).
+    strides, dilation: of the depthwise convolution.
+    residual: add the input (needs stride 1 and equal widths).
+    bn_momentum, bn_axis_name: passed to every `SlimBatchNorm`.
+  """
+
+  features: int
+  in_features: int
+  hidden_features: int
+  expand: bool = True
+  strides: int = 1
+  dilation: int = 1
+  residual: bool = False
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, hidden_width: int, width: int, train: bool) -> jax.Array:
+    bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
+                           axis_name=self.bn_axis_name)
+    y = x
+    if self.expand:
+      y = SlimConv(self.hidden_features, 1, padding=0, in_features=self.in_features,
+                   name="expand_conv")(y, hidden_width)
+      y = nn.relu6(bn(features=self.hidden_features, name="expand_bn")(y, train, hidden_width))
+    y = SlimConv(self.hidden_features, 3, strides=self.strides, dilation=self.dilation,
+                 padding=self.dilation, groups=self.hidden_features,
+                 name="depthwise_conv")(y, hidden_width)
+    y = nn.relu6(bn(features=self.hidden_features, name="depthwise_bn")(y, train, hidden_width))
+    y = SlimConv(self.features, 1, padding=0, in_features=self.hidden_features,
+                 name="project_conv")(y, width)
+    y = bn(features=self.features, name="project_bn")(y, train, width)
+    return y + x if self.residual else y
+
+
+class MobileNetV2(nn.Module):
+  """torchvision MobileNetV2 features, grouped into slimmable stages.
+
+  Default stages [ours], by output stride: 1 = stem + row 0 (16 ch, /2), 2 = row 1 (24, /4),
+  3 = row 2 (32, /8), 4 = rows 3-4 (96, /16), 5 = rows 5-6 + the last 1x1 conv (1280, /32).
+  Every layer of a stage slims with that stage's multiplier. Every block but the first of its
+  row is residual (torchvision's `stride == 1 and in == out` for its settings); deciding it by
+  position keeps slimmed and physically sliced networks identical.
+
+  Attributes:
+    width_multiplier: torchvision's static `width_mult` (rounded by `make_divisible`); 1.0
+      takes the channel counts below as given.
+    block_setting: rows (t, c, n, s) as torchvision's `inverted_residual_setting`.
+    stem_channels: width of the first 3x3/2 convolution.
+    last_channels: width of the last 1x1 convolution.
+    expanded_channels: full expanded width of every block (None: round(in * t), torchvision);
+      `sliced` sets it, since slimmed expanded widths need not follow that rule.
+    stage_rows: the block_setting rows of each stage, in order.
+    output_stride: total stride of the output (None: 32); smaller dilates the depthwise convs.
+    bn_momentum, bn_axis_name: passed to every `SlimBatchNorm`.
+  """
+
+  width_multiplier: float = 1.0
+  block_setting: tuple[tuple[int, int, int, int], ...] = MOBILENET_V2_SETTING
+  stem_channels: int = 32
+  last_channels: int = 1280
+  expanded_channels: tuple[int, ...] | None = None
+  stage_rows: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,), (3, 4), (5, 6))
+  output_stride: int | None = None
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+
+  def _round(self, value: float) -> int:
+    if self.width_multiplier == 1.0:
+      return int(value)
+    return make_divisible(value * self.width_multiplier)
+
+  def _architecture(self) -> tuple[int, list[dict[str, int]], int]:
+    """(stem width, one dict per block, last width), full widths, after `width_multiplier`."""
+    owner = type(self).__name__
+    rows = [r for stage in self.stage_rows for r in stage]
+    if rows != list(range(len(self.block_setting))):
+      raise ValueError(
+          f"{owner} stage_rows {self.stage_rows} must list the block_setting rows "
+          f"0..{len(self.block_setting) - 1} once each, in order.")
+    stage_of_row = {r: s for s, stage in enumerate(self.stage_rows) for r in stage}
+    stem = self._round(self.stem_channels)
+    last = (self.last_channels if self.width_multiplier == 1.0
+            else make_divisible(self.last_channels * max(1.0, self.width_multiplier)))
+    blocks, in_features = [], stem
+    for row, (t, c, n, s) in enumerate(self.block_setting):
+      features = self._round(c)
+      for i in range(n):
+        blocks.append(dict(row=row, stage=stage_of_row[row], t=t, in_features=in_features,
+                           features=features, stride=s if i == 0 else 1, first_of_row=i == 0))
+        in_features = features
+    if self.expanded_channels is not None and len(self.expanded_channels) != len(blocks):
+      raise ValueError(
+          f"{owner} expanded_channels has {len(self.expanded_channels)} entries but the "
+          f"network has {len(blocks)} blocks.")
+    for k, block in enumerate(blocks):
+      if block["t"] == 1:
+        block["hidden"] = block["in_features"]
+      elif self.expanded_channels is not None:
+        block["hidden"] = self.expanded_channels[k]
+      else:
+        block["hidden"] = int(round(block["in_features"] * block["t"]))
+    return stem, blocks, last
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.stage_rows)
+
+  @property
+  def stage_channels(self) -> tuple[int, ...]:
+    _, blocks, last = self._architecture()
+    out = [[b["features"] for b in blocks if b["stage"] == s][-1]
+           for s in range(self.num_stages)]
+    out[-1] = last
+    return tuple(out)
+
+  def sliced_kwargs(self, widths: Sequence[float]) -> dict[str, Any]:
+    """Attribute overrides whose full widths are this network slimmed by `widths`."""
+    widths = stage_multipliers(widths, self.num_stages, type(self).__name__)
+    stem, blocks, last = self._architecture()
+    stage_of_row = {r: s for s, stage in enumerate(self.stage_rows) for r in stage}
+    setting = tuple((t, channels(self._round(c), widths[stage_of_row[row]]), n, s)
+                    for row, (t, c, n, s) in enumerate(self.block_setting))
+    return {
+        "width_multiplier": 1.0,
+        "block_setting": setting,
+        "stem_channels": channels(stem, widths[0]),
+        "last_channels": channels(last, widths[-1]),
+        "expanded_channels": tuple(channels(b["hidden"], widths[b["stage"]]) for b in blocks),
+    }
+
+  def sliced(self, widths: Sequence[float]) -> MobileNetV2:
+    """This backbone with the slimmed widths as its full widths."""
+    return self.clone(parent=None, **self.sliced_kwargs(widths))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, widths: Sequence[float] | None = None,
+               train: bool = False) -> list[jax.Array]:
+    owner = type(self).__name__
+    widths = stage_multipliers(widths, self.num_stages, owner)
+    stem, blocks, last = self._architecture()
+    schedule = _dilation_schedule(2, [b["stride"] for b in blocks], self.output_stride, owner)
+    bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
+                           axis_name=self.bn_axis_name)
+    stem_width = channels(stem, widths[0])
+    x = SlimConv(stem, 3, strides=2, padding=1, name="stem_conv")(x, stem_width)
+    x = nn.relu6(bn(features=stem, name="stem_bn")(x, train, stem_width))
+    outputs = []
+    for k, block in enumerate(blocks):
+      stage = block["stage"]
+      stride, first_dilation, _ = schedule[k]
+      multiplier = widths[stage]
+      x = InvertedResidual(
+          features=block["features"], in_features=block["in_features"],
+          hidden_features=block["hidden"], expand=block["t"] != 1, strides=stride,
+          dilation=first_dilation, residual=not block["first_of_row"],
+          bn_momentum=self.bn_momentum,
+          bn_axis_name=self.bn_axis_name, name=f"block{k + 1}")(
+              x, channels(block["hidden"], multiplier), channels(block["features"], multiplier),
+              train)
+      last_of_stage = k == len(blocks) - 1 or blocks[k + 1]["stage"] != stage
+      if last_of_stage and stage < self.num_stages - 1:
+        outputs.append(x)
+    last_width = channels(last, widths[-1])
+    x = SlimConv(last, 1, padding=0, in_features=blocks[-1]["features"], name="last_conv")(
+        x, last_width)
+    x = nn.relu6(bn(features=last, name="last_bn")(x, train, last_width))
+    outputs.append(x)
+    return outputs
+
+
+class LeNet(nn.Module):
+  """The PHN Multi-MNIST target network: conv 10@9x9, pool, conv 20@5x5, pool, dense 50.
+
+  Stages are [conv1, conv2, fc]; each conv is followed by [batch norm,] ReLU and a 2x2 max pool
+  (PHN pools before the ReLU; the two commute). `fc` is a `SlimConv` whose kernel covers the
+  whole remaining map: a dense layer on the flattened features whose input channels can still
+  be sliced. Stage outputs: (B, h1, w1, 10), (B, h2, w2, 20), (B, 50).
+
+  Attributes:
+    conv_channels: full width of each convolution.
+    kernel_sizes: kernel size of each convolution ("VALID" padding).
+    fc_features: full width of the dense layer.
+    batch_norm: add batch norm after every layer (PHN has none); layers then have no bias.
+    bn_momentum, bn_axis_name: passed to every `SlimBatchNorm`.
+  """
+
+  conv_channels: tuple[int, ...] = (10, 20)
+  kernel_sizes: tuple[int, ...] = (9, 5)
+  fc_features: int = 50
+  batch_norm: bool = False
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.conv_channels) + 1
+
+  @property
+  def stage_channels(self) -> tuple[int, ...]:
+    return tuple(self.conv_channels) + (self.fc_features,)
+
+  def sliced_kwargs(self, widths: Sequence[float]) -> dict[str, Any]:
+    """Attribute overrides whose full widths are this network slimmed by `widths`."""
+    widths = stage_multipliers(widths, self.num_stages, type(self).__name__)
+    sliced = tuple(channels(c, m) for c, m in zip(self.stage_channels, widths))
+    return {"conv_channels": sliced[:-1], "fc_features": sliced[-1]}
+
+  def sliced(self, widths: Sequence[float]) -> LeNet:
+    """This backbone with the slimmed widths as its full widths."""
+    return self.clone(parent=None, **self.sliced_kwargs(widths))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, widths: Sequence[float] | None = None,
+               train: bool = False) -> list[jax.Array]:
+    owner = type(self).__name__
+    if len(self.kernel_sizes) != len(self.conv_channels):
+      raise ValueError(
+          f"{owner} has {len(self.conv_channels)} conv_channels but {len(self.kernel_sizes)} "
+          f"kernel_sizes; give one kernel size per convolution.")
+    widths = stage_multipliers(widths, self.num_stages, owner)
+    bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
+                           axis_name=self.bn_axis_name)
+    outputs, in_features = [], None
+    for i, (features, k) in enumerate(zip(self.conv_channels, self.kernel_sizes)):
+      width = channels(features, widths[i])
+      x = SlimConv(features, k, padding="VALID", use_bias=not self.batch_norm,
+                   in_features=in_features, name=f"conv{i + 1}")(x, width)
+      if self.batch_norm:
+        x = bn(features=features, name=f"bn{i + 1}")(x, train, width)
+      x = layers.max_pool_2x2(nn.relu(x))
+      outputs.append(x)
+      in_features = features
+    if min(x.shape[1:3]) < 1:
+      raise ValueError(f"{owner} input of shape {x.shape} is too small for its convolutions.")
+    width = channels(self.fc_features, widths[-1])
+    x = SlimConv(self.fc_features, tuple(x.shape[1:3]), padding="VALID",
+                 use_bias=not self.batch_norm, in_features=in_features, name="fc")(x, width)
+    if self.batch_norm:
+      x = bn(features=self.fc_features, name="bn_fc")(x, train, width)
+    x = nn.relu(x).reshape(x.shape[0], x.shape[-1])
+    outputs.append(x)
+    return outputs
+
+
+REGISTRY: dict[str, type[nn.Module]] = {
+    "lenet": LeNet,
+    "resnet_small": ResNetSmall,
+    "resnet18": ResNet18,
+    "resnet34": ResNet34,
+    "mobilenet_v2": MobileNetV2,
+}
+
+
+def get_backbone(name: str) -> type[nn.Module]:
+  """The backbone class registered under `name`."""
+  if name not in REGISTRY:
+    raise ValueError(f"Unknown backbone {name!r}; available: {', '.join(REGISTRY)}.")
+  return REGISTRY[name]

@@ -1,0 +1,441 @@
+"""The training loop: data in, compiled steps, evaluation, metric logs, checkpoints, resume.
+
+    result = train(method, train_source, eval_source, TrainConfig(steps=2000), workdir,
+                   run_metadata={"flags": ...})
+
+Sections, in the order a run meets them: devices and mesh; input pipeline (a deterministic
+`Batcher`, a background thread that reads and places batches `prefetch` steps ahead);
+optimizer and state (fresh, or resumed from the newest checkpoint: same step, same key, so the
+same batches and the same randomness follow); the compiled step; the loop, which touches the
+host only at log, evaluation and checkpoint boundaries; the final evaluation and checkpoint.
+
+Outputs under `workdir`: `metrics.jsonl` (one JSON object per line, `"split"` "train" or
+"eval"), TensorBoard event files when `tensorboardX` or `torch.utils.tensorboard` can be
+imported, and `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from dymu_jax.data import base as data_lib
+from dymu_jax.train import checkpoint as checkpoint_lib
+from dymu_jax.train import optim
+from dymu_jax.train import parallel as parallel_lib
+from dymu_jax.train import state as state_lib
+
+PyTree = Any
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How to train (the method's own settings live in the method).
+
+  Attributes:
+    steps: total optimizer steps of the run (a resumed run continues up to it).
+    batch_size: global batch size (over all devices and processes).
+    seed: shuffling, initialisation and per-step randomness.
+    optimizer, learning_rate, schedule, decay_steps, decay_factor, warmup_steps,
+      weight_decay, grad_clip, momentum: see `optim.make_optimizer`.
+    eval_every: evaluate every this many steps (0: only at the end; the end always evaluates).
+    eval_batch_size: global evaluation batch size (0: `batch_size`).
+    checkpoint_every: checkpoint every this many steps (0: only at the end).
+    keep_checkpoints: how many of the newest checkpoints to keep.
+    async_checkpoints: write checkpoints in the background.
+    log_every: read and log the train metrics of every this many-th step.
+    parallel: "mesh" (jit over a device mesh) or "pmap".
+    prefetch: batches read and placed on the devices ahead of the step (0: none).
+    progress: show a tqdm progress bar (process 0 only).
+  """
+
+  steps: int = 1000
+  batch_size: int = 64
+  seed: int = 0
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  schedule: str = "constant"
+  decay_steps: int = 0
+  decay_factor: float = 0.1
+  warmup_steps: int | None = None
+  weight_decay: float = 0.0
+  grad_clip: float = 0.0
+  momentum: float = 0.9
+  eval_every: int = 0
+  eval_batch_size: int = 0
+  checkpoint_every: int = 0
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+  log_every: int = 50
+  parallel: str = "mesh"
+  prefetch: int = 2
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    for name in ("eval_every", "eval_batch_size", "checkpoint_every", "prefetch"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"TrainConfig.{name} must be >= 0 (0 = default), got "
+                         f"{getattr(self, name)}.")
+    parallel_lib.check_mode(self.parallel)
+
+  def make_optimizer(self):
+    return optim.make_optimizer(
+        self.optimizer, self.learning_rate, schedule=self.schedule, total_steps=self.steps,
+        weight_decay=self.weight_decay, grad_clip=self.grad_clip, momentum=self.momentum,
+        decay_steps=self.decay_steps, decay_factor=self.decay_factor,
+        warmup_steps=self.warmup_steps)
+
+  def make_schedule(self):
+    return optim.make_schedule(self.schedule, self.learning_rate, self.steps,
+                               decay_steps=self.decay_steps, decay_factor=self.decay_factor,
+                               warmup_steps=self.warmup_steps)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns.
+
+  Attributes:
+    state: the final canonical state (replicated on the mesh).
+    train_metrics: the last logged train metrics.
+    eval_metrics: the final evaluation, control label -> task -> metric -> value.
+    resumed_from: the checkpoint step the run resumed from, or None.
+    step_compiles: XLA compilations triggered by train-step calls of this run (1 when the
+      step compiled once; 0 when nothing was left to run).
+    seconds: wall time of `train`.
+  """
+
+  state: state_lib.TrainState
+  train_metrics: dict
+  eval_metrics: dict
+  resumed_from: int | None
+  step_compiles: int
+  seconds: float
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric writers.
+
+
+def _finite_or_none(value):
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+def _tensorboard_writer(logdir: str):
+  """A TensorBoard SummaryWriter when a backend is importable, else None."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    try:
+      from torch.utils.tensorboard import SummaryWriter  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      return None
+  return SummaryWriter(logdir)
+
+
+class MetricWriter:
+  """Appends metric records to `metrics.jsonl` and, when possible, to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._tb = _tensorboard_writer(workdir) if enabled else None
+
+  def write(self, step: int, split: str, scalars: Mapping[str, float], **extra) -> None:
+    if not self.enabled:
+      return
+    record = {"step": step, "split": split, **extra,
+              **{k: _finite_or_none(v) for k, v in scalars.items()}}
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      prefix = split if "label" not in extra else f"{split}/{extra['label']}"
+      for k, v in scalars.items():
+        self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def _freeze(value):
+  """A hashable copy of controls (dicts and lists become sorted tuples) for a static argument."""
+  if value is None:
+    return None
+  if isinstance(value, Mapping):
+    return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+  if isinstance(value, (list, tuple, np.ndarray)) or hasattr(value, "tolist"):
+    value = np.asarray(value).tolist()
+    return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
+  return value
+
+
+def _thaw(frozen):
+  return None if frozen is None else dict(frozen)
+
+
+def control_label(controls) -> str:
+  """A short, stable name of a control setting: "default" or "preference=0.7,0.3;budget=0.5"."""
+  if not controls:
+    return "default"
+
+  def fmt(v):
+    if isinstance(v, (tuple, list)):
+      return ",".join(fmt(x) for x in v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+  return ";".join(f"{k}={fmt(v)}" for k, v in _freeze(controls))
+
+
+class Evaluator:
+  """Task metrics of `method.predict` over a whole split, for each control setting.
+
+  Prediction and metric update are one jit-compiled function per control setting (controls
+  are static: they may choose a network's shape), run on the mesh with the batch sharded.
+  Inside, `predict` sees the controls as a dict whose lists and arrays became tuples.
+  """
+
+  def __init__(self, method, parallel: parallel_lib.Parallel, source: data_lib.DataSource,
+               batch_size: int, tasks: Sequence[Any] | None = None):
+    self.method, self.parallel, self.source, self.batch_size = method, parallel, source, batch_size
+    self.tasks = tuple(method.tasks if tasks is None else tasks)
+    missing = [t.name for t in self.tasks if t.name not in {s.name for s in source.tasks}]
+    if missing:
+      raise ValueError(f"The evaluation data {source.name} {source.split} has no labels for "
+                       f"task(s) {', '.join(missing)}.")
+    parallel.check_batch_size(batch_size, "evaluation batch size")
+    self.metrics = {t.name: t.metric() for t in self.tasks}
+    rep = parallel.replicated
+    self._update = jax.jit(self._update_fn, static_argnums=0,
+                           in_shardings=(rep, rep, parallel.batch_sharding), out_shardings=rep)
+
+  def _update_fn(self, frozen_controls, variables, metric_states, batch):
+    predictions = self.method.predict(variables, batch["image"], _thaw(frozen_controls))
+    valid = batch[data_lib.VALID_KEY]
+    return {name: metric.update(metric_states[name], predictions[name], batch[name], valid)
+            for name, metric in self.metrics.items()}
+
+  def _init_states(self):
+    canonical = lambda x: np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype))
+    states = {name: jax.tree.map(canonical, m.init()) for name, m in self.metrics.items()}
+    return jax.device_put(states, self.parallel.replicated)
+
+  def __call__(self, variables: PyTree, controls_list: Sequence[Any] | None = None) -> dict:
+    """control label -> task name -> metric name -> value."""
+    controls_list = list(self.method.eval_controls() if controls_list is None else
+                         controls_list)
+    keep = {"image", data_lib.VALID_KEY, *self.metrics}
+    results = {}
+    for controls in controls_list:
+      frozen = _freeze(controls)
+      states = self._init_states()
+      batches = data_lib.eval_batches(self.source, self.batch_size,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+      batches = (self.parallel.shard_global_batch({k: b[k] for k in keep}) for b in batches)
+      for batch in data_lib.prefetch(batches, 2):
+        states = self._update(frozen, variables, states, batch)
+      host = parallel_lib.to_host(states)
+      results[control_label(controls)] = {
+          name: metric.compute(host[name]) for name, metric in self.metrics.items()}
+    return results
+
+
+def flatten_eval(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+  """{task: {metric: v}} -> {"task/metric": v}."""
+  return {f"{task}/{name}": value for task, values in per_task.items()
+          for name, value in values.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _nonfinite_error(method_tasks, step: int, task_index: int, last_checkpoint) -> str:
+  if 0 <= task_index < len(method_tasks):
+    what = f"the loss of task {method_tasks[task_index].name!r}"
+  else:
+    what = "the total loss or its gradient"
+  kept = (f"the newest checkpoint (step {last_checkpoint}) is intact"
+          if last_checkpoint is not None else "no checkpoint was written")
+  return (f"Training stopped because {what} became non-finite (NaN or infinity) at step "
+          f"{step}; nothing after it was saved and {kept}.")
+
+
+def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataSource | None,
+          config: TrainConfig, workdir: str | os.PathLike, *,
+          run_metadata: Mapping[str, Any] | None = None, optimizer=None,
+          augment: Callable | None = None, devices: Sequence[jax.Device] | None = None
+          ) -> TrainResult:
+  """Trains `method` on `train_source`, resuming from `workdir`'s newest checkpoint if any.
+
+  Args:
+    method: a `dymu_jax.methods.base.Method` (in mode "pmap" built with
+      `axis_name=parallel.method_axis_name("pmap")`).
+    train_source: the training examples.
+    eval_source: the examples evaluated every `config.eval_every` steps and at the end; None
+      skips evaluation.
+    config: see `TrainConfig`.
+    workdir: folder of metrics, event files and checkpoints (created if needed).
+    run_metadata: JSON-able record of the run (flags, dataset config...) stored with every
+      checkpoint next to the config, seed and step.
+    optimizer: an optax transformation replacing `config.make_optimizer()` (e.g. one that
+      freezes part of the parameters).
+    augment: `fn(batch, np_rng) -> batch` applied to training batches (see `Batcher`).
+    devices: the devices to run on (default all).
+
+  Returns:
+    A `TrainResult`.
+
+  Raises:
+    FloatingPointError: a loss became non-finite; the message names the step and the task.
+  """
+  started = time.time()
+  workdir = os.path.abspath(os.fspath(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  is_chief = jax.process_index() == 0
+
+  # -- devices -------------------------------------------------------------------------------
+  par = parallel_lib.Parallel(config.parallel, devices)
+  par.check_method(method)
+  par.check_batch_size(config.batch_size)
+  tasks = tuple(method.tasks)
+
+  # -- input pipeline ------------------------------------------------------------------------
+  batcher = data_lib.Batcher(train_source, config.batch_size, config.seed, augment=augment,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  # Only shapes matter to init, and zeros are the same on every process.
+  sample = {k: np.zeros_like(v) for k, v in batcher.batch(0).items()}
+
+  # -- optimizer and state -------------------------------------------------------------------
+  schedule = config.make_schedule() if optimizer is None else None
+  optimizer = config.make_optimizer() if optimizer is None else optimizer
+  init = state_lib.init_fn(method, optimizer)
+  seed_key = jax.random.PRNGKey(config.seed)
+  metadata = {"config": dataclasses.asdict(config), "seed": config.seed,
+              "run": dict(run_metadata or {})}
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir, max_to_keep=config.keep_checkpoints,
+      save_interval_steps=config.checkpoint_every or config.steps,
+      async_save=config.async_checkpoints)
+  writer, progress = None, None
+  try:
+    resumed_from = checkpointer.latest_step()
+    if resumed_from is None:
+      canonical = par.init_state(init, seed_key, sample)
+    else:
+      canonical = _restore(checkpointer, resumed_from, config.seed,
+                           par.abstract_state(init, seed_key, sample))
+    start = int(parallel_lib.to_host(canonical.step))
+    state = par.place_state(canonical)
+    del canonical  # the step donates its input state
+
+    # -- compiled step, evaluation, writers --------------------------------------------------
+    train_step = par.compile_step(method, optimizer, tasks)
+    evaluator = None
+    if eval_source is not None:
+      evaluator = Evaluator(method, par, eval_source,
+                            config.eval_batch_size or config.batch_size, tasks)
+    writer = MetricWriter(workdir, enabled=is_chief)
+    train_metrics, eval_metrics = {}, {}
+
+    def evaluate(step, canonical):
+      results = evaluator(canonical.variables)
+      for label, per_task in results.items():
+        writer.write(step, "eval", flatten_eval(per_task), label=label)
+      return results
+
+    def check_guard(state):
+      bad_step, bad_task = (int(v) for v in par.read((state.nonfinite_step,
+                                                       state.nonfinite_task)))
+      if state_lib.guard_tripped(bad_step):
+        checkpointer.wait()
+        raise FloatingPointError(_nonfinite_error(tasks, bad_step, bad_task,
+                                                  checkpointer.latest_step()))
+
+    # -- the loop ----------------------------------------------------------------------------
+    batches = data_lib.prefetch(par.shard_batches(batcher(start, config.steps - start)),
+                                config.prefetch)
+    progress = _progress_bar(config, start, is_chief)
+    last_time, last_step = time.time(), start
+    compiles = parallel_lib.CompileCounter()
+    for step in range(start, config.steps):
+      batch = next(batches)
+      with compiles:
+        state, metrics = train_step(state, batch)
+      done = step + 1
+      progress.update(1)
+      final = done == config.steps
+      log = done % config.log_every == 0 or final
+      do_eval = evaluator is not None and (
+          final or (config.eval_every and done % config.eval_every == 0))
+      do_checkpoint = final or (config.checkpoint_every and done % config.checkpoint_every == 0)
+      if not (log or do_eval or do_checkpoint):
+        continue
+      check_guard(state)  # the only host reads: at these boundaries
+      if log:
+        now = time.time()
+        train_metrics = {k: float(v) for k, v in par.read(metrics).items()}
+        train_metrics["steps_per_second"] = (done - last_step) / max(now - last_time, 1e-9)
+        if schedule is not None:
+          train_metrics["learning_rate"] = float(schedule(step))
+        last_time, last_step = now, done
+        writer.write(done, "train", train_metrics)
+        progress.set_postfix(loss=f"{train_metrics['loss']:.4g}", refresh=False)
+      if do_eval or do_checkpoint:
+        canonical = par.canonical_state(state)
+        if do_checkpoint:
+          checkpointer.save(canonical, metadata, force=final)
+        if do_eval:
+          eval_metrics = evaluate(done, canonical)
+    canonical = par.canonical_state(state)
+    if start >= config.steps:  # nothing left to train: evaluate what was restored
+      check_guard(state)
+      if evaluator is not None:
+        eval_metrics = evaluate(start, canonical)
+  finally:
+    if progress is not None:
+      progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+    if writer is not None:
+      writer.close()
+  return TrainResult(state=canonical, train_metrics=train_metrics, eval_metrics=eval_metrics,
+                     resumed_from=resumed_from, step_compiles=compiles.count,
+                     seconds=time.time() - started)
+
+
+def _restore(checkpointer: checkpoint_lib.Checkpointer, step: int, seed: int,
+             abstract_state: PyTree) -> state_lib.TrainState:
+  """The canonical state of checkpoint `step`, when it belongs to this run."""
+  saved_seed = checkpointer.metadata(step).get("seed")
+  if saved_seed != seed:
+    raise ValueError(f"{os.path.dirname(checkpointer.directory)} holds a run with seed "
+                     f"{saved_seed}, not {seed}; resume with the same seed or use a new "
+                     f"workdir.")
+  state, _ = checkpointer.restore(step, abstract_state)
+  return state
+
+
+def _progress_bar(config: TrainConfig, start: int, enabled: bool):
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True,
+                   disable=not (enabled and config.progress))
