@@ -28,13 +28,25 @@ def test_flag_file_parses(path):
   with open(path) as f:
     first = f.readline()
   assert first.startswith("#"), f"{path} must start with a comment (command, runtime, purpose)"
-  fv = flags.FlagValues()
-  for name, flag in flags.FLAGS._flags().items():  # a private copy of every defined flag
-    fv[name] = flag
+  fv = flags.FLAGS
   fv.unparse_flags()
-  fv(["prog", f"--flagfile={path}"])
-  assert fv["method"].value in train.methods_lib.METHODS
-  fv.unparse_flags()
+  try:
+    fv(["prog", f"--flagfile={path}"])  # raises on an unknown flag or an invalid value
+    assert fv.method in train.methods_lib.METHODS
+    assert fv.dataset in train.common.data_lib.DATASETS
+  finally:
+    fv.unparse_flags()
+
+
+def test_unknown_flag_is_rejected_by_the_parser(tmp_path):
+  bad = tmp_path / "bad.flags"
+  bad.write_text("--dataset=synthetic\n--no_such_flag=3\n")
+  flags.FLAGS.unparse_flags()
+  try:
+    with pytest.raises(flags.UnrecognizedFlagError, match="no_such_flag"):
+      flags.FLAGS(["prog", f"--flagfile={bad}"])
+  finally:
+    flags.FLAGS.unparse_flags()
 
 
 def test_unknown_flag_in_flag_file_fails(tmp_path):

@@ -17,7 +17,7 @@ from dymu_jax.models.layers import SlimBatchNorm, SlimConv, SlimDense
 
 def _normal(shape, seed=0):
   # numpy data: each new shape of a jax.random call would compile its own program.
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+  return jax.device_put(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
 
 
 def _init(module, *args, seed=0, **kwargs):
@@ -37,7 +37,7 @@ def _init(module, *args, seed=0, **kwargs):
       value = rng.normal(size=leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
     else:
       value = rng.normal(size=leaf.shape) * 0.5
-    return jnp.asarray(value, jnp.float32)
+    return jax.device_put(value.astype(np.float32))
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 

@@ -38,8 +38,8 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
   make_net = functools.partial(models.build_multitask, bn_axis_name=axis_name, **model_options)
   weights = tuple(task_weights) if task_weights else None
   if name == "static":
-    return static.StaticMethod(tasks, make_net(tasks), weights)
+    return static.StaticMethod(tasks, make_net(tasks), weights, axis_name=axis_name)
   if name == "single_task":
     return static.StaticMethod(tasks, static.SingleTaskNets(tasks, make_net), weights,
-                               name="single_task")
+                               name="single_task", axis_name=axis_name)
   raise AssertionError(name)

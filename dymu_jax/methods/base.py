@@ -26,6 +26,10 @@ class Method(Protocol):
 
   name: str
   tasks: tuple[tasks_lib.Task, ...]
+  # The pmap axis over which batch statistics are pooled: `train.method_axis_name(mode)`,
+  # "batch" under --parallel=pmap and None under the default mesh mode (where jit sees the
+  # global batch). `train.train` rejects a method built for the other mode.
+  axis_name: str | None
 
   def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> PyTree:
     """Initial variables `{"params": ..., ...}` for a sample batch (shapes only matter)."""
@@ -40,6 +44,10 @@ class Method(Protocol):
   def predict(self, variables: PyTree, images: jax.Array, controls: Controls = None
               ) -> dict[str, jax.Array]:
     """Evaluation-mode predictions, one array per task name, for the given controls."""
+
+  # Optional: `loss_and_grad(params, model_state, batch, rng, step)` returning what
+  # `jax.value_and_grad(loss, has_aux=True)` would; the train step then applies this gradient
+  # (for methods that route or project per-task gradients: GradSplit, PCGrad).
 
   def eval_controls(self) -> Sequence[Controls]:
     """The controls the training loop evaluates at each evaluation (default: `[None]`)."""

@@ -34,12 +34,15 @@ class StaticMethod:
     model: a Linen module `model(images, train=...) -> {task name: prediction}` (for example
       `dymu_jax.models.multitask.MultiTaskNet`).
     task_weights: loss weight of each task (default 1 each).
+    name: the method name in logs ("static", or "single_task" for independent networks).
+    axis_name: the pmap axis the model's batch norms pool over (see `methods.base`).
   """
 
   tasks: tuple[tasks_lib.Task, ...]
   model: nn.Module
   task_weights: tuple[float, ...] | None = None
   name: str = "static"
+  axis_name: str | None = None
 
   def __post_init__(self):
     if self.task_weights is not None and len(self.task_weights) != len(self.tasks):

@@ -12,7 +12,7 @@ from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import backbones, decoders, layers, multitask, widths
 from dymu_jax.models.backbones import REGISTRY as BACKBONES
 from dymu_jax.models.multitask import MultiTaskNet
-from dymu_jax.models.widths import WIDTH_CHOICES, WidthConfig, channels
+from dymu_jax.models.widths import WIDTH_CHOICES, DynamicWidths, WidthConfig, channels
 
 # Context rates of the dense heads per backbone [ours]: DeepLab's (6, 12, 18) for ImageNet-size
 # encoders, smaller rates for the small maps of resnet_small (8x8 on 64 px inputs).
@@ -37,6 +37,7 @@ def build_multitask(tasks: Sequence[tasks_lib.Task], backbone: str = "resnet_sma
 
 
 __all__ = [
-    "BACKBONES", "DEFAULT_ATROUS_RATES", "MultiTaskNet", "WIDTH_CHOICES", "WidthConfig",
+    "BACKBONES", "DEFAULT_ATROUS_RATES", "DynamicWidths", "MultiTaskNet", "WIDTH_CHOICES",
+    "WidthConfig",
     "backbones", "build_multitask", "channels", "decoders", "layers", "multitask", "widths",
 ]

@@ -52,7 +52,6 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from dymu_jax.models import layers
 from dymu_jax.models.layers import SlimBatchNorm, SlimConv
@@ -64,6 +63,10 @@ def stage_multipliers(widths: Sequence[float] | None, num_stages: int,
   """Validated per-stage multipliers (None: all 1.0)."""
   if widths is None:
     return (1.0,) * num_stages
+  if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
+    raise ValueError(
+        f"{owner} takes widths as a sequence of per-stage multipliers (or None), got "
+        f"{type(widths).__name__}.")
   widths = tuple(w if isinstance(w, DynamicMultiplier) else float(w) for w in widths)
   if len(widths) != num_stages:
     raise ValueError(

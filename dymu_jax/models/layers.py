@@ -48,7 +48,7 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _padding(padding: Padding) -> str | tuple[tuple[int, int], tuple[int, int]]:
-  """"SAME"/"VALID", an int p (p zeros on every side, PyTorch style) or ((t, b), (l, r))."""
+  """XLA's "SAME"/"VALID", an int p (p zeros on each side, as PyTorch) or ((t, b), (l, r))."""
   if isinstance(padding, str):
     if padding.upper() not in ("SAME", "VALID"):
       raise ValueError(f"Unknown padding {padding!r}; use 'SAME', 'VALID', an int or pairs.")
@@ -117,7 +117,7 @@ class SlimConv(nn.Module):
     return self.groups > 1 and self.groups == self.features
 
   @nn.compact
-  def __call__(self, x: jax.Array, out_channels: int | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, out_channels: int | jax.Array | None = None) -> jax.Array:
     """Convolves x (N, H, W, cin) into (N, H', W', out_channels).
 
     Args:
@@ -195,7 +195,7 @@ class SlimDense(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x: jax.Array, out_channels: int | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, out_channels: int | jax.Array | None = None) -> jax.Array:
     """Maps x (..., cin) to (..., out_channels); None keeps the full output width.
 
     An array `out_channels` takes the masked path (full width, later outputs zero).
@@ -337,11 +337,15 @@ def slice_variables(variables, target):
   as its full widths). Because every slimmable layer uses the first channels of its variables,
   the result run at full width equals the original run slimmed: this is the physical export.
   """
-  def cut(full, small):
+  full_leaves, treedef = jax.tree.flatten(variables)
+  small_leaves = treedef.flatten_up_to(target)
+  for full, small in zip(full_leaves, small_leaves):
     if len(full.shape) != len(small.shape) or any(
         s > f for s, f in zip(small.shape, full.shape)):
       raise ValueError(
           f"Cannot slice a variable of shape {tuple(full.shape)} to {tuple(small.shape)}; "
           f"target shapes must be no larger in every axis.")
-    return full[tuple(slice(0, s) for s in small.shape)]
-  return jax.tree.map(cut, variables, target)
+  index = [tuple(slice(0, n) for n in small.shape) for small in small_leaves]
+  # One compiled program for the whole tree (eager slicing would compile once per shape).
+  cut = jax.jit(lambda leaves: [leaf[i] for leaf, i in zip(leaves, index)])
+  return jax.tree.unflatten(treedef, cut(full_leaves))

@@ -199,9 +199,9 @@ class DynamicWidths:
     """The indices of a static configuration (every multiplier must be a choice)."""
     choices = _check_choices(choices)
     config.validate(len(config.encoder), len(config.decoders), choices)
-    return cls(jnp.asarray([choices.index(m) for m in config.encoder], jnp.int32),
-               jnp.asarray([choices.index(m) for m in config.decoders], jnp.int32),
-               choices)
+    # device_put of numpy arrays: jnp.asarray would compile a small program per shape.
+    index = lambda ms: jax.device_put(np.asarray([choices.index(m) for m in ms], np.int32))
+    return cls(index(config.encoder), index(config.decoders), choices)
 
   @classmethod
   def sample(cls, key: jax.Array, num_stages: int, num_tasks: int,
