@@ -26,6 +26,16 @@ flags.DEFINE_enum("method", "static", list(methods_lib.METHODS),
                   "Training method: " + "; ".join(f"{k}: {v}"
                                                   for k, v in methods_lib.METHODS.items()))
 flags.DEFINE_list("task_weights", [], "Loss weight per task (static); empty = 1 each.")
+# --- ECMT (--method=ecmt; METHODS.md section 2) ---
+flags.DEFINE_integer("num_subnets", 4, "ECMT: configurations per step by the sandwich rule "
+                     "(max, min and num_subnets-2 random).")
+flags.DEFINE_float("lambda_kd", 1.0, "ECMT: weight of the CI-KD loss; 0 turns it off.")
+flags.DEFINE_enum("kd", "ci_kd", ["ci_kd", "mutual", "none"],
+                  "ECMT distillation: ci_kd (SuperNet features -> SubNets), mutual (CI-KD plus "
+                  "two-way prediction matching) or none.")
+flags.DEFINE_float("lambda_mutual", 1.0, "ECMT: weight of the mutual-learning loss.")
+flags.DEFINE_float("mutual_temperature", 2.0, "ECMT: softening temperature of mutual learning.")
+flags.DEFINE_list("width_choices", [], "ECMT: width multipliers; empty = 0.25,0.5,0.75,1.0.")
 # --- optimisation ---
 flags.DEFINE_integer("steps", 2000, "Optimizer steps of the whole run.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size (over all devices and hosts).")
@@ -66,6 +76,19 @@ def train_config() -> train_lib.TrainConfig:
       parallel=FLAGS.parallel, prefetch=FLAGS.prefetch, progress=FLAGS.progress)
 
 
+def method_options() -> dict:
+  """The method's own options from its flags (only the running method's)."""
+  if FLAGS.method != "ecmt":
+    return {}
+  options = {"num_subnets": FLAGS.num_subnets, "lambda_kd": FLAGS.lambda_kd, "kd": FLAGS.kd,
+             "lambda_mutual": FLAGS.lambda_mutual,
+             "mutual_temperature": FLAGS.mutual_temperature}
+  choices = common.parse_floats(FLAGS.width_choices, "--width_choices")
+  if choices:
+    options["width_choices"] = choices
+  return options
+
+
 def run() -> train_lib.TrainResult:
   """Builds everything from the flags and trains; returns the result."""
   if not FLAGS.workdir:
@@ -76,7 +99,8 @@ def run() -> train_lib.TrainResult:
   method = methods_lib.build(
       FLAGS.method, train_source.tasks, model_options=common.model_options(),
       axis_name=train_lib.method_axis_name(FLAGS.parallel),
-      task_weights=common.parse_floats(FLAGS.task_weights, "--task_weights"))
+      task_weights=common.parse_floats(FLAGS.task_weights, "--task_weights"),
+      method_options=method_options())
   augment = None
   if FLAGS.augment:
     if not any(t.is_dense for t in train_source.tasks):

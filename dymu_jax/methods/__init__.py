@@ -10,17 +10,20 @@ from typing import Sequence
 
 from dymu_jax import models
 from dymu_jax import tasks as tasks_lib
-from dymu_jax.methods import static
+from dymu_jax.methods import ecmt, static
 
 # name -> one line for --help.
 METHODS = {
     "static": "hard sharing, one shared encoder and a decoder per task, fixed task weights",
     "single_task": "one independent network per task (the single-task baselines)",
+    "ecmt": "slimmable SuperNet trained with sandwich-sampled SubNets and CI-KD; controlled by "
+            "(preference, budget) through a MACs search",
 }
 
 
 def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | None = None,
-          axis_name: str | None = None, task_weights: Sequence[float] | None = None):
+          axis_name: str | None = None, task_weights: Sequence[float] | None = None,
+          method_options: dict | None = None):
   """The method `name` for `tasks` with the model built from `model_options`.
 
   Args:
@@ -29,7 +32,9 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
     model_options: keyword arguments of `dymu_jax.models.build_multitask` (backbone, ...).
     axis_name: the pmap axis name when training with `--parallel=pmap` (batch statistics are
       pooled over it), else None.
-    task_weights: loss weight per task (static).
+    task_weights: loss weight per task (static, ecmt).
+    method_options: the method's own options (ecmt: num_subnets, lambda_kd, kd, lambda_mutual,
+      mutual_temperature, width_choices; see `ecmt.ECMTMethod`).
   """
   if name not in METHODS:
     raise ValueError(f"Unknown method {name!r}; available methods are {', '.join(METHODS)}.")
@@ -42,4 +47,7 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
   if name == "single_task":
     return static.StaticMethod(tasks, static.SingleTaskNets(tasks, make_net), weights,
                                name="single_task", axis_name=axis_name)
+  if name == "ecmt":
+    return ecmt.build(tasks, make_net, task_weights=weights, axis_name=axis_name,
+                      **dict(method_options or {}))
   raise AssertionError(name)

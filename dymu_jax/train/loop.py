@@ -361,6 +361,10 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
       results = evaluator(canonical.variables)
       for label, per_task in results.items():
         writer.write(step, "eval", flatten_eval(per_task), label=label)
+        if is_chief:
+          shown = "  ".join(f"{task}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                            for task, values in per_task.items())
+          _print_above_progress(f"eval @ step {step} [{label}] {shown}")
       return results
 
     def check_guard(state):
@@ -433,6 +437,12 @@ def _restore(checkpointer: checkpoint_lib.Checkpointer, step: int, seed: int,
                      f"workdir.")
   state, _ = checkpointer.restore(step, abstract_state)
   return state
+
+
+def _print_above_progress(line: str) -> None:
+  """Prints a line without breaking an active tqdm progress bar."""
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  tqdm.tqdm.write(line)
 
 
 def _progress_bar(config: TrainConfig, start: int, enabled: bool):
