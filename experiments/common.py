@@ -42,8 +42,6 @@ flags.DEFINE_string("backbone", "resnet_small",
                     "Encoder: lenet, resnet_small, resnet18, resnet34 or mobilenet_v2.")
 flags.DEFINE_integer("head_width", 0,
                      "Hidden width of every task decoder; 0 takes the backbone's default.")
-flags.DEFINE_string("pretrained", None,
-                    "A PyTorch-layout ImageNet checkpoint (.npz or .pth) for the backbone.")
 
 FLAGS = flags.FLAGS
 
@@ -90,8 +88,6 @@ def model_options() -> dict:
   options = {"backbone": FLAGS.backbone}
   if FLAGS.head_width:
     options["head_width"] = FLAGS.head_width
-  if FLAGS.pretrained:
-    options["pretrained"] = FLAGS.pretrained
   return options
 
 
