@@ -20,6 +20,8 @@ from dymu_jax.methods import ecmt
 from dymu_jax.models import DynamicWidths, WidthConfig, channels, cost
 from dymu_jax.train import state as state_lib
 
+import random_variables as test_variables
+
 LENET = {"backbone": "lenet", "head_width": 16, "backbone_kwargs": {"batch_norm": True}}
 RESNET = {"backbone": "resnet_small", "head_width": 16, "atrous_rates": (1,),
           "image_pooling": False,
@@ -43,19 +45,7 @@ def random_variables(method, image_shape, seed: int = 0):
   """Variables with the shapes `method.init` gives, filled by numpy (nothing is compiled)."""
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   shapes = jax.eval_shape(lambda x: method.init(jax.random.key(0), {"image": x}), images)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name == "kernel":
-      value = rng.normal(size=leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-    else:
-      value = rng.normal(size=leaf.shape) * 0.2
-    return jax.device_put(value.astype(np.float32))
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return test_variables.fill(shapes, seed)
 
 
 def split(variables):

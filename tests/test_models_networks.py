@@ -17,22 +17,13 @@ from dymu_jax.models import backbones as B
 from dymu_jax.models.decoders import DenseHead, MLPHead
 from dymu_jax.models.widths import DynamicWidths, WidthConfig, channels
 
+import random_variables as test_variables
+
 
 def random_variables(module, *args, seed=0, **kwargs):
   """Random variables with the shapes of `module.init(...)`, filled by numpy."""
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name == "kernel":
-      value = rng.normal(size=leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-    else:
-      value = rng.normal(size=leaf.shape) * 0.2
-    return jax.device_put(value.astype(np.float32))
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return test_variables.fill(shapes, seed)
 
 
 def images(shape, seed=0):

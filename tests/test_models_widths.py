@@ -14,6 +14,8 @@ from dymu_jax.models import layers
 from dymu_jax.models import widths as W
 from dymu_jax.models.layers import SlimBatchNorm, SlimConv, SlimDense
 
+import random_variables as test_variables
+
 
 def _normal(shape, seed=0):
   # numpy data: each new shape of a jax.random call would compile its own program.
@@ -27,18 +29,7 @@ def _init(module, *args, seed=0, **kwargs):
   CPU). Kernels are He-scaled normals, batch-norm scales and variances lie in [0.5, 1.5].
   """
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name == "kernel":
-      value = rng.normal(size=leaf.shape) * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-    else:
-      value = rng.normal(size=leaf.shape) * 0.5
-    return jax.device_put(value.astype(np.float32))
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+  return test_variables.fill(shapes, seed, other_scale=0.5)
 
 
 def _apply(module, variables, *args, **kwargs):
