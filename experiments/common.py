@@ -6,15 +6,27 @@ any of them; a flag on the command line after `--flagfile` overrides the file.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
 import json
 import os
 import sys
+from typing import Any, Mapping
 
 from absl import flags
 from absl import logging
 
 from dymu_jax import data as data_lib
+from dymu_jax import methods as methods_lib
+from dymu_jax import models
+
+# --- run ---
+flags.DEFINE_string("workdir", None,
+                    "The run's folder: checkpoints, metrics.jsonl, event files, summary.json "
+                    "(train writes it; evaluate and export read it).")
+flags.DEFINE_integer("eval_batch_size", 0,
+                     "Evaluation batch size; 0 = --batch_size when training, 256 otherwise.")
 
 # --- data ---
 flags.DEFINE_string("dataset", "synthetic",
@@ -42,23 +54,34 @@ flags.DEFINE_string("backbone", "resnet_small",
                     "Encoder: lenet, resnet_small, resnet18, resnet34 or mobilenet_v2.")
 flags.DEFINE_integer("head_width", 0,
                      "Hidden width of every task decoder; 0 takes the backbone's default.")
+flags.DEFINE_list("backbone_options", [],
+                  "Options of the backbone class as name=value pairs, e.g. "
+                  "'channel_divisor=2,batch_norm=true' for lenet or 'output_stride=8' for the "
+                  "ResNets (see dymu_jax/models/backbones.py).")
 
 FLAGS = flags.FLAGS
 
 
-def data_config() -> data_lib.DataConfig:
+def data_config(values: Mapping[str, Any] | None = None) -> data_lib.DataConfig:
+  """The dataset of the flags (or of a saved run's flag `values`)."""
+  v = _values(values)
   return data_lib.DataConfig(
-      name=FLAGS.dataset, data_dir=FLAGS.data_dir, seed=FLAGS.data_seed,
-      image_size=FLAGS.image_size, num_train=FLAGS.num_train, num_test=FLAGS.num_test,
-      test_fraction=FLAGS.test_fraction, task_spec=FLAGS.task_spec)
+      name=v["dataset"], data_dir=v["data_dir"], seed=v["data_seed"],
+      image_size=v["image_size"], num_train=v["num_train"], num_test=v["num_test"],
+      test_fraction=v["test_fraction"], task_spec=v["task_spec"])
 
 
-def load_sources():
+def load_sources(values: Mapping[str, Any] | None = None):
   """(train source, test source) restricted to `--tasks`."""
-  config = data_config()
-  train = data_lib.load(config, "train").with_tasks(FLAGS.tasks or None)
-  test = data_lib.load(config, "test").with_tasks(FLAGS.tasks or None)
+  v = _values(values)
+  config = data_config(v)
+  train = data_lib.load(config, "train").with_tasks(v["tasks"] or None)
+  test = data_lib.load(config, "test").with_tasks(v["tasks"] or None)
   return train, test
+
+
+def _values(values: Mapping[str, Any] | None) -> Mapping[str, Any]:
+  return flag_values() if values is None else values
 
 
 def flag_values() -> dict:
@@ -83,12 +106,67 @@ def ensure_workdir(path: str) -> str:
   return path
 
 
-def model_options() -> dict:
-  """Keyword arguments of `dymu_jax.models.build_multitask` from the model flags."""
-  options = {"backbone": FLAGS.backbone}
-  if FLAGS.head_width:
-    options["head_width"] = FLAGS.head_width
+def parse_options(values, flag: str) -> dict:
+  """'name=value' strings as a dict; values are Python literals (true/false too) or strings."""
+  options = {}
+  for item in values:
+    name, sep, text = item.partition("=")
+    if not sep or not name.strip():
+      raise ValueError(f"{flag} takes name=value pairs, got {item!r}.")
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+      value = lowered == "true"
+    else:
+      try:
+        value = ast.literal_eval(text.strip())
+        if isinstance(value, list):  # hashable module attributes
+          value = tuple(value)
+      except (ValueError, SyntaxError):
+        value = text.strip()
+    options[name.strip()] = value
   return options
+
+
+def model_options(values: Mapping[str, Any] | None = None) -> dict:
+  """Keyword arguments of `dymu_jax.models.build_multitask` from the model flags."""
+  v = _values(values)
+  options = {"backbone": v["backbone"]}
+  if v["head_width"]:
+    options["head_width"] = v["head_width"]
+  backbone_options = parse_options(v.get("backbone_options") or [], "--backbone_options")
+  if backbone_options:
+    cls = models.backbones.get_backbone(v["backbone"])
+    known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(backbone_options) - known)
+    if unknown:
+      raise ValueError(f"--backbone_options has {', '.join(unknown)}, which backbone "
+                       f"{v['backbone']!r} does not take; it takes {', '.join(sorted(known))}.")
+    options["backbone_kwargs"] = backbone_options
+  return options
+
+
+def method_options(values: Mapping[str, Any] | None = None) -> dict:
+  """The method's own options from its flags (only the running method's)."""
+  v = _values(values)
+  if v["method"] != "ecmt":
+    return {}
+  options = {"num_subnets": v["num_subnets"], "lambda_kd": v["lambda_kd"], "kd": v["kd"],
+             "lambda_mutual": v["lambda_mutual"],
+             "mutual_temperature": v["mutual_temperature"]}
+  choices = parse_floats(v["width_choices"], "--width_choices")
+  if choices:
+    options["width_choices"] = choices
+  return options
+
+
+def build_method(values: Mapping[str, Any] | None = None, tasks=None, *,
+                 axis_name: str | None = None):
+  """The method of the flags (or of a saved run's flag `values`) for `tasks`."""
+  v = _values(values)
+  return methods_lib.build(
+      v["method"], tasks, model_options=model_options(v), axis_name=axis_name,
+      task_weights=parse_floats(v["task_weights"], "--task_weights"),
+      method_options=method_options(v))
 
 
 def parse_floats(values, flag: str) -> tuple[float, ...] | None:

@@ -21,7 +21,6 @@ from dymu_jax import methods as methods_lib
 from dymu_jax import train as train_lib
 from dymu_jax.data import augment as augment_lib
 
-flags.DEFINE_string("workdir", None, "Folder of checkpoints, metrics.jsonl and event files.")
 flags.DEFINE_enum("method", "static", list(methods_lib.METHODS),
                   "Training method: " + "; ".join(f"{k}: {v}"
                                                   for k, v in methods_lib.METHODS.items()))
@@ -51,7 +50,6 @@ flags.DEFINE_float("grad_clip", 0.0, "Clip the global gradient norm to this; 0 =
 flags.DEFINE_float("momentum", 0.9, "Momentum of sgd/momentum.")
 # --- loop ---
 flags.DEFINE_integer("eval_every", 0, "Evaluate every this many steps; 0 = only at the end.")
-flags.DEFINE_integer("eval_batch_size", 0, "Evaluation batch size; 0 = --batch_size.")
 flags.DEFINE_integer("checkpoint_every", 500, "Checkpoint every this many steps; 0 = at the end.")
 flags.DEFINE_integer("keep_checkpoints", 3, "How many of the newest checkpoints to keep.")
 flags.DEFINE_integer("log_every", 50, "Log train metrics every this many steps.")
@@ -76,19 +74,6 @@ def train_config() -> train_lib.TrainConfig:
       parallel=FLAGS.parallel, prefetch=FLAGS.prefetch, progress=FLAGS.progress)
 
 
-def method_options() -> dict:
-  """The method's own options from its flags (only the running method's)."""
-  if FLAGS.method != "ecmt":
-    return {}
-  options = {"num_subnets": FLAGS.num_subnets, "lambda_kd": FLAGS.lambda_kd, "kd": FLAGS.kd,
-             "lambda_mutual": FLAGS.lambda_mutual,
-             "mutual_temperature": FLAGS.mutual_temperature}
-  choices = common.parse_floats(FLAGS.width_choices, "--width_choices")
-  if choices:
-    options["width_choices"] = choices
-  return options
-
-
 def run() -> train_lib.TrainResult:
   """Builds everything from the flags and trains; returns the result."""
   if not FLAGS.workdir:
@@ -96,11 +81,8 @@ def run() -> train_lib.TrainResult:
   train_lib.initialize_distributed(FLAGS.multi_host)
   config = train_config()
   train_source, test_source = common.load_sources()
-  method = methods_lib.build(
-      FLAGS.method, train_source.tasks, model_options=common.model_options(),
-      axis_name=train_lib.method_axis_name(FLAGS.parallel),
-      task_weights=common.parse_floats(FLAGS.task_weights, "--task_weights"),
-      method_options=method_options())
+  method = common.build_method(tasks=train_source.tasks,
+                               axis_name=train_lib.method_axis_name(FLAGS.parallel))
   augment = None
   if FLAGS.augment:
     if not any(t.is_dense for t in train_source.tasks):

@@ -64,6 +64,9 @@ def test_unknown_flag_in_flag_file_fails(tmp_path):
     (["--dataset=utkface", "--data_dir=/no/such/folder"], "does not exist"),
     (["--steps=0"], "steps must be >= 1"),
     (["--task_weights=1,x"], "--task_weights must be comma-separated numbers"),
+    (["--backbone=lenet", "--backbone_options=depth=3"],
+     "--backbone_options has depth, which backbone 'lenet' does not take"),
+    (["--backbone_options=output_stride"], "--backbone_options takes name=value pairs"),
 ])
 def test_bad_flags_stop_with_one_sentence(tmp_path, args, message):
   result = run_cli(*args, f"--workdir={tmp_path / 'w'}", timeout=120)

@@ -325,7 +325,44 @@ def test_search_stays_within_budget_from_smallest_to_full(which, lenet_table, de
   assert ecmt.budget_macs(0.5, table) == table.full_macs // 2  # even MAC counts here
   assert ecmt.budget_macs(table.smallest_macs / table.full_macs, table) == table.smallest_macs
   full = WidthConfig.full(table.num_stages, len(table.task_names))
-  assert ecmt.search((0.3, 0.7), 1.0, cost_table=table) == full
+  assert ecmt.search((0.5, 0.5), 1.0, cost_table=table) == full
+  assert ecmt.search((0.3, 0.7), 1.0, cost_table=table, preference_cap=False) == full
+  # With the preference cap (default), the full budget still narrows the less preferred decoder.
+  capped = ecmt.search((0.3, 0.7), 1.0, cost_table=table)
+  assert capped.encoder == full.encoder and capped.decoders[1] == 1.0
+  assert capped.decoders[0] < 1.0
+
+
+def test_search_reserves_room_for_the_decoders(lenet_table):
+  table = lenet_table
+  minimum = table.encoder_macs + table.decoder_macs[:, :, 0].sum(axis=1)
+  span = table.decoder_macs[:, :, -1].sum(axis=1) - table.decoder_macs[:, :, 0].sum(axis=1)
+  # A budget just below the full encoder with half of its decoder span: the full encoder fits
+  # with the smallest decoders but would leave them less than the reserve.
+  budget = int(minimum[-1] + 0.5 * span[-1]) - 1
+  scores = {e: float(i) for i, e in enumerate(table.encoder_configs)}  # the full one is best
+  chosen = ecmt.search((0.8, 0.2), budget, cost_table=table, scores=scores)
+  assert chosen.encoder != table.encoder_configs[-1]
+  e = table.encoder_index(chosen.encoder)
+  assert budget - minimum[e] >= 0.5 * span[e]
+  # Without a reserve the best-scored encoder wins and the decoders are squeezed.
+  squeezed = ecmt.search((0.8, 0.2), budget, cost_table=table, scores=scores,
+                         decoder_reserve=0.0)
+  assert squeezed.encoder == table.encoder_configs[-1]
+  with pytest.raises(ValueError, match=r"decoder_reserve must lie in \[0, 1\], got 1.5"):
+    ecmt.search((0.5, 0.5), 1.0, cost_table=table, decoder_reserve=1.5)
+
+
+def test_preference_cap_steers_decoders_when_the_budget_does_not_bind(lenet_table):
+  table = lenet_table
+  encoder = table.encoder_configs[-1]
+  full_budget = table.full_macs
+  widths = [ecmt.allocate_decoders((r, 1 - r), full_budget, encoder, cost_table=table)[0]
+            for r in (0.05, 0.2, 0.35, 0.5, 0.8)]
+  assert widths == sorted(widths) and widths[0] < widths[-1] == 1.0
+  uncapped = [ecmt.allocate_decoders((r, 1 - r), full_budget, encoder, cost_table=table,
+                                     preference_cap=False)[0] for r in (0.05, 0.5)]
+  assert uncapped == [1.0, 1.0]
 
 
 def test_search_gives_wider_decoders_to_preferred_tasks_monotonically(lenet_table):

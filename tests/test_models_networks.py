@@ -403,3 +403,22 @@ def test_build_multitask_options_reach_the_modules():
   _, feats = jax.eval_shape(lambda v: net.apply(v, x, return_features=True), variables)
   assert feats[-1].shape == (1, 8, 8, 512)
   assert variables["params"]["head_depth"]["conv"]["kernel"].shape == (3, 3, 16, 16)
+
+
+def test_lenet_channel_divisor_lets_the_first_convolution_slim():
+  x = np.zeros((2, 36, 36, 1), np.float32)
+  for divisor, expected in ((8, (8, 8, 16)), (2, (2, 6, 12))):
+    net = B.LeNet(channel_divisor=divisor)
+    variables = net.init(jax.random.key(0), x)
+    outputs = net.apply(variables, x, widths=(0.25, 0.25, 0.25))
+    assert tuple(o.shape[-1] for o in outputs) == expected
+    # Full-size variables whatever the divisor; the sliced twin has the slimmed widths.
+    assert variables["params"]["conv1"]["kernel"].shape == (9, 9, 1, 10)
+    assert net.sliced((0.25, 0.25, 0.25)).conv_channels == expected[:2]
+    # The masked path keeps the same channels.
+    dyn = DynamicWidths(jnp.zeros(3, jnp.int32), jnp.zeros(0, jnp.int32))
+    masked = net.apply(variables, x + 0.5, widths=dyn.encoder_multipliers())
+    sliced = net.apply(variables, x + 0.5, widths=(0.25, 0.25, 0.25))
+    for m, s in zip(masked, sliced):
+      np.testing.assert_allclose(m[..., :s.shape[-1]], s, atol=1e-5)
+      assert not np.any(np.asarray(m[..., s.shape[-1]:]))

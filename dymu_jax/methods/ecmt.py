@@ -44,8 +44,12 @@ what is ours:
   `CostTable` of analytic MACs (`build_cost_table`, cacheable to JSON): for every encoder
   configuration that fits, the decoders share what is left in proportion to the preference
   (water-filling, then leftovers to the most preferred tasks first: `allocate_decoders`); the
-  encoder is chosen by a preference-independent validation score when given, else the most
-  expensive candidate wins.
+  encoder is chosen by a preference-independent validation score when given
+  (`score_encoders`), else the most expensive candidate wins. Two options of ours: an encoder
+  must leave `decoder_reserve` of the decoders' MACs span free, and each decoder is capped at
+  `r_t / max(r)` of its full extra MACs (`preference_cap`); without them the encoder tends to
+  take the whole budget, and on datasets whose decoders are cheap (classification heads) every
+  decoder ends at full width whatever the preference.
 
 `predict(variables, images, controls)` runs the static sliced path for `{"widths": WidthConfig}`,
 `{"encoder": (...), "decoders": (...)}` or `{"preference": r, "budget": b}` (resolved by the
@@ -70,6 +74,7 @@ import numpy as np
 from dymu_jax import losses
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import base as data_lib
+from dymu_jax.metrics import tasks as metrics_lib
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import layers
 from dymu_jax.models.multitask import MultiTaskNet, kwargs_tuple
@@ -80,6 +85,8 @@ PyTree = Any
 KD_MODES = ("ci_kd", "mutual", "none")
 # Preferences may be off the simplex by this much (float32 sums, typed decimals).
 SIMPLEX_TOLERANCE = 1e-5
+# Fraction of the decoders' MACs span the search keeps free for the preference [ours].
+DECODER_RESERVE = 0.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -828,22 +835,31 @@ def _widest(extra_row: np.ndarray, allowance: float) -> int:
   return int(fits[-1])
 
 
-def _allocate(r: np.ndarray, remaining: int, decoder_macs: np.ndarray) -> list[int]:
+def _allocate(r: np.ndarray, remaining: int, decoder_macs: np.ndarray,
+              preference_cap: bool = True) -> list[int]:
   """Choice index per decoder within `remaining` MACs (>= every decoder at its minimum).
 
   Shares in proportion to r: each decoder's extra MACs over its minimum is at most
   `r_t * lam`, with lam the largest value whose allocation fits (water-filling; lam >= the
   budget left after the minimums, so every decoder gets at least its proportional share).
   What is left then goes to the most preferred tasks first, each taking the widest choice it
-  can afford. Raising r_t (the others scaled down) never narrows decoder t.
+  can afford. With `preference_cap` [ours], decoder t's extra MACs are also capped at
+  `r_t / max(r)` of its full extra, so the preference shapes the decoders even when the budget
+  would let every one be at full width (the most preferred task's cap is its full width; a
+  uniform preference caps nothing). Raising r_t (the others scaled down) never narrows
+  decoder t.
   """
   base = decoder_macs[:, 0]
   extra = decoder_macs - base[:, None]
   budget = int(remaining - base.sum())
   num_tasks = len(r)
+  if preference_cap:
+    cap = r / r.max() * extra[:, -1]
+  else:
+    cap = np.full(num_tasks, np.inf)
 
   def allocation(lam):
-    return [_widest(extra[t], r[t] * lam) for t in range(num_tasks)]
+    return [_widest(extra[t], min(r[t] * lam, cap[t])) for t in range(num_tasks)]
 
   def used(idx):
     return int(sum(extra[t, i] for t, i in enumerate(idx)))
@@ -858,7 +874,7 @@ def _allocate(r: np.ndarray, remaining: int, decoder_macs: np.ndarray) -> list[i
     best = idx
   left = budget - used(best)
   for t in sorted(range(num_tasks), key=lambda t: (-r[t], t)):
-    best[t] = _widest(extra[t], extra[t, best[t]] + left)
+    best[t] = _widest(extra[t], min(extra[t, best[t]] + left, cap[t]))
     left = budget - used(best)
   return best
 
@@ -871,7 +887,7 @@ def _too_small(budget, macs: int, smallest: int, full: int, what: str) -> ValueE
 
 
 def allocate_decoders(preference, budget, encoder: Sequence[float], *,
-                      cost_table: CostTable) -> tuple[float, ...]:
+                      cost_table: CostTable, preference_cap: bool = True) -> tuple[float, ...]:
   """Decoder multipliers for a fixed encoder configuration (the inner step of `search`)."""
   r = check_preference(preference, cost_table.task_names)
   macs = budget_macs(budget, cost_table)
@@ -880,26 +896,38 @@ def allocate_decoders(preference, budget, encoder: Sequence[float], *,
   if macs < smallest:
     raise _too_small(budget, macs, smallest, cost_table.full_macs,
                      f"encoder {tuple(encoder)} with the smallest decoders")
-  idx = _allocate(r, macs - int(cost_table.encoder_macs[e]), cost_table.decoder_macs[e])
+  idx = _allocate(r, macs - int(cost_table.encoder_macs[e]), cost_table.decoder_macs[e],
+                  preference_cap)
   return tuple(cost_table.choices[i] for i in idx)
 
 
 def search(preference, budget, *, cost_table: CostTable,
-           scores: Mapping[Sequence[float], float] | None = None) -> WidthConfig:
+           scores: Mapping[Sequence[float], float] | None = None,
+           decoder_reserve: float = DECODER_RESERVE,
+           preference_cap: bool = True) -> WidthConfig:
   """The width configuration for a task preference and a compute budget.
 
-  For every encoder configuration that fits with the smallest decoders, the decoders get the
-  budget left after the encoder, in proportion to the preference (`allocate_decoders`). Among
-  these candidates the one with the best `scores[encoder]` wins (a preference-independent
-  validation score, higher is better; encoders without a score rank below every scored one);
-  ties, and the case `scores=None`, go to the most expensive candidate (then the larger
-  encoder).
+  Candidates are the encoder configurations that leave the decoders room to follow the
+  preference: the smallest decoders plus `decoder_reserve` of the span between the smallest
+  and the widest decoders must fit after the encoder [ours; without a reserve, the
+  best-scoring encoder is usually the one that eats the whole budget and every decoder is left
+  at its minimum whatever the preference]. When no encoder leaves that room (budgets near the
+  smallest configuration), every encoder that fits with the smallest decoders is a candidate.
+  For each candidate, the decoders get the budget left after the encoder, in proportion to the
+  preference (`allocate_decoders`). Among the candidates the one with the best
+  `scores[encoder]` wins (a preference-independent validation score, higher is better, see
+  `score_encoders`; encoders without a score rank below every scored one); ties, and the case
+  `scores=None`, go to the most expensive candidate (then the larger encoder). The encoder
+  therefore depends on the budget only, never on the preference.
 
   Args:
     preference: T numbers on the simplex, in task order.
     budget: MACs per example (int) or a fraction of the SuperNet's MACs (float in (0, 1]).
     cost_table: from `build_cost_table` / `cached_cost_table` for the network and image size.
     scores: optional {encoder multipliers: score}.
+    decoder_reserve: fraction in [0, 1] of the decoders' span an encoder must leave free.
+    preference_cap: cap each decoder at r_t / max(r) of its full extra MACs (see
+      `_allocate`), so that the preference matters when the budget does not bind.
 
   Returns:
     A `WidthConfig` whose MACs (`cost_table.macs`) are within the budget.
@@ -913,15 +941,22 @@ def search(preference, budget, *, cost_table: CostTable,
   smallest = cost_table.smallest_macs
   if macs < smallest:
     raise _too_small(budget, macs, smallest, cost_table.full_macs, "the smallest configuration")
+  if not 0.0 <= decoder_reserve <= 1.0:
+    raise ValueError(f"decoder_reserve must lie in [0, 1], got {decoder_reserve}.")
   minimum = cost_table.encoder_macs + cost_table.decoder_macs[:, :, 0].sum(axis=1)
-  fitting = np.nonzero(minimum <= macs)[0]
+  span = cost_table.decoder_macs[:, :, -1].sum(axis=1) - cost_table.decoder_macs[:, :, 0].sum(
+      axis=1)
+  fitting = np.nonzero(minimum + decoder_reserve * span <= macs * (1 + 1e-12))[0]
+  if not len(fitting):
+    fitting = np.nonzero(minimum <= macs)[0]
   score_of = {}
   if scores:
     score_of = {tuple(float(m) for m in k): float(v) for k, v in scores.items()}
   best_key, best = None, None
   for e in fitting:
     encoder = cost_table.encoder_configs[e]
-    idx = _allocate(r, macs - int(cost_table.encoder_macs[e]), cost_table.decoder_macs[e])
+    idx = _allocate(r, macs - int(cost_table.encoder_macs[e]), cost_table.decoder_macs[e],
+                    preference_cap)
     total = int(cost_table.encoder_macs[e]) + int(
         sum(cost_table.decoder_macs[e, t, i] for t, i in enumerate(idx)))
     score = score_of.get(encoder)
@@ -930,3 +965,152 @@ def search(preference, budget, *, cost_table: CostTable,
     if best_key is None or key > best_key:
       best_key, best = key, WidthConfig(encoder, tuple(cost_table.choices[i] for i in idx))
   return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference-independent encoder scores for the search.
+
+
+def normalised_metric(value: float, reference: float, higher_is_better: bool) -> float:
+  """A metric relative to a reference, above 1 when better: v / ref, or ref / v when lower is
+  better (errors). NaN when either is not finite or the divisor is 0."""
+  value, reference = float(value), float(reference)
+  numerator, denominator = (value, reference) if higher_is_better else (reference, value)
+  if not (math.isfinite(value) and math.isfinite(reference)) or denominator == 0:
+    return float("nan")
+  return numerator / denominator
+
+
+def primary_metrics(method_tasks: Sequence[tasks_lib.Task], per_task: Mapping[str, Mapping[str, float]]
+                    ) -> dict[str, tuple[float, bool]]:
+  """{task: (primary metric value, higher is better)} from {task: {metric: value}}."""
+  out = {}
+  for task in method_tasks:
+    metric = metrics_lib.metric_for(task)
+    out[task.name] = (float(per_task[task.name][metric.primary]),
+                      dict(metric.higher_is_better)[metric.primary])
+  return out
+
+
+def mean_normalised(method_tasks, per_task, reference_per_task) -> float:
+  """Mean over tasks of `normalised_metric` of the primary metrics against a reference."""
+  values = primary_metrics(method_tasks, per_task)
+  reference = primary_metrics(method_tasks, reference_per_task)
+  return float(np.mean([normalised_metric(values[n][0], reference[n][0], values[n][1])
+                        for n in values]))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _masked_statistics(model: MultiTaskNet, variables: PyTree, images: jax.Array,
+                       encoder: jax.Array, decoders: jax.Array) -> PyTree:
+  widths = DynamicWidths(encoder, decoders, tuple(model.width_choices))
+  _, state = model.apply(variables, images, widths=widths, train=True, mutable=["batch_stats"])
+  return state["batch_stats"]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _masked_metric_update(model: MultiTaskNet, tasks: tuple[tasks_lib.Task, ...],
+                          variables: PyTree, states: PyTree, batch: Mapping[str, jax.Array],
+                          encoder: jax.Array, decoders: jax.Array) -> PyTree:
+  widths = DynamicWidths(encoder, decoders, tuple(model.width_choices))
+  predictions = model.apply(variables, batch["image"], widths=widths, train=False)
+  metric_states = metrics_lib.update_all(states["metrics"], predictions, batch, tasks)
+  # Test losses for the loss-space measures (hypervolume, uniformity): the mean over examples
+  # of each example's loss (a dense task's loss is its per-image mean) [ours].
+  valid = batch.get(data_lib.VALID_KEY)
+  valid = (jnp.ones(batch["image"].shape[:1], jnp.float32) if valid is None
+           else jnp.asarray(valid, jnp.float32))
+  loss_states = {}
+  for task in tasks:
+    per_example = jax.vmap(lambda p, y, task=task: losses.task_loss(task, p[None], y[None]))(
+        predictions[task.name], batch[task.name])
+    total, count = states["loss"][task.name]
+    loss_states[task.name] = (total + jnp.sum(per_example * valid), count + jnp.sum(valid))
+  return {"metrics": metric_states, "loss": loss_states}
+
+
+def masked_evaluate(method: ECMTMethod, variables: PyTree, config: WidthConfig,
+                    calibration: Sequence[np.ndarray], batches: Sequence[Mapping[str, Any]]
+                    ) -> dict[str, dict[str, float]]:
+  """Task metrics of SubNet `config` after recalibrating its batch norms, on the masked path.
+
+  One compiled program serves every configuration (the widths are arrays), so sweeping many
+  configurations costs compute, not compilations. Batch norms are recalibrated exactly as in
+  `recalibrate_bn` (mean over the `calibration` image batches of the batch statistics); on the
+  masked path, the statistics of the active channels equal the sliced SubNet's.
+
+  Args:
+    method: the ECMT method.
+    variables: the SuperNet's variables.
+    config: the SubNet.
+    calibration: image batches (N, H, W, C) for the batch-norm statistics (equal sizes).
+    batches: labelled batches (dicts with "image", the task labels and optionally "_valid").
+
+  Returns:
+    {task: {metric: value}}, with each task's mean test loss under "loss".
+  """
+  model = method.model
+  dynamic = DynamicWidths.from_config(config, method.width_choices)
+  variables = dict(variables)
+  if "batch_stats" in variables and calibration:
+    stats_model = _batch_statistics_model(model)
+    mean_stats = None
+    for count, images in enumerate(calibration, start=1):
+      stats = _masked_statistics(stats_model, variables, jnp.asarray(images, jnp.float32),
+                                 dynamic.encoder, dynamic.decoders)
+      mean_stats = stats if mean_stats is None else jax.tree.map(
+          lambda ra, b, n=count: ra + (b - ra) / n, mean_stats, stats)
+    variables["batch_stats"] = mean_stats
+  tasks = tuple(method.tasks)
+  zero = np.zeros((), np.float32)
+  states = {"metrics": metrics_lib.init_all(tasks),
+            "loss": {t.name: (zero, zero) for t in tasks}}
+  names = {t.name for t in tasks}
+  for batch in batches:
+    batch = {k: v for k, v in batch.items() if k == "image" or k == data_lib.VALID_KEY
+             or k in names}
+    states = _masked_metric_update(model, tasks, variables, states, batch, dynamic.encoder,
+                                   dynamic.decoders)
+  states = jax.device_get(states)
+  results = metrics_lib.compute_all(states["metrics"], tasks)
+  for name, (total, count) in states["loss"].items():
+    results[name]["loss"] = float(total) / max(float(count), 1.0)
+  return results
+
+
+def score_encoders(method: ECMTMethod, variables: PyTree, calibration: Sequence[np.ndarray],
+                   batches: Sequence[Mapping[str, Any]], *,
+                   encoders: Sequence[Sequence[float]] | None = None,
+                   progress=None) -> dict[tuple[float, ...], float]:
+  """The search's preference-independent validation score of every encoder configuration.
+
+  Score [ours, METHODS.md "mean normalised task metric"]: each encoder configuration runs with
+  the widest decoders, its batch norms recalibrated on `calibration`, and is evaluated on
+  `batches` (held-out training images: the test split stays unseen); the score is the mean
+  over tasks of the primary metric relative to the SuperNet's on the same images
+  (`normalised_metric`; 1.0 for the SuperNet, higher is better).
+
+  Args:
+    method, variables: the trained ECMT SuperNet.
+    calibration: image batches for batch-norm recalibration.
+    batches: labelled validation batches.
+    encoders: the encoder configurations to score (default: all).
+    progress: optional callable(done, total) called after each configuration.
+
+  Returns:
+    {encoder multipliers: score}.
+  """
+  encoders = [tuple(float(m) for m in e) for e in
+              (encoders if encoders is not None else
+               encoder_configs(method.num_stages, method.width_choices))]
+  widest = (method.width_choices[-1],) * len(method.tasks)
+  full = masked_evaluate(method, variables, method.full_widths(), calibration, batches)
+  scores = {}
+  for i, encoder in enumerate(encoders):
+    per_task = (full if encoder == method.full_widths().encoder else
+                masked_evaluate(method, variables, WidthConfig(encoder, widest), calibration,
+                                batches))
+    scores[encoder] = mean_normalised(method.tasks, per_task, full)
+    if progress is not None:
+      progress(i + 1, len(encoders))
+  return scores

@@ -1,0 +1,507 @@
+r"""Evaluate a trained run: the controllability sweep, its measures, a report and plots.
+
+    python -m experiments.evaluate --workdir=workdirs/utkface_ecmt \
+        --reference_workdir=workdirs/utkface_single_task
+
+The run is rebuilt from its newest checkpoint and the flags saved with it. Results go to
+`<workdir>/eval/` (or `--output_dir`): `results.json`, `report.md` and PNG plots.
+
+ECMT (`--method=ecmt` runs), METHODS.md sections 2 and 4:
+  * preferences: `--num_preferences` drawn uniformly from the simplex (Dirichlet(1), seeded by
+    `--preference_seed`); budgets: `--budgets`, fractions of the SuperNet's MACs (a budget
+    below the smallest SubNet is reported and skipped);
+  * the search picks each SubNet with the encoder scores of `ecmt.score_encoders`, computed
+    once on held-out training images and cached in `<workdir>/encoder_scores.json` (the MACs
+    table in `<workdir>/cost_table.json`);
+  * every SubNet's batch norms are recalibrated on `--calibration_examples` training images
+    before it is evaluated on the test split. Distinct SubNets are evaluated once, on the
+    masked path (one compiled program for all of them); one SubNet per budget is also run
+    physically sliced, and the largest metric difference between the two is reported;
+  * measures per budget: per-task metrics, MACs, hypervolume and uniformity of the test losses,
+    rank controllability, Delta_m against `--reference_workdir` (single-task models; without
+    it, against the SuperNet) and the mean normalised task metric;
+  * a budget check: the search over `--budget_check_points` budgets from the smallest SubNet
+    to the SuperNet, for every preference, must stay within each budget.
+
+Other methods (static, single_task) are evaluated at their default controls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from experiments import common
+from experiments import runs
+from dymu_jax import data as data_lib
+from dymu_jax.data import base as data_base
+from dymu_jax import train as train_lib
+from dymu_jax.methods import ecmt
+from dymu_jax.metrics import pareto
+from dymu_jax.models.widths import WidthConfig
+
+flags.DEFINE_string("output_dir", None, "Where results go; default <workdir>/eval (evaluate) "
+                    "or <workdir>/export/<preference and budget> (export).")
+flags.DEFINE_string("reference_workdir", None,
+                    "A finished single-task run of the same data: the reference of Delta_m and "
+                    "of the normalised metrics (default: the run's own SuperNet).")
+flags.DEFINE_list("budgets", ["0.25", "0.5", "0.75", "1.0"],
+                  "ECMT: budgets as fractions of the SuperNet's MACs.")
+flags.DEFINE_integer("num_preferences", 20, "Preferences of the sweep, uniform on the simplex.")
+flags.DEFINE_integer("preference_seed", 0, "Seed of the preference sweep.")
+flags.DEFINE_integer("calibration_examples", 512,
+                     "Training images that re-estimate each SubNet's batch-norm statistics.")
+flags.DEFINE_integer("score_examples", 256,
+                     "Held-out training images that score the encoder configurations.")
+flags.DEFINE_float("decoder_reserve", ecmt.DECODER_RESERVE,
+                   "ECMT search: fraction of the decoders' MACs span kept free for the "
+                   "preference.")
+flags.DEFINE_integer("budget_check_points", 41,
+                     "Budgets from the smallest SubNet to the SuperNet checked for MACs <= "
+                     "budget.")
+flags.DEFINE_integer("max_test_examples", 0, "Evaluate on at most this many test examples; "
+                     "0 = all.")
+flags.DEFINE_bool("plots", True, "Write PNG plots.")
+
+FLAGS = flags.FLAGS
+
+
+# ----------------------------------------------------------------------------------------------
+# Data helpers.
+
+
+def _eval_batch_size() -> int:
+  return FLAGS.eval_batch_size or 256
+
+
+def _subset(source: data_base.DataSource, count: int, seed: int, offset: int = 0):
+  """`count` examples of `source` after `offset` in a seeded permutation, as one batch dict."""
+  order = np.random.default_rng(seed).permutation(len(source))
+  index = np.sort(order[offset:offset + count])
+  if not len(index):
+    raise ValueError(f"{source.name} {source.split} has {len(source)} examples: too few for "
+                     f"{count} held-out images after {offset}.")
+  return source.get(index)
+
+
+def _batches_of(batch: dict, size: int) -> list[dict]:
+  n = len(next(iter(batch.values())))
+  return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+class _Limited(data_base.DataSource):
+  """The first `count` examples of a source."""
+
+  def __init__(self, parent, count):
+    self.parent, self.count = parent, count
+    self.name, self.split, self.tasks = parent.name, parent.split, parent.tasks
+
+  def __len__(self):
+    return self.count
+
+  def get(self, indices):
+    return self.parent.get(indices)
+
+
+# ----------------------------------------------------------------------------------------------
+# ECMT.
+
+
+def preference_sweep(num: int, num_tasks: int, seed: int) -> np.ndarray:
+  """(num, T) preferences drawn uniformly from the simplex (Dirichlet with all ones)."""
+  if num < 2:
+    raise ValueError(f"--num_preferences must be at least 2 for rank correlations, got {num}.")
+  return np.random.default_rng(seed).dirichlet(np.ones(num_tasks), size=num)
+
+
+def held_out_images(run, table) -> tuple[list, list, str]:
+  """(calibration image batches, labelled scoring batches, cache signature) from the training
+  split: `--calibration_examples` then `--score_examples` of a permutation seeded by the run's
+  seed, so the test split stays unseen."""
+  seed = run.config.seed
+  size = _eval_batch_size()
+  n = len(run.train_source)
+  # Small training sets: at most half for calibration, the rest for scoring.
+  num_calibration = max(1, min(FLAGS.calibration_examples, n // 2))
+  num_score = max(1, min(FLAGS.score_examples, n - num_calibration))
+  calib_batch = _subset(run.train_source, num_calibration, seed)
+  calibration = [b["image"] for b in _batches_of(calib_batch, size)]
+  if len(calibration) > 1 and len(calibration[-1]) < size:
+    # Equal batch sizes (each batch counts once in the statistics): drop a short last batch.
+    calibration = calibration[:-1]
+  score_batch = _subset(run.train_source, num_score, seed, offset=num_calibration)
+  score_batch[data_base.VALID_KEY] = np.ones(len(score_batch["image"]), bool)
+  validation = _batches_of(score_batch, size)
+  signature = (f"{table.signature}|step={run.step}|calibration={num_calibration}|"
+               f"score={num_score}|seed={seed}|batch={size}")
+  return calibration, validation, signature
+
+
+def cached_encoder_scores(run, calibration, validation, signature) -> dict:
+  """`ecmt.score_encoders` of the run, cached in `<workdir>/encoder_scores.json` for this
+  checkpoint and these held-out images."""
+  path = os.path.join(run.workdir, "encoder_scores.json")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    if record.get("signature") == signature:
+      return {tuple(e): float(s) for e, s in record["scores"]}
+  method = run.method
+  started = time.time()
+  total = len(ecmt.encoder_configs(method.num_stages, method.width_choices))
+  count = sum(len(b["image"]) for b in validation)
+  print(f"scoring {total} encoder configurations on {count} held-out training images "
+        f"(once; cached in {path})...", flush=True)
+
+  def progress(done, count):
+    if done % max(count // 8, 1) == 0 or done == count:
+      print(f"  {done}/{count} encoders scored ({time.time() - started:.0f} s)", flush=True)
+
+  scores = ecmt.score_encoders(method, run.variables, calibration, validation,
+                               progress=progress)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"signature": signature, "scores": [[list(e), s] for e, s in scores.items()]}, f)
+  return scores
+
+
+def _reference(run, tasks) -> tuple[dict, str]:
+  """The reference metrics {task: {metric: value}} and their name."""
+  if not FLAGS.reference_workdir:
+    return None, "SuperNet"
+  evals = runs.summary_metrics(FLAGS.reference_workdir)
+  per_task = next(iter(evals.values()))
+  missing = [t.name for t in tasks if t.name not in per_task]
+  if missing:
+    raise ValueError(f"The reference run {FLAGS.reference_workdir} has no metrics for task(s) "
+                     f"{', '.join(missing)}; give a run of the same tasks.")
+  return per_task, f"single-task ({os.path.basename(os.path.normpath(FLAGS.reference_workdir))})"
+
+
+def _sliced_metrics(method, variables, config, calibration, test_batches_source, image_shape):
+  """Metrics of the physically sliced SubNet (recalibrated), for the masked-path check."""
+  recalibrated = ecmt.recalibrate_bn(method, variables, config, calibration)
+  par = train_lib.Parallel("mesh", jax.devices()[:1])
+  evaluator = train_lib.Evaluator(method, par, test_batches_source, _eval_batch_size())
+  label_results = evaluator(recalibrated, [{"widths": config}])
+  return next(iter(label_results.values()))
+
+
+def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
+  method: ecmt.ECMTMethod = run.method
+  tasks = tuple(method.tasks)
+  names = [t.name for t in tasks]
+  image_shape = tuple(run.test_source.image_shape)
+  table = ecmt.cached_cost_table(method.model, image_shape, method.width_choices,
+                                 path=os.path.join(run.workdir, "cost_table.json"))
+  full, smallest = table.full_macs, table.smallest_macs
+  print(f"SuperNet {full:,} MACs/example; smallest SubNet {smallest:,} "
+        f"({smallest / full:.3f} of it)", flush=True)
+
+  # Held-out training images: calibration, then scoring (the test split stays unseen).
+  calibration, validation, signature = held_out_images(run, table)
+  scores = cached_encoder_scores(run, calibration, validation, signature)
+
+  test_source = run.test_source
+  if FLAGS.max_test_examples and FLAGS.max_test_examples < len(test_source):
+    test_source = _Limited(test_source, FLAGS.max_test_examples)
+  test_batches = list(data_base.eval_batches(test_source, _eval_batch_size()))
+
+  cache = {}
+
+  def evaluate(config: WidthConfig) -> dict:
+    if config not in cache:
+      cache[config] = ecmt.masked_evaluate(method, run.variables, config, calibration,
+                                           test_batches)
+    return cache[config]
+
+  supernet = evaluate(method.full_widths())
+  reference, reference_name = _reference(run, tasks)
+  reference = reference or supernet
+  primary = {t.name: ecmt.primary_metrics([t], supernet)[t.name] for t in tasks}
+  metric_names = {t.name: ecmt.metrics_lib.metric_for(t).primary for t in tasks}
+  higher = [primary[n][1] for n in names]
+
+  prefs = preference_sweep(FLAGS.num_preferences, len(tasks), FLAGS.preference_seed)
+  budgets = common.parse_floats(FLAGS.budgets, "--budgets") or ()
+  rows, skipped = [], []
+  for budget in budgets:
+    if not 0 < budget <= 1:
+      raise ValueError(f"--budgets are fractions of the SuperNet's MACs in (0, 1], got {budget}.")
+    if budget * full < smallest:
+      skipped.append(budget)
+      print(f"budget {budget}: below the smallest SubNet ({smallest / full:.3f} of the "
+            f"SuperNet), skipped", flush=True)
+      continue
+    started = time.time()
+    points = []
+    for r in prefs:
+      config = ecmt.search(r, float(budget), cost_table=table, scores=scores,
+                           decoder_reserve=FLAGS.decoder_reserve)
+      per_task = evaluate(config)
+      points.append({
+          "preference": [float(x) for x in r],
+          "encoder": list(config.encoder), "decoders": list(config.decoders),
+          "macs": table.macs(config),
+          "metrics": per_task,
+      })
+    values = np.array([[p["metrics"][n][metric_names[n]] for n in names] for p in points])
+    loss = np.array([[p["metrics"][n]["loss"] for n in names] for p in points])
+    rank_mean, rank_per_task = pareto.rank_controllability(prefs, values, higher)
+    delta = [pareto.delta_m({n: p["metrics"][n][metric_names[n]] for n in names},
+                            {n: reference[n][metric_names[n]] for n in names},
+                            dict(zip(names, higher))) for p in points]
+    normalised = [ecmt.mean_normalised(tasks, p["metrics"], reference) for p in points]
+    rows.append({
+        "budget": float(budget), "budget_macs": ecmt.budget_macs(float(budget), table),
+        "points": points, "losses": loss.tolist(),
+        "max_macs": int(max(p["macs"] for p in points)),
+        "mean_macs": float(np.mean([p["macs"] for p in points])),
+        "within_budget": bool(all(p["macs"] <= ecmt.budget_macs(float(budget), table)
+                                  for p in points)),
+        "distinct_subnets": len({(tuple(p["encoder"]), tuple(p["decoders"])) for p in points}),
+        "mean_metric": {n: float(values[:, i].mean()) for i, n in enumerate(names)},
+        "uniformity": pareto.uniformity(loss, prefs),
+        "rank_controllability": None if np.isnan(rank_mean) else rank_mean,
+        "rank_per_task": {n: (None if np.isnan(v) else float(v))
+                          for n, v in zip(names, rank_per_task)},
+        "delta_m": float(np.mean(delta)),
+        "mean_normalised_metric": float(np.mean(normalised)),
+    })
+    print(f"budget {budget}: {rows[-1]['distinct_subnets']} distinct SubNets, rank "
+          f"controllability {rows[-1]['rank_controllability']}, Delta_m "
+          f"{rows[-1]['delta_m']:.2f}% ({time.time() - started:.0f} s)", flush=True)
+
+  # Hypervolume against one reference point for every budget (comparable across budgets).
+  all_losses = np.concatenate([np.asarray(r["losses"]) for r in rows]) if rows else None
+  hv_reference = pareto.default_reference(all_losses) if rows else None
+  for row in rows:
+    row["hypervolume"] = pareto.hypervolume(np.asarray(row["losses"]), hv_reference)
+
+  # The sliced network equals the masked evaluation (one SubNet per budget).
+  sliced_check = []
+  for row in rows:
+    point = row["points"][0]
+    config = WidthConfig(tuple(point["encoder"]), tuple(point["decoders"]))
+    sliced = _sliced_metrics(method, run.variables, config, calibration, test_source,
+                             image_shape)
+    diff = max(abs(sliced[n][m] - point["metrics"][n][m]) for n in names for m in sliced[n])
+    sliced_check.append({"budget": row["budget"], "encoder": point["encoder"],
+                         "decoders": point["decoders"], "max_metric_difference": diff})
+
+  # The search stays within budget from the smallest SubNet to the SuperNet.
+  grid = np.unique(np.linspace(smallest, full, FLAGS.budget_check_points).astype(np.int64))
+  violations, checked = 0, 0
+  chosen_macs = []
+  for budget_macs in grid:
+    used = [table.macs(ecmt.search(r, int(budget_macs), cost_table=table, scores=scores,
+                                   decoder_reserve=FLAGS.decoder_reserve)) for r in prefs]
+    violations += sum(u > budget_macs for u in used)
+    checked += len(used)
+    chosen_macs.append([int(budget_macs), float(np.mean(used)), int(max(used))])
+
+  ranks = [r["rank_controllability"] for r in rows if r["rank_controllability"] is not None]
+  return {
+      "method": "ecmt", "workdir": run.workdir, "step": run.step, "tasks": names,
+      "primary_metric": metric_names, "higher_is_better": dict(zip(names, higher)),
+      "full_macs": full, "smallest_macs": smallest, "reference": reference_name,
+      "reference_metrics": reference, "supernet_metrics": supernet,
+      "num_preferences": len(prefs), "preference_seed": FLAGS.preference_seed,
+      "decoder_reserve": FLAGS.decoder_reserve, "skipped_budgets": skipped,
+      "encoder_scores_file": os.path.join(run.workdir, "encoder_scores.json"),
+      "budgets": rows, "hypervolume_reference": (hv_reference.tolist()
+                                                 if hv_reference is not None else None),
+      "mean_rank_controllability": float(np.mean(ranks)) if ranks else None,
+      "sliced_check": sliced_check,
+      "budget_check": {"budgets": int(len(grid)), "searches": checked,
+                       "over_budget": int(violations), "macs_by_budget": chosen_macs},
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-control methods.
+
+
+def evaluate_fixed(run: runs.TrainedRun) -> dict:
+  par = train_lib.Parallel("mesh", jax.devices()[:1])
+  test_source = run.test_source
+  if FLAGS.max_test_examples and FLAGS.max_test_examples < len(test_source):
+    test_source = _Limited(test_source, FLAGS.max_test_examples)
+  evaluator = train_lib.Evaluator(run.method, par, test_source, _eval_batch_size())
+  results = evaluator(run.variables)
+  out = {"method": run.method.name, "workdir": run.workdir, "step": run.step,
+         "tasks": [t.name for t in run.method.tasks], "eval": results}
+  reference, name = _reference(run, run.method.tasks)
+  if reference is not None:
+    metric_names = {t.name: ecmt.metrics_lib.metric_for(t).primary for t in run.method.tasks}
+    per_task = next(iter(results.values()))
+    higher = {n: ecmt.primary_metrics([t], per_task)[n][1]
+              for t, n in zip(run.method.tasks, metric_names)}
+    out["reference"] = name
+    out["delta_m"] = pareto.delta_m({n: per_task[n][m] for n, m in metric_names.items()},
+                                    {n: reference[n][m] for n, m in metric_names.items()},
+                                    higher)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(value, digits=4) -> str:
+  if value is None:
+    return "n/a"
+  if isinstance(value, float):
+    return f"{value:.{digits}g}"
+  return str(value)
+
+
+def markdown(results: dict, plots: list[str]) -> str:
+  lines = [f"# Evaluation of {results['workdir']}", "",
+           f"Method `{results['method']}`, checkpoint step {results['step']}, tasks "
+           f"{', '.join(results['tasks'])}.", ""]
+  if results["method"] != "ecmt":
+    lines += ["| controls | task | metrics |", "|---|---|---|"]
+    for label, per_task in results["eval"].items():
+      for task, values in per_task.items():
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        lines.append(f"| {label} | {task} | {shown} |")
+    if "delta_m" in results:
+      lines += ["", f"Delta_m against {results['reference']}: {results['delta_m']:.2f}%"]
+    return "\n".join(lines) + "\n"
+  names, metric = results["tasks"], results["primary_metric"]
+  lines += [f"SuperNet: {results['full_macs']:,} MACs per example; smallest SubNet: "
+            f"{results['smallest_macs']:,} ({results['smallest_macs'] / results['full_macs']:.3f})."
+            f" {results['num_preferences']} preferences (uniform on the simplex, seed "
+            f"{results['preference_seed']}) per budget; Delta_m and normalised metrics against "
+            f"{results['reference']}.", ""]
+  header = (["budget", "max MACs (fraction)", "within budget", "SubNets"] +
+            [f"{n} {metric[n]} (mean)" for n in names] +
+            ["HV (losses)", "uniformity", "rank contr. (mean)"] +
+            [f"rank {n}" for n in names] + ["Delta_m %", "mean norm. metric"])
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for row in results["budgets"]:
+    cells = [f"{row['budget']:g}", f"{row['max_macs']:,} ({row['max_macs'] / results['full_macs']:.3f})",
+             "yes" if row["within_budget"] else "NO", str(row["distinct_subnets"])]
+    cells += [_fmt(row["mean_metric"][n]) for n in names]
+    cells += [_fmt(row["hypervolume"]), _fmt(row["uniformity"]),
+              _fmt(row["rank_controllability"], 3)]
+    cells += [_fmt(row["rank_per_task"][n], 3) for n in names]
+    cells += [f"{row['delta_m']:.2f}", _fmt(row["mean_normalised_metric"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"Mean rank controllability over tasks and budgets: "
+            f"{_fmt(results['mean_rank_controllability'], 3)}."]
+  if results["skipped_budgets"]:
+    lines.append(f"Skipped budgets below the smallest SubNet: {results['skipped_budgets']}.")
+  check = results["budget_check"]
+  lines += ["", f"Budget check: {check['searches']} searches over {check['budgets']} budgets "
+            f"from the smallest SubNet to the SuperNet, {check['over_budget']} over budget.", ""]
+  lines += ["Masked evaluation vs the physically sliced SubNet (largest metric difference):", ""]
+  for item in results["sliced_check"]:
+    lines.append(f"- budget {item['budget']:g}, encoder {item['encoder']}, decoders "
+                 f"{item['decoders']}: {item['max_metric_difference']:.2e}")
+  if plots:
+    lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+  return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, output_dir: str) -> list[str]:
+  """PNG plots of an ECMT evaluation; returns their file names."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names, metric = results["tasks"], results["primary_metric"]
+  rows = results["budgets"]
+  files = []
+  if rows:
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
+    for i, name in enumerate(names):
+      ax = axes[0, i]
+      for row in rows:
+        r = np.array([p["preference"][i] for p in row["points"]])
+        v = np.array([p["metrics"][name][metric[name]] for p in row["points"]])
+        order = np.argsort(r)
+        ax.plot(r[order], v[order], "o-", ms=3, label=f"budget {row['budget']:g}")
+      ax.set_xlabel(f"preference for {name}")
+      ax.set_ylabel(metric[name])
+      ax.set_title(name)
+      ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    files.append("controllability.png")
+    fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+    plt.close(fig)
+  if rows and len(names) == 2:
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    for row in rows:
+      loss = np.asarray(row["losses"])
+      order = np.argsort(loss[:, 0])
+      ax.plot(loss[order, 0], loss[order, 1], "o-", ms=3, label=f"budget {row['budget']:g}")
+    ax.set_xlabel(f"{names[0]} test loss")
+    ax.set_ylabel(f"{names[1]} test loss")
+    ax.set_title("trade-off fronts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    files.append("tradeoff_front.png")
+    fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+    plt.close(fig)
+  grid = np.asarray(results["budget_check"]["macs_by_budget"], np.float64)
+  if len(grid):
+    full = results["full_macs"]
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.plot(grid[:, 0] / full, grid[:, 0] / full, "k--", lw=1, label="budget")
+    ax.plot(grid[:, 0] / full, grid[:, 1] / full, "o-", ms=3, label="mean MACs of SubNets")
+    ax.plot(grid[:, 0] / full, grid[:, 2] / full, "x", ms=4, label="max MACs of SubNets")
+    ax.set_xlabel("budget (fraction of SuperNet MACs)")
+    ax.set_ylabel("SubNet MACs (fraction)")
+    ax.set_title("cost against budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    files.append("cost_vs_budget.png")
+    fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+    plt.close(fig)
+  return files
+
+
+def run_evaluation() -> dict:
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required: the folder of a trained run.")
+  started = time.time()
+  run = runs.load_run(FLAGS.workdir, data_dir=FLAGS.data_dir)
+  output_dir = common.ensure_workdir(FLAGS.output_dir or os.path.join(run.workdir, "eval"))
+  print(f"evaluating {run.method.name} from {run.workdir} (step {run.step})", flush=True)
+  if run.method.name == "ecmt":
+    results = evaluate_ecmt(run, output_dir)
+  else:
+    results = evaluate_fixed(run)
+  results["seconds"] = round(time.time() - started, 1)
+  plots = plot(results, output_dir) if FLAGS.plots and results["method"] == "ecmt" else []
+  results["plots"] = plots
+  with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1)
+  report = markdown(results, plots)
+  with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(report)
+  print(report)
+  print(f"wrote {output_dir}/results.json, report.md and {len(plots)} plot(s) in "
+        f"{results['seconds']:.0f} s")
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}.")
+  common.quiet_logging()
+  with common.user_errors():
+    run_evaluation()
+
+
+if __name__ == "__main__":
+  app.run(main)

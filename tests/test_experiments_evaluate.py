@@ -1,0 +1,145 @@
+"""The evaluation and export CLIs on a tiny trained ECMT run (synthetic scenes, with batch norm
+and dense decoders): the sweep's results and report, the budget check, the masked-vs-sliced
+check, the encoder-score cache, the standalone export equal to the SuperNet, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dymu_jax.methods import ecmt
+from dymu_jax.models import serialize
+from dymu_jax.models.widths import WidthConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--calibration_examples=32", "--score_examples=32", "--eval_batch_size=16"]
+
+
+def run_cli(module, *args, timeout=900):
+  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("ecmt") / "run"
+  result = run_cli(
+      "train", "--dataset=synthetic", "--image_size=16", "--num_train=128", "--num_test=32",
+      "--method=ecmt", "--backbone=resnet_small", "--head_width=8", "--steps=3",
+      "--batch_size=16", "--checkpoint_every=3", "--noprogress", f"--workdir={path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return path
+
+
+@pytest.fixture(scope="module")
+def evaluation(workdir):
+  result = run_cli("evaluate", f"--workdir={workdir}", "--budgets=0.05,0.3,0.6,1.0",
+                   "--num_preferences=4", "--budget_check_points=6", *SMALL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / "eval" / "results.json") as f:
+    return json.load(f), result.stdout
+
+
+def test_evaluate_writes_the_sweep_and_its_measures(workdir, evaluation):
+  results, stdout = evaluation
+  names = ["segmentation", "depth", "normals", "edges"]
+  assert results["tasks"] == names and results["num_preferences"] == 4
+  assert results["skipped_budgets"] == [0.05]  # below the smallest SubNet: reported, skipped
+  assert [row["budget"] for row in results["budgets"]] == [0.3, 0.6, 1.0]
+  for row in results["budgets"]:
+    assert row["within_budget"] and row["max_macs"] <= row["budget_macs"]
+    assert len(row["points"]) == 4
+    for point in row["points"]:
+      assert set(point["metrics"]) == set(names)
+      assert np.isclose(sum(point["preference"]), 1.0)
+    assert row["hypervolume"] >= 0 and np.isfinite(row["uniformity"])
+    assert np.isfinite(row["delta_m"]) and np.isfinite(row["mean_normalised_metric"])
+  # The encoder depends on the budget only, never on the preference.
+  for row in results["budgets"]:
+    assert len({tuple(p["encoder"]) for p in row["points"]}) == 1
+  check = results["budget_check"]
+  assert check["over_budget"] == 0 and check["searches"] == 6 * 4
+  # The masked evaluation equals the physically sliced, recalibrated SubNet.
+  assert len(results["sliced_check"]) == 3
+  assert max(c["max_metric_difference"] for c in results["sliced_check"]) < 1e-4
+  report = (workdir / "eval" / "report.md").read_text()
+  assert "| budget |" in report and "rank contr." in report and "Budget check" in report
+  for plot in ("controllability.png", "cost_vs_budget.png"):
+    assert plot in results["plots"] and (workdir / "eval" / plot).stat().st_size > 1000
+    assert f"({plot})" in report
+  assert "scoring 256 encoder configurations" in stdout
+  scores = json.load(open(workdir / "encoder_scores.json"))["scores"]
+  assert len(scores) == 256
+  full = [s for e, s in scores if e == [1.0] * 4]
+  assert full == [1.0]  # scores are relative to the SuperNet
+
+
+def test_export_is_a_standalone_network_equal_to_the_supernet(workdir, evaluation, tmp_path):
+  out = tmp_path / "subnet"
+  result = run_cli("export", f"--workdir={workdir}", "--preference=0.7,0.1,0.1,0.1",
+                   "--budget=0.6", f"--output_dir={out}", *SMALL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "scoring" not in result.stdout  # the encoder scores come from the cache
+  model, variables, info = serialize.load_network(out)
+  assert info["macs"] <= ecmt.budget_macs(0.6, ecmt.CostTable.load(workdir / "cost_table.json"))
+  config = WidthConfig(tuple(info["widths"]["encoder"]), tuple(info["widths"]["decoders"]))
+  assert config.decoders[0] >= max(config.decoders[1:])  # the preferred task is not narrower
+
+  # The SuperNet, from its checkpoint, with the exported (recalibrated) statistics written into
+  # the leading channels: the exported parameters are its leading blocks, and the outputs of
+  # the standalone network equal the SuperNet's at that configuration.
+  from experiments import runs  # pylint: disable=g-import-not-at-top
+  run = runs.load_run(str(workdir))
+  full = run.variables
+  for path, small in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+    big = full["params"]
+    for key in path:
+      big = big[key.key]
+    index = tuple(slice(0, n) for n in small.shape)
+    np.testing.assert_array_equal(np.asarray(big)[index], np.asarray(small))
+
+  stats = jax.tree.map(_write, full["batch_stats"], variables["batch_stats"])
+  supernet_variables = {"params": full["params"], "batch_stats": stats}
+  images = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype(np.float32)
+  expected = run.method.model.apply(supernet_variables, images, widths=config, train=False)
+  got = model.apply(variables, images, train=False)
+  for name in expected:
+    np.testing.assert_allclose(got[name], expected[name], atol=1e-5, rtol=0)
+  assert sum(x.size for x in jax.tree.leaves(variables["params"])) < sum(
+      x.size for x in jax.tree.leaves(full["params"]))
+
+
+def _write(big, small):
+  out = np.asarray(big).copy()
+  out[tuple(slice(0, n) for n in small.shape)] = np.asarray(small)
+  return out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preference=0.8,0.3,0,0"], "is not on the simplex"),
+    (["--preference=0.5,0.5"], "preference has 2 entries (0.5, 0.5) but there are 4 tasks"),
+    (["--budget=0.01"], "is below the"),
+    (["--budget=1234.5"], "--budget above 1 is MACs per example and must be a whole number"),
+])
+def test_export_bad_inputs_stop_with_one_sentence(workdir, evaluation, tmp_path, args, message):
+  result = run_cli("export", f"--workdir={workdir}", f"--output_dir={tmp_path / 'x'}",
+                   *SMALL, *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+def test_missing_or_untrained_workdir_stops_with_one_sentence(tmp_path):
+  result = run_cli("evaluate", f"--workdir={tmp_path / 'nothing'}", timeout=120)
+  assert result.returncode == 2 and "does not exist" in result.stderr
+  (tmp_path / "empty").mkdir()
+  result = run_cli("evaluate", f"--workdir={tmp_path / 'empty'}", timeout=120)
+  assert result.returncode == 2 and "has no checkpoints folder" in result.stderr
+  result = run_cli("export", timeout=120)
+  assert result.returncode != 0 and "--workdir is required" in result.stderr
