@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG_FILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "flags", "*.flags")))
 
 
-def run_cli(*args, timeout=240):
+def run_cli(*args, timeout=600):
   return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -29,6 +29,9 @@ what is ours:
   leading C channels of the SuperNet's, with the SuperNet's features as a stop-gradient teacher.
   On the masked path the zeroed channels are excluded (mean over the active channels only), so
   both paths give the same value. `lambda_kd = 0` or `kd="none"` turns it off (ablation).
+  Use it on normalised features: on LeNet without batch norm the raw-activation MSE diverged
+  (the SuperNet's features, pulled along by the SubNets sharing its weights, grew without
+  bound), so the Multi-MNIST ECMT flag files turn LeNet's batch norm on.
 * **Mutual learning [ours option, `kd="mutual"`].** In addition to CI-KD, the SuperNet and each
   SubNet match each other's task predictions in both directions, each direction against the
   other's stop-gradient prediction (`mutual_loss`): KL of temperature-softened softmaxes
