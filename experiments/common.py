@@ -54,6 +54,9 @@ flags.DEFINE_string("backbone", "resnet_small",
                     "Encoder: lenet, resnet_small, resnet18, resnet34 or mobilenet_v2.")
 flags.DEFINE_integer("head_width", 0,
                      "Hidden width of every task decoder; 0 takes the backbone's default.")
+flags.DEFINE_bool("head_batch_norm", False,
+                  "Batch norm in the hidden layers of the classification/regression heads "
+                  "(recalibrated per SubNet under ECMT; see dymu_jax/models/decoders.py).")
 flags.DEFINE_list("backbone_options", [],
                   "Options of the backbone class as name=value pairs, e.g. "
                   "'channel_divisor=2,batch_norm=true' for lenet or 'output_stride=8' for the "
@@ -133,6 +136,8 @@ def model_options(values: Mapping[str, Any] | None = None) -> dict:
   options = {"backbone": v["backbone"]}
   if v["head_width"]:
     options["head_width"] = v["head_width"]
+  if v.get("head_batch_norm"):  # .get: runs saved before the flag existed
+    options["head_batch_norm"] = True
   backbone_options = parse_options(v.get("backbone_options") or [], "--backbone_options")
   if backbone_options:
     cls = models.backbones.get_backbone(v["backbone"])

@@ -422,3 +422,38 @@ def test_lenet_channel_divisor_lets_the_first_convolution_slim():
     for m, s in zip(masked, sliced):
       np.testing.assert_allclose(m[..., :s.shape[-1]], s, atol=1e-5)
       assert not np.any(np.asarray(m[..., s.shape[-1]:]))
+
+
+def test_mlp_head_batch_norm_slims_like_the_rest():
+  """head_batch_norm: the heads' batch norms follow the slimmed width on every path."""
+  tasks = (tasks_lib.classification("cls", 3), tasks_lib.regression("age", 10.0))
+  net = build_multitask(tasks, "resnet_small", head_width=32, head_batch_norm=True,
+                        backbone_kwargs={"stage_sizes": (1, 1, 1, 1)})
+  x = images((4, 16, 16, 3))
+  variables = random_variables(net, x)
+  assert variables["batch_stats"]["head_cls"]["hidden0_bn"]["mean"].shape == (32,)
+  without = build_multitask(tasks, "resnet_small", head_width=32,
+                            backbone_kwargs={"stage_sizes": (1, 1, 1, 1)})
+  assert "head_cls" not in random_variables(without, x)["batch_stats"]
+
+  cfg = WidthConfig((0.25, 0.75, 0.5, 0.5), (0.5, 0.25))
+  small = net.sliced(cfg)
+  cut = layers.slice_variables(variables,
+                               jax.eval_shape(lambda: small.init(jax.random.key(0), x)))
+  for train in (False, True):
+    kwargs = {"mutable": ["batch_stats"]} if train else {}
+    want = net.apply(variables, x, widths=cfg, train=train, **kwargs)
+    got = small.apply(cut, x, train=train, **kwargs)
+    masked = net.apply(variables, x, widths=DynamicWidths.from_config(cfg), train=train,
+                       **kwargs)
+    if train:
+      (want, want_state), (got, got_state), (masked, masked_state) = want, got, masked
+      k = channels(32, 0.5)
+      new = want_state["batch_stats"]["head_cls"]["hidden0_bn"]["mean"]
+      np.testing.assert_allclose(new[:k], got_state["batch_stats"]["head_cls"]["hidden0_bn"][
+          "mean"], atol=1e-5)
+      np.testing.assert_array_equal(
+          new[k:], variables["batch_stats"]["head_cls"]["hidden0_bn"]["mean"][k:])
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-5)
+      np.testing.assert_allclose(masked[name], want[name], atol=1e-5, rtol=1e-5)

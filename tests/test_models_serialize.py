@@ -96,7 +96,8 @@ def test_definition_round_trips_every_field():
   net = build_multitask(
       tasks, "resnet_small", backbone_kwargs={"stage_channels": [8, 16, 24, 32],
                                               "output_stride": 4, "zero_init_residual": True},
-      head_width=24, head_widths=(8, 16, 24), head_hidden_layers=2, atrous_rates=(1, 3),
+      head_width=24, head_widths=(8, 16, 24), head_hidden_layers=2, head_batch_norm=True,
+      atrous_rates=(1, 3),
       image_pooling=False, pixel_mean=(0.1, 0.2, 0.3), pixel_std=(1.0, 2.0, 0.5),
       width_choices=(0.5, 1.0), bn_momentum=0.97, bn_axis_name="batch")
   record = serialize.network_to_json(net)
@@ -108,6 +109,9 @@ def test_definition_round_trips_every_field():
     assert getattr(back, field) == getattr(net, field), field
     assert type(getattr(back, field)) is type(getattr(net, field)), field
   assert set(record) == {"version", *fields}
+  # Records written before head_batch_norm existed still load, without head batch norm.
+  del record["head_batch_norm"]
+  assert serialize.network_from_json(record) == net.clone(head_batch_norm=False)
   assert record["version"] == serialize.VERSION
   assert back.tasks[0].loss_type == "focal" and back.tasks[1].pos_weight == 0.95
   assert back.tasks[2].label_scale == 10.0

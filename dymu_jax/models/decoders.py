@@ -104,18 +104,25 @@ class MLPHead(nn.Module):
     hidden_features: full width of every hidden layer.
     num_hidden: number of hidden layers (0: a linear read-out, whose width has no effect).
     in_features: full width of the encoder output; None infers it at initialisation.
+    batch_norm: batch norm between each hidden layer and its ReLU [ours, default off]. A
+      slimmed encoder feeds a hidden unit only part of the inputs it was trained on, which
+      shifts its pre-activation; batch norm (recalibrated per SubNet, as ECMT does) undoes the
+      shift, so narrow-encoder SubNets gain from wider heads instead of losing.
+    bn_momentum, bn_axis_name: passed to every `SlimBatchNorm` (with `batch_norm`).
   """
 
   num_outputs: int
   hidden_features: int = 256
   num_hidden: int = 1
   in_features: int | None = None
+  batch_norm: bool = False
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, features: Features, *, width: float = 1.0,
                train: bool = False) -> jax.Array:
     """Predicts (B, num_outputs) from the last encoder output ((B, h, w, c) or (B, c))."""
-    del train  # No batch norm or dropout here; kept for a uniform decoder signature.
     x = _last(features)
     if x.ndim == 4:
       x = jnp.mean(x, axis=(1, 2))
@@ -125,7 +132,10 @@ class MLPHead(nn.Module):
     hidden = channels(self.hidden_features, width)
     in_features = self.in_features
     for i in range(self.num_hidden):
-      x = nn.relu(SlimDense(self.hidden_features, in_features=in_features,
-                            name=f"hidden{i}")(x, hidden))
+      x = SlimDense(self.hidden_features, in_features=in_features, name=f"hidden{i}")(x, hidden)
+      if self.batch_norm:
+        x = SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
+                          features=self.hidden_features, name=f"hidden{i}_bn")(x, train, hidden)
+      x = nn.relu(x)
       in_features = self.hidden_features
     return SlimDense(self.num_outputs, in_features=in_features, name="output")(x)

@@ -54,6 +54,7 @@ class MultiTaskNet(nn.Module):
     head_width: full hidden width of every decoder.
     head_widths: per-task full hidden widths (overrides `head_width`; `sliced` sets it).
     head_hidden_layers: hidden layers of the MLP heads (classification, regression).
+    head_batch_norm: batch norm in the MLP heads' hidden layers (see `decoders.MLPHead`).
     atrous_rates: dilation rates of the dense heads' context branches.
     image_pooling: dense heads include the global-pooling branch.
     pixel_mean, pixel_std: per-channel normalisation of the [0, 1] images; None takes the
@@ -69,6 +70,7 @@ class MultiTaskNet(nn.Module):
   head_width: int = 256
   head_widths: tuple[int, ...] | None = None
   head_hidden_layers: int = 1
+  head_batch_norm: bool = False
   atrous_rates: tuple[int, ...] = (6, 12, 18)
   image_pooling: bool = True
   pixel_mean: tuple[float, ...] | None = None
@@ -199,6 +201,7 @@ class MultiTaskNet(nn.Module):
       else:
         head = MLPHead(task.num_outputs, hidden_features=hidden,
                        num_hidden=self.head_hidden_layers, in_features=in_features,
-                       name=f"head_{task.name}")
+                       batch_norm=self.head_batch_norm, bn_momentum=self.bn_momentum,
+                       bn_axis_name=self.bn_axis_name, name=f"head_{task.name}")
         predictions[task.name] = head(features, width=multiplier, train=train)
     return (predictions, features) if return_features else predictions

@@ -55,8 +55,10 @@ VARIABLES_FILE = "variables.msgpack"
 TASK_KEYS = tuple(f.name for f in dataclasses.fields(tasks_lib.Task))
 # Keys of `network_to_json`'s record besides "version" and "tasks".
 NETWORK_FIELDS = ("backbone", "backbone_kwargs", "head_width", "head_widths",
-                  "head_hidden_layers", "atrous_rates", "image_pooling", "pixel_mean",
-                  "pixel_std", "width_choices", "bn_momentum", "bn_axis_name")
+                  "head_hidden_layers", "head_batch_norm", "atrous_rates", "image_pooling",
+                  "pixel_mean", "pixel_std", "width_choices", "bn_momentum", "bn_axis_name")
+# Fields added after version 1 was first written: a record without them takes these values.
+OPTIONAL_FIELDS = {"head_batch_norm": False}
 _TOP_KEYS = ("format", "version", "network", "image_shape", "variables", "extra")
 
 
@@ -126,7 +128,7 @@ def _kind_text(kind: str) -> str:
 
 _FIELD_KINDS = {
     "backbone": "str", "head_width": "int", "head_widths": "optional list of ints",
-    "head_hidden_layers": "int", "atrous_rates": "list of ints", "image_pooling": "bool",
+    "head_hidden_layers": "int", "head_batch_norm": "bool", "atrous_rates": "list of ints", "image_pooling": "bool",
     "pixel_mean": "optional list of numbers", "pixel_std": "optional list of numbers",
     "width_choices": "optional list of numbers", "bn_momentum": "number",
     "bn_axis_name": "optional str",
@@ -206,6 +208,7 @@ def network_from_json(record: Mapping[str, Any]) -> MultiTaskNet:
   if record.get("version") != VERSION:
     raise ValueError(f"Network definition version {record.get('version')!r} is not supported; "
                      f"this dymu_jax reads version {VERSION}.")
+  record = {**OPTIONAL_FIELDS, **record}
   expected = {"version", "tasks", *NETWORK_FIELDS}
   missing = sorted(expected - set(record))
   unknown = sorted(set(record) - expected)
