@@ -1,0 +1,364 @@
+"""CPU-fast convolution, 2x2 max pool and batch norm for `models/layers.py`, same results.
+
+XLA's CPU convolutions are slow for a few shapes that the project's small networks hit, above
+all the weight gradient of a convolution with few input channels and a large kernel (LeNet's
+first layer, 1 -> 10 channels, 9x9: over half of the Multi-MNIST train step). `conv2d` keeps
+`lax.conv_general_dilated`'s meaning (NHWC input, HWIO kernel, NHWC output) and picks, per
+call, one of these lowerings:
+
+* "xla": `lax.conv_general_dilated` itself.
+* "toeplitz" (row-Toeplitz GEMM): every output row needs `kh` input rows; those rows, cut into
+  overlapping windows of `(block - 1) * stride + kw` columns, are one row of a patch matrix, and
+  a banded ("Toeplitz") matrix built from the kernel maps it to `block` output columns at once.
+  One matmul then does the convolution with `(block + kw - 1) / kw` times the direct MACs and a
+  `(block + kw - 1) / (block * kw)` fraction of full im2col's memory, and its weight gradient
+  is the transposed matmul: no reshuffling of the batch into the feature axis as XLA's does.
+* "dense": a VALID kernel as large as its input (LeNet's last layer) is a matmul on the
+  flattened input.
+
+A `custom_jvp` wires the lowerings in, so forward mode, reverse mode and `vmap` all work, and a
+gradient nobody asks for (the image's) is never computed:
+
+* a differentiated call (the train step) computes its output and its weight tangent (whose
+  transpose is the weight gradient) with the chosen lowering, and its input tangent (so the
+  input gradient) with XLA's convolution, which is the faster one for that;
+* an undifferentiated call (inference, evaluation) runs XLA's convolution unchanged. This also
+  keeps the jaxpr that `models.cost.xla_matmul_flops` counts equal to the plain convolution's.
+
+Results equal XLA's up to the order of float32 additions (tests/test_speed_equivalence.py
+checks 1e-5 on outputs and gradients).
+
+`conv2d(..., lowering="auto")` chooses "dense" for full-window VALID kernels and "toeplitz" for
+stride-1, undilated, ungrouped convolutions with at most `TOEPLITZ_MAX_IN_CHANNELS` input
+channels and a kernel larger than 1x1; everything else stays on XLA.
+
+The module also holds the 2x2 max pool (`max_pool_2x2`) and the batch-norm normalisation
+(`batch_normalize`) of `models/layers.py`, each with the plain version's values and a faster
+gradient.
+
+`with plain():` (read while tracing) or the environment variable `DYMU_JAX_PLAIN_OPS=1` (read at
+import) turns every rewrite off, e.g. to compare against the plain versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOWERINGS = ("auto", "xla", "toeplitz", "dense")
+# At most this many input channels take the Toeplitz lowering under "auto". Measured on a
+# 2-core CPU: LeNet's 1-channel 9x9 forward + weight gradient ~6x faster, ResNet-small's
+# 3-channel 3x3 stem forward ~3x; LeNet's 10-channel 5x5 conv2 was slower in the train step.
+TOEPLITZ_MAX_IN_CHANNELS = 4
+# Output columns per Toeplitz block: enough that the matmul's output width (block * cout)
+# reaches about this many columns, which keeps the GEMM efficient without much banded waste.
+TOEPLITZ_TARGET_COLUMNS = 64
+
+_ENV_VAR = "DYMU_JAX_PLAIN_OPS"
+_plain = os.environ.get(_ENV_VAR, "0").strip().lower() not in ("", "0", "false", "no")
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+
+def enabled() -> bool:
+  """Whether the rewrites of this module are on (they are unless `plain` or the env var)."""
+  return not _plain
+
+
+@contextlib.contextmanager
+def plain(active: bool = True) -> Iterator[None]:
+  """Within the block, every op here traces as its plain version (`lax` conv, `jnp.max` pool,
+  autodiff batch norm); `plain(False)` turns the rewrites back on.
+
+  Read while tracing: a function jitted before entering the block keeps what it compiled.
+  """
+  global _plain
+  previous, _plain = _plain, bool(active)
+  try:
+    yield
+  finally:
+    _plain = previous
+
+
+def _xla_conv(x, w, strides, pads, dilation, groups):
+  return jax.lax.conv_general_dilated(
+      x, w, window_strides=strides, padding=pads, rhs_dilation=dilation,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def toeplitz_block(out_width: int, out_channels: int) -> int:
+  """Output columns per block of the Toeplitz lowering (see `TOEPLITZ_TARGET_COLUMNS`).
+
+  The smallest divisor of the output width from the target on (no padded outputs) unless that
+  is over twice the target; then the target, and the last block computes a few extra columns.
+  """
+  target = max(1, min(out_width, -(-TOEPLITZ_TARGET_COLUMNS // out_channels)))
+  divisor = next(b for b in range(target, out_width + 1) if out_width % b == 0)
+  return divisor if divisor <= 2 * target else target
+
+
+def _toeplitz_conv(x, w, strides, pads, block: int | None = None):
+  """Row-Toeplitz GEMM convolution of NHWC x with an HWIO kernel (no dilation, no groups)."""
+  kh, kw, cin, cout = w.shape
+  sh, sw = strides
+  x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  n, h, width, _ = x.shape
+  oh, ow = (h - kh) // sh + 1, (width - kw) // sw + 1
+  block = toeplitz_block(ow, cout) if block is None else min(block, ow)
+  num_blocks = -(-ow // block)
+  window = (block - 1) * sw + kw
+  # Columns the blocks read; the last block may run past the input (zeros, outputs cut below).
+  needed = (num_blocks * block - 1) * sw + kw
+  x = x[:, :, :needed] if needed <= width else jnp.pad(
+      x, ((0, 0), (0, 0), (0, needed - width), (0, 0)))
+  # rows[n, r, i] = x[n, r * sh + i]: the kh input rows that output row r reads. A gather with
+  # static indices is one pass on CPU, where a stack of kh strided slices is kh + 1 passes.
+  row_index = (sh * np.arange(oh)[:, None] + np.arange(kh)[None, :]).reshape(-1)
+  rows = jnp.take(x, row_index, axis=1, mode="clip").reshape(
+      n, oh, kh, needed, cin)
+  # patches[n, r, b, i, p, c] = rows[n, r, i, b * block * sw + p, c]: block b's column window.
+  if num_blocks == 1:
+    patches = rows[:, :, None]
+  else:
+    patches = jnp.stack([rows[:, :, :, b * block * sw:b * block * sw + window]
+                         for b in range(num_blocks)], axis=2)
+  # band[i, p, c, o, d] = w[i, p - o * sw, c, d] where 0 <= p - o * sw < kw, else 0.
+  tap = np.arange(window)[:, None] - sw * np.arange(block)[None, :]
+  valid = (tap >= 0) & (tap < kw)
+  band = jnp.take(w, np.where(valid, tap, 0), axis=1)  # (kh, window, block, cin, cout)
+  band = jnp.where(valid[None, :, :, None, None], band, 0.0)
+  band = band.transpose(0, 1, 3, 2, 4).reshape(kh * window * cin, block * cout)
+  y = jnp.dot(patches.reshape(n * oh * num_blocks, kh * window * cin), band)
+  return y.reshape(n, oh, num_blocks * block, cout)[:, :, :ow]
+
+
+def _dense_conv(x, w):
+  """A VALID convolution whose kernel covers the whole input: one matmul."""
+  n = x.shape[0]
+  y = jnp.dot(x.reshape(n, -1), w.reshape(-1, w.shape[-1]))
+  return y.reshape(n, 1, 1, w.shape[-1])
+
+
+def _lowered(x, w, lowering, strides, pads):
+  if lowering == "toeplitz":
+    return _toeplitz_conv(x, w, strides, pads)
+  return _dense_conv(x, w)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _rewritten_conv(x, w, lowering: str, strides, pads):
+  # Undifferentiated calls (inference, and the jaxprs that `models.cost` counts) keep XLA's
+  # convolution; only differentiated calls, i.e. the train step, run the lowering (see jvp).
+  del lowering
+  return _xla_conv(x, w, strides, pads, (1, 1), 1)
+
+
+@functools.partial(_rewritten_conv.defjvp, symbolic_zeros=True)
+def _rewritten_conv_jvp(lowering, strides, pads, primals, tangents):
+  x, w = primals
+  dx, dw = tangents
+  y = _lowered(x, w, lowering, strides, pads)
+  dy = None
+  if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+    # A Toeplitz input tangent goes through XLA, whose transpose (the input gradient) is the
+    # faster one; a dense one stays a matmul.
+    dy = (_dense_conv(dx, w) if lowering == "dense" else
+          _xla_conv(dx, w, strides, pads, (1, 1), 1))
+  if not isinstance(dw, jax.custom_derivatives.SymbolicZero):
+    # Linear in dw: its transpose is the transposed matmul (the fast weight gradient).
+    dyw = _lowered(x, dw, lowering, strides, pads)
+    dy = dyw if dy is None else dy + dyw
+  if dy is None:
+    dy = jnp.zeros_like(y)
+  return y, dy
+
+
+def choose_lowering(in_shape: Sequence[int], kernel_shape: Sequence[int],
+                    strides: tuple[int, int], pads: Pads, dilation: tuple[int, int],
+                    groups: int) -> str:
+  """The lowering "auto" picks for these static shapes ("xla", "toeplitz" or "dense")."""
+  kh, kw, cin, _ = kernel_shape
+  if groups != 1 or dilation != (1, 1):
+    return "xla"
+  if pads == ((0, 0), (0, 0)) and (kh, kw) == tuple(in_shape[1:3]):
+    return "dense"
+  if strides == (1, 1) and cin <= TOEPLITZ_MAX_IN_CHANNELS and kh * kw > 1:
+    return "toeplitz"
+  return "xla"
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int] = (1, 1),
+           padding: str | Sequence[tuple[int, int]] = "VALID",
+           dilation: tuple[int, int] = (1, 1), groups: int = 1,
+           lowering: str = "auto") -> jax.Array:
+  """`lax.conv_general_dilated` on NHWC x and an HWIO kernel, lowered for CPU speed.
+
+  Args:
+    x: (N, H, W, cin) input.
+    kernel: (kh, kw, cin // groups, cout).
+    strides: window strides.
+    padding: "SAME", "VALID" or ((top, bottom), (left, right)).
+    dilation: kernel (rhs) dilation.
+    groups: feature group count.
+    lowering: "auto" (`choose_lowering`, or "xla" within `plain()`), or force "xla", "toeplitz"
+      (stride and padding allowed; no dilation or groups) or "dense" (full-window VALID only).
+
+  Returns:
+    (N, H', W', cout), equal to XLA's convolution up to float32 rounding.
+  """
+  if lowering not in LOWERINGS:
+    raise ValueError(f"Unknown conv lowering {lowering!r}; allowed: {', '.join(LOWERINGS)}.")
+  strides, dilation = tuple(strides), tuple(dilation)
+  if isinstance(padding, str):
+    pads = tuple(jax.lax.padtype_to_pads(
+        x.shape[1:3], [(k - 1) * d + 1 for k, d in zip(kernel.shape[:2], dilation)],
+        strides, padding))
+  else:
+    pads = tuple(tuple(p) for p in padding)
+  pads = tuple((int(a), int(b)) for a, b in pads)
+  if lowering == "auto":
+    lowering = "xla" if _plain else choose_lowering(x.shape, kernel.shape, strides, pads,
+                                                     dilation, groups)
+  if lowering == "xla":
+    return _xla_conv(x, kernel, strides, pads, dilation, groups)
+  if groups != 1 or dilation != (1, 1):
+    raise ValueError(f"The {lowering!r} conv lowering needs groups=1 and no dilation, got "
+                     f"groups={groups}, dilation={dilation}.")
+  if lowering == "dense" and (pads != ((0, 0), (0, 0)) or
+                              tuple(kernel.shape[:2]) != tuple(x.shape[1:3])):
+    raise ValueError(f"The 'dense' conv lowering needs a VALID kernel as large as its input, "
+                     f"got kernel {tuple(kernel.shape[:2])} on input {tuple(x.shape[1:3])} "
+                     f"with padding {pads}.")
+  return _rewritten_conv(x, kernel, lowering, strides, pads)
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling.
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max pool with stride 2 of NHWC x (odd trailing rows/columns dropped).
+
+  Value and gradient are those of `jnp.max` over the reshaped 2x2 windows: each input equal to
+  its window's maximum gets the output gradient divided by the number of such inputs (ties are
+  common, e.g. over blank image borders). Both passes are elementwise over the four strided
+  corners of the windows: the forward pass takes their max; the backward pass recomputes the
+  tie mask and counts from x and the output (one fused loop), where `jnp.max`'s rule writes a
+  float mask and reduces the counts in the forward pass and reads them back.
+  """
+  if _plain:
+    return jnp.max(_pool_windows(x), axis=(2, 4))
+  return _max_pool_2x2(x)
+
+
+@jax.custom_vjp
+def _max_pool_2x2(x):
+  return _pool_forward(x)
+
+
+def _pool_windows(x: jax.Array) -> jax.Array:
+  n, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2, :]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+def _pool_forward(x):
+  # The max of the four strided corners: one elementwise loop, faster on CPU than the reduction
+  # over the reshaped windows, with the same value (max is exact in any order).
+  n, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2, :]
+  corners = [x[:, i::2, j::2] for i in (0, 1) for j in (0, 1)]
+  return jnp.maximum(jnp.maximum(corners[0], corners[1]), jnp.maximum(corners[2], corners[3]))
+
+
+def _pool_fwd(x):
+  y = _pool_forward(x)
+  return y, (x, y)
+
+
+def _pool_bwd(residuals, g):
+  x, y = residuals
+  n, h, w, c = x.shape
+  even = x[:, :h - h % 2, :w - w % 2, :]
+  corners = ((0, 0), (0, 1), (1, 0), (1, 1))
+  hits = [even[:, i::2, j::2] == y for i, j in corners]
+  ones = [hit.astype(x.dtype) for hit in hits]
+  # Tie count per window from four elementwise compares (no reduction pass); small integers,
+  # so the sum is exact in any order and equals jnp.max's count.
+  share = g / ((ones[0] + ones[1]) + (ones[2] + ones[3]))
+  zero = jnp.zeros((), x.dtype)
+  dx = None
+  for (i, j), hit in zip(corners, hits):
+    # Interior padding puts corner (i, j) of every window back in place; each position of dx
+    # receives exactly one corner (or the dropped odd row/column: zero), so the sum is exact.
+    part = jax.lax.pad(jnp.where(hit, share, zero), zero,
+                       ((0, 0, 0), (i, 1 - i + h % 2, 1), (j, 1 - j + w % 2, 1), (0, 0, 0)))
+    dx = part if dx is None else dx + part
+  return (dx,)
+
+
+_max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch normalisation.
+
+
+def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  # Two passes (centre, then square), as `layers.SlimBatchNorm` always computed them.
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axis=axes)
+  return mean, jnp.mean(jnp.square(x - mean), axis=axes)
+
+
+def batch_normalize(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(x - mean) / sqrt(var + epsilon) over every axis but the last, with mean and var.
+
+  The values are exactly those of the plain computation (mean, then the mean square of the
+  centred input). The gradient is the closed form `rsqrt(var + eps) * (g - mean(g) - xhat *
+  mean(g * xhat))` (plus the terms of the mean and var cotangents): two reductions and one
+  elementwise pass, where autodiff of the plain computation makes XLA run several more passes
+  over the activation. It equals that autodiff gradient up to float32 rounding.
+  """
+  if _plain:
+    return _plain_batch_normalize(x, epsilon)
+  return _batch_normalize(x, epsilon)
+
+
+def _plain_batch_normalize(x, epsilon):
+  mean, var = _moments(x)
+  return (x - mean) * jax.lax.rsqrt(var + epsilon), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _batch_normalize(x, epsilon):
+  return _plain_batch_normalize(x, epsilon)
+
+
+def _bn_fwd(x, epsilon):
+  out = _plain_batch_normalize(x, epsilon)
+  return out, (x, out[1], out[2])
+
+
+def _bn_bwd(epsilon, residuals, cotangents):
+  x, mean, var = residuals
+  g, g_mean, g_var = cotangents
+  axes = tuple(range(x.ndim - 1))
+  count = float(np.prod(x.shape[:-1]))
+  rstd = jax.lax.rsqrt(var + epsilon)
+  centred = x - mean
+  xhat = centred * rstd
+  dx = rstd * (g - jnp.mean(g, axis=axes) - xhat * jnp.mean(g * xhat, axis=axes))
+  # d mean / dx = 1 / count; d var / dx = 2 (x - mean) / count. Zero in the train step (the
+  # running statistics are not differentiated), and then fused away.
+  dx = dx + g_mean / count + g_var * (2.0 / count) * centred
+  return (dx,)
+
+
+_batch_normalize.defvjp(_bn_fwd, _bn_bwd)
