@@ -150,9 +150,68 @@ def model_options(values: Mapping[str, Any] | None = None) -> dict:
   return options
 
 
+# --- GradSplit and PCGrad (--method=gradsplit / pcgrad; METHODS.md section 3) ---
+flags.DEFINE_integer("gradsplit_stages", 1,
+                     "GradSplit: how many of the last encoder stages split the output channels "
+                     "of their layers into one group per task.")
+flags.DEFINE_list("gradsplit_group_sizes", [],
+                  "GradSplit: relative channel-group size per task, in task order (e.g. 2,1,1); "
+                  "empty = equal groups.")
+flags.DEFINE_enum("gradsplit_routing", "learned", list(methods_lib.gradsplit.ROUTINGS),
+                  "GradSplit: 'learned' (hard sharing for --gradsplit_warmup_steps while "
+                  "gradient conflicts are measured, then M[t,s] = 1 where the mean cosine on "
+                  "group t is >= 0) or 'fixed' (--gradsplit_matrix from the first step).")
+flags.DEFINE_string("gradsplit_matrix", "",
+                    "GradSplit with --gradsplit_routing=fixed: the routing matrix M, rows "
+                    "separated by ';' and entries by ',' (M[t][s] = 1: channel group t takes "
+                    "task s's gradient; the diagonal must be 1), e.g. '1,0;1,1', or the words "
+                    "'identity' (strict split) or 'ones' (hard sharing).")
+flags.DEFINE_integer("gradsplit_warmup_steps", 100,
+                     "GradSplit with learned routing: hard-sharing steps that estimate the "
+                     "conflicts; M is frozen after them.")
+flags.DEFINE_enum("gradsplit_mode", "activation", list(methods_lib.gradsplit.MODES),
+                  "GradSplit: 'activation' routes the gradients flowing through the split "
+                  "layers' outputs; 'weight' masks only the split layers' weight gradients.")
+flags.DEFINE_enum("pcgrad_order", "fixed", list(methods_lib.pcgrad.ORDERS),
+                  "PCGrad: project onto the other tasks in task order ('fixed') or in an order "
+                  "drawn per step from the run's key ('random', seeded by --seed).")
+
+
+def _gradsplit_options(v: Mapping[str, Any]) -> dict:
+  routing = v.get("gradsplit_routing", "learned")  # .get: runs saved before the flags existed
+  matrix = (v.get("gradsplit_matrix") or "").strip()
+  if matrix and routing != "fixed":
+    raise ValueError(f"--gradsplit_matrix={matrix} is only used with --gradsplit_routing=fixed; "
+                     f"drop it or set --gradsplit_routing=fixed.")
+  if routing == "fixed" and not matrix:
+    raise ValueError("--gradsplit_routing=fixed needs --gradsplit_matrix, such as 'identity' "
+                     "or rows like '1,0;1,1'.")
+  options = {"split_stages": v.get("gradsplit_stages", 1), "routing": routing,
+             "warmup_steps": v.get("gradsplit_warmup_steps", 100),
+             "mode": v.get("gradsplit_mode", "activation")}
+  if options["split_stages"] < 1:
+    raise ValueError(f"--gradsplit_stages must be at least 1, got {options['split_stages']}.")
+  if routing == "learned" and options["warmup_steps"] < 1:
+    raise ValueError(f"--gradsplit_warmup_steps={options['warmup_steps']} leaves no step to "
+                     f"estimate the conflicts; give at least 1, or use --gradsplit_routing=fixed.")
+  sizes = parse_floats(v.get("gradsplit_group_sizes") or [], "--gradsplit_group_sizes")
+  if sizes and min(sizes) <= 0:
+    raise ValueError(f"--gradsplit_group_sizes must be positive, got "
+                     f"{','.join(v['gradsplit_group_sizes'])}.")
+  if sizes:
+    options["group_sizes"] = sizes
+  if matrix:
+    options["routing_matrix"] = matrix
+  return options
+
+
 def method_options(values: Mapping[str, Any] | None = None) -> dict:
   """The method's own options from its flags (only the running method's)."""
   v = _values(values)
+  if v["method"] == "gradsplit":
+    return _gradsplit_options(v)
+  if v["method"] == "pcgrad":
+    return {"order": v.get("pcgrad_order", "fixed")}
   if v["method"] != "ecmt":
     return {}
   options = {"num_subnets": v["num_subnets"], "lambda_kd": v["lambda_kd"], "kd": v["kd"],

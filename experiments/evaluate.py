@@ -23,7 +23,12 @@ ECMT (`--method=ecmt` runs), METHODS.md sections 2 and 4:
   * a budget check: the search over `--budget_check_points` budgets from the smallest SubNet
     to the SuperNet, for every preference, must stay within each budget.
 
-Other methods (static, single_task) are evaluated at their default controls.
+Other methods (static, single_task, gradsplit, pcgrad) are evaluated at their default
+controls: per-task metrics, Delta_m against `--reference_workdir`, and the cost of each method
+(`training_cost`): inference MACs and parameters of the network, and training MACs per example
+(see `TRAINING_MACS_CONVENTION`). For gradsplit the routing matrix and the measured gradient
+conflicts are written to `<workdir>/gradsplit_routing.json` (with a heat map PNG next to it and
+in the output folder) and shown in the report.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from dymu_jax import data as data_lib
 from dymu_jax.data import base as data_base
 from dymu_jax import train as train_lib
 from dymu_jax.methods import ecmt
+from dymu_jax.methods import gradsplit
 from dymu_jax.metrics import pareto
+from dymu_jax.models import cost as cost_lib
 from dymu_jax.models.widths import WidthConfig
 
 flags.DEFINE_string("output_dir", None, "Where results go; default <workdir>/eval (evaluate) "
@@ -310,6 +317,8 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
       "method": "ecmt", "workdir": run.workdir, "step": run.step, "tasks": names,
       "primary_metric": metric_names, "higher_is_better": dict(zip(names, higher)),
       "full_macs": full, "smallest_macs": smallest, "reference": reference_name,
+      "reference_workdir": (os.path.abspath(FLAGS.reference_workdir)
+                            if FLAGS.reference_workdir else None),
       "reference_metrics": reference, "supernet_metrics": supernet,
       "num_preferences": len(prefs), "preference_seed": FLAGS.preference_seed,
       "decoder_reserve": FLAGS.decoder_reserve, "skipped_budgets": skipped,
@@ -325,6 +334,52 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Fixed-control methods.
+
+
+TRAINING_MACS_CONVENTION = (
+    "training MACs per example = forward MACs x (1 + 2 x backward passes per step) + gradient "
+    "arithmetic per step / batch size; a backward pass costs two forward passes (input and "
+    "weight gradients); gradsplit and pcgrad make one backward pass per task (T), the other "
+    "methods one; the gradient arithmetic is pcgrad's projections and gradsplit's weighted sum "
+    "and cosine statistics; batch norm, activations and the optimizer update are not counted")
+
+
+def training_cost(run: runs.TrainedRun) -> dict:
+  """Per-example MACs (inference and training) and parameters of a fixed-control method.
+
+  Inference MACs are the analytic count of `models.cost` for the method's network at full
+  width on one test-sized image; training MACs follow `TRAINING_MACS_CONVENTION`.
+  """
+  method = run.method
+  images = jax.ShapeDtypeStruct((1, *tuple(run.test_source.image_shape)), np.float32)
+  forward = cost_lib.count(method.model, None, images, train=False).macs
+  params = run.variables["params"]
+  passes = int(getattr(method, "backward_passes", 1))
+  gradient_macs = getattr(method, "gradient_macs_per_step", None)
+  gradient_macs = int(gradient_macs(params)) if gradient_macs is not None else 0
+  batch_size = int(run.config.batch_size)
+  return {"inference_macs": int(forward), "params": cost_lib.num_params(params),
+          "backward_passes": passes, "gradient_macs_per_step": gradient_macs,
+          "batch_size": batch_size,
+          "training_macs_per_example": int(round(forward * (1 + 2 * passes)
+                                                 + gradient_macs / batch_size)),
+          "convention": TRAINING_MACS_CONVENTION}
+
+
+def gradsplit_routing(run: runs.TrainedRun) -> dict:
+  """The routing of a gradsplit run: JSON (and heat map) into its workdir and the output folder.
+
+  Returns the routing record with "heatmap": the PNG's name in the output folder (None with
+  --noplots).
+  """
+  method: gradsplit.GradSplitMethod = run.method
+  output_dir = common.ensure_workdir(FLAGS.output_dir or os.path.join(run.workdir, "eval"))
+  for directory in dict.fromkeys([run.workdir, output_dir]):
+    method.save_routing(run.variables, directory, step=run.step, plot=FLAGS.plots)
+  record = method.routing_record(run.variables, run.step)
+  record["file"] = os.path.join(run.workdir, gradsplit.ROUTING_FILE)
+  record["heatmap"] = gradsplit.HEATMAP_FILE if FLAGS.plots else None
+  return record
 
 
 def evaluate_fixed(run: runs.TrainedRun) -> dict:
@@ -346,6 +401,10 @@ def evaluate_fixed(run: runs.TrainedRun) -> dict:
     out["delta_m"] = pareto.delta_m({n: per_task[n][m] for n, m in metric_names.items()},
                                     {n: reference[n][m] for n, m in metric_names.items()},
                                     higher)
+  if getattr(run.method, "model", None) is not None:
+    out["cost"] = training_cost(run)
+  if isinstance(run.method, gradsplit.GradSplitMethod):
+    out["routing"] = gradsplit_routing(run)
   return out
 
 
@@ -361,6 +420,41 @@ def _fmt(value, digits=4) -> str:
   return str(value)
 
 
+def _cost_markdown(cost: dict | None) -> list[str]:
+  if not cost:
+    return []
+  return ["", "| inference MACs / example | parameters | backward passes / step | "
+          "training MACs / example |", "|---|---|---|---|",
+          f"| {cost['inference_macs']:,} | {cost['params']:,} | {cost['backward_passes']} | "
+          f"{cost['training_macs_per_example']:,} |", "",
+          f"Convention: {cost['convention']} (batch size {cost['batch_size']}, gradient "
+          f"arithmetic {cost['gradient_macs_per_step']:,} MACs per step)."]
+
+
+def _routing_markdown(routing: dict | None) -> list[str]:
+  if not routing:
+    return []
+  names = routing["tasks"]
+  lines = ["", "## GradSplit routing", "",
+           f"{routing['routing'].capitalize()} routing, {routing['mode']} mode, last "
+           f"{routing['split_stages']} stage(s) split ({', '.join(routing['split_modules'])}), "
+           f"group sizes {routing['group_sizes']}. M[t][s] = 1: channel group t takes task s's "
+           f"gradient."]
+  if routing["routing"] == "learned":
+    lines[-1] += (f" Learned from the mean gradient cosine on each group over "
+                  f"{routing['warmup_steps_seen']} of {routing['warmup_steps']} warm-up steps"
+                  f"{'' if routing['warmup_complete'] else ' (warm-up not finished)'}.")
+  lines += ["", "| group \\ task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  cosine = routing.get("mean_cosine")
+  for t, name in enumerate(names):
+    cells = [str(routing["matrix"][t][s]) + (f" (cos {cosine[t][s]:+.2f})" if cosine else "")
+             for s in range(len(names))]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  if routing.get("heatmap"):
+    lines += ["", f"![routing]({routing['heatmap']})"]
+  return lines
+
+
 def markdown(results: dict, plots: list[str]) -> str:
   lines = [f"# Evaluation of {results['workdir']}", "",
            f"Method `{results['method']}`, checkpoint step {results['step']}, tasks "
@@ -373,6 +467,8 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines.append(f"| {label} | {task} | {shown} |")
     if "delta_m" in results:
       lines += ["", f"Delta_m against {results['reference']}: {results['delta_m']:.2f}%"]
+    lines += _cost_markdown(results.get("cost"))
+    lines += _routing_markdown(results.get("routing"))
     return "\n".join(lines) + "\n"
   names, metric = results["tasks"], results["primary_metric"]
   lines += [f"SuperNet: {results['full_macs']:,} MACs per example; smallest SubNet: "

@@ -15,6 +15,7 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from experiments import common
 from dymu_jax import methods as methods_lib
@@ -99,6 +100,11 @@ def run() -> train_lib.TrainResult:
              "seconds": round(result.seconds, 1), "eval": result.eval_metrics}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
+  # Methods with a learned structure write it next to the run (gradsplit: routing + heat map).
+  save_routing = getattr(method, "save_routing", None)
+  if save_routing is not None and jax.process_index() == 0:
+    for path in save_routing(result.state.variables, workdir, step=config.steps):
+      print(f"wrote {path}")
   print(common.format_eval(result.eval_metrics, train_source.tasks))
   print(f"wall time {result.seconds:.1f} s; results in {workdir}")
   return result

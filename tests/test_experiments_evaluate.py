@@ -143,3 +143,52 @@ def test_missing_or_untrained_workdir_stops_with_one_sentence(tmp_path):
   assert result.returncode == 2 and "has no checkpoints folder" in result.stderr
   result = run_cli("export", timeout=120)
   assert result.returncode != 0 and "--workdir is required" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The results page.
+
+
+def test_results_page_collects_the_run_with_its_commands(workdir, evaluation, tmp_path):
+  output = tmp_path / "docs" / "results.md"
+  missing = tmp_path / "unfinished"
+  missing.mkdir()
+  result = run_cli("results", f"--workdirs={workdir},{missing}", f"--output={output}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  page = output.read_text()
+  assert "## synthetic" in page and f"### ECMT: `{workdir.name}`" in page
+  rows = [line for line in page.splitlines() if line.startswith("| 0.3 |")
+          or line.startswith("| 0.6 |") or line.startswith("| 1 |")]
+  assert len(rows) == 3 and all("| yes |" in row for row in rows)
+  # No flag file has these settings: the command spells the flags that differ from defaults.
+  train_line = next(l for l in page.splitlines() if l.startswith("python -m experiments.train"))
+  for flag in ("--method=ecmt", "--image_size=16", "--steps=3", "--head_width=8"):
+    assert flag in train_line
+  assert "--flagfile" not in train_line and "--progress" not in train_line
+  assert f"python -m experiments.evaluate --workdir=" in page
+  assert "no summary.json" in page  # the unfinished folder is listed, not fatal
+  plot = output.parent / "results" / workdir.name / "controllability.png"
+  assert plot.stat().st_size > 1000 and "(results/run/controllability.png)" in page
+
+
+def test_results_matches_flag_files_and_computes_delta_m():
+  from absl import flags as absl_flags
+  from experiments import results  # defines the training flags
+  absl_flags.FLAGS.unparse_flags()
+  absl_flags.FLAGS(["results"])
+  flags_dir = os.path.join(ROOT, "experiments", "flags")
+  path = os.path.join(flags_dir, "synthetic_static.flags")
+  settings = results.parse_flag_file(path)
+  values = {name: absl_flags.FLAGS[name].default for name in absl_flags.FLAGS}
+  values.update({k: results._flag_value(k, v) for k, v in settings.items()})
+  assert results.matching_flag_file(values, flags_dir) == path
+  command = results.train_command("/x/workdirs/run", values, flags_dir)
+  assert "--flagfile=" in command and command.endswith("--workdir=/x/workdirs/run")
+  values["steps"] = 7  # a setting of the file changed: no file matches, flags are spelled out
+  assert results.matching_flag_file(values, flags_dir) is None
+  assert "--steps=7" in results.train_command("/x/workdirs/run", values, flags_dir)
+  # Delta_m of primary metrics (the first of each task): +10% accuracy, -10% error -> +10.
+  got = results.delta_m({"a": {"accuracy": 0.55}, "b": {"mae": 9.0, "rmse": 1.0}},
+                        {"a": {"accuracy": 0.5}, "b": {"mae": 10.0, "rmse": 5.0}})
+  assert got == pytest.approx(10.0)
+  assert results.delta_m({"a": {"accuracy": 0.5}}, {"b": {"accuracy": 0.5}}) is None

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from dymu_jax import models
 from dymu_jax import tasks as tasks_lib
-from dymu_jax.methods import ecmt, static
+from dymu_jax.methods import ecmt, gradsplit, pcgrad, static
 
 # name -> one line for --help.
 METHODS = {
@@ -18,6 +18,11 @@ METHODS = {
     "single_task": "one independent network per task (the single-task baselines)",
     "ecmt": "slimmable SuperNet trained with sandwich-sampled SubNets and CI-KD; controlled by "
             "(preference, budget) through a MACs search",
+    "gradsplit": "hard sharing whose last encoder stages split their channels into one group per "
+                 "task; a routing matrix (learned from gradient conflicts on a warm-up, or "
+                 "fixed) decides which tasks' gradients reach each group",
+    "pcgrad": "hard sharing trained with PCGrad: conflicting per-task gradients of the shared "
+              "encoder are projected onto each other's normal planes",
 }
 
 
@@ -32,9 +37,11 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
     model_options: keyword arguments of `dymu_jax.models.build_multitask` (backbone, ...).
     axis_name: the pmap axis name when training with `--parallel=pmap` (batch statistics are
       pooled over it), else None.
-    task_weights: loss weight per task (static, ecmt).
+    task_weights: loss weight per task (static, ecmt, gradsplit, pcgrad).
     method_options: the method's own options (ecmt: num_subnets, lambda_kd, kd, lambda_mutual,
-      mutual_temperature, width_choices; see `ecmt.ECMTMethod`).
+      mutual_temperature, width_choices; see `ecmt.ECMTMethod`; gradsplit: split_stages,
+      group_sizes, routing, routing_matrix, warmup_steps, mode; see
+      `gradsplit.GradSplitMethod`; pcgrad: order).
   """
   if name not in METHODS:
     raise ValueError(f"Unknown method {name!r}; available methods are {', '.join(METHODS)}.")
@@ -50,4 +57,10 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
   if name == "ecmt":
     return ecmt.build(tasks, make_net, task_weights=weights, axis_name=axis_name,
                       **dict(method_options or {}))
+  if name == "gradsplit":
+    return gradsplit.build(tasks, make_net, task_weights=weights, axis_name=axis_name,
+                           **dict(method_options or {}))
+  if name == "pcgrad":
+    return pcgrad.build(tasks, make_net, task_weights=weights, axis_name=axis_name,
+                        **dict(method_options or {}))
   raise AssertionError(name)

@@ -46,6 +46,7 @@ try:
 except ImportError:  # pragma: no cover
   from jax import core as jax_core
 
+from dymu_jax.models import fast_ops
 from dymu_jax.models import layers
 
 PyTree = Any
@@ -359,7 +360,8 @@ def xla_matmul_flops(fn: Callable[..., Any], *args) -> float:
   Cheaper than `xla_cost` (nothing is compiled, the whole program is not even lowered); equals
   its `matmul_flops`.
   """
-  return _matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+  with fast_ops.plain():  # count the convolutions, not their CPU lowerings
+    return _matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def xla_cost(fn: Callable[..., Any], *args, optimized: bool = True) -> dict[str, float]:
@@ -368,8 +370,9 @@ def xla_cost(fn: Callable[..., Any], *args, optimized: bool = True) -> dict[str,
   Args:
     fn: the function to analyse, e.g. `lambda v, x: net.apply(v, x, widths=w, train=False)`.
     *args: its arguments.
-    optimized: analyse the compiled program (`lower(...).compile().cost_analysis()`, what
-      runs); False analyses the lowered, not yet optimised program (`lower(...).cost_analysis()`,
+    optimized: analyse the compiled program (`lower(...).compile().cost_analysis()`; traced
+      within `fast_ops.plain()`, so with XLA's convolutions rather than their CPU lowerings);
+      False analyses the lowered, not yet optimised program (`lower(...).cost_analysis()`,
       much faster to get, with more elementwise flops since nothing is fused or simplified).
 
   Returns:
@@ -380,7 +383,8 @@ def xla_cost(fn: Callable[..., Any], *args, optimized: bool = True) -> dict[str,
     latter is what `count(..., exclude_padding=True)` predicts. Figures are totals for the
     arguments given (not per example).
   """
-  traced = jax.jit(fn).trace(*args)
+  with fast_ops.plain():  # count the convolutions, not their CPU lowerings
+    traced = jax.jit(fn).trace(*args)
   lowered = traced.lower()
   cost = _cost_dict(lowered.compile() if optimized else lowered)
   flops = float(cost.get("flops", 0.0))

@@ -22,8 +22,10 @@ gradient nobody asks for (the image's) is never computed:
 * a differentiated call (the train step) computes its output and its weight tangent (whose
   transpose is the weight gradient) with the chosen lowering, and its input tangent (so the
   input gradient) with XLA's convolution, which is the faster one for that;
-* an undifferentiated call (inference, evaluation) runs XLA's convolution unchanged. This also
-  keeps the jaxpr that `models.cost.xla_matmul_flops` counts equal to the plain convolution's.
+* an undifferentiated call (inference, evaluation) runs the chosen lowering as well (XLA's
+  convolution with one input channel costs about the same at every output width, which kept
+  slimmed LeNets from running faster). `models.cost` traces what it counts within `plain()`,
+  so its counts stay the convolutions' MACs.
 
 Results equal XLA's up to the order of float32 additions (tests/test_speed_equivalence.py
 checks 1e-5 on outputs and gradients).
@@ -153,10 +155,11 @@ def _lowered(x, w, lowering, strides, pads):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _rewritten_conv(x, w, lowering: str, strides, pads):
-  # Undifferentiated calls (inference, and the jaxprs that `models.cost` counts) keep XLA's
-  # convolution; only differentiated calls, i.e. the train step, run the lowering (see jvp).
-  del lowering
-  return _xla_conv(x, w, strides, pads, (1, 1), 1)
+  # Undifferentiated calls (inference, evaluation) run the lowering too: XLA's CPU convolution
+  # with one input channel takes about the same time whatever the output width, so without it
+  # a slimmed LeNet is hardly faster than the full one. `models.cost` traces within `plain()`,
+  # so the MACs it counts are the convolution's, not the lowering's.
+  return _lowered(x, w, lowering, strides, pads)
 
 
 @functools.partial(_rewritten_conv.defjvp, symbolic_zeros=True)

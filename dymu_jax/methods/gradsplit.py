@@ -1,0 +1,600 @@
+"""GradSplit: per-task gradient routing over channel groups of the last encoder stages.
+
+METHODS.md section 3. The network is the hard-sharing `MultiTaskNet` (so inference costs the
+same as `static`); only the backward pass differs. In the last `split_stages` stages of the
+encoder, the output channels of every layer are split into T groups, one per task (relative
+sizes `group_sizes`, equal by default). A routing matrix M (T x T) decides which task's gradient
+reaches which group:
+
+    M[t, s] = 1  <=>  group t takes task s's gradient;   M[t, t] = 1 always.
+
+M = identity is the strictest split, M all ones is plain hard sharing; M may be asymmetric.
+
+Routing modes:
+
+* "activation" (default): for task s's loss the output h of every layer of the split stages is
+  replaced by `h * m_s + stop_gradient(h * (1 - m_s))`, m_s the channel mask of the groups with
+  M[:, s] = 1. `route_gradient` is that operation written as a custom VJP (identity forward,
+  cotangent times m_s backward): same value, same gradient, but its forward does not depend on
+  the mask, so under the `vmap` over tasks the network runs forward once and only the T
+  backward passes are batched. Every layer (convolution, batch norm, dense) is routed, not just
+  the stage output, so task s leaves exactly zero gradient on every filter of the groups it is
+  not routed to, while the layers below the split still receive every task's gradient.
+* "weight": the split stages' weight gradients are masked per task (filter = last axis of a
+  kernel, bias or batch-norm scale); activation gradients flow unchanged.
+
+Routing source:
+
+* "learned" (default): during the first `warmup_steps` steps M is all ones (hard sharing) while
+  the running mean of cos(g_t, g_s) on group t's filters accumulates in the non-param
+  collection "gradsplit" of the model state (g_t: task t's gradient restricted to group t's
+  filters, i.e. to the slice of the last axis of every split-stage parameter). From then on
+  M[t, s] = 1 when that mean is >= 0 (frozen: the statistics stop at the end of the warm-up).
+  The switch is a `jnp.where` on the step inside the one compiled train step.
+* "fixed": M is given (`routing_matrix`) and used from the first step; no statistics.
+
+`GradSplitMethod.save_routing` writes the routing (JSON) and its heat map (PNG) to a folder.
+
+Stages: a stage is the set of the encoder's direct submodules whose widths follow that stage's
+multiplier (`stage_modules`; known for the LeNet, ResNet and MobileNetV2 families, or given by a
+backbone's own `stage_modules()` method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dymu_jax import tasks as tasks_lib
+from dymu_jax.methods.static import weighted_task_loss
+from dymu_jax.models import backbones
+
+PyTree = Any
+STATE_COLLECTION = "gradsplit"  # the model-state collection of the conflict statistics
+MODES = ("activation", "weight")
+ROUTINGS = ("learned", "fixed")
+ROUTING_FILE = "gradsplit_routing.json"
+HEATMAP_FILE = "gradsplit_routing.png"
+_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing matrices and channel groups.
+
+
+def parse_routing_matrix(text: str, num_tasks: int, name: str = "routing matrix") -> np.ndarray:
+  """A routing matrix from text: rows separated by ';', entries by ',' ("1,0;1,1"), or one of
+  the words "identity" (strict split) and "ones" (hard sharing).
+
+  Raises:
+    ValueError: one sentence, naming `name`, for a wrong shape, entries other than 0/1 or a 0 on
+      the diagonal.
+  """
+  text = (text or "").strip().lower()
+  if text == "identity":
+    return np.eye(num_tasks, dtype=np.float32)
+  if text == "ones":
+    return np.ones((num_tasks, num_tasks), np.float32)
+  rows = []
+  for row in text.split(";"):
+    try:
+      rows.append([float(v) for v in row.split(",")])
+    except ValueError:
+      raise ValueError(f"{name} {text!r} must be rows of comma-separated 0/1 entries separated "
+                       f"by ';' (1,0;0,1 for example), or 'identity' or 'ones'.") from None
+  return validate_routing_matrix(rows, num_tasks, name)
+
+
+def validate_routing_matrix(matrix, num_tasks: int, name: str = "routing matrix") -> np.ndarray:
+  """`matrix` as a (T, T) float32 array of 0/1 with ones on the diagonal (see module doc)."""
+  rows = [list(r) for r in matrix]
+  example = ";".join(",".join("1" if i == j else "0" for j in range(num_tasks))
+                     for i in range(num_tasks))
+  lengths = sorted({len(r) for r in rows})
+  if len(rows) != num_tasks or lengths != [num_tasks]:
+    raise ValueError(f"{name} has {len(rows)} row(s) of {'/'.join(map(str, lengths))} "
+                     f"entries; give {num_tasks} rows of {num_tasks} (row t: the tasks whose "
+                     f"gradient group t takes), for example {example}.")
+  array = np.asarray(rows, np.float64)
+  bad = array[(array != 0) & (array != 1)]
+  if bad.size:
+    raise ValueError(f"{name} entries must be 0 or 1, got {bad[0]:g}.")
+  zero = np.flatnonzero(np.diag(array) == 0)
+  if zero.size:
+    raise ValueError(f"{name} has 0 on its diagonal at row {int(zero[0])}; every group takes "
+                     f"its own task's gradient, so the diagonal must be 1.")
+  return array.astype(np.float32)
+
+
+def group_boundaries(num_channels: int, sizes: Sequence[float], where: str = "a layer"
+                     ) -> tuple[int, ...]:
+  """Channel boundaries (T + 1 of them) of T groups with relative `sizes` over `num_channels`.
+
+  Group t holds channels [b[t], b[t + 1]); boundaries are the rounded cumulative fractions.
+
+  Raises:
+    ValueError: a group would be empty (too few channels for the sizes).
+  """
+  cumulative = np.concatenate([[0.0], np.cumsum(np.asarray(sizes, np.float64))])
+  bounds = tuple(int(b) for b in np.round(cumulative / cumulative[-1] * num_channels))
+  if any(hi <= lo for lo, hi in zip(bounds[:-1], bounds[1:])):
+    raise ValueError(f"{where} has {num_channels} output channels, too few for {len(sizes)} "
+                     f"non-empty groups of relative sizes {tuple(sizes)}; split fewer or wider "
+                     f"stages, or change the group sizes.")
+  return bounds
+
+
+def group_assignment(num_channels: int, sizes: Sequence[float], where: str = "a layer"
+                     ) -> np.ndarray:
+  """(C, T) one-hot float32: row c marks the group of channel c."""
+  bounds = group_boundaries(num_channels, sizes, where)
+  groups = np.searchsorted(np.asarray(bounds[1:]), np.arange(num_channels), side="right")
+  return np.eye(len(sizes), dtype=np.float32)[groups]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages of a backbone.
+
+
+def stage_modules(encoder: nn.Module) -> tuple[tuple[str, ...], ...]:
+  """Names of the encoder's direct submodules, per stage, in call order.
+
+  A stage holds the layers whose widths follow that stage's multiplier (see `backbones`).
+  Backbones outside the LeNet, ResNet and MobileNetV2 families provide `stage_modules()`.
+  """
+  own = getattr(encoder, "stage_modules", None)
+  if callable(own):
+    return tuple(tuple(s) for s in own())
+  if isinstance(encoder, backbones.ResNet):
+    return tuple((("stem_conv", "stem_bn") if s == 0 else ()) +
+                 tuple(f"stage{s + 1}_block{b}" for b in range(n))
+                 for s, n in enumerate(encoder.stage_sizes))
+  if isinstance(encoder, backbones.MobileNetV2):
+    _, blocks, _ = encoder._architecture()  # pylint: disable=protected-access
+    stages = []
+    for s in range(encoder.num_stages):
+      names = tuple(f"block{k + 1}" for k, b in enumerate(blocks) if b["stage"] == s)
+      if s == 0:
+        names = ("stem_conv", "stem_bn") + names
+      if s == encoder.num_stages - 1:
+        names += ("last_conv", "last_bn")
+      stages.append(names)
+    return tuple(stages)
+  if isinstance(encoder, backbones.LeNet):
+    bn = encoder.batch_norm
+    convs = tuple((f"conv{i + 1}",) + ((f"bn{i + 1}",) if bn else ())
+                  for i in range(len(encoder.conv_channels)))
+    return convs + (("fc",) + (("bn_fc",) if bn else ()),)
+  raise ValueError(f"GradSplit does not know the stages of backbone {type(encoder).__name__}; "
+                   f"give the class a stage_modules() method listing its submodule names per "
+                   f"stage.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The routing operation.
+
+
+@jax.custom_vjp
+def route_gradient(h: jax.Array, mask: jax.Array) -> jax.Array:
+  """`h` forward; backward, the cotangent times `mask` (broadcast over the last axis of h).
+
+  The gradient of `h * mask + stop_gradient(h * (1 - mask))` for a 0/1 mask, with a forward
+  that does not read the mask (a batched mask leaves the forward unbatched under `vmap`).
+  """
+  del mask
+  return h
+
+
+def _route_fwd(h, mask):
+  return h, mask
+
+
+def _route_bwd(mask, cotangent):
+  return cotangent * mask.astype(cotangent.dtype), jnp.zeros_like(mask)
+
+
+route_gradient.defvjp(_route_fwd, _route_bwd)
+
+
+def _owns_params(module: nn.Module) -> bool:
+  params = module.variables.get("params", {}) if module.scope is not None else {}
+  return any(hasattr(v, "shape") for v in params.values())
+
+
+def routing_interceptor(split_names: Mapping[str, int], column: jax.Array,
+                        sizes: Sequence[float], encoder_name: str = "encoder"):
+  """A `flax.linen.intercept_methods` interceptor routing one task's gradient.
+
+  Every layer that owns parameters, inside an encoder submodule named in `split_names`, has
+  its output passed through `route_gradient` with the channel mask `assign @ column`, where
+  `column` is M[:, s] (which groups take this task's gradient).
+  """
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    path = tuple(module.scope.path) if module.scope is not None else ()
+    if (context.method_name != "__call__" or len(path) < 3 or path[0] != encoder_name
+        or path[1] not in split_names or not hasattr(out, "shape") or not out.ndim
+        or not _owns_params(module)):
+      return out
+    assign = group_assignment(out.shape[-1], sizes, "/".join(path))
+    return route_gradient(out, jnp.asarray(assign) @ column.astype(jnp.float32))
+
+  return interceptor
+
+
+# ----------------------------------------------------------------------------------------------
+# Conflict statistics.
+
+
+def group_cosines(split_grads: PyTree, sizes: Sequence[float]) -> jax.Array:
+  """(T, T) cos(g_t, g_s) on group t's filters, from per-task gradients of the split layers.
+
+  Args:
+    split_grads: a pytree whose leaves have a leading task axis T; the last axis of every leaf
+      is its filter (output channel) axis, split into groups with `sizes`.
+    sizes: relative group sizes (T of them).
+
+  Returns:
+    C with C[t, s] = <g_t, g_s> / (|g_t| |g_s|) over the slices of group t (0 where a
+    gradient is zero there).
+  """
+  num_tasks = len(sizes)
+  dots = jnp.zeros((num_tasks, num_tasks, num_tasks), jnp.float32)  # [a, b, group]
+  for leaf in jax.tree.leaves(split_grads):
+    g = leaf.reshape(leaf.shape[0], -1, leaf.shape[-1]).astype(jnp.float32)
+    assign = jnp.asarray(group_assignment(leaf.shape[-1], sizes))
+    dots = dots + jnp.einsum("anc,bnc,cu->abu", g, g, assign)
+  t = jnp.arange(num_tasks)
+  on_group = dots[t, :, t]  # [t, s]: <g_t, g_s> on group t
+  sq_norms = jnp.diagonal(dots, axis1=0, axis2=1).T  # [a, group]: |g_a|^2 on group
+  denom = jnp.sqrt(sq_norms[t, t][:, None] * sq_norms[:, t].T)  # [t, s]
+  return jnp.where(denom > _EPS, on_group / jnp.where(denom > _EPS, denom, 1.0), 0.0)
+
+
+def routing_from_cosines(mean_cosine) -> jax.Array:
+  """M[t, s] = 1 where the mean cosine on group t's filters is >= 0; the diagonal is 1."""
+  mean_cosine = jnp.asarray(mean_cosine)
+  eye = jnp.eye(mean_cosine.shape[0], dtype=bool)
+  return ((mean_cosine >= 0) | eye).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The method.
+
+
+@dataclasses.dataclass(frozen=True)
+class GradSplitMethod:
+  """GradSplit on a hard-sharing network (see the module docstring).
+
+  Attributes:
+    tasks: the tasks, in the order of the routing matrix's rows and columns.
+    model: a `MultiTaskNet` (encoder variables under "encoder").
+    task_weights: loss weight of each task (default 1 each).
+    split_stages: how many of the last encoder stages are split (1 .. number of stages).
+    group_sizes: relative sizes of the T channel groups (default equal).
+    routing: "learned" (conflict estimate on the warm-up) or "fixed" (`routing_matrix`).
+    routing_matrix: the fixed M as a tuple of T rows (routing "fixed" only).
+    warmup_steps: steps of hard sharing that estimate the conflicts (routing "learned").
+    mode: "activation" (route activation gradients) or "weight" (mask weight gradients only).
+    name: the method name in logs.
+    axis_name: the pmap axis the model's batch norms pool over (see `methods.base`).
+  """
+
+  tasks: tuple[tasks_lib.Task, ...]
+  model: nn.Module
+  task_weights: tuple[float, ...] | None = None
+  split_stages: int = 1
+  group_sizes: tuple[float, ...] | None = None
+  routing: str = "learned"
+  routing_matrix: tuple[tuple[float, ...], ...] | None = None
+  warmup_steps: int = 100
+  mode: str = "activation"
+  name: str = "gradsplit"
+  axis_name: str | None = None
+
+  def __post_init__(self):
+    num_tasks = len(self.tasks)
+    if self.task_weights is not None and len(self.task_weights) != num_tasks:
+      raise ValueError(f"Got {len(self.task_weights)} task weights for {num_tasks} tasks; give "
+                       f"one weight per task.")
+    if self.mode not in MODES:
+      raise ValueError(f"GradSplit mode {self.mode!r} is unknown; use one of "
+                       f"{', '.join(MODES)}.")
+    if self.routing not in ROUTINGS:
+      raise ValueError(f"GradSplit routing {self.routing!r} is unknown; use one of "
+                       f"{', '.join(ROUTINGS)}.")
+    num_stages = self.model.num_stages
+    if not 1 <= self.split_stages <= num_stages:
+      raise ValueError(f"GradSplit split_stages={self.split_stages} must lie in 1..{num_stages} "
+                       f"(the encoder's {num_stages} stages).")
+    if self.group_sizes is not None:
+      if len(self.group_sizes) != num_tasks or min(self.group_sizes) <= 0:
+        raise ValueError(f"GradSplit group sizes {tuple(self.group_sizes)} must be {num_tasks} "
+                         f"positive numbers, one per task.")
+    if self.routing == "fixed":
+      if self.routing_matrix is None:
+        raise ValueError("GradSplit routing 'fixed' needs a routing matrix, such as 'identity'.")
+      validate_routing_matrix(self.routing_matrix, num_tasks)
+    else:
+      if self.routing_matrix is not None:
+        raise ValueError("A GradSplit routing matrix is only used with routing 'fixed'; drop it "
+                         "or set routing to 'fixed'.")
+      if self.warmup_steps < 1:
+        raise ValueError(f"GradSplit warm-up of {self.warmup_steps} steps leaves no step to "
+                         f"estimate the conflicts with routing 'learned'; give at least 1 or use "
+                         f"routing 'fixed'.")
+
+  # -- structure -------------------------------------------------------------------------------
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.tasks)
+
+  @property
+  def sizes(self) -> tuple[float, ...]:
+    return tuple(float(s) for s in (self.group_sizes or (1.0,) * self.num_tasks))
+
+  @property
+  def backward_passes(self) -> int:
+    """Backward passes per training step (one per task; `experiments.evaluate` cost)."""
+    return self.num_tasks
+
+  def split_names(self) -> dict[str, int]:
+    """{encoder submodule name: stage index} of the split stages."""
+    stages = stage_modules(self.model.make_encoder())
+    first = len(stages) - self.split_stages
+    return {name: s for s in range(first, len(stages)) for name in stages[s]}
+
+  def split_params(self, tree: PyTree) -> dict:
+    """The part of a params-shaped tree (leaves may carry a leading task axis) that is split."""
+    encoder = tree["encoder"]
+    return {name: encoder[name] for name in self.split_names() if name in encoder}
+
+  def _replace_split(self, tree: PyTree, split: Mapping[str, PyTree]) -> dict:
+    encoder = dict(tree["encoder"])
+    encoder.update(split)
+    return {**tree, "encoder": encoder}
+
+  def _weights(self) -> jax.Array:
+    return jnp.asarray(self.task_weights or (1.0,) * self.num_tasks, jnp.float32)
+
+  # -- routing state ---------------------------------------------------------------------------
+
+  def initial_statistics(self) -> dict:
+    return {"cos_sum": jnp.zeros((self.num_tasks, self.num_tasks), jnp.float32),
+            "count": jnp.zeros((), jnp.int32)}
+
+  def mean_cosine(self, statistics: Mapping[str, jax.Array]) -> jax.Array:
+    count = jnp.maximum(statistics["count"], 1).astype(jnp.float32)
+    return statistics["cos_sum"] / count
+
+  def learned_matrix(self, statistics: Mapping[str, jax.Array]) -> jax.Array:
+    """The M that holds after the warm-up (all ones before any statistic)."""
+    if self.routing == "fixed":
+      return jnp.asarray(validate_routing_matrix(self.routing_matrix, self.num_tasks))
+    return routing_from_cosines(self.mean_cosine(statistics))
+
+  def matrix_at(self, statistics: Mapping[str, jax.Array], step: jax.Array) -> jax.Array:
+    """The M in use at `step`: all ones during a learned routing's warm-up, then frozen."""
+    learned = self.learned_matrix(statistics)
+    if self.routing == "fixed":
+      return learned
+    return jnp.where(step < self.warmup_steps, jnp.ones_like(learned), learned)
+
+  # -- Method interface ------------------------------------------------------------------------
+
+  def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> PyTree:
+    variables = self.model.init(rng, batch["image"], train=False)
+    for name, sub in self.split_params(variables["params"]).items():
+      for path, leaf in jax.tree_util.tree_flatten_with_path(sub)[0]:
+        where = "encoder/" + name + "/" + "/".join(str(getattr(k, "key", k)) for k in path)
+        group_boundaries(leaf.shape[-1], self.sizes, where)  # raises on an empty group
+    return {**variables, STATE_COLLECTION: self.initial_statistics()}
+
+  def _model_state(self, model_state: Mapping[str, PyTree]) -> dict:
+    return {k: v for k, v in model_state.items() if k != STATE_COLLECTION}
+
+  def task_losses(self, params, model_state, batch, column: jax.Array | None = None
+                  ) -> tuple[jax.Array, dict]:
+    """(the T task losses, updated model collections), in training mode.
+
+    With `column` (M[:, s], activation mode), the split layers route task s's gradient.
+    """
+    variables = {"params": params, **self._model_state(model_state)}
+
+    def apply():
+      return self.model.apply(variables, batch["image"], train=True,
+                              mutable=list(self._model_state(model_state)))
+
+    if column is None:
+      outputs, new_state = apply()
+    else:
+      with nn.intercept_methods(routing_interceptor(self.split_names(), column, self.sizes)):
+        outputs, new_state = apply()
+    losses = jnp.stack([t.loss(outputs[t.name], batch[t.name]) for t in self.tasks])
+    return losses, dict(new_state)
+
+  def loss(self, params, model_state, batch, rng, step):
+    """The weighted task loss (hard sharing; the routed gradient comes from `loss_and_grad`)."""
+    del rng, step
+    variables = {"params": params, **self._model_state(model_state)}
+    outputs, new_state = self.model.apply(variables, batch["image"], train=True,
+                                          mutable=list(self._model_state(model_state)))
+    total, aux = weighted_task_loss(self.tasks, outputs, batch, self.task_weights)
+    return total, (aux, {**model_state, **new_state})
+
+  def per_task_grads(self, params, model_state, batch, matrix: jax.Array):
+    """(per-task gradients with a leading task axis, task losses, updated model collections).
+
+    Gradients are routed by `matrix` (activation mode) or masked (weight mode). The network
+    runs forward once; the T backward passes are one `vmap` over tasks.
+    """
+    num_tasks = self.num_tasks
+    route = self.mode == "activation"
+
+    def one_task(column, onehot):
+      def task_loss(p):
+        losses, new_state = self.task_losses(p, model_state, batch,
+                                             column if route else None)
+        return jnp.dot(losses, onehot), (losses, new_state)
+
+      grads, (losses, new_state) = jax.grad(task_loss, has_aux=True)(params)
+      return grads, losses, new_state
+
+    grads, losses, new_state = jax.vmap(one_task, out_axes=(0, None, None))(
+        matrix.T, jnp.eye(num_tasks, dtype=jnp.float32))
+    if not route:
+      grads = self._replace_split(grads, jax.tree.map(
+          lambda g: g * self._leaf_masks(g.shape[-1], matrix).reshape(
+              (num_tasks,) + (1,) * (g.ndim - 2) + (g.shape[-1],)),
+          self.split_params(grads)))
+    return grads, losses, new_state
+
+  def _leaf_masks(self, num_channels: int, matrix: jax.Array) -> jax.Array:
+    """(T, C): entry [s, c] = M[group of c, s]."""
+    return (jnp.asarray(group_assignment(num_channels, self.sizes)) @ matrix).T
+
+  def loss_and_grad(self, params, model_state, batch, rng, step):
+    """What `jax.value_and_grad(loss, has_aux=True)` returns, with the routed gradient."""
+    del rng
+    statistics = model_state[STATE_COLLECTION]
+    matrix = self.matrix_at(statistics, step)
+    grads, losses, new_state = self.per_task_grads(params, model_state, batch, matrix)
+    weights = self._weights()
+    combined = jax.tree.map(lambda g: jnp.tensordot(weights, g, axes=1), grads)
+
+    if self.routing == "learned":
+      split = self.split_params(grads)
+      if self.axis_name is not None:  # the cosines of the global (device-averaged) gradients
+        split = jax.lax.pmean(split, self.axis_name)
+      in_warmup = step < self.warmup_steps
+      cosines = group_cosines(split, self.sizes)
+      statistics = {
+          "cos_sum": statistics["cos_sum"] + jnp.where(in_warmup, cosines, 0.0),
+          "count": statistics["count"] + in_warmup.astype(jnp.int32)}
+
+    aux = {f"loss/{t.name}": losses[i] for i, t in enumerate(self.tasks)}
+    mean_cosine = self.mean_cosine(statistics)
+    for t, a in enumerate(self.tasks):
+      for s, b in enumerate(self.tasks):
+        if t != s:
+          aux[f"gradsplit/M_{a.name}_{b.name}"] = matrix[t, s]
+          if self.routing == "learned":
+            aux[f"gradsplit/cos_{a.name}_{b.name}"] = mean_cosine[t, s]
+    total = jnp.dot(weights, losses)
+    new_model_state = {**new_state, STATE_COLLECTION: statistics}
+    return (total, (aux, new_model_state)), combined
+
+  def predict(self, variables, images, controls=None):
+    del controls  # nothing to control: the network is the hard-sharing one
+    return self.model.apply(self._model_state(variables), images, train=False)
+
+  def eval_controls(self):
+    return [None]
+
+  def gradient_macs_per_step(self, params: PyTree) -> int:
+    """Gradient arithmetic besides the backward passes: the weighted sum of the T gradients
+    and (learned routing) the T x T group dot products of the split layers."""
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    split = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.split_params(params)))
+    gram = self.num_tasks ** 2 * split if self.routing == "learned" else 0
+    return self.num_tasks * total + gram
+
+  # -- host side: the routing record and its heat map ------------------------------------------
+
+  def routing_record(self, variables: Mapping[str, PyTree], step: int | None = None) -> dict:
+    """The routing of trained `variables` as a JSON-able dict (see `save_routing`)."""
+    statistics = jax.tree.map(np.asarray, dict(variables[STATE_COLLECTION]))
+    count = int(statistics["count"])
+    matrix = np.asarray(self.learned_matrix(statistics))
+    record = {
+        "convention": "matrix[t][s] = 1: channel group t takes task s's gradient",
+        "tasks": [t.name for t in self.tasks], "routing": self.routing, "mode": self.mode,
+        "split_stages": self.split_stages,
+        "split_modules": list(self.split_names()),
+        "group_sizes": list(self.sizes), "warmup_steps": self.warmup_steps if
+        self.routing == "learned" else 0, "warmup_steps_seen": count,
+        "warmup_complete": self.routing == "fixed" or count >= self.warmup_steps,
+        "matrix": matrix.astype(int).tolist(),
+        "mean_cosine": (np.asarray(self.mean_cosine(statistics)).round(6).tolist()
+                        if self.routing == "learned" else None),
+    }
+    if step is not None:
+      record["step"] = int(step)
+    return record
+
+  def save_routing(self, variables: Mapping[str, PyTree], directory: str,
+                   step: int | None = None, plot: bool = True) -> list[str]:
+    """Writes `gradsplit_routing.json` (and the heat map `gradsplit_routing.png`) to
+    `directory`; returns the paths written."""
+    os.makedirs(directory, exist_ok=True)
+    record = self.routing_record(variables, step)
+    paths = [os.path.join(directory, ROUTING_FILE)]
+    with open(paths[0], "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=1)
+    if plot:
+      paths.append(os.path.join(directory, HEATMAP_FILE))
+      plot_routing(record, paths[-1])
+    return paths
+
+
+def plot_routing(record: Mapping[str, Any], path: str) -> None:
+  """A heat map of the routing matrix (and of the mean cosines when learned) as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = record["tasks"]
+  panels = [("routing M[t, s] (group t takes task s)", np.asarray(record["matrix"], float),
+             "Greens", (0, 1))]
+  if record.get("mean_cosine") is not None:
+    panels.append(("mean cos(g_t, g_s) on group t", np.asarray(record["mean_cosine"], float),
+                   "RdBu", (-1, 1)))
+  size = 1.2 + 0.6 * len(names)
+  fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels) + 0.6, size),
+                           squeeze=False)
+  for ax, (title, values, cmap, (lo, hi)) in zip(axes[0], panels):
+    ax.imshow(values, cmap=cmap, vmin=lo, vmax=hi)
+    for (t, s), v in np.ndenumerate(values):
+      ax.text(s, t, f"{v:.2g}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("task s (gradient)", fontsize=8)
+    ax.set_ylabel("group t", fontsize=8)
+    ax.set_title(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+OPTIONS = ("split_stages", "group_sizes", "routing", "routing_matrix", "warmup_steps", "mode")
+
+
+def build(tasks: Sequence[tasks_lib.Task], make_net, *,
+          task_weights: Sequence[float] | None = None, axis_name: str | None = None,
+          **options) -> GradSplitMethod:
+  """A `GradSplitMethod` on `make_net(tasks)`; `options` are its fields among `OPTIONS`
+  (`routing_matrix` may be text for `parse_routing_matrix`)."""
+  unknown = sorted(set(options) - set(OPTIONS))
+  if unknown:
+    raise ValueError(f"Unknown GradSplit option(s) {', '.join(unknown)}; allowed: "
+                     f"{', '.join(OPTIONS)}.")
+  tasks = tuple(tasks)
+  matrix = options.pop("routing_matrix", None)
+  if isinstance(matrix, str):
+    matrix = (parse_routing_matrix(matrix, len(tasks), f"routing matrix {matrix.strip()!r}")
+              if matrix.strip() else None)
+  if matrix is not None:
+    matrix = tuple(tuple(float(v) for v in row) for row in np.asarray(matrix).tolist())
+  if options.get("group_sizes") is not None:
+    options["group_sizes"] = tuple(float(s) for s in options["group_sizes"])
+  return GradSplitMethod(tasks, make_net(tasks), tuple(task_weights) if task_weights else None,
+                         routing_matrix=matrix, axis_name=axis_name, **options)
