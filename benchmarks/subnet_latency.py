@@ -48,6 +48,8 @@ _BACKBONE = flags.DEFINE_enum("backbone", "resnet_small", list(backbones.REGISTR
 _BACKBONE_OPTIONS = flags.DEFINE_list(
     "backbone_options", [], "Backbone options as name=value pairs, e.g. 'channel_divisor=2'.")
 _HEAD_WIDTH = flags.DEFINE_integer("head_width", 64, "Full hidden width of every decoder.")
+_HEAD_BN = flags.DEFINE_bool("head_batch_norm", False,
+                             "Batch norm in the MLP heads' hidden layers (as utkface_ecmt.flags).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size of the timed forward.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed rounds (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed runs per network after compilation.")
@@ -141,7 +143,8 @@ def main(argv):
                                num_test=_BATCH.value)
   source = data_lib.load(config, "test")
   tasks, image_shape = source.tasks, tuple(source.image_shape)
-  model_options = {"backbone": _BACKBONE.value, "head_width": _HEAD_WIDTH.value}
+  model_options = {"backbone": _BACKBONE.value, "head_width": _HEAD_WIDTH.value,
+                   "head_batch_norm": _HEAD_BN.value}
   backbone_options = parse_options(_BACKBONE_OPTIONS.value)
   if backbone_options:
     model_options["backbone_kwargs"] = backbone_options

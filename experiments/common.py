@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from absl import logging
 from dymu_jax import data as data_lib
 from dymu_jax import methods as methods_lib
 from dymu_jax import models
+from dymu_jax.models import branched
 
 # --- run ---
 flags.DEFINE_string("workdir", None,
@@ -205,6 +207,159 @@ def _gradsplit_options(v: Mapping[str, Any]) -> dict:
   return options
 
 
+# --- DYMU and PHN (--method=dymu / phn / phn_bn; METHODS.md section 1) ---
+flags.DEFINE_enum("dymu_stage", "all", list(methods_lib.dymu.STAGES) + ["all"],
+                  "DYMU: the training stage. 'all' runs anchor, edge and weight in sequence, "
+                  "each in its own subfolder <workdir>/{anchor,edge,weight} (each resumes from "
+                  "its own checkpoints); a single stage trains in --workdir itself and reads its "
+                  "input from --dymu_anchor_dir (edge) or --dymu_edge_dir (weight).")
+flags.DEFINE_string("dymu_anchor_dir", "",
+                    "DYMU with --dymu_stage=edge: the workdir of the finished anchor stage.")
+flags.DEFINE_string("dymu_edge_dir", "",
+                    "DYMU with --dymu_stage=weight: the workdir of the finished edge stage.")
+flags.DEFINE_list("dymu_stage_steps", [],
+                  "DYMU: optimizer steps of the anchor, edge and weight stages (three numbers); "
+                  "empty = --steps for every stage.")
+flags.DEFINE_float("dymu_lambda_active", 1.0,
+                   "DYMU: lambda_A, weight of the active-task sharing term (1 in the paper, "
+                   "0.05 in a related filing).")
+flags.DEFINE_float("dymu_lambda_inactive", 0.1,
+                   "DYMU: lambda_I, weight of the term that pulls inactive tasks onto their "
+                   "nearest active task; 0 turns it off.")
+flags.DEFINE_float("dymu_tau_factor", 0.6,
+                   "DYMU: task i is active when r_i >= tau = dymu_tau_factor / N; 0 makes every "
+                   "task active.")
+flags.DEFINE_float("dymu_dirichlet_alpha", 0.2,
+                   "DYMU: training preferences are drawn from Dirichlet(alpha 1_N).")
+flags.DEFINE_float("dymu_initial_temperature", 5.0,
+                   "DYMU: initial Gumbel-softmax temperature of the edge stage.")
+flags.DEFINE_float("dymu_temperature_decay", 0.97,
+                   "DYMU: the temperature is multiplied by this every --dymu_temperature_every "
+                   "steps.")
+flags.DEFINE_integer("dymu_temperature_every", 300,
+                     "DYMU: steps between temperature decays (300 at the paper's 30k steps per "
+                     "stage; scale it with the edge stage's steps).")
+flags.DEFINE_integer("dymu_embedding_features", 32,
+                     "DYMU: dimension of the task and resource embeddings of both "
+                     "hypernetworks.")
+flags.DEFINE_list("dymu_edge_hidden", ["100", "100"],
+                  "DYMU: hidden widths of the edge hypernetwork's MLP.")
+flags.DEFINE_list("dymu_weight_hidden", ["100", "100", "100"],
+                  "DYMU: hidden widths of the weight hypernetwork's MLP.")
+flags.DEFINE_float("dymu_self_logit", 0.0,
+                   "DYMU: initial bias of every child's own-stream parent logit (0: uniform "
+                   "start).")
+flags.DEFINE_list("dymu_eval_resources", ["0", "1"],
+                  "DYMU: resource preferences c evaluated (at the uniform preference) during "
+                  "training.")
+flags.DEFINE_integer("dymu_affinity_images", 128,
+                     "DYMU: training images K of the RSA task affinity (computed once, on the "
+                     "frozen anchor, before the edge stage).")
+flags.DEFINE_enum("dymu_affinity_normalisation", "row", list(methods_lib.affinity.NORMALISATIONS),
+                  "DYMU: 'row' divides each row of the RSA distances by its maximum (the spec; "
+                  "with 2 tasks it makes A the identity); 'pair' divides each distance by its "
+                  "own bound and keeps a graded affinity for 2 tasks.")
+flags.DEFINE_integer("dymu_task_weight_examples", 512,
+                     "DYMU: training images on which the anchor's single-task losses L_i are "
+                     "measured; the edge and weight stages weight task i by 1 / L_i.")
+flags.DEFINE_float("phn_dirichlet_alpha", 0.2,
+                   "PHN, PHN-BN: training preferences are drawn from Dirichlet(alpha 1_N).")
+flags.DEFINE_list("phn_hidden", ["100", "100"],
+                  "PHN, PHN-BN: hidden widths of the hypernetwork's preference MLP.")
+flags.DEFINE_integer("phn_chunk_size", 1024,
+                     "PHN, PHN-BN: generated values per chunk (0: one head for all values).")
+flags.DEFINE_integer("phn_chunk_features", 32,
+                     "PHN, PHN-BN: dimension of the learned chunk embeddings.")
+
+DYMU_STAGES = methods_lib.dymu.STAGES
+# Runtime inputs of the later DYMU stages (not flags): see `experiments.runs.dymu_stage_inputs`.
+DYMU_INPUTS = ("anchor_variables", "edge_params", "affinity", "task_weights")
+
+
+def parse_ints(values, flag: str) -> tuple[int, ...]:
+  """A list flag of whole numbers as ints (empty: ()); one sentence when not whole numbers."""
+  try:
+    return tuple(int(str(v).strip()) for v in values or ())
+  except ValueError:
+    raise ValueError(f"{flag} must be comma-separated whole numbers, got "
+                     f"{','.join(str(v) for v in values)!r}.") from None
+
+
+def dymu_stages(values: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+  """The DYMU stages a training run covers: all three for --dymu_stage=all, else the one."""
+  stage = _values(values).get("dymu_stage", "all")
+  if stage == "all":
+    return DYMU_STAGES
+  if stage not in DYMU_STAGES:
+    raise ValueError(f"Unknown --dymu_stage={stage}; allowed: {', '.join(DYMU_STAGES)}, all.")
+  return (stage,)
+
+
+def dymu_stage_steps(values: Mapping[str, Any] | None = None) -> dict[str, int]:
+  """Optimizer steps per DYMU stage: --dymu_stage_steps, or --steps for each."""
+  v = _values(values)
+  steps = parse_ints(v.get("dymu_stage_steps") or [], "--dymu_stage_steps")
+  if not steps:
+    return {stage: int(v["steps"]) for stage in DYMU_STAGES}
+  if len(steps) != len(DYMU_STAGES) or min(steps) < 1:
+    raise ValueError(f"--dymu_stage_steps takes three numbers >= 1 (anchor, edge and weight "
+                     f"steps), got {','.join(str(s) for s in steps)}.")
+  return dict(zip(DYMU_STAGES, steps))
+
+
+def dymu_model_options(values: Mapping[str, Any] | None = None) -> dict:
+  """Keyword arguments of `branched.build_branched` (DYMU's anchor) from the model flags."""
+  v = _values(values)
+  backbone = v["backbone"]
+  if backbone not in branched.BACKBONES:
+    raise ValueError(f"DYMU's anchor streams are built on --backbone="
+                     f"{' or '.join(branched.BACKBONES)}, got {backbone!r}.")
+  if v.get("head_batch_norm"):
+    raise ValueError("--head_batch_norm is not available with --method=dymu (the anchor's "
+                     "decoders have no batch norm); drop it.")
+  options = {"backbone": backbone}
+  if v["head_width"]:
+    options["head_width"] = v["head_width"]
+  backbone_options = parse_options(v.get("backbone_options") or [], "--backbone_options")
+  if backbone_options:
+    blocks = {"lenet": branched.lenet_blocks,
+              "resnet_small": branched.resnet_small_blocks}[backbone]
+    known = set(inspect.signature(blocks).parameters) - {"bn_momentum", "bn_axis_name"}
+    unknown = sorted(set(backbone_options) - known)
+    if unknown:
+      raise ValueError(f"--backbone_options has {', '.join(unknown)}, which DYMU's {backbone} "
+                       f"streams do not take; they take {', '.join(sorted(known))}.")
+    options["backbone_kwargs"] = backbone_options
+  return options
+
+
+def _dymu_options(v: Mapping[str, Any]) -> dict:
+  stage = v.get("dymu_stage", "all")
+  if stage not in DYMU_STAGES:
+    raise ValueError(f"A DYMU method is built for one stage ({', '.join(DYMU_STAGES)}), got "
+                     f"--dymu_stage={stage}.")
+  resources = parse_floats(v.get("dymu_eval_resources") or [], "--dymu_eval_resources")
+  return {
+      "stage": stage, "lambda_active": v["dymu_lambda_active"],
+      "lambda_inactive": v["dymu_lambda_inactive"], "tau_factor": v["dymu_tau_factor"],
+      "dirichlet_alpha": v["dymu_dirichlet_alpha"],
+      "initial_temperature": v["dymu_initial_temperature"],
+      "temperature_decay": v["dymu_temperature_decay"],
+      "temperature_every": v["dymu_temperature_every"],
+      "embedding_features": v["dymu_embedding_features"],
+      "edge_hidden": parse_ints(v["dymu_edge_hidden"], "--dymu_edge_hidden"),
+      "weight_hidden": parse_ints(v["dymu_weight_hidden"], "--dymu_weight_hidden"),
+      "self_logit": v["dymu_self_logit"],
+      "eval_resources": resources if resources is not None else (0.0, 1.0),
+  }
+
+
+def _phn_options(v: Mapping[str, Any]) -> dict:
+  return {"dirichlet_alpha": v["phn_dirichlet_alpha"],
+          "hidden": parse_ints(v["phn_hidden"], "--phn_hidden"),
+          "chunk_size": v["phn_chunk_size"], "chunk_features": v["phn_chunk_features"]}
+
+
 def method_options(values: Mapping[str, Any] | None = None) -> dict:
   """The method's own options from its flags (only the running method's)."""
   v = _values(values)
@@ -212,6 +367,10 @@ def method_options(values: Mapping[str, Any] | None = None) -> dict:
     return _gradsplit_options(v)
   if v["method"] == "pcgrad":
     return {"order": v.get("pcgrad_order", "fixed")}
+  if v["method"] == "dymu":
+    return _dymu_options(v)
+  if v["method"] in ("phn", "phn_bn"):
+    return _phn_options(v)
   if v["method"] != "ecmt":
     return {}
   options = {"num_subnets": v["num_subnets"], "lambda_kd": v["lambda_kd"], "kd": v["kd"],
@@ -224,9 +383,24 @@ def method_options(values: Mapping[str, Any] | None = None) -> dict:
 
 
 def build_method(values: Mapping[str, Any] | None = None, tasks=None, *,
-                 axis_name: str | None = None):
-  """The method of the flags (or of a saved run's flag `values`) for `tasks`."""
+                 axis_name: str | None = None, inputs: Mapping[str, Any] | None = None):
+  """The method of the flags (or of a saved run's flag `values`) for `tasks`.
+
+  `inputs`: for the DYMU edge and weight stages, the runtime inputs among `DYMU_INPUTS`
+  (`experiments.runs.dymu_stage_inputs`); their "task_weights" replace --task_weights.
+  """
   v = _values(values)
+  if v["method"] == "dymu":
+    inputs = dict(inputs or {})
+    unknown = sorted(set(inputs) - set(DYMU_INPUTS))
+    if unknown:
+      raise ValueError(f"Unknown DYMU input(s) {', '.join(unknown)}; allowed: "
+                       f"{', '.join(DYMU_INPUTS)}.")
+    weights = inputs.pop("task_weights", None) or parse_floats(v["task_weights"],
+                                                               "--task_weights")
+    return methods_lib.build(
+        "dymu", tasks, model_options=dymu_model_options(v), axis_name=axis_name,
+        task_weights=weights, method_options={**method_options(v), **inputs})
   return methods_lib.build(
       v["method"], tasks, model_options=model_options(v), axis_name=axis_name,
       task_weights=parse_floats(v["task_weights"], "--task_weights"),

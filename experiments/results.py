@@ -102,8 +102,9 @@ def matching_flag_file(values: Mapping[str, Any], flags_dir: str) -> str | None:
   for path in sorted(glob.glob(os.path.join(flags_dir, "*.flags"))):
     settings = parse_flag_file(path)
     try:
-      matches = all(_same(_flag_value(k, v), values.get(k)) for k, v in settings.items()
-                    if k not in _PER_MACHINE)
+      # A flag the run predates counts with its default (what the run did without it).
+      matches = all(_same(_flag_value(k, v), values.get(k, FLAGS[k].default))
+                    for k, v in settings.items() if k not in _PER_MACHINE)
     except Exception:  # pylint: disable=broad-except  (a flag this build no longer has)
       matches = False
     if matches and len(settings) > best_count:

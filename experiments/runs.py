@@ -5,20 +5,27 @@ and its newest checkpoint's variables. Shared by `evaluate` and `export`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any
+import shutil
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 
 from experiments import common
 from dymu_jax import data as data_lib
+from dymu_jax.methods import affinity as affinity_lib
+from dymu_jax.methods import dymu
 from dymu_jax import train as train_lib
 from dymu_jax.train import checkpoint as checkpoint_lib
 from dymu_jax.train import state as state_lib
 
 # Flags added after some runs were saved: their values for older runs.
 _LATER_FLAGS = {"backbone_options": [], "tasks": [], "task_weights": [], "width_choices": []}
+# DYMU's files next to its edge- and weight-stage checkpoints.
+AFFINITY_FILE = "dymu_affinity.json"
+AFFINITY_PLOT = "dymu_affinity.png"
 
 
 @dataclasses.dataclass
@@ -80,25 +87,253 @@ def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:
                                       if k in fields})
     config = dataclasses.replace(config, parallel="mesh", progress=False)
     train_source, test_source = common.load_sources(values)
-    method = common.build_method(values, train_source.tasks, axis_name=None)
-    par = train_lib.Parallel("mesh")
-    init = state_lib.init_fn(method, config.make_optimizer())
     batcher = data_lib.Batcher(train_source, min(config.batch_size, len(train_source)),
                                config.seed)
     sample = {k: np.zeros_like(v) for k, v in batcher.batch(0).items()}
+    inputs = None
+    if values["method"] == "dymu" and values.get("dymu_stage") in ("edge", "weight"):
+      # The checkpoint holds the frozen anchor (and edge hypernetwork): build with zeros of
+      # their shapes, restore, then rebuild with the restored values. The anchor and edge
+      # workdirs the run was trained from need not exist any more.
+      inputs = _dymu_placeholder_inputs(values, train_source.tasks, sample, workdir)
+    method = common.build_method(values, train_source.tasks, axis_name=None, inputs=inputs)
+    par = train_lib.Parallel("mesh")
+    init = state_lib.init_fn(method, config.make_optimizer())
     abstract = par.abstract_state(init, jax.random.PRNGKey(config.seed), sample)
     state, _ = checkpointer.restore(step, abstract)
+  variables = state.variables
+  if inputs is not None:
+    _, edge, _ = method.parts(variables)
+    method = dataclasses.replace(method, anchor_variables=variables["anchor"],
+                                 edge_params=edge if method.stage == "weight" else None)
   return TrainedRun(workdir=workdir, values=values, config=config, step=int(step),
                     method=method, train_source=train_source, test_source=test_source,
-                    variables=state.variables)
+                    variables=variables)
 
 
 def summary_metrics(workdir: str) -> dict:
   """The final evaluation {control label: {task: {metric: value}}} of a run's summary.json."""
-  import json  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "summary.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist; give the workdir of a finished "
                             f"experiments.train run.")
   with open(path, encoding="utf-8") as f:
     return json.load(f)["eval"]
+
+
+# ----------------------------------------------------------------------------------------------
+# DYMU: a run of three stages, each in its own workdir.
+#
+# `--dymu_stage=all` trains <workdir>/anchor, <workdir>/edge and <workdir>/weight in sequence;
+# each is an ordinary single-stage run whose saved flags name its stage and its input folder
+# (--dymu_anchor_dir for edge, --dymu_edge_dir for weight), so `load_run` rebuilds any of them
+# alone. The edge stage writes the task affinity A and the task weights w (AFFINITY_FILE, with
+# a heat map AFFINITY_PLOT); the weight stage copies both from its edge folder.
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint's step in `workdir`, or None (no folder, no checkpoint)."""
+  if not os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)):
+    return None
+  with checkpoint_lib.Checkpointer(workdir, async_save=False) as checkpointer:
+    return checkpointer.latest_step()
+
+
+def saved_metadata(workdir: str) -> dict | None:
+  """The JSON record of `workdir`'s newest checkpoint, or None when it has none."""
+  if latest_step(workdir) is None:
+    return None
+  with checkpoint_lib.Checkpointer(workdir, async_save=False) as checkpointer:
+    return checkpointer.metadata()
+
+
+def resolve_workdir(workdir: str) -> str:
+  """The run folder to load for `workdir`: itself, or for the parent folder of a
+  `--dymu_stage=all` run its newest trained stage (weight, else edge, else anchor)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)):
+    return workdir
+  for stage in reversed(dymu.STAGES):
+    folder = os.path.join(workdir, stage)
+    if latest_step(folder) is not None:
+      return folder
+  return workdir
+
+
+def _dymu_placeholder_inputs(values: Mapping[str, Any], tasks, sample, workdir: str) -> dict:
+  """Inputs of a DYMU edge/weight method with the right shapes (zeros), for restoring."""
+  key = jax.random.PRNGKey(0)
+  anchor_method = common.build_method({**values, "dymu_stage": "anchor"}, tasks)
+  zeros = lambda shapes: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  anchor = zeros(jax.eval_shape(anchor_method.init, key, sample))
+  record = read_affinity(workdir)
+  num_tasks = len(tasks)
+  inputs = {"anchor_variables": anchor,
+            "affinity": record["affinity"] if record else np.eye(num_tasks).tolist()}
+  if record:
+    inputs["task_weights"] = tuple(record["task_weights"])
+  if values["dymu_stage"] == "weight":
+    edge_method = common.build_method({**values, "dymu_stage": "edge"}, tasks,
+                                      inputs={"anchor_variables": anchor,
+                                              "affinity": inputs["affinity"]})
+    shapes = jax.eval_shape(edge_method.init, key, sample)
+    inputs["edge_params"] = zeros(shapes["params"]["edge_hypernet"])
+  return inputs
+
+
+def read_affinity(workdir: str) -> dict | None:
+  """The affinity record (AFFINITY_FILE) of a DYMU edge/weight workdir, or None."""
+  path = os.path.join(workdir, AFFINITY_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def plot_affinity(record: Mapping[str, Any], path: str) -> None:
+  """A heat map of the task affinity A as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = record["tasks"]
+  values = np.asarray(record["affinity"], float)
+  size = 1.6 + 0.6 * len(names)
+  fig, ax = plt.subplots(figsize=(size + 0.8, size))
+  image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1)
+  for (i, j), v in np.ndenumerate(values):
+    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+            color="black" if v > 0.5 else "white")
+  ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+  ax.set_yticks(range(len(names)), names, fontsize=8)
+  ax.set_title(f"task affinity A (RSA, {record['normalisation']} normalisation, "
+               f"K={record['num_images']})", fontsize=8)
+  fig.colorbar(image, ax=ax, fraction=0.046)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _finished_stage(folder: str, stage: str, flag: str, values: Mapping[str, Any],
+                    train_source) -> TrainedRun:
+  """The finished DYMU `stage` run in `folder`, checked against this run's tasks and model."""
+  if not os.path.isdir(os.path.expanduser(folder)):
+    raise ValueError(f"{flag}={folder} does not exist; give the workdir of a finished "
+                     f"--dymu_stage={stage} run.")
+  run = load_run(folder)
+  if run.values.get("method") != "dymu" or run.values.get("dymu_stage") != stage:
+    raise ValueError(f"{flag}={folder} holds a --method={run.values.get('method')} run "
+                     f"(stage {run.values.get('dymu_stage')}), not a DYMU {stage} stage.")
+  if run.step < run.config.steps:
+    raise ValueError(f"The {stage} stage in {folder} stopped at step {run.step} of "
+                     f"{run.config.steps}; finish it first (re-run its command).")
+  names = [t.name for t in train_source.tasks]
+  if [t.name for t in run.method.tasks] != names:
+    raise ValueError(f"The {stage} stage in {folder} learned tasks "
+                     f"{', '.join(t.name for t in run.method.tasks)}, but this run has "
+                     f"{', '.join(names)}.")
+  if common.dymu_model_options(run.values) != common.dymu_model_options(values):
+    raise ValueError(f"The {stage} stage in {folder} was built with model options "
+                     f"{common.dymu_model_options(run.values)}, but this run asks for "
+                     f"{common.dymu_model_options(values)}; use the same model flags.")
+  if tuple(run.train_source.image_shape) != tuple(train_source.image_shape):
+    raise ValueError(f"The {stage} stage in {folder} saw images of shape "
+                     f"{tuple(run.train_source.image_shape)}, but this run's are "
+                     f"{tuple(train_source.image_shape)}; use the same data flags.")
+  return run
+
+
+def _training_subset(source, count: int, seed: int) -> dict:
+  order = np.random.default_rng(seed).permutation(len(source))
+  return source.get(np.sort(order[:count]))
+
+
+def _affinity_record(anchor_run: TrainedRun, values: Mapping[str, Any], train_source,
+                     workdir: str, plot: bool) -> dict:
+  """A and w for the edge stage: read from `workdir` when computed for this anchor, else
+  computed on the frozen anchor and written there (JSON and heat map)."""
+  num_images = int(values["dymu_affinity_images"])
+  examples = int(values["dymu_task_weight_examples"])
+  signature = {"anchor_dir": anchor_run.workdir, "anchor_step": anchor_run.step,
+               "num_images": num_images, "normalisation": values["dymu_affinity_normalisation"],
+               "task_weight_examples": examples, "seed": int(values["seed"])}
+  record = read_affinity(workdir)
+  if record is not None:
+    if record.get("signature") == signature:
+      return record
+    if latest_step(workdir) is not None:
+      saved = record.get("signature") or {}
+      changes = ", ".join(f"{k} {saved.get(k)!r} then and {v!r} now"
+                          for k, v in signature.items() if saved.get(k) != v)
+      raise ValueError(f"The edge stage in {workdir} was trained with another task affinity "
+                       f"({changes}); resume with the same anchor and affinity flags, or use "
+                       f"a new workdir.")
+  if num_images < 2 or num_images > len(train_source):
+    raise ValueError(f"--dymu_affinity_images={num_images} must lie in [2, "
+                     f"{len(train_source)}] (the training examples).")
+  if examples < 1:
+    raise ValueError(f"--dymu_task_weight_examples must be at least 1, got {examples}.")
+  method = anchor_run.method
+  anchor = anchor_run.variables
+  seed = int(values["seed"])
+  images = _training_subset(train_source, num_images, seed)["image"]
+  matrix = affinity_lib.task_affinity(method.net, anchor, images, num_images=num_images,
+                                      normalisation=signature["normalisation"])
+  batch = _training_subset(train_source, min(examples, len(train_source)), seed)
+  batches = [{k: v[i:i + 256] for k, v in batch.items()}
+             for i in range(0, len(batch["image"]), 256)]
+  losses = dymu.anchor_task_losses(method.net, anchor, batches)
+  record = {"tasks": [t.name for t in method.tasks],
+            "affinity": np.asarray(matrix, float).tolist(),
+            "normalisation": signature["normalisation"], "num_images": num_images,
+            "anchor_task_losses": list(losses),
+            "task_weights": list(dymu.task_weights_from_losses(losses)),
+            "signature": signature}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, AFFINITY_FILE), "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=1)
+  if plot:
+    plot_affinity(record, os.path.join(workdir, AFFINITY_PLOT))
+  return record
+
+
+def dymu_stage_inputs(stage: str, values: Mapping[str, Any], train_source, workdir: str, *,
+                      plot: bool = True) -> tuple[dict, dict]:
+  """(inputs for `common.build_method`, a record of where they came from) of a DYMU stage.
+
+  edge: the anchor from `values["dymu_anchor_dir"]` (finished), A and w computed on it (or
+  read from `workdir`). weight: the anchor and edge hypernetwork from the finished edge stage
+  in `values["dymu_edge_dir"]`, A and w copied from there.
+  """
+  if stage == "anchor":
+    return {}, {}
+  if stage == "edge":
+    folder = values.get("dymu_anchor_dir")
+    if not folder:
+      raise ValueError("--dymu_stage=edge needs --dymu_anchor_dir, the workdir of a finished "
+                       "--dymu_stage=anchor run (or train every stage with --dymu_stage=all).")
+    anchor_run = _finished_stage(folder, "anchor", "--dymu_anchor_dir", values, train_source)
+    record = _affinity_record(anchor_run, values, train_source, workdir, plot)
+    inputs = {"anchor_variables": anchor_run.variables, "affinity": record["affinity"],
+              "task_weights": tuple(record["task_weights"])}
+    return inputs, {"anchor_dir": anchor_run.workdir, "anchor_step": anchor_run.step}
+  if stage != "weight":
+    raise ValueError(f"Unknown --dymu_stage={stage}; allowed: {', '.join(dymu.STAGES)}, all.")
+  folder = values.get("dymu_edge_dir")
+  if not folder:
+    raise ValueError("--dymu_stage=weight needs --dymu_edge_dir, the workdir of a finished "
+                     "--dymu_stage=edge run (or train every stage with --dymu_stage=all).")
+  edge_run = _finished_stage(folder, "edge", "--dymu_edge_dir", values, train_source)
+  record = read_affinity(edge_run.workdir)
+  if record is None:
+    raise ValueError(f"The edge stage in {folder} has no {AFFINITY_FILE}; it was not trained "
+                     f"by experiments.train.")
+  os.makedirs(workdir, exist_ok=True)
+  for name in (AFFINITY_FILE, AFFINITY_PLOT):
+    source = os.path.join(edge_run.workdir, name)
+    if os.path.isfile(source) and os.path.abspath(workdir) != edge_run.workdir:
+      shutil.copyfile(source, os.path.join(workdir, name))
+  variables = edge_run.variables
+  inputs = {"anchor_variables": variables["anchor"],
+            "edge_params": variables["params"]["edge_hypernet"],
+            "affinity": record["affinity"], "task_weights": tuple(record["task_weights"])}
+  return inputs, {"edge_dir": edge_run.workdir, "edge_step": edge_run.step}

@@ -5,10 +5,19 @@ r"""Train a (controllable) multi-task model.
 
 A run resumes from the newest checkpoint in `--workdir` (same flags, same seed): killing and
 restarting it loses at most the steps since the last checkpoint. `--helpfull` lists every flag.
+
+DYMU (`--method=dymu`) trains in three stages: `--dymu_stage=all` (the default) runs the anchor,
+edge and weight stages in sequence in `<workdir>/anchor`, `<workdir>/edge` and
+`<workdir>/weight` (steps per stage: `--dymu_stage_steps`), each resuming from its own
+checkpoints, and writes `<workdir>/summary.json`. `--dymu_stage=edge --dymu_anchor_dir=DIR` or
+`--dymu_stage=weight --dymu_edge_dir=DIR` trains one stage in `--workdir` on a finished earlier
+stage. The edge stage writes the task affinity and the task weights to `dymu_affinity.json`
+(heat map: `dymu_affinity.png`) in its folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -18,6 +27,7 @@ from absl import logging
 import jax
 
 from experiments import common
+from experiments import runs
 from dymu_jax import methods as methods_lib
 from dymu_jax import train as train_lib
 from dymu_jax.data import augment as augment_lib
@@ -80,6 +90,8 @@ def run() -> train_lib.TrainResult:
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the folder for checkpoints and metrics.")
   train_lib.initialize_distributed(FLAGS.multi_host)
+  if FLAGS.method == "dymu":
+    return run_dymu()
   config = train_config()
   train_source, test_source = common.load_sources()
   method = common.build_method(tasks=train_source.tasks,
@@ -107,6 +119,112 @@ def run() -> train_lib.TrainResult:
       print(f"wrote {path}")
   print(common.format_eval(result.eval_metrics, train_source.tasks))
   print(f"wall time {result.seconds:.1f} s; results in {workdir}")
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# DYMU: three stages (METHODS.md section 1).
+
+
+def _augment(train_source):
+  """The training augmentation of --augment (dense datasets only), or None."""
+  if not FLAGS.augment:
+    return None
+  if not any(t.is_dense for t in train_source.tasks):
+    raise ValueError(f"--augment applies to datasets with per-pixel tasks; {FLAGS.dataset!r} "
+                     f"has none, so drop --augment.")
+  return augment_lib.make_augment(train_source.tasks)
+
+
+def _check_dymu_flags(stages) -> None:
+  """One sentence for input folders that the chosen stages would not read."""
+  single = len(stages) == 1
+  if FLAGS.dymu_anchor_dir and not (single and stages[0] == "edge"):
+    raise ValueError(f"--dymu_anchor_dir is read only by --dymu_stage=edge, not by "
+                     f"--dymu_stage={FLAGS.dymu_stage}" + (
+                         " (which trains its own anchor in <workdir>/anchor)"
+                         if not single else "") + "; drop it.")
+  if FLAGS.dymu_edge_dir and not (single and stages[0] == "weight"):
+    raise ValueError(f"--dymu_edge_dir is read only by --dymu_stage=weight, not by "
+                     f"--dymu_stage={FLAGS.dymu_stage}" + (
+                         " (which trains its own edge stage in <workdir>/edge)"
+                         if not single else "") + "; drop it.")
+
+
+def _check_resume(workdir: str, stage: str, source: dict) -> None:
+  """A stage resumed in `workdir` must continue on the same inputs it started from."""
+  metadata = runs.saved_metadata(workdir)
+  if metadata is None:
+    return
+  saved = metadata.get("run", {}).get("dymu")
+  if saved is not None and saved != source:
+    raise ValueError(f"The {stage} stage in {workdir} was started from {saved}, but its input "
+                     f"is now {source}; resume with the same input or use a new workdir.")
+
+
+def run_dymu() -> train_lib.TrainResult:
+  """Trains the DYMU stages of --dymu_stage; each resumes from its own checkpoints.
+
+  --dymu_stage=all trains <workdir>/anchor, then <workdir>/edge on it, then <workdir>/weight on
+  that, and writes <workdir>/summary.json with every stage's summary. A single stage trains in
+  --workdir. A finished stage is not trained again: re-running the command continues where it
+  stopped.
+  """
+  stages = common.dymu_stages()
+  _check_dymu_flags(stages)
+  stage_steps = common.dymu_stage_steps()
+  train_source, test_source = common.load_sources()
+  augment = _augment(train_source)
+  root = common.ensure_workdir(FLAGS.workdir)
+  if len(stages) > 1:
+    folders = {stage: os.path.join(root, stage) for stage in stages}
+    anchor_dir, edge_dir = folders["anchor"], folders["edge"]
+  else:
+    folders = {stages[0]: root}
+    anchor_dir = (os.path.abspath(os.path.expanduser(FLAGS.dymu_anchor_dir))
+                  if FLAGS.dymu_anchor_dir else "")
+    edge_dir = (os.path.abspath(os.path.expanduser(FLAGS.dymu_edge_dir))
+                if FLAGS.dymu_edge_dir else "")
+  axis_name = train_lib.method_axis_name(FLAGS.parallel)
+  summaries, result = {}, None
+  for stage in stages:
+    workdir = common.ensure_workdir(folders[stage])
+    # The flags saved with the stage describe it alone, so runs.load_run rebuilds it.
+    values = {**common.flag_values(), "dymu_stage": stage, "workdir": workdir,
+              "steps": stage_steps[stage], "dymu_anchor_dir": anchor_dir,
+              "dymu_edge_dir": edge_dir}
+    is_chief = jax.process_index() == 0
+    inputs, source = runs.dymu_stage_inputs(stage, values, train_source, workdir,
+                                            plot=is_chief)
+    _check_resume(workdir, stage, source)
+    method = common.build_method(values, train_source.tasks, axis_name=axis_name,
+                                 inputs=inputs)
+    config = dataclasses.replace(train_config(), steps=stage_steps[stage])
+    print(f"DYMU stage {stage}: {config.steps} steps in {workdir}", flush=True)
+    if stage == "edge" and is_chief:
+      record = runs.read_affinity(workdir)
+      print(f"task affinity A = {record['affinity']}; task weights w = "
+            f"{record['task_weights']} (wrote {os.path.join(workdir, runs.AFFINITY_FILE)})")
+    result = train_lib.train(method, train_source, test_source, config, workdir,
+                             run_metadata={"flags": values, "dymu": source}, augment=augment)
+    summary = {"method": "dymu", "dymu_stage": stage, "dataset": FLAGS.dataset,
+               "steps": config.steps, "seconds": round(result.seconds, 1),
+               "eval": result.eval_metrics}
+    if is_chief:
+      with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    summaries[stage] = {**summary, "workdir": workdir}
+    print(common.format_eval(result.eval_metrics, train_source.tasks))
+    print(f"stage {stage}: wall time {result.seconds:.1f} s; results in {workdir}", flush=True)
+  if len(stages) > 1 and jax.process_index() == 0:
+    last = summaries[stages[-1]]
+    summary = {"method": "dymu", "dymu_stage": "all", "dataset": FLAGS.dataset,
+               "steps": sum(s["steps"] for s in summaries.values()),
+               "seconds": round(sum(s["seconds"] for s in summaries.values()), 1),
+               "eval": last["eval"], "stages": summaries}
+    with open(os.path.join(root, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+    print(f"DYMU stages done: {', '.join(stages)}; summary in {root}/summary.json")
   return result
 
 
