@@ -23,6 +23,26 @@ ECMT (`--method=ecmt` runs), METHODS.md sections 2 and 4:
   * a budget check: the search over `--budget_check_points` budgets from the smallest SubNet
     to the SuperNet, for every preference, must stay within each budget.
 
+DYMU (`--method=dymu` runs; give the parent folder of a `--dymu_stage=all` run or a stage's
+folder), METHODS.md sections 1 and 4:
+  * the weight stage is evaluated twice: with its weight hypernetwork ("weight") and without it
+    ("edge": the argmax trees on the frozen anchor, exactly the edge stage's network); an
+    edge-stage run only as "edge"; an anchor-stage run like the fixed methods below;
+  * per variant and per c in `--resources` (0 and 1): the `--num_preferences` preferences
+    (Dirichlet(1), seeded by `--preference_seed`), each run as its argmax tree (only the used
+    nodes compute) on the test split: task metrics and test losses, hypervolume (one reference
+    point for every sweep, or `--hv_reference`), uniformity, rank controllability, Delta_m
+    (against `--reference_workdir`, default the anchor's own single-task streams), distinct
+    trees and the fraction of the anchor's MACs and parameters in use;
+  * the mean fraction of the anchor's MACs and parameters over `--cost_preferences` (1000)
+    preferences at each c (the trees come from the edge hypernetwork, which the weight stage
+    keeps frozen, so both variants use the same trees);
+  * plots: MACs fraction against the dominant task's preference per c, the 2-task trade-off
+    front of test losses, metric against preference, and the task affinity heat map.
+
+PHN and PHN-BN (`--method=phn`, `phn_bn`): the same preference sweep (no c), with hypervolume,
+uniformity, rank controllability and Delta_m, and the cost of the generated network.
+
 Other methods (static, single_task, gradsplit, pcgrad) are evaluated at their default
 controls: per-task metrics, Delta_m against `--reference_workdir`, and the cost of each method
 (`training_cost`): inference MACs and parameters of the network, and training MACs per example
@@ -33,8 +53,11 @@ in the output folder) and shown in the report.
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
+import shutil
 import time
 
 from absl import app
@@ -47,9 +70,14 @@ from experiments import runs
 from dymu_jax import data as data_lib
 from dymu_jax.data import base as data_base
 from dymu_jax import train as train_lib
+from dymu_jax import losses as losses_lib
+from dymu_jax.methods import dymu
 from dymu_jax.methods import ecmt
 from dymu_jax.methods import gradsplit
+from dymu_jax.methods import phn
 from dymu_jax.metrics import pareto
+from dymu_jax.metrics import tasks as metrics_lib
+from dymu_jax.models.branched import BranchedNet, Tree
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models.widths import WidthConfig
 
@@ -75,6 +103,16 @@ flags.DEFINE_integer("budget_check_points", 41,
 flags.DEFINE_integer("max_test_examples", 0, "Evaluate on at most this many test examples; "
                      "0 = all.")
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
+flags.DEFINE_list("resources", ["0", "1"],
+                  "DYMU: resource preferences c of the sweep (0: no sharing pressure, 1: the "
+                  "most frugal).")
+flags.DEFINE_integer("cost_preferences", 1000,
+                     "DYMU: preferences (uniform on the simplex) over which the mean fraction "
+                     "of the anchor's MACs and parameters in use is measured, per c.")
+flags.DEFINE_list("hv_reference", [],
+                  "DYMU, PHN: the hypervolume reference point in test-loss space, one number "
+                  "per task (give the same one to compare runs); empty = just worse than every "
+                  "loss of this run's sweeps.")
 
 FLAGS = flags.FLAGS
 
@@ -409,6 +447,433 @@ def evaluate_fixed(run: runs.TrainedRun) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# DYMU and PHN: preference sweeps (METHODS.md sections 1 and 4).
+
+
+def _accumulate(tasks, predictions, batch, states):
+  """Metric states and summed per-example test losses updated with one batch."""
+  metric_states = metrics_lib.update_all(states["metrics"], predictions, batch, tasks)
+  valid = batch.get(data_base.VALID_KEY)
+  valid = (jax.numpy.ones(batch["image"].shape[:1], np.float32) if valid is None
+           else jax.numpy.asarray(valid, np.float32))
+  loss_states = {}
+  for task in tasks:
+    # Each example's loss, as ECMT's sweep measures them (a dense task's: its per-image mean).
+    per_example = jax.vmap(lambda p, y, task=task: losses_lib.task_loss(task, p[None], y[None]))(
+        predictions[task.name], batch[task.name])
+    total, count = states["loss"][task.name]
+    loss_states[task.name] = (total + jax.numpy.sum(per_example * valid),
+                              count + jax.numpy.sum(valid))
+  return {"metrics": metric_states, "loss": loss_states}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _tree_update(net: BranchedNet, tree: Tree, variables, states, batch):
+  """One batch through the tree's used nodes only (one compilation per distinct tree)."""
+  predictions = net.apply_tree(variables, batch["image"], tree)
+  return _accumulate(net.tasks, predictions, batch, states)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _phn_update(method: phn.PHNMethod, variables, preference, states, batch):
+  """One batch through the network generated for `preference` (traced: one compilation)."""
+  images = batch["image"]
+  network = method.network_params(variables["params"], images.shape[1:], preference)
+  state = {k: v for k, v in variables.items() if k != "params"}
+  predictions = method.model.apply({"params": network, **state}, images, train=False)
+  return _accumulate(method.tasks, predictions, batch, states)
+
+
+def _sweep_batches(run) -> list[dict]:
+  test_source = run.test_source
+  if FLAGS.max_test_examples and FLAGS.max_test_examples < len(test_source):
+    test_source = _Limited(test_source, FLAGS.max_test_examples)
+  keep = {"image", data_base.VALID_KEY, *(t.name for t in run.method.tasks)}
+  return [{k: v for k, v in b.items() if k in keep}
+          for b in data_base.eval_batches(test_source, _eval_batch_size())]
+
+
+def _run_batches(update, tasks, batches) -> dict:
+  """{task: {metric: value, "loss": mean test loss}} of `update(states, batch)` over batches."""
+  zero = np.zeros((), np.float32)
+  states = {"metrics": metrics_lib.init_all(tasks),
+            "loss": {t.name: (zero, zero) for t in tasks}}
+  for batch in batches:
+    states = update(states, batch)
+  states = jax.device_get(states)
+  results = metrics_lib.compute_all(states["metrics"], tasks)
+  for name, (total, count) in states["loss"].items():
+    results[name]["loss"] = float(total) / max(float(count), 1.0)
+  return results
+
+
+def _task_info(tasks):
+  names = [t.name for t in tasks]
+  metric_names = {t.name: metrics_lib.metric_for(t).primary for t in tasks}
+  higher = {t.name: dict(metrics_lib.metric_for(t).higher_is_better)[metric_names[t.name]]
+            for t in tasks}
+  return names, metric_names, higher
+
+
+def _sweep_measures(prefs, points, names, metric_names, higher, reference) -> dict:
+  """Loss-space and controllability measures of one preference sweep (points in order)."""
+  values = np.array([[p["metrics"][n][metric_names[n]] for n in names] for p in points])
+  loss = np.array([[p["metrics"][n]["loss"] for n in names] for p in points])
+  rank_mean, rank_per_task = pareto.rank_controllability(prefs, values,
+                                                         [higher[n] for n in names])
+  out = {"losses": loss.tolist(),
+         "mean_metric": {n: float(values[:, i].mean()) for i, n in enumerate(names)},
+         "uniformity": pareto.uniformity(loss, prefs),
+         "rank_controllability": None if np.isnan(rank_mean) else rank_mean,
+         "rank_per_task": {n: (None if np.isnan(v) else float(v))
+                           for n, v in zip(names, rank_per_task)}}
+  if reference is not None:
+    out["delta_m"] = float(np.mean([
+        pareto.delta_m({n: p["metrics"][n][metric_names[n]] for n in names},
+                       {n: reference[n][metric_names[n]] for n in names}, higher)
+        for p in points]))
+  return out
+
+
+def _add_hypervolumes(sweeps: list[dict], num_tasks: int) -> list[float]:
+  """Hypervolume of every sweep's test losses against one reference point (returned)."""
+  reference = common.parse_floats(FLAGS.hv_reference, "--hv_reference")
+  if reference is not None:
+    if len(reference) != num_tasks:
+      raise ValueError(f"--hv_reference needs one loss per task ({num_tasks}), got "
+                       f"{len(reference)}.")
+    reference = np.asarray(reference, np.float64)
+  else:
+    reference = pareto.default_reference(np.concatenate([np.asarray(s["losses"])
+                                                         for s in sweeps]))
+  for sweep in sweeps:
+    sweep["hypervolume"] = pareto.hypervolume(np.asarray(sweep["losses"]), reference)
+  return reference.tolist()
+
+
+def _resources() -> list[float]:
+  resources = common.parse_floats(FLAGS.resources, "--resources") or ()
+  if not resources or any(not 0 <= c <= 1 for c in resources):
+    raise ValueError(f"--resources are resource preferences c in [0, 1], got "
+                     f"{','.join(FLAGS.resources)}.")
+  return list(resources)
+
+
+def dymu_cost_sweep(method: dymu.DymuMethod, edge_params, image_shape, resources,
+                    num: int, seed: int) -> dict:
+  """Mean fraction of the anchor's MACs and parameters in use over `num` uniform preferences,
+  per resource preference c (trees from one batched call of the edge hypernetwork)."""
+  prefs = np.random.default_rng(seed).dirichlet(np.ones(method.num_tasks), size=num)
+  prefs = prefs.astype(np.float32)
+  hypernet = method.edge_hypernet()
+  rows = []
+  for c in resources:
+    logits = np.asarray(jax.jit(hypernet.apply)({"params": edge_params}, prefs,
+                                                np.full((num,), c, np.float32)))
+    trees = [Tree.from_scores(l) for l in logits]
+    costs = {t: method.net.tree_cost(t, image_shape) for t in set(trees)}
+    macs = np.array([costs[t].macs_fraction for t in trees])
+    params = np.array([costs[t].params_fraction for t in trees])
+    counts = collections.Counter(trees).most_common()
+    rows.append({
+        "resource": float(c), "mean_macs_fraction": float(macs.mean()),
+        "mean_params_fraction": float(params.mean()),
+        "min_macs_fraction": float(macs.min()), "max_macs_fraction": float(macs.max()),
+        "distinct_trees": len(counts),
+        "common_trees": [{"tree": [list(row) for row in t.parents], "count": n,
+                          "macs_fraction": costs[t].macs_fraction,
+                          "params_fraction": costs[t].params_fraction}
+                         for t, n in counts[:5]],
+        "dominant_preference": [round(float(x), 4) for x in prefs.max(axis=1)],
+        "macs_fractions": [round(float(x), 4) for x in macs],
+    })
+  anchor = method.net.tree_cost(method.net.separate_tree(), image_shape)
+  return {"preferences": num, "seed": seed, "full_macs": anchor.full_macs,
+          "full_params": anchor.full_params, "by_resource": rows}
+
+
+def _affinity_for_report(run, output_dir: str) -> dict | None:
+  """The run's affinity record, with its heat map copied (or drawn) into `output_dir`."""
+  record = runs.read_affinity(run.workdir)
+  if record is None:
+    return None
+  record = dict(record, heatmap=None)
+  if FLAGS.plots:
+    source = os.path.join(run.workdir, runs.AFFINITY_PLOT)
+    target = os.path.join(output_dir, runs.AFFINITY_PLOT)
+    if os.path.isfile(source):
+      if os.path.abspath(source) != os.path.abspath(target):
+        shutil.copyfile(source, target)
+    else:
+      runs.plot_affinity(record, target)
+    record["heatmap"] = runs.AFFINITY_PLOT
+  return record
+
+
+def evaluate_dymu(run: runs.TrainedRun, output_dir: str) -> dict:
+  """The DYMU sweep of an edge- or weight-stage run (module docstring)."""
+  method: dymu.DymuMethod = run.method
+  net, tasks = method.net, tuple(method.tasks)
+  names, metric_names, higher = _task_info(tasks)
+  image_shape = tuple(run.test_source.image_shape)
+  batches = _sweep_batches(run)
+  anchor, edge, weight = method.parts(run.variables)
+  variants = {"edge": {"params": {"edge_hypernet": edge}, "anchor": anchor}}
+  if weight is not None:
+    variants["weight"] = run.variables
+
+  def tree_metrics(variables, tree):
+    return _run_batches(lambda st, b: _tree_update(net, tree, variables, st, b), tasks,
+                        batches)
+
+  started = time.time()
+  anchor_metrics = tree_metrics(anchor, net.separate_tree())
+  reference, reference_name = _reference(run, tasks)
+  if reference is None:
+    reference, reference_name = anchor_metrics, "the anchor (single-task streams)"
+  resources = _resources()
+  prefs = preference_sweep(FLAGS.num_preferences, len(tasks), FLAGS.preference_seed)
+  sweeps, cache = [], {}
+  for variant, variables in variants.items():
+    controller = method.controller(variables)
+    for c in resources:
+      points = []
+      for r in prefs:
+        tree, adapted = controller.predict(r.astype(np.float32), c)
+        # Without the weight hypernetwork the network is the tree alone: evaluate it once.
+        key = (variant, tree) if variant == "edge" else (variant, tree, tuple(r), c)
+        if key not in cache:
+          cache[key] = tree_metrics(adapted, tree)
+        cost = net.tree_cost(tree, image_shape)
+        points.append({"preference": [float(x) for x in r],
+                       "tree": [list(row) for row in tree.parents],
+                       "macs": cost.macs, "params": cost.params,
+                       "macs_fraction": cost.macs_fraction,
+                       "params_fraction": cost.params_fraction, "metrics": cache[key]})
+      sweep = {"variant": variant, "resource": float(c), "points": points,
+               "distinct_trees": len({str(p["tree"]) for p in points}),
+               "mean_macs_fraction": float(np.mean([p["macs_fraction"] for p in points])),
+               "mean_params_fraction": float(np.mean([p["params_fraction"] for p in points]))}
+      sweep.update(_sweep_measures(prefs, points, names, metric_names, higher, reference))
+      sweeps.append(sweep)
+      print(f"{variant}, c={c:g}: {sweep['distinct_trees']} distinct trees, mean MACs "
+            f"fraction {sweep['mean_macs_fraction']:.3f}, rank controllability "
+            f"{_fmt(sweep['rank_controllability'], 3)} ({time.time() - started:.0f} s)",
+            flush=True)
+  hv_reference = _add_hypervolumes(sweeps, len(tasks))
+  cost = dymu_cost_sweep(method, edge, image_shape, resources, FLAGS.cost_preferences,
+                         FLAGS.preference_seed + 1)
+  cost["note"] = ("Trees come from the edge hypernetwork, which the weight stage keeps frozen: "
+                  "the costs with and without the weight hypernetwork are the same.")
+  ranks = {}
+  for variant in variants:
+    defined = [s["rank_controllability"] for s in sweeps
+               if s["variant"] == variant and s["rank_controllability"] is not None]
+    ranks[variant] = float(np.mean(defined)) if defined else None
+  return {
+      "method": "dymu", "stage": method.stage, "workdir": run.workdir, "step": run.step,
+      "tasks": names, "primary_metric": metric_names, "higher_is_better": higher,
+      "variants": list(variants), "resources": resources,
+      "num_preferences": len(prefs), "preference_seed": FLAGS.preference_seed,
+      "anchor_metrics": anchor_metrics, "reference": reference_name,
+      "reference_workdir": (os.path.abspath(FLAGS.reference_workdir)
+                            if FLAGS.reference_workdir else None),
+      "reference_metrics": reference, "sweeps": sweeps, "hypervolume_reference": hv_reference,
+      "mean_rank_controllability": ranks, "cost": cost,
+      "affinity": _affinity_for_report(run, output_dir),
+      "task_weights": list(method.task_weights) if method.task_weights else None,
+  }
+
+
+def evaluate_phn(run: runs.TrainedRun, output_dir: str) -> dict:
+  """The preference sweep of a PHN or PHN-BN run (module docstring)."""
+  del output_dir
+  method: phn.PHNMethod = run.method
+  tasks = tuple(method.tasks)
+  names, metric_names, higher = _task_info(tasks)
+  batches = _sweep_batches(run)
+  reference, reference_name = _reference(run, tasks)
+  prefs = preference_sweep(FLAGS.num_preferences, len(tasks), FLAGS.preference_seed)
+  started = time.time()
+  points = []
+  for r in prefs:
+    preference = jax.numpy.asarray(r, np.float32)
+    metrics = _run_batches(
+        lambda st, b: _phn_update(method, run.variables, preference, st, b), tasks, batches)
+    points.append({"preference": [float(x) for x in r], "metrics": metrics})
+  sweep = {"variant": method.name, "resource": None, "points": points}
+  sweep.update(_sweep_measures(prefs, points, names, metric_names, higher, reference))
+  sweeps = [sweep]
+  hv_reference = _add_hypervolumes(sweeps, len(tasks))
+  print(f"{method.name}: {len(prefs)} preferences, rank controllability "
+        f"{_fmt(sweep['rank_controllability'], 3)} ({time.time() - started:.0f} s)", flush=True)
+  images = jax.ShapeDtypeStruct((1, *tuple(run.test_source.image_shape)), np.float32)
+  network = cost_lib.count(method.model, None, images, train=False)
+  return {
+      "method": method.name, "workdir": run.workdir, "step": run.step, "tasks": names,
+      "primary_metric": metric_names, "higher_is_better": higher, "variants": [method.name],
+      "resources": [], "num_preferences": len(prefs),
+      "preference_seed": FLAGS.preference_seed, "reference": reference_name,
+      "reference_workdir": (os.path.abspath(FLAGS.reference_workdir)
+                            if FLAGS.reference_workdir else None),
+      "reference_metrics": reference, "sweeps": sweeps, "hypervolume_reference": hv_reference,
+      "mean_rank_controllability": {method.name: sweep["rank_controllability"]},
+      "cost": {"inference_macs": int(network.macs), "params": int(network.params),
+               "hypernet_params": cost_lib.num_params(run.variables["params"]["hypernet"]),
+               "mode": method.mode},
+  }
+
+
+def _sweep_label(sweep: dict) -> str:
+  if sweep["resource"] is None:
+    return sweep["variant"]
+  return f"{sweep['variant']}, c={sweep['resource']:g}"
+
+
+def sweep_markdown(results: dict, plots: list[str]) -> str:
+  """The report of a DYMU or PHN evaluation."""
+  names, metric = results["tasks"], results["primary_metric"]
+  lines = [f"# Evaluation of {results['workdir']}", "",
+           f"Method `{results['method']}`" + (f" (stage {results['stage']})"
+                                               if results.get("stage") else "") +
+           f", checkpoint step {results['step']}, tasks {', '.join(names)}. "
+           f"{results['num_preferences']} preferences (uniform on the simplex, seed "
+           f"{results['preference_seed']}) per sweep; hypervolume of the test losses against "
+           f"the reference point {[round(x, 4) for x in results['hypervolume_reference']]}."]
+  if results["method"] == "dymu":
+    lines[-1] += (" Variants: `weight` = with the weight hypernetwork's batch-norm shifts, "
+                  "`edge` = without them (the argmax trees on the frozen anchor).")
+  if results.get("reference_metrics") is not None:
+    lines[-1] += f" Delta_m against {results['reference']}."
+  lines.append("")
+  header = ["sweep"] + [f"{n} {metric[n]} (mean)" for n in names] + [
+      "HV (losses)", "uniformity", "rank contr."] + [f"rank {n}" for n in names]
+  has_delta = "delta_m" in results["sweeps"][0]
+  if has_delta:
+    header.append("Delta_m %")
+  if results["method"] == "dymu":
+    header += ["distinct trees", "MACs fraction (mean)", "params fraction (mean)"]
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for sweep in results["sweeps"]:
+    cells = [_sweep_label(sweep)] + [_fmt(sweep["mean_metric"][n]) for n in names]
+    cells += [_fmt(sweep["hypervolume"]), _fmt(sweep["uniformity"]),
+              _fmt(sweep["rank_controllability"], 3)]
+    cells += [_fmt(sweep["rank_per_task"][n], 3) for n in names]
+    if has_delta:
+      cells.append(f"{sweep['delta_m']:.2f}")
+    if results["method"] == "dymu":
+      cells += [str(sweep["distinct_trees"]), f"{sweep['mean_macs_fraction']:.3f}",
+                f"{sweep['mean_params_fraction']:.3f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  ranks = ", ".join(f"{v}: {_fmt(r, 3)}" for v, r in results["mean_rank_controllability"].items())
+  over = "tasks and resource levels" if results["resources"] else "tasks"
+  lines += ["", f"Mean rank controllability over {over}: {ranks}."]
+  cost = results["cost"]
+  if results["method"] == "dymu":
+    anchor = results["anchor_metrics"]
+    lines += ["", "Anchor (single-task streams, the full separate tree): " + "; ".join(
+        f"{n} {metric[n]}={_fmt(anchor[n][metric[n]])}, loss={_fmt(anchor[n]['loss'])}"
+        for n in names) + ".", "", "## Cost", "",
+        f"Fraction of the anchor's MACs ({cost['full_macs']:,} per example) and parameters "
+        f"({cost['full_params']:,}) that the predicted trees use, over {cost['preferences']} "
+        f"preferences uniform on the simplex (seed {cost['seed']}). {cost['note']}", "",
+        "| c | MACs fraction (mean) | min | max | params fraction (mean) | distinct trees | "
+        "most common tree (parents per layer) |", "|---|---|---|---|---|---|---|"]
+    for row in cost["by_resource"]:
+      top = row["common_trees"][0]
+      shown = " / ".join(",".join(str(p) for p in layer) for layer in top["tree"])
+      lines.append(f"| {row['resource']:g} | {row['mean_macs_fraction']:.3f} | "
+                   f"{row['min_macs_fraction']:.3f} | {row['max_macs_fraction']:.3f} | "
+                   f"{row['mean_params_fraction']:.3f} | {row['distinct_trees']} | "
+                   f"{shown} ({top['count']}x) |")
+    if results.get("task_weights"):
+      lines += ["", "Task weights w = 1 / the anchor's single-task training loss: " + ", ".join(
+          f"{n} {w:.3g}" for n, w in zip(names, results["task_weights"])) + "."]
+    record = results.get("affinity")
+    if record:
+      lines += ["", "## Task affinity", "",
+                f"RSA on the frozen anchor, K = {record['num_images']} training images, "
+                f"{record['normalisation']} normalisation.", "",
+                "| A | " + " | ".join(record["tasks"]) + " |",
+                "|---|" + "---|" * len(record["tasks"])]
+      for name, row in zip(record["tasks"], record["affinity"]):
+        lines.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
+      if record.get("heatmap"):
+        lines += ["", f"![task affinity]({record['heatmap']})"]
+  else:
+    lines += ["", f"Generated network ({cost['mode']} mode): {cost['inference_macs']:,} MACs "
+              f"per example and {cost['params']:,} parameters whatever the preference; the "
+              f"hypernetwork has {cost['hypernet_params']:,} parameters."]
+  if plots:
+    lines += ["", "## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+  return "\n".join(lines) + "\n"
+
+
+def plot_sweeps(results: dict, output_dir: str) -> list[str]:
+  """PNG plots of a DYMU or PHN evaluation; returns their file names."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names, metric = results["tasks"], results["primary_metric"]
+  sweeps = results["sweeps"]
+  files = []
+  if results["method"] == "dymu":
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    for row in results["cost"]["by_resource"]:
+      x = np.asarray(row["dominant_preference"])
+      y = np.asarray(row["macs_fractions"])
+      points = ax.scatter(x, y, s=5, alpha=0.25, label=f"c={row['resource']:g}")
+      bins = np.linspace(1.0 / len(names), 1.0, 11)
+      index = np.clip(np.digitize(x, bins) - 1, 0, len(bins) - 2)
+      centres = [(bins[i] + bins[i + 1]) / 2 for i in range(len(bins) - 1) if np.any(index == i)]
+      means = [y[index == i].mean() for i in range(len(bins) - 1) if np.any(index == i)]
+      ax.plot(centres, means, "-", color=points.get_facecolor()[0][:3], lw=2)
+    ax.set_xlabel("preference of the dominant task (max r)")
+    ax.set_ylabel("MACs of the tree (fraction of the anchor)")
+    ax.set_title(f"cost over {results['cost']['preferences']} preferences (line: bin mean)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    files.append("cost_vs_preference.png")
+    fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+    plt.close(fig)
+  if len(names) == 2:
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    for sweep in sweeps:
+      loss = np.asarray(sweep["losses"])
+      order = np.argsort(loss[:, 0])
+      ax.plot(loss[order, 0], loss[order, 1], "o-", ms=3, label=_sweep_label(sweep))
+    ax.set_xlabel(f"{names[0]} test loss")
+    ax.set_ylabel(f"{names[1]} test loss")
+    ax.set_title("trade-off fronts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    files.append("tradeoff_front.png")
+    fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+    plt.close(fig)
+  fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
+  for i, name in enumerate(names):
+    ax = axes[0, i]
+    for sweep in sweeps:
+      r = np.array([p["preference"][i] for p in sweep["points"]])
+      v = np.array([p["metrics"][name][metric[name]] for p in sweep["points"]])
+      order = np.argsort(r)
+      ax.plot(r[order], v[order], "o-", ms=3, label=_sweep_label(sweep))
+    ax.set_xlabel(f"preference for {name}")
+    ax.set_ylabel(metric[name])
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+  axes[0, -1].legend(fontsize=7)
+  fig.tight_layout()
+  files.append("controllability.png")
+  fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+  plt.close(fig)
+  return files
+
+
+# ----------------------------------------------------------------------------------------------
 # Report.
 
 
@@ -456,6 +921,8 @@ def _routing_markdown(routing: dict | None) -> list[str]:
 
 
 def markdown(results: dict, plots: list[str]) -> str:
+  if "sweeps" in results:  # DYMU, PHN, PHN-BN
+    return sweep_markdown(results, plots)
   lines = [f"# Evaluation of {results['workdir']}", "",
            f"Method `{results['method']}`, checkpoint step {results['step']}, tasks "
            f"{', '.join(results['tasks'])}.", ""]
@@ -570,15 +1037,24 @@ def run_evaluation() -> dict:
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the folder of a trained run.")
   started = time.time()
-  run = runs.load_run(FLAGS.workdir, data_dir=FLAGS.data_dir)
-  output_dir = common.ensure_workdir(FLAGS.output_dir or os.path.join(run.workdir, "eval"))
+  # The parent folder of a --dymu_stage=all run evaluates its newest stage; results go to
+  # <the given folder>/eval.
+  given = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+  run = runs.load_run(runs.resolve_workdir(given), data_dir=FLAGS.data_dir)
+  output_dir = common.ensure_workdir(FLAGS.output_dir or os.path.join(given, "eval"))
   print(f"evaluating {run.method.name} from {run.workdir} (step {run.step})", flush=True)
   if run.method.name == "ecmt":
     results = evaluate_ecmt(run, output_dir)
+  elif run.method.name == "dymu" and run.method.stage != "anchor":
+    results = evaluate_dymu(run, output_dir)
+  elif run.method.name in ("phn", "phn_bn"):
+    results = evaluate_phn(run, output_dir)
   else:
     results = evaluate_fixed(run)
   results["seconds"] = round(time.time() - started, 1)
   plots = plot(results, output_dir) if FLAGS.plots and results["method"] == "ecmt" else []
+  if FLAGS.plots and "sweeps" in results:
+    plots = plot_sweeps(results, output_dir)
   results["plots"] = plots
   with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)

@@ -242,6 +242,50 @@ def _finished_stage(folder: str, stage: str, flag: str, values: Mapping[str, Any
   return run
 
 
+def affinity_signature(values: Mapping[str, Any], anchor_dir: str, anchor_step: int) -> dict:
+  """What the edge stage's affinity record depends on: the anchor and the affinity flags."""
+  return {"anchor_dir": anchor_dir, "anchor_step": anchor_step,
+          "num_images": int(values["dymu_affinity_images"]),
+          "normalisation": values["dymu_affinity_normalisation"],
+          "task_weight_examples": int(values["dymu_task_weight_examples"]),
+          "seed": int(values["seed"])}
+
+
+def check_affinity(workdir: str, signature: Mapping[str, Any]) -> None:
+  """One sentence when the edge stage in `workdir` was trained with another affinity."""
+  record = read_affinity(workdir) or {}
+  saved = record.get("signature") or {}
+  if saved == dict(signature):
+    return
+  changes = ", ".join(f"{k} {saved.get(k)!r} then and {v!r} now"
+                      for k, v in signature.items() if saved.get(k) != v)
+  raise ValueError(f"The edge stage in {workdir} was trained with another task affinity "
+                   f"({changes}); resume with the same anchor and affinity flags, or use a "
+                   f"new workdir.")
+
+
+def dymu_stage_source(stage: str, values: Mapping[str, Any]) -> dict:
+  """Where a DYMU stage's input comes from, without loading it: {"anchor_dir", "anchor_step"}
+  (edge), {"edge_dir", "edge_step"} (weight) or {} (anchor); as `dymu_stage_inputs` records."""
+  if stage == "anchor":
+    return {}
+  key = "anchor" if stage == "edge" else "edge"
+  folder = os.path.abspath(os.path.expanduser(_input_dir(stage, values)))
+  return {f"{key}_dir": folder, f"{key}_step": latest_step(folder)}
+
+
+def _input_dir(stage: str, values: Mapping[str, Any]) -> str:
+  """--dymu_anchor_dir (edge) or --dymu_edge_dir (weight), or one sentence when missing."""
+  if stage not in ("edge", "weight"):
+    raise ValueError(f"Unknown --dymu_stage={stage}; allowed: {', '.join(dymu.STAGES)}, all.")
+  key = "anchor" if stage == "edge" else "edge"
+  folder = values.get(f"dymu_{key}_dir")
+  if not folder:
+    raise ValueError(f"--dymu_stage={stage} needs --dymu_{key}_dir, the workdir of a finished "
+                     f"--dymu_stage={key} run (or train every stage with --dymu_stage=all).")
+  return folder
+
+
 def _training_subset(source, count: int, seed: int) -> dict:
   order = np.random.default_rng(seed).permutation(len(source))
   return source.get(np.sort(order[:count]))
@@ -253,20 +297,13 @@ def _affinity_record(anchor_run: TrainedRun, values: Mapping[str, Any], train_so
   computed on the frozen anchor and written there (JSON and heat map)."""
   num_images = int(values["dymu_affinity_images"])
   examples = int(values["dymu_task_weight_examples"])
-  signature = {"anchor_dir": anchor_run.workdir, "anchor_step": anchor_run.step,
-               "num_images": num_images, "normalisation": values["dymu_affinity_normalisation"],
-               "task_weight_examples": examples, "seed": int(values["seed"])}
+  signature = affinity_signature(values, anchor_run.workdir, anchor_run.step)
   record = read_affinity(workdir)
   if record is not None:
     if record.get("signature") == signature:
       return record
     if latest_step(workdir) is not None:
-      saved = record.get("signature") or {}
-      changes = ", ".join(f"{k} {saved.get(k)!r} then and {v!r} now"
-                          for k, v in signature.items() if saved.get(k) != v)
-      raise ValueError(f"The edge stage in {workdir} was trained with another task affinity "
-                       f"({changes}); resume with the same anchor and affinity flags, or use "
-                       f"a new workdir.")
+      check_affinity(workdir, signature)
   if num_images < 2 or num_images > len(train_source):
     raise ValueError(f"--dymu_affinity_images={num_images} must lie in [2, "
                      f"{len(train_source)}] (the training examples).")
@@ -306,22 +343,13 @@ def dymu_stage_inputs(stage: str, values: Mapping[str, Any], train_source, workd
   """
   if stage == "anchor":
     return {}, {}
+  folder = _input_dir(stage, values)
   if stage == "edge":
-    folder = values.get("dymu_anchor_dir")
-    if not folder:
-      raise ValueError("--dymu_stage=edge needs --dymu_anchor_dir, the workdir of a finished "
-                       "--dymu_stage=anchor run (or train every stage with --dymu_stage=all).")
     anchor_run = _finished_stage(folder, "anchor", "--dymu_anchor_dir", values, train_source)
     record = _affinity_record(anchor_run, values, train_source, workdir, plot)
     inputs = {"anchor_variables": anchor_run.variables, "affinity": record["affinity"],
               "task_weights": tuple(record["task_weights"])}
     return inputs, {"anchor_dir": anchor_run.workdir, "anchor_step": anchor_run.step}
-  if stage != "weight":
-    raise ValueError(f"Unknown --dymu_stage={stage}; allowed: {', '.join(dymu.STAGES)}, all.")
-  folder = values.get("dymu_edge_dir")
-  if not folder:
-    raise ValueError("--dymu_stage=weight needs --dymu_edge_dir, the workdir of a finished "
-                     "--dymu_stage=edge run (or train every stage with --dymu_stage=all).")
   edge_run = _finished_stage(folder, "edge", "--dymu_edge_dir", values, train_source)
   record = read_affinity(edge_run.workdir)
   if record is None:

@@ -9,7 +9,8 @@ restarting it loses at most the steps since the last checkpoint. `--helpfull` li
 DYMU (`--method=dymu`) trains in three stages: `--dymu_stage=all` (the default) runs the anchor,
 edge and weight stages in sequence in `<workdir>/anchor`, `<workdir>/edge` and
 `<workdir>/weight` (steps per stage: `--dymu_stage_steps`), each resuming from its own
-checkpoints, and writes `<workdir>/summary.json`. `--dymu_stage=edge --dymu_anchor_dir=DIR` or
+checkpoints, and writes `<workdir>/summary.json`; with `--dymu_anchor_dir=DIR` it trains only
+the edge and weight stages, on that finished anchor. `--dymu_stage=edge --dymu_anchor_dir=DIR` or
 `--dymu_stage=weight --dymu_edge_dir=DIR` trains one stage in `--workdir` on a finished earlier
 stage. The edge stage writes the task affinity and the task weights to `dymu_affinity.json`
 (heat map: `dymu_affinity.png`) in its folder.
@@ -136,19 +137,47 @@ def _augment(train_source):
   return augment_lib.make_augment(train_source.tasks)
 
 
-def _check_dymu_flags(stages) -> None:
-  """One sentence for input folders that the chosen stages would not read."""
-  single = len(stages) == 1
-  if FLAGS.dymu_anchor_dir and not (single and stages[0] == "edge"):
-    raise ValueError(f"--dymu_anchor_dir is read only by --dymu_stage=edge, not by "
-                     f"--dymu_stage={FLAGS.dymu_stage}" + (
-                         " (which trains its own anchor in <workdir>/anchor)"
-                         if not single else "") + "; drop it.")
-  if FLAGS.dymu_edge_dir and not (single and stages[0] == "weight"):
+def _dymu_plan() -> tuple[tuple[str, ...], dict[str, str], str, str]:
+  """(stages to train, their folders, the anchor folder, the edge folder) of the DYMU flags.
+
+  --dymu_stage=all trains every stage in <workdir>/<stage>; with --dymu_anchor_dir it trains
+  the edge and weight stages on that finished anchor instead (ablations that share one
+  anchor). A single stage trains in --workdir on --dymu_anchor_dir (edge) or --dymu_edge_dir
+  (weight). Input folders a stage would not read stop with one sentence.
+  """
+  root = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+  given = lambda path: os.path.abspath(os.path.expanduser(path)) if path else ""
+  anchor_dir, edge_dir = given(FLAGS.dymu_anchor_dir), given(FLAGS.dymu_edge_dir)
+  stages = common.dymu_stages()
+  if anchor_dir and FLAGS.dymu_stage not in ("all", "edge"):
+    raise ValueError(f"--dymu_anchor_dir is read by --dymu_stage=edge or all, not by "
+                     f"--dymu_stage={FLAGS.dymu_stage}; drop it.")
+  if edge_dir and FLAGS.dymu_stage != "weight":
     raise ValueError(f"--dymu_edge_dir is read only by --dymu_stage=weight, not by "
                      f"--dymu_stage={FLAGS.dymu_stage}" + (
                          " (which trains its own edge stage in <workdir>/edge)"
-                         if not single else "") + "; drop it.")
+                         if FLAGS.dymu_stage == "all" else "") + "; drop it.")
+  if len(stages) == 1:
+    return stages, {stages[0]: root}, anchor_dir, edge_dir
+  if anchor_dir:
+    stages = stages[1:]
+  else:
+    anchor_dir = os.path.join(root, "anchor")
+  folders = {stage: os.path.join(root, stage) for stage in stages}
+  if anchor_dir in (root, folders["edge"], folders["weight"]):
+    raise ValueError(f"--dymu_anchor_dir={FLAGS.dymu_anchor_dir} is this run's own folder; "
+                     f"give the workdir of another, finished anchor stage.")
+  return stages, folders, anchor_dir, folders["edge"]
+
+
+def _finished_summary(workdir: str, steps: int) -> dict | None:
+  """The summary of a stage that already reached `steps` in `workdir`, or None."""
+  path = os.path.join(workdir, "summary.json")
+  if runs.latest_step(workdir) != steps or not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    summary = json.load(f)
+  return summary if summary.get("steps") == steps else None
 
 
 def _check_resume(workdir: str, stage: str, source: dict) -> None:
@@ -166,25 +195,17 @@ def run_dymu() -> train_lib.TrainResult:
   """Trains the DYMU stages of --dymu_stage; each resumes from its own checkpoints.
 
   --dymu_stage=all trains <workdir>/anchor, then <workdir>/edge on it, then <workdir>/weight on
-  that, and writes <workdir>/summary.json with every stage's summary. A single stage trains in
-  --workdir. A finished stage is not trained again: re-running the command continues where it
-  stopped.
+  that (with --dymu_anchor_dir: only edge and weight, on that anchor), and writes
+  <workdir>/summary.json with every stage's summary. A single stage trains in --workdir. A
+  finished stage is not trained again: re-running the command continues where it stopped.
+
+  Returns the last trained stage's result (None when every stage had already finished).
   """
-  stages = common.dymu_stages()
-  _check_dymu_flags(stages)
+  stages, folders, anchor_dir, edge_dir = _dymu_plan()
   stage_steps = common.dymu_stage_steps()
   train_source, test_source = common.load_sources()
   augment = _augment(train_source)
   root = common.ensure_workdir(FLAGS.workdir)
-  if len(stages) > 1:
-    folders = {stage: os.path.join(root, stage) for stage in stages}
-    anchor_dir, edge_dir = folders["anchor"], folders["edge"]
-  else:
-    folders = {stages[0]: root}
-    anchor_dir = (os.path.abspath(os.path.expanduser(FLAGS.dymu_anchor_dir))
-                  if FLAGS.dymu_anchor_dir else "")
-    edge_dir = (os.path.abspath(os.path.expanduser(FLAGS.dymu_edge_dir))
-                if FLAGS.dymu_edge_dir else "")
   axis_name = train_lib.method_axis_name(FLAGS.parallel)
   summaries, result = {}, None
   for stage in stages:
@@ -194,6 +215,18 @@ def run_dymu() -> train_lib.TrainResult:
               "steps": stage_steps[stage], "dymu_anchor_dir": anchor_dir,
               "dymu_edge_dir": edge_dir}
     is_chief = jax.process_index() == 0
+    done = _finished_summary(workdir, stage_steps[stage])
+    if done is not None:
+      # Finished: check that its input is still the one it was trained on, and move on.
+      source = runs.dymu_stage_source(stage, values)
+      _check_resume(workdir, stage, source)
+      if stage == "edge":
+        runs.check_affinity(workdir, runs.affinity_signature(values, source["anchor_dir"],
+                                                             source["anchor_step"]))
+      summaries[stage] = {**done, "workdir": workdir}
+      print(f"DYMU stage {stage}: already trained ({done['steps']} steps) in {workdir}",
+            flush=True)
+      continue
     inputs, source = runs.dymu_stage_inputs(stage, values, train_source, workdir,
                                             plot=is_chief)
     _check_resume(workdir, stage, source)
@@ -219,7 +252,7 @@ def run_dymu() -> train_lib.TrainResult:
   if len(stages) > 1 and jax.process_index() == 0:
     last = summaries[stages[-1]]
     summary = {"method": "dymu", "dymu_stage": "all", "dataset": FLAGS.dataset,
-               "steps": sum(s["steps"] for s in summaries.values()),
+               "anchor_dir": anchor_dir, "steps": sum(s["steps"] for s in summaries.values()),
                "seconds": round(sum(s["seconds"] for s in summaries.values()), 1),
                "eval": last["eval"], "stages": summaries}
     with open(os.path.join(root, "summary.json"), "w") as f:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from dymu_jax import models
 from dymu_jax import tasks as tasks_lib
-from dymu_jax.methods import ecmt, gradsplit, pcgrad, static
+from dymu_jax.methods import affinity, dymu, ecmt, gradsplit, pcgrad, phn, static
 
 # name -> one line for --help.
 METHODS = {
@@ -23,6 +23,13 @@ METHODS = {
                  "fixed) decides which tasks' gradients reach each group",
     "pcgrad": "hard sharing trained with PCGrad: conflicting per-task gradients of the shared "
               "encoder are projected onto each other's normal planes",
+    "dymu": "single-task anchor streams, then an edge hypernetwork that turns (preference, "
+            "resource) into a tree of shared blocks and a weight hypernetwork that shifts its "
+            "batch norms (three stages, --dymu_stage)",
+    "phn": "Pareto HyperNetwork: a chunked hypernetwork generates every weight of the shared "
+           "network from the preference",
+    "phn_bn": "PHN-BN: a hypernetwork generates only the batch-norm scales and biases of the "
+              "shared network from the preference; the other weights are learned directly",
 }
 
 
@@ -37,11 +44,16 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
     model_options: keyword arguments of `dymu_jax.models.build_multitask` (backbone, ...).
     axis_name: the pmap axis name when training with `--parallel=pmap` (batch statistics are
       pooled over it), else None.
-    task_weights: loss weight per task (static, ecmt, gradsplit, pcgrad).
+    task_weights: loss weight per task (every method; DYMU's edge and weight stages take
+      `dymu.task_weights_from_losses` of the anchor).
     method_options: the method's own options (ecmt: num_subnets, lambda_kd, kd, lambda_mutual,
       mutual_temperature, width_choices; see `ecmt.ECMTMethod`; gradsplit: split_stages,
       group_sizes, routing, routing_matrix, warmup_steps, mode; see
-      `gradsplit.GradSplitMethod`; pcgrad: order).
+      `gradsplit.GradSplitMethod`; pcgrad: order; dymu: `dymu.OPTIONS`, including the stage
+      and its inputs anchor_variables, edge_params and affinity; phn, phn_bn: `phn.OPTIONS`).
+
+  DYMU builds a `branched.BranchedNet`, not a `MultiTaskNet`: of `model_options` it takes only
+  `dymu.MODEL_OPTIONS` (others, such as head_batch_norm, are left out).
   """
   if name not in METHODS:
     raise ValueError(f"Unknown method {name!r}; available methods are {', '.join(METHODS)}.")
@@ -63,4 +75,11 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
   if name == "pcgrad":
     return pcgrad.build(tasks, make_net, task_weights=weights, axis_name=axis_name,
                         **dict(method_options or {}))
+  if name == "dymu":
+    options = {k: v for k, v in model_options.items() if k in dymu.MODEL_OPTIONS}
+    return dymu.build(tasks, model_options=options, task_weights=weights, axis_name=axis_name,
+                      **dict(method_options or {}))
+  if name in ("phn", "phn_bn"):
+    return phn.build(tasks, make_net, mode="all" if name == "phn" else "bn",
+                     task_weights=weights, axis_name=axis_name, **dict(method_options or {}))
   raise AssertionError(name)

@@ -1,0 +1,136 @@
+"""Task affinity by representation similarity analysis (RSA) on the frozen DYMU anchor.
+
+METHODS.md section 1, "Task affinity" [known: RSA on the frozen anchor; ours: K, the
+similarity and the normalisation]:
+
+1. Run the K images (K = 128 [ours]) through every stream of the anchor (the separate tree) and
+   keep each block's output.
+2. For stream i and layer l, the K x K representation similarity matrix S^l_i is the Pearson
+   correlation between the flattened features of every pair of images [ours].
+3. D^l(i, j) = ||S^l_i - S^l_j||_F; each row of D^l is divided by its maximum, so it lies in
+   [0, 1] (the diagonal is 0) [ours]; A^l = 1 - D^l normalised.
+4. A = mean over layers of A^l. Row normalisation makes A asymmetric in general; A(i, i) = 1.
+
+With N = 2 the row normalisation is degenerate: each row's maximum is its only off-diagonal
+entry, so A = I whatever the streams (unless they are identical), and L_active (weighted by
+A(i, j), i != j) vanishes. `normalisation="pair"` [ours option] instead divides each distance
+by its own bound, `D(i, j) / (||S_i||_F + ||S_j||_F)` (in [0, 1] by the triangle inequality),
+which keeps a graded affinity for two tasks (Multi-MNIST).
+
+A row of D^l that is all zero (stream i's similarities equal every other stream's) gives
+affinity 1 to every stream. An image whose features are constant has no defined correlation; it
+gets correlation 0 with every image (itself included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dymu_jax.models.branched import BranchedNet
+
+PyTree = Any
+NUM_IMAGES = 128  # K [ours]
+NORMALISATIONS = ("row", "pair")
+_EPS = 1e-12
+
+
+def similarity_matrices(features: jax.Array) -> jax.Array:
+  """Pearson correlation between images, per stream: (N, K, ...) -> (N, K, K)."""
+  flat = features.reshape(features.shape[0], features.shape[1], -1).astype(jnp.float32)
+  centred = flat - jnp.mean(flat, axis=-1, keepdims=True)
+  norm = jnp.sqrt(jnp.sum(jnp.square(centred), axis=-1, keepdims=True))
+  unit = jnp.where(norm > _EPS, centred / jnp.maximum(norm, _EPS), 0.0)
+  return jnp.einsum("nkf,nmf->nkm", unit, unit, precision=jax.lax.Precision.HIGHEST)
+
+
+def rsa_distances(similarities: jax.Array) -> jax.Array:
+  """Frobenius distance between the similarity matrices of every pair of streams: (N, N)."""
+  diff = similarities[:, None] - similarities[None, :]
+  return jnp.sqrt(jnp.sum(jnp.square(diff), axis=(-2, -1)))
+
+
+def normalise_rows(distances: jax.Array) -> jax.Array:
+  """Each row divided by its maximum (rows of zeros stay zero), so rows lie in [0, 1]."""
+  top = jnp.max(distances, axis=-1, keepdims=True)
+  return jnp.where(top > _EPS, distances / jnp.maximum(top, _EPS), 0.0)
+
+
+def normalise_pairs(distances: jax.Array, similarities: jax.Array) -> jax.Array:
+  """D(i, j) / (||S_i||_F + ||S_j||_F), in [0, 1] (zero where both matrices are zero)."""
+  norms = jnp.sqrt(jnp.sum(jnp.square(similarities), axis=(-2, -1)))
+  bound = norms[:, None] + norms[None, :]
+  return jnp.where(bound > _EPS, distances / jnp.maximum(bound, _EPS), 0.0)
+
+
+def layer_affinity(features: jax.Array, normalisation: str = "row") -> jax.Array:
+  """A^l = 1 - normalised RSA distances, from one layer's features (N, K, ...)."""
+  similarities = similarity_matrices(features)
+  distances = rsa_distances(similarities)
+  if normalisation == "row":
+    return 1.0 - normalise_rows(distances)
+  return 1.0 - normalise_pairs(distances, similarities)
+
+
+def _check_normalisation(normalisation: str):
+  if normalisation not in NORMALISATIONS:
+    raise ValueError(f"Unknown affinity normalisation {normalisation!r}; allowed: "
+                     f"{', '.join(NORMALISATIONS)}.")
+
+
+def rsa_affinity(layer_features: Sequence[jax.Array], normalisation: str = "row"
+                 ) -> np.ndarray:
+  """The task affinity A (N, N): the mean over layers of `layer_affinity`.
+
+  Args:
+    layer_features: one (N, K, ...) array per layer (stream axis first, K images).
+    normalisation: "row" (each row of D^l divided by its maximum, the default) or "pair"
+      (module docstring).
+  """
+  _check_normalisation(normalisation)
+  if not layer_features:
+    raise ValueError("RSA affinity needs the features of at least one layer.")
+  shapes = {tuple(f.shape[:2]) for f in layer_features}
+  if len(shapes) != 1:
+    raise ValueError(f"Every layer's features must have the same (streams, images) leading "
+                     f"shape, got {sorted(shapes)}.")
+  (num_streams, num_images), = shapes
+  if num_images < 2:
+    raise ValueError(f"RSA needs at least 2 images, got {num_images}.")
+  run = jax.jit(layer_affinity, static_argnums=1)
+  per_layer = [np.asarray(run(f, normalisation)) for f in layer_features]
+  return np.mean(np.stack(per_layer), axis=0)
+
+
+def task_affinity(net: BranchedNet, anchor_variables: PyTree, images,
+                  num_images: int = NUM_IMAGES, batch_size: int = 64,
+                  normalisation: str = "row") -> np.ndarray:
+  """RSA affinity of the anchor's streams on the first `num_images` of `images`.
+
+  Args:
+    net: the branched network.
+    anchor_variables: its trained (frozen) variables.
+    images: float images (>= num_images, H, W, C) in [0, 1], e.g. training images.
+    num_images: K.
+    batch_size: images per forward pass.
+    normalisation: "row" or "pair" (see `rsa_affinity`).
+
+  Returns:
+    A (N, N) numpy array, A[i, i] = 1.
+  """
+  _check_normalisation(normalisation)
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[0] < num_images:
+    raise ValueError(f"task_affinity needs at least num_images={num_images} images of shape "
+                     f"(H, W, C), got an array of shape {images.shape}.")
+  images = images[:num_images].astype(np.float32)
+  tree = net.separate_tree()
+  run = jax.jit(lambda v, x: net.apply_tree(v, x, tree, return_features=True)[1])
+  chunks = [run(anchor_variables, images[k:k + batch_size])
+            for k in range(0, num_images, batch_size)]
+  layer_features = [jnp.concatenate([c[l] for c in chunks], axis=1)
+                    for l in range(net.num_layers)]
+  return rsa_affinity(layer_features, normalisation)

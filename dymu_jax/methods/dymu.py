@@ -1,0 +1,696 @@
+"""DYMU: controllable dynamic multi-task architectures (METHODS.md section 1).
+
+Given a task preference `r` (on the simplex) and a resource preference `c` in [0, 1] (larger is
+more frugal), one trained system outputs a tree-structured multi-task network (`branched.Tree`)
+and batch-norm-adapted weights, without retraining. Three training stages share one
+`DymuMethod` (field `stage`):
+
+1. **"anchor"** [known]: the N single-task streams of a `branched.BranchedNet`, trained on the
+   separate tree with `sum_t w_t L_t` (streams share no parameters, so each learns alone). Then
+   frozen; `affinity.task_affinity` computes the RSA task affinity A from it, and
+   `anchor_task_losses` the single-task losses that set `w_i = 1 / L_i^anchor` [ours].
+2. **"edge"** [known]: the edge hypernetwork h(r, c) -> parent logits (L, N, N), trained with
+   `sum_i r_i w_i L_i + Omega` on the soft mixing of the frozen anchor, parents drawn by
+   Gumbel-softmax (temperature 5, x0.97 every 300 steps) [known]; soft weighted-sum relaxation
+   [ours, as in the branched-search code it builds on].
+3. **"weight"** [known]: the weight hypernetwork g(r, c) -> additive shifts of every node's
+   batch-norm scale and bias, trained with the task loss `sum_i r_i w_i L_i` only; anchor and
+   edge hypernetwork frozen; the network is the argmax tree of h(r, c) [ours], run as the soft
+   mixing with one-hot parents (equal to the tree forward, and one compiled program whatever
+   tree the preference selects).
+
+Every step draws one preference per batch, r ~ Dirichlet(0.2 * 1_N), c ~ Uniform(0, 1) [known].
+
+**Branching regulariser** (`branching_regularizer`) [known form]: A = {i : r_i >= tau} (active
+tasks), I the rest, tau = 0.6 / N;
+
+  L_active = sum_l sum_{i != j in A} ((L - l) / L) A(i, j) P_use(l+1, i) P_use(l+1, j)
+             ||nu[l][i] - nu[l][j]||^2
+  L_inactive = sum_l sum_{j in I} min_{i in A} ||nu[l][i] - nu[l][j]||^2
+  Omega = c * lambda_A * L_active + lambda_I * L_inactive   (lambda_A = 1, lambda_I = 0.1)
+
+with `nu[l][j]` the parent distribution of node (l + 1, j) (decoder j for l = L - 1). Indexing
+[ours]: l counts the L parent choices from 0 (the first block-to-block choice) to L - 1 (the
+decoders' choice), so the depth factor (L - l) / L runs from 1 down to 1 / L and favours sharing
+early layers while still acting on every choice. `P_use(l, i)`, the probability that node
+(l, i) is in the sampled tree [ours]: decoders (node layer L) have P_use = 1; going down,
+`P_use(l, i) = 1 - prod_k (1 - nu[l][k, i] P_use(l + 1, k))` (`parent_use_probability`).
+There is no FLOPs loss: cost emerges from c.
+
+**Batch norm [ours].** The anchor is frozen with its running statistics: stages 2 and 3 run
+its batch norms in evaluation mode, so the only thing that adapts normalisation is the weight
+hypernetwork's shift.
+
+**Hypernetworks** [known sizes]: each has learned task embeddings e_1..e_N and a resource
+embedding e_c (dimension 32) and reads `p = sum_i r_i e_i + c e_c`. The edge hypernetwork has an
+MLP of 2 hidden layers of width 100 and L linear heads of N x N logits; the weight
+hypernetwork an MLP of 3 hidden layers of width 100 and one linear head onto every batch-norm
+scale and bias of every node (equivalent to one head per batch-norm layer). Its head starts at
+zero [ours], so stage 3 starts from the anchor exactly.
+
+**Controls and inference.** `predict(variables, images, {"preference": r, "resource": c})`;
+`{"tree": Tree}` runs a given tree on the anchor, None the anchor itself. `controller(variables)
+.predict(r, c)` returns the argmax tree and the adapted variables; `BranchedNet.apply_tree` then
+computes only the used nodes and `BranchedNet.tree_cost` prices them.
+
+Variables per stage (the engine differentiates "params" only; the frozen parts ride along as
+other collections of the model state):
+
+  anchor: {"params": <BranchedNet params>, "batch_stats": ...}
+  edge:   {"params": {"edge_hypernet": ...}, "anchor": <anchor variables>}
+  weight: {"params": {"weight_hypernet": ...}, "anchor": ..., "edge_hypernet": {"params": ...}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from dymu_jax import tasks as tasks_lib
+from dymu_jax.data import base as data_lib
+from dymu_jax.models import branched
+from dymu_jax.models.branched import BranchedNet, Tree, TreeCost
+
+PyTree = Any
+STAGES = ("anchor", "edge", "weight")
+# Preferences may be off the simplex by this much (float32 sums, typed decimals).
+SIMPLEX_TOLERANCE = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Controls.
+
+
+def check_preference(preference, num_tasks: int) -> np.ndarray:
+  """The preference as a float32 (N,) vector on the simplex, or one clear error."""
+  try:
+    r = np.asarray(preference, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"The preference must be a vector of {num_tasks} numbers, got "
+                     f"{preference!r}.") from None
+  if r.ndim != 1 or r.shape[0] != num_tasks:
+    raise ValueError(f"The preference {preference!r} must have one entry per task "
+                     f"({num_tasks}).")
+  if not np.all(np.isfinite(r)) or np.any(r < -SIMPLEX_TOLERANCE) or abs(
+      r.sum() - 1.0) > SIMPLEX_TOLERANCE * max(1, num_tasks):
+    raise ValueError(f"The preference {tuple(float(x) for x in r)} must lie on the simplex: "
+                     f"non-negative entries that sum to 1 (they sum to {r.sum():g}).")
+  return np.clip(r, 0.0, None).astype(np.float32)
+
+
+def check_resource(resource) -> float:
+  """The resource preference c as a float in [0, 1], or one clear error."""
+  if isinstance(resource, (bool, np.bool_)):
+    raise ValueError(f"The resource preference c must be a number in [0, 1], got {resource!r}.")
+  try:
+    c = float(resource)
+  except (TypeError, ValueError):
+    raise ValueError(f"The resource preference c must be a number in [0, 1], got "
+                     f"{resource!r}.") from None
+  if not (math.isfinite(c) and 0.0 <= c <= 1.0):
+    raise ValueError(f"The resource preference c must be a number in [0, 1], got {c:g}.")
+  return c
+
+
+def sample_controls(rng: jax.Array, num_tasks: int, dirichlet_alpha: float = 0.2
+                    ) -> tuple[jax.Array, jax.Array]:
+  """One (r ~ Dirichlet(alpha 1_N), c ~ Uniform(0, 1)) draw (traceable)."""
+  key_r, key_c = jax.random.split(rng)
+  r = jax.random.dirichlet(key_r, jnp.full((num_tasks,), dirichlet_alpha, jnp.float32))
+  # Dirichlet draws with a small alpha can underflow; renormalise and keep them finite.
+  r = jnp.nan_to_num(r, nan=0.0)
+  total = jnp.sum(r)
+  r = jnp.where(total > 0, r / jnp.maximum(total, 1e-30), jnp.full_like(r, 1.0 / num_tasks))
+  c = jax.random.uniform(key_c, (), jnp.float32)
+  return r, c
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling parents and the branching regulariser.
+
+
+def temperature(step, initial: float = 5.0, decay: float = 0.97, every: int = 300):
+  """Gumbel-softmax temperature at `step`: initial * decay ** floor(step / every)."""
+  return initial * jnp.power(decay, jnp.floor_divide(jnp.asarray(step), every)).astype(
+      jnp.float32)
+
+
+def gumbel_softmax(rng: jax.Array, logits: jax.Array, tau) -> jax.Array:
+  """softmax((logits + Gumbel noise) / tau) over the last axis (the soft relaxation)."""
+  noise = jax.random.gumbel(rng, logits.shape, jnp.float32)
+  return jax.nn.softmax((logits + noise) / tau, axis=-1)
+
+
+def hard_parents(logits: jax.Array) -> jax.Array:
+  """One-hot argmax rows of parent logits (L, N, N): the argmax tree as nu."""
+  return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+
+
+def parent_use_probability(nu: jax.Array) -> jax.Array:
+  """P_use (L + 1, N): probability that node (l, i) is in the tree, node layers 0..L.
+
+  Row L (the decoders) is 1; `P_use(l, i) = 1 - prod_k (1 - nu[l][k, i] P_use(l + 1, k))`.
+  With one-hot `nu` it is exactly 1 for the nodes the tree uses and 0 for the others.
+  """
+  num_layers, num_tasks = nu.shape[0], nu.shape[1]
+  rows = [jnp.ones((num_tasks,), nu.dtype)]
+  for l in reversed(range(num_layers)):
+    picked = nu[l] * rows[0][:, None]  # [k, i]: child k uses parent i
+    rows.insert(0, 1.0 - jnp.prod(1.0 - picked, axis=0))
+  return jnp.stack(rows)
+
+
+def active_tasks(preference: jax.Array, tau_factor: float = 0.6) -> jax.Array:
+  """Boolean (N,): r_i >= tau = tau_factor / N."""
+  return preference >= tau_factor / preference.shape[-1]
+
+
+def branching_regularizer(nu: jax.Array, preference: jax.Array, resource: jax.Array,
+                          affinity: jax.Array, lambda_active: float = 1.0,
+                          lambda_inactive: float = 0.1, tau_factor: float = 0.6
+                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Omega = c lambda_A L_active + lambda_I L_inactive (module docstring).
+
+  Args:
+    nu: parent distributions (L, N, N), `nu[l][j]` those of node (l + 1, j).
+    preference: r (N,).
+    resource: c (scalar).
+    affinity: A (N, N).
+    lambda_active, lambda_inactive, tau_factor: see the module docstring.
+
+  Returns:
+    (Omega, {"l_active": ..., "l_inactive": ...}).
+  """
+  num_layers, num_tasks = nu.shape[0], nu.shape[1]
+  active = active_tasks(preference, tau_factor)
+  # dist[l, i, j] = ||nu[l][i] - nu[l][j]||^2
+  dist = jnp.sum(jnp.square(nu[:, :, None, :] - nu[:, None, :, :]), axis=-1)
+  p_use = parent_use_probability(nu)[1:]  # children's usage, (L, N)
+  depth = (num_layers - jnp.arange(num_layers, dtype=jnp.float32)) / num_layers
+  pair = (active[:, None] & active[None, :] & ~jnp.eye(num_tasks, dtype=bool)).astype(
+      jnp.float32)
+  weights = (depth[:, None, None] * pair[None] * jnp.asarray(affinity, jnp.float32)[None]
+             * p_use[:, :, None] * p_use[:, None, :])
+  l_active = jnp.sum(weights * dist)
+  # Each inactive task follows its nearest active task (A is never empty: max r >= 1/N).
+  to_active = jnp.where(active[None, :, None], dist, jnp.inf)  # [l, i (active), j]
+  nearest = jnp.min(to_active, axis=1)  # [l, j]
+  l_inactive = jnp.sum(jnp.where(~active[None, :], nearest, 0.0))
+  omega = resource * lambda_active * l_active + lambda_inactive * l_inactive
+  return omega, {"l_active": l_active, "l_inactive": l_inactive}
+
+
+# ----------------------------------------------------------------------------------------------
+# Hypernetworks.
+
+
+class ControlEmbedding(nn.Module):
+  """p = sum_i r_i e_i + c e_c, with learned embeddings (dimension `features`)."""
+
+  num_tasks: int
+  features: int = 32
+
+  @nn.compact
+  def __call__(self, preference: jax.Array, resource: jax.Array) -> jax.Array:
+    init = nn.initializers.normal(1.0)
+    tasks = self.param("task_embeddings", init, (self.num_tasks, self.features), jnp.float32)
+    res = self.param("resource_embedding", init, (self.features,), jnp.float32)
+    preference = jnp.asarray(preference, jnp.float32)
+    resource = jnp.asarray(resource, jnp.float32)
+    return preference @ tasks + resource[..., None] * res
+
+
+class EdgeHypernet(nn.Module):
+  """h(r, c) -> parent logits (L, N, N): embedding, MLP, one N x N linear head per layer.
+
+  Attributes:
+    num_tasks: N.
+    num_layers: L (parent choices per child stream).
+    embedding_features: embedding dimension (32).
+    hidden: widths of the MLP's hidden layers ((100, 100)).
+    self_logit: initial bias of every child's own-stream parent logit [ours option, default
+      0: uniform start].
+  """
+
+  num_tasks: int
+  num_layers: int
+  embedding_features: int = 32
+  hidden: tuple[int, ...] = (100, 100)
+  self_logit: float = 0.0
+
+  @nn.compact
+  def __call__(self, preference: jax.Array, resource: jax.Array) -> jax.Array:
+    n = self.num_tasks
+    x = ControlEmbedding(n, self.embedding_features, name="embedding")(preference, resource)
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(width, name=f"hidden{i}")(x))
+    bias = self.self_logit * jnp.eye(n, dtype=jnp.float32).reshape(-1)
+    heads = [nn.Dense(n * n, bias_init=lambda *_: bias, name=f"layer{l}")(x)
+             for l in range(self.num_layers)]
+    return jnp.stack(heads, axis=-2).reshape(*x.shape[:-1], self.num_layers, n, n)
+
+
+class WeightHypernet(nn.Module):
+  """g(r, c) -> one flat vector of batch-norm shifts: embedding, MLP, a zero-initialised head.
+
+  Attributes:
+    num_tasks: N.
+    num_outputs: size of the flattened shift tree (`batch_norm_shift_template`).
+    embedding_features: embedding dimension (32).
+    hidden: widths of the MLP's hidden layers ((100, 100, 100)).
+  """
+
+  num_tasks: int
+  num_outputs: int
+  embedding_features: int = 32
+  hidden: tuple[int, ...] = (100, 100, 100)
+
+  @nn.compact
+  def __call__(self, preference: jax.Array, resource: jax.Array) -> jax.Array:
+    x = ControlEmbedding(self.num_tasks, self.embedding_features, name="embedding")(
+        preference, resource)
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(width, name=f"hidden{i}")(x))
+    return nn.Dense(self.num_outputs, kernel_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.zeros, name="shifts")(x)
+
+
+def shift_unraveler(anchor_variables: PyTree):
+  """(size of the flat shift vector, fn flat -> shift tree) for the anchor's batch norms."""
+  template = branched.batch_norm_shift_template(anchor_variables)
+  if not template:
+    raise ValueError("The anchor has no batch norm, so the weight hypernetwork has nothing to "
+                     "shift; build the branched network with batch norm.")
+  flat, unravel = ravel_pytree(template)
+  return int(flat.shape[0]), unravel
+
+
+# ----------------------------------------------------------------------------------------------
+# The method.
+
+
+def _as_affinity(affinity, num_tasks: int) -> tuple[tuple[float, ...], ...] | None:
+  if affinity is None:
+    return None
+  a = np.asarray(affinity, dtype=np.float64)
+  if a.shape != (num_tasks, num_tasks) or not np.all(np.isfinite(a)):
+    raise ValueError(f"The task affinity must be a finite ({num_tasks}, {num_tasks}) matrix, "
+                     f"got shape {a.shape}.")
+  return tuple(tuple(float(x) for x in row) for row in a)
+
+
+def _is_traced(tree: PyTree) -> bool:
+  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class DymuMethod:
+  """DYMU on a `BranchedNet` (module docstring); one instance per training stage.
+
+  Attributes:
+    tasks: the tasks, in stream order.
+    net: the branched network (the anchor's architecture).
+    stage: "anchor", "edge" or "weight".
+    affinity: A (N x N, rows of floats), needed to train the "edge" stage
+      (`affinity.task_affinity`).
+    task_weights: w_i (default 1 each); [ours] 1 / the anchor's single-task loss
+      (`anchor_task_losses`).
+    lambda_active: lambda_A (1 in the paper, 0.05 in a related filing).
+    lambda_inactive: lambda_I.
+    tau_factor: tau = tau_factor / N (0: every task is active).
+    dirichlet_alpha: preferences are drawn from Dirichlet(alpha 1_N).
+    initial_temperature, temperature_decay, temperature_every: the Gumbel-softmax schedule.
+    embedding_features: embedding dimension of both hypernetworks.
+    edge_hidden, weight_hidden: hidden widths of the two hypernetworks' MLPs.
+    self_logit: initial own-stream logit bias of the edge hypernetwork [ours option].
+    anchor_variables: the trained anchor's variables (stages "edge" and "weight").
+    edge_params: the trained edge hypernetwork's params (stage "weight").
+    eval_resources: the c values `eval_controls` pairs with the uniform preference.
+    name: the method name in logs.
+    axis_name: the pmap axis the anchor's batch norms pool over (anchor stage).
+  """
+
+  tasks: tuple[tasks_lib.Task, ...]
+  net: BranchedNet
+  stage: str = "edge"
+  affinity: tuple[tuple[float, ...], ...] | None = None
+  task_weights: tuple[float, ...] | None = None
+  lambda_active: float = 1.0
+  lambda_inactive: float = 0.1
+  tau_factor: float = 0.6
+  dirichlet_alpha: float = 0.2
+  initial_temperature: float = 5.0
+  temperature_decay: float = 0.97
+  temperature_every: int = 300
+  embedding_features: int = 32
+  edge_hidden: tuple[int, ...] = (100, 100)
+  weight_hidden: tuple[int, ...] = (100, 100, 100)
+  self_logit: float = 0.0
+  anchor_variables: Any = dataclasses.field(default=None, compare=False, hash=False,
+                                            repr=False)
+  edge_params: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+  eval_resources: tuple[float, ...] = (0.0, 1.0)
+  name: str = "dymu"
+  axis_name: str | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "tasks", tuple(self.tasks))
+    n = len(self.tasks)
+    if tuple(self.net.tasks) != self.tasks:
+      raise ValueError("The branched network's tasks must be the method's tasks, in order.")
+    if self.stage not in STAGES:
+      raise ValueError(f"Unknown DYMU stage {self.stage!r}; allowed: {', '.join(STAGES)}.")
+    object.__setattr__(self, "affinity", _as_affinity(self.affinity, n))
+    if self.task_weights is not None:
+      weights = tuple(float(w) for w in self.task_weights)
+      if len(weights) != n or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"Got task weights {weights} for {n} tasks "
+                         f"({', '.join(t.name for t in self.tasks)}); give one finite weight "
+                         f">= 0 per task.")
+      object.__setattr__(self, "task_weights", weights)
+    for field in ("lambda_active", "lambda_inactive"):
+      value = getattr(self, field)
+      if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{field} must be a finite number >= 0, got {value!r}.")
+    # tau_factor <= 1 keeps the most preferred task active (max r >= 1/N); 0 makes every task
+    # active (the ablation without an inactive set).
+    if not 0 <= self.tau_factor <= 1:
+      raise ValueError(f"tau_factor must lie in [0, 1] so that the most preferred task is "
+                       f"active, got {self.tau_factor!r}.")
+    if not self.dirichlet_alpha > 0:
+      raise ValueError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha!r}.")
+    if not (self.initial_temperature > 0 and 0 < self.temperature_decay <= 1
+            and self.temperature_every >= 1):
+      raise ValueError(
+          f"The temperature schedule needs initial_temperature > 0, 0 < temperature_decay <= 1 "
+          f"and temperature_every >= 1, got {self.initial_temperature!r}, "
+          f"{self.temperature_decay!r}, {self.temperature_every!r}.")
+    object.__setattr__(self, "edge_hidden", tuple(int(h) for h in self.edge_hidden))
+    object.__setattr__(self, "weight_hidden", tuple(int(h) for h in self.weight_hidden))
+    object.__setattr__(self, "eval_resources",
+                       tuple(check_resource(c) for c in self.eval_resources))
+
+  # -- parts -----------------------------------------------------------------------------------
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.tasks)
+
+  def edge_hypernet(self) -> EdgeHypernet:
+    return EdgeHypernet(self.num_tasks, self.net.num_layers, self.embedding_features,
+                        self.edge_hidden, self.self_logit)
+
+  def weight_hypernet(self, num_outputs: int) -> WeightHypernet:
+    return WeightHypernet(self.num_tasks, num_outputs, self.embedding_features,
+                          self.weight_hidden)
+
+  def _weights(self) -> tuple[float, ...]:
+    return self.task_weights or (1.0,) * self.num_tasks
+
+  def _require(self, what: str, value):
+    if value is None:
+      hint = {"anchor_variables": "the trained anchor's variables (stage 'anchor')",
+              "edge_params": "the trained edge hypernetwork's params (stage 'edge')"}[what]
+      raise ValueError(f"DYMU stage {self.stage!r} needs {what}: {hint}.")
+    return value
+
+  def parts(self, variables: Mapping[str, PyTree]):
+    """(anchor variables, edge hypernet params or None, weight hypernet params or None)."""
+    if self.stage == "anchor" or "anchor" not in variables:
+      return dict(variables), None, None
+    params = variables.get("params", {})
+    edge = params.get("edge_hypernet")
+    if edge is None and "edge_hypernet" in variables:
+      edge = variables["edge_hypernet"]["params"]
+    return variables["anchor"], edge, params.get("weight_hypernet")
+
+  def parent_logits(self, edge_params: PyTree, preference, resource) -> jax.Array:
+    return self.edge_hypernet().apply({"params": edge_params}, preference, resource)
+
+  def adapted_anchor(self, anchor: PyTree, weight_params: PyTree | None, preference,
+                     resource) -> PyTree:
+    """The anchor's variables with g(r, c)'s batch-norm shifts (the anchor when None)."""
+    if weight_params is None:
+      return anchor
+    size, unravel = shift_unraveler(anchor)
+    flat = self.weight_hypernet(size).apply({"params": weight_params}, preference, resource)
+    return branched.apply_batch_norm_shifts(anchor, unravel(flat))
+
+  # -- the Method interface --------------------------------------------------------------------
+
+  def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> PyTree:
+    images = batch["image"]
+    if self.stage == "anchor":
+      return self.net.init(rng, images)
+    anchor = self._require("anchor_variables", self.anchor_variables)
+    if self.stage == "edge" and self.affinity is None:
+      raise ValueError("The edge stage needs the task affinity; compute it on the trained "
+                       "anchor with dymu_jax.methods.affinity.task_affinity.")
+    r = jnp.full((self.num_tasks,), 1.0 / self.num_tasks, jnp.float32)
+    c = jnp.zeros((), jnp.float32)
+    if self.stage == "edge":
+      edge = self.edge_hypernet().init(rng, r, c)["params"]
+      return {"params": {"edge_hypernet": edge}, "anchor": anchor}
+    edge = self._require("edge_params", self.edge_params)
+    size, _ = shift_unraveler(anchor)
+    weight = self.weight_hypernet(size).init(rng, r, c)["params"]
+    return {"params": {"weight_hypernet": weight}, "anchor": anchor,
+            "edge_hypernet": {"params": edge}}
+
+  def _task_losses(self, predictions, batch) -> dict[str, jax.Array]:
+    return {t.name: t.loss(predictions[t.name], batch[t.name]) for t in self.tasks}
+
+  def loss(self, params, model_state, batch, rng, step):
+    """The stage's training loss (module docstring); aux "loss/<task>" are unweighted."""
+    if self.stage == "anchor":
+      predictions, new_state = self.net.apply_tree(
+          {"params": params, **model_state}, batch["image"], self.net.separate_tree(),
+          train=True)
+      losses = self._task_losses(predictions, batch)
+      total = sum(w * losses[t.name] for w, t in zip(self._weights(), self.tasks))
+      aux = {f"loss/{name}": value for name, value in losses.items()}
+      return total, (aux, {**model_state, **new_state})
+
+    control_key, gumbel_key = jax.random.split(rng)
+    r, c = sample_controls(control_key, self.num_tasks, self.dirichlet_alpha)
+    variables = {"params": params, **model_state}
+    anchor, edge, weight = self.parts(variables)
+    aux = {}
+    if self.stage == "edge":
+      logits = self.parent_logits(edge, r, c)
+      tau = temperature(step, self.initial_temperature, self.temperature_decay,
+                        self.temperature_every)
+      nu = gumbel_softmax(gumbel_key, logits, tau)
+      omega, terms = branching_regularizer(
+          nu, r, c, jnp.asarray(self.affinity, jnp.float32), self.lambda_active,
+          self.lambda_inactive, self.tau_factor)
+      aux.update(terms, omega=omega, temperature=tau)
+    else:
+      logits = jax.lax.stop_gradient(self.parent_logits(edge, r, c))
+      nu = hard_parents(logits)
+      omega = jnp.zeros((), jnp.float32)
+      anchor = self.adapted_anchor(anchor, weight, r, c)
+    predictions = self.net.apply_soft(anchor, batch["image"], nu, train=False)
+    losses = self._task_losses(predictions, batch)
+    weighted = sum(r[i] * w * losses[t.name]
+                   for i, (w, t) in enumerate(zip(self._weights(), self.tasks)))
+    # Share of the nodes the argmax tree of this (r, c) uses (1: separate, 1/N: shared trunk).
+    used = parent_use_probability(hard_parents(jax.lax.stop_gradient(logits)))[:-1]
+    aux.update({f"loss/{name}": value for name, value in losses.items()})
+    aux.update(task_loss=weighted, resource=c, used_nodes=jnp.mean(used))
+    return weighted + omega, (aux, model_state)
+
+  def predict(self, variables, images, controls=None):
+    """Evaluation-mode predictions for the controls.
+
+    `{"preference": r, "resource": c}`: the argmax tree of h(r, c) with g(r, c)'s batch-norm
+    shifts (when trained). Under tracing (inside jit, where the tree cannot be read) it runs
+    as one-hot soft mixing, which gives the same predictions with every node computed; with
+    concrete variables only the tree's nodes compute. `{"tree": Tree or parent tuples}` runs
+    that tree on the anchor; None (or the anchor stage) runs the anchor's separate tree.
+    """
+    anchor, edge, weight = self.parts(variables)
+    if not controls:
+      return apply_tree(self.net, anchor, images, self.net.separate_tree())
+    controls = dict(controls)
+    if set(controls) == {"tree"}:
+      tree = controls["tree"]
+      tree = tree if isinstance(tree, Tree) else Tree(tree)
+      return apply_tree(self.net, anchor, images, tree.validate(self.net.num_layers,
+                                                                self.num_tasks))
+    if set(controls) != {"preference", "resource"}:
+      raise ValueError(f"DYMU controls must be {{'preference': r, 'resource': c}} or "
+                       f"{{'tree': Tree}}, got keys {sorted(controls)}.")
+    if edge is None:
+      raise ValueError("Predicting for a preference needs a trained edge hypernetwork; the "
+                       "anchor stage's variables have none.")
+    r = check_preference(controls["preference"], self.num_tasks)
+    c = check_resource(controls["resource"])
+    if _is_traced((edge, weight, anchor)):
+      adapted = self.adapted_anchor(anchor, weight, r, c)
+      nu = hard_parents(self.parent_logits(edge, r, c))
+      return self.net.apply_soft(adapted, images, nu, train=False)
+    tree, adapted = self.controller(variables).predict(r, c)
+    return apply_tree(self.net, adapted, images, tree)
+
+  def eval_controls(self):
+    """The anchor (stage "anchor"); else the uniform preference at each of `eval_resources`."""
+    if self.stage == "anchor":
+      return [None]
+    uniform = tuple([1.0 / self.num_tasks] * self.num_tasks)
+    return [{"preference": uniform, "resource": c} for c in self.eval_resources]
+
+  def controller(self, variables: Mapping[str, PyTree]) -> DymuController:
+    """The inference controller of trained variables (stage "edge" or "weight")."""
+    return DymuController(self, variables)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def apply_tree(net: BranchedNet, variables, images, tree: Tree) -> dict[str, jax.Array]:
+  """Jitted `net.apply_tree` in evaluation mode (one compilation per net and tree)."""
+  return net.apply_tree(variables, images, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class DymuController:
+  """(r, c) -> (argmax tree, adapted anchor variables), outside jit.
+
+  Attributes:
+    method: the trained method (stage "edge" or "weight").
+    variables: its variables.
+  """
+
+  method: DymuMethod
+  variables: Any = dataclasses.field(compare=False, hash=False, repr=False)
+
+  def __post_init__(self):
+    _, edge, _ = self.method.parts(self.variables)
+    if edge is None:
+      raise ValueError("A DYMU controller needs variables with a trained edge hypernetwork "
+                       "(stage 'edge' or 'weight').")
+
+  def parent_logits(self, preference, resource) -> np.ndarray:
+    """h(r, c): the parent logits (L, N, N)."""
+    r = check_preference(preference, self.method.num_tasks)
+    c = check_resource(resource)
+    _, edge, _ = self.method.parts(self.variables)
+    return np.asarray(_parent_logits(self.method.edge_hypernet(), edge, r, np.float32(c)))
+
+  def tree(self, preference, resource) -> Tree:
+    """The argmax tree for (r, c)."""
+    return Tree.from_scores(self.parent_logits(preference, resource))
+
+  def predict(self, preference, resource) -> tuple[Tree, PyTree]:
+    """(the argmax tree, the anchor's variables with g(r, c)'s batch-norm shifts)."""
+    tree = self.tree(preference, resource)
+    r = check_preference(preference, self.method.num_tasks)
+    c = np.float32(check_resource(resource))
+    anchor, _, weight = self.method.parts(self.variables)
+    if weight is None:
+      return tree, anchor
+    return tree, _adapted_anchor(self.method, anchor, weight, r, c)
+
+  def cost(self, preference, resource, image_shape: Sequence[int]) -> TreeCost:
+    """Per-example MACs and parameters of the tree for (r, c), and of the full anchor."""
+    return self.method.net.tree_cost(self.tree(preference, resource), image_shape)
+
+  def __call__(self, images, preference, resource) -> dict[str, jax.Array]:
+    """Predictions of the controlled network (only the tree's nodes compute)."""
+    tree, adapted = self.predict(preference, resource)
+    return apply_tree(self.method.net, adapted, images, tree)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _parent_logits(hypernet: EdgeHypernet, params, r, c):
+  return hypernet.apply({"params": params}, r, c)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _adapted_anchor(method: DymuMethod, anchor, weight, r, c):
+  return method.adapted_anchor(anchor, weight, r, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Before the edge stage: single-task losses of the anchor.
+
+
+def anchor_task_losses(net: BranchedNet, anchor_variables: PyTree,
+                       batches: Iterable[Mapping[str, Any]]) -> tuple[float, ...]:
+  """Mean loss of every task's own stream over `batches` (dicts of images and labels).
+
+  Batches may carry the evaluation padding mask (`data.base.VALID_KEY`); padded rows are
+  dropped. Use `1 / loss` as the DYMU task weights [ours].
+  """
+  run = jax.jit(lambda v, x: net.apply_tree(v, x, net.separate_tree()))
+  totals, count = np.zeros(net.num_tasks), 0
+  for batch in batches:
+    batch = dict(batch)
+    if data_lib.VALID_KEY in batch:
+      keep = np.asarray(batch.pop(data_lib.VALID_KEY), bool)
+      batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    size = int(np.shape(batch["image"])[0])
+    if not size:
+      continue
+    predictions = run(anchor_variables, jnp.asarray(batch["image"], jnp.float32))
+    totals += size * np.array([float(t.loss(predictions[t.name], jnp.asarray(batch[t.name])))
+                               for t in net.tasks])
+    count += size
+  if not count:
+    raise ValueError("anchor_task_losses needs at least one non-empty batch.")
+  return tuple(float(x) for x in totals / count)
+
+
+def task_weights_from_losses(losses: Sequence[float]) -> tuple[float, ...]:
+  """w_i = 1 / L_i^anchor [ours]."""
+  bad = [l for l in losses if not (math.isfinite(l) and l > 0)]
+  if bad:
+    raise ValueError(f"Single-task losses must be finite and > 0 to set the task weights, got "
+                     f"{tuple(losses)}.")
+  return tuple(1.0 / float(l) for l in losses)
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction.
+
+MODEL_OPTIONS = ("backbone", "backbone_kwargs", "head_width", "head_hidden_layers",
+                 "in_channels", "pixel_mean", "pixel_std", "bn_momentum")
+OPTIONS = ("stage", "affinity", "lambda_active", "lambda_inactive", "tau_factor",
+           "dirichlet_alpha", "initial_temperature", "temperature_decay", "temperature_every",
+           "embedding_features", "edge_hidden", "weight_hidden", "self_logit",
+           "anchor_variables", "edge_params", "eval_resources")
+
+
+def build(tasks: Sequence[tasks_lib.Task], *, model_options: Mapping[str, Any] | None = None,
+          task_weights: Sequence[float] | None = None, axis_name: str | None = None,
+          **options) -> DymuMethod:
+  """A `DymuMethod` whose `BranchedNet` is built from `model_options`.
+
+  Args:
+    tasks: the tasks.
+    model_options: keyword arguments of `branched.build_branched` among `MODEL_OPTIONS`
+      (backbone "lenet" or "resnet_small", backbone_kwargs, head_width, ...).
+    task_weights: w_i (e.g. `task_weights_from_losses(anchor_task_losses(...))`).
+    axis_name: the pmap axis batch norms pool over (anchor stage under --parallel=pmap).
+    **options: `DymuMethod` fields among `OPTIONS`.
+  """
+  model_options = dict(model_options or {})
+  unknown = sorted(set(model_options) - set(MODEL_OPTIONS))
+  if unknown:
+    raise ValueError(f"DYMU's branched network does not take {', '.join(unknown)}; it takes "
+                     f"{', '.join(MODEL_OPTIONS)}.")
+  unknown = sorted(set(options) - set(OPTIONS))
+  if unknown:
+    raise ValueError(f"Unknown DYMU option(s) {', '.join(unknown)}; allowed: "
+                     f"{', '.join(OPTIONS)}.")
+  tasks = tuple(tasks)
+  net = branched.build_branched(tasks, bn_axis_name=axis_name, **model_options)
+  return DymuMethod(tasks, net, task_weights=tuple(task_weights) if task_weights else None,
+                    axis_name=axis_name, **options)

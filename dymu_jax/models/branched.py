@@ -1,0 +1,750 @@
+"""Branched multi-task networks: N single-task streams cut into L blocks (the DYMU anchor).
+
+METHODS.md section 1. The anchor is N single-task networks of one architecture, one stream per
+task, each cut into L blocks; node (l, j) is block l of stream j. Every node of block layer
+l + 1 (and every task decoder, which is node layer L) takes its input from one parent among the
+N nodes of block layer l; the nodes of block layer 0 all read the image. A tree is therefore L
+tuples of N parent indices:
+
+  parents[l][j] = the node of block layer l that feeds node (l + 1, j)   (l = 0 .. L - 2)
+  parents[L - 1][j] = the node of the last block layer that feeds task decoder j
+
+so there are L parent choices per child stream, matching the edge hypernetwork's L heads of
+N x N logits. `Tree.separate` (parents[l][j] = j) is the anchor itself; `Tree.shared` sends every
+child to one stream (a fully shared trunk, then N decoders).
+
+JAX shape [ours]: block parameters of the N streams are stacked on a leading axis of size N,
+and a layer maps stacked inputs to stacked outputs, `Y[l + 1] = vmap(block_{l + 1})(params_{l +
+1}, X[l + 1])` in meaning. It is computed as one block call per stream, stacked (`_run_layer`):
+the same values, but XLA's CPU backend runs a vmapped convolution (a grouped convolution)
+several times slower than N separate ones. Two forward passes:
+
+* `apply_soft(variables, images, nu)`, the training relaxation:
+  `X[l + 1][j] = sum_i nu[l][j, i] * Y[l][i]`, `Y[l + 1] = block_{l + 1}(params_{l + 1},
+  X[l + 1])` per stream, and decoder j reads `sum_i nu[L - 1][j, i] * Y[L - 1][i]`. Every node
+  computes.
+* `apply_tree(variables, images, tree)`, inference on a static, hashable `Tree`: only the nodes
+  that some decoder depends on are computed (their parameters are gathered from the stack),
+  which is where the compute saving is real. With a one-hot `nu` both passes agree.
+
+Variables: `{"params": {"block0": stacked, ..., "head_<task>": ...}, "batch_stats":
+{"block0": stacked, ...}}`; every leaf under "block<l>" has the leading stream axis N. Task
+decoders are per task (their output sizes differ) and never stacked.
+
+Block stacks (`build_branched`):
+
+* "lenet" (Multi-MNIST, the PHN target network with batch norm): conv 10@9x9 + BN + ReLU + 2x2
+  pool | conv 20@5x5 + BN + ReLU + 2x2 pool | dense 50 + BN + ReLU; decoders are linear (L = 3).
+* "resnet_small" (UTKFace): stage 1 = 3x3 stem + BasicBlocks (16 ch), stages 2-4 = BasicBlocks
+  (32, 64, 128 ch, stride 2), the ResNet-small of `backbones`; decoders are MLP heads with global
+  pooling (L = 4).
+
+Batch norm sits in every block so that the weight hypernetwork has scales and biases to shift
+(`batch_norm_shift_template`, `apply_batch_norm_shifts`).
+
+Cost (`tree_cost`): parameters and MACs of the used nodes and the decoders (per example, the
+conventions of `models.cost`), and their fraction of the full anchor (the separate tree). All
+streams share one architecture, so a node's cost depends on its layer only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dymu_jax import tasks as tasks_lib
+from dymu_jax.models import cost as cost_lib
+from dymu_jax.models import layers
+from dymu_jax.models.backbones import BasicBlock
+from dymu_jax.models.decoders import MLPHead
+from dymu_jax.models.layers import SlimBatchNorm, SlimConv, SlimDense
+from dymu_jax.models.multitask import IMAGENET_MEAN, IMAGENET_STD
+
+PyTree = Any
+BACKBONES = ("lenet", "resnet_small")
+# Rows of a parent distribution may be off the simplex by this much (float32 sums).
+SIMPLEX_TOLERANCE = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Trees.
+
+
+def _check_index(value, num_tasks: int, where: str) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{where} must be an integer stream index, got {value!r}.")
+  if not 0 <= value < num_tasks:
+    raise ValueError(f"{where} is {value}, but a parent index must lie in [0, {num_tasks}).")
+  return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tree:
+  """A tree-structured multi-task network as the parent of every child node (static, hashable).
+
+  Attributes:
+    parents: L tuples of N ints; `parents[l][j]` is the node of block layer l that feeds node
+      (l + 1, j), and `parents[L - 1][j]` the last-layer node that feeds task decoder j.
+  """
+
+  parents: tuple[tuple[int, ...], ...]
+
+  def __post_init__(self):
+    try:
+      rows = tuple(tuple(row) for row in self.parents)
+    except TypeError:
+      raise ValueError(f"A tree is a sequence of per-layer tuples of parent indices, got "
+                       f"{self.parents!r}.") from None
+    if not rows or not rows[0]:
+      raise ValueError(f"A tree needs at least one layer and one stream, got {self.parents!r}.")
+    num_tasks = len(rows[0])
+    if any(len(row) != num_tasks for row in rows):
+      raise ValueError(f"Every layer of a tree needs one parent per stream ({num_tasks}), got "
+                       f"{self.parents!r}.")
+    rows = tuple(tuple(_check_index(p, num_tasks, f"parents[{l}][{j}]")
+                       for j, p in enumerate(row)) for l, row in enumerate(rows))
+    object.__setattr__(self, "parents", rows)
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.parents)
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.parents[0])
+
+  @classmethod
+  def separate(cls, num_layers: int, num_tasks: int) -> Tree:
+    """Every stream on its own (the anchor): parents[l][j] = j."""
+    return cls(tuple(tuple(range(num_tasks)) for _ in range(num_layers)))
+
+  @classmethod
+  def shared(cls, num_layers: int, num_tasks: int, stream: int = 0) -> Tree:
+    """One shared trunk (stream `stream`'s blocks), then the N task decoders."""
+    _check_index(stream, num_tasks, "stream")
+    return cls(tuple((stream,) * num_tasks for _ in range(num_layers)))
+
+  @classmethod
+  def from_scores(cls, scores) -> Tree:
+    """The argmax tree of parent scores (L, N, N): logits, probabilities or sampled `nu`."""
+    scores = np.asarray(scores)
+    if scores.ndim != 3 or scores.shape[1] != scores.shape[2]:
+      raise ValueError(f"Parent scores must have shape (layers, tasks, tasks), got "
+                       f"{scores.shape}.")
+    return cls(tuple(tuple(int(i) for i in row) for row in np.argmax(scores, axis=-1)))
+
+  def validate(self, num_layers: int, num_tasks: int) -> Tree:
+    if (self.num_layers, self.num_tasks) != (num_layers, num_tasks):
+      raise ValueError(
+          f"This network has {num_layers} layers of {num_tasks} streams, but the tree has "
+          f"{self.num_layers} layers of {self.num_tasks}: {self.parents}.")
+    return self
+
+  def used_nodes(self) -> tuple[tuple[int, ...], ...]:
+    """For each block layer 0..L-1, the sorted streams whose node some decoder depends on."""
+    used = [()] * self.num_layers
+    children = range(self.num_tasks)  # the decoders
+    for l in reversed(range(self.num_layers)):
+      used[l] = tuple(sorted({self.parents[l][k] for k in children}))
+      children = used[l]
+    return tuple(used)
+
+  def num_used_nodes(self) -> int:
+    return sum(len(u) for u in self.used_nodes())
+
+  def one_hot(self) -> np.ndarray:
+    """The tree as parent distributions nu (L, N, N), one-hot rows."""
+    return np.eye(self.num_tasks, dtype=np.float32)[np.asarray(self.parents)]
+
+  def __str__(self) -> str:
+    return " | ".join(",".join(str(p) for p in row) for row in self.parents)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks (one stream's block; the network stacks N of them).
+
+
+class ConvPoolBlock(nn.Module):
+  """One LeNet stage: conv (VALID) [+ BN] + ReLU + 2x2 max pool.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel size.
+    in_features: input channels (None: inferred at initialisation).
+    batch_norm: batch norm after the convolution (then the convolution has no bias).
+    bn_momentum, bn_axis_name: passed to `SlimBatchNorm`.
+  """
+
+  features: int
+  kernel_size: int
+  in_features: int | None = None
+  batch_norm: bool = True
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    y = SlimConv(self.features, self.kernel_size, padding="VALID",
+                 use_bias=not self.batch_norm, in_features=self.in_features, name="conv")(x)
+    if self.batch_norm:
+      y = SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
+                        features=self.features, name="bn")(y, train)
+    if min(y.shape[1:3]) < 2:
+      raise ValueError(f"ConvPoolBlock output of shape {tuple(y.shape)} is too small to pool; "
+                       f"use larger images.")
+    return layers.max_pool_2x2(nn.relu(y))
+
+
+class DenseBlock(nn.Module):
+  """Flatten + dense [+ BN] + ReLU (LeNet's fully connected stage).
+
+  Attributes:
+    features: output units.
+    batch_norm: batch norm after the dense layer (then it has no bias).
+    bn_momentum, bn_axis_name: passed to `SlimBatchNorm`.
+  """
+
+  features: int
+  batch_norm: bool = True
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = x.reshape(x.shape[0], -1)
+    y = SlimDense(self.features, use_bias=not self.batch_norm, name="dense")(x)
+    if self.batch_norm:
+      y = SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
+                        features=self.features, name="bn")(y, train)
+    return nn.relu(y)
+
+
+class ResNetStage(nn.Module):
+  """One ResNet-small stage: [3x3 stem conv + BN + ReLU,] then `num_blocks` BasicBlocks.
+
+  Attributes:
+    features: output channels.
+    in_features: input channels.
+    num_blocks: basic blocks in the stage.
+    strides: stride of the first block (with a projection shortcut when > 1 or the width
+      changes).
+    stem: start with the 3x3/1 stem convolution (the first stage).
+    bn_momentum, bn_axis_name: passed to every batch norm.
+  """
+
+  features: int
+  in_features: int
+  num_blocks: int = 2
+  strides: int = 1
+  stem: bool = False
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    in_features = self.in_features
+    if self.stem:
+      x = SlimConv(self.features, 3, padding=1, in_features=in_features, name="stem_conv")(x)
+      x = nn.relu(SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
+                                features=self.features, name="stem_bn")(x, train))
+      in_features = self.features
+    for b in range(self.num_blocks):
+      first = b == 0
+      x = BasicBlock(
+          features=self.features, in_features=in_features if first else self.features,
+          strides=self.strides if first else 1,
+          projection=first and (self.strides > 1 or in_features != self.features),
+          bn_momentum=self.bn_momentum, bn_axis_name=self.bn_axis_name,
+          name=f"block{b}")(x, self.features, train)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The branched network.
+
+
+def _tree_take(tree: PyTree, index: Sequence[int], size: int) -> PyTree:
+  """Rows `index` of every stacked leaf (no gather when it is all rows in order)."""
+  index = tuple(index)
+  if index == tuple(range(size)):
+    return tree
+  if len(index) == 1:
+    return jax.tree.map(lambda a: a[index[0]:index[0] + 1], tree)
+  rows = np.asarray(index)
+  return jax.tree.map(lambda a: a[rows], tree)
+
+
+def _mix(nu_layer: jax.Array, y: jax.Array) -> jax.Array:
+  """X[j] = sum_i nu[j, i] Y[i] over the leading stream axis (full float32 precision)."""
+  return jnp.einsum("ji,i...->j...", nu_layer.astype(y.dtype), y,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeCost:
+  """Per-example MACs and used parameters of a tree, and of the full anchor (separate tree)."""
+
+  macs: int
+  params: int
+  full_macs: int
+  full_params: int
+
+  @property
+  def macs_fraction(self) -> float:
+    return self.macs / self.full_macs
+
+  @property
+  def params_fraction(self) -> float:
+    return self.params / self.full_params
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchedNet:
+  """N stacked single-task streams of L blocks, with one decoder per task.
+
+  A frozen, hashable value (usable as a static argument of `jax.jit`); its parameters live in
+  an explicit variables pytree (module docstring).
+
+  Attributes:
+    tasks: the tasks, one stream and one decoder each, in stream order.
+    blocks: one stream's block module per layer, `block(x, train=...) -> y`.
+    heads: one decoder module per task, `head(x, train=...) -> prediction`.
+    pixel_mean, pixel_std: per-channel normalisation of the [0, 1] images; None takes the
+      ImageNet statistics for 3-channel images and 0.5 / 0.5 otherwise (as `MultiTaskNet`).
+  """
+
+  tasks: tuple[tasks_lib.Task, ...]
+  blocks: tuple[nn.Module, ...]
+  heads: tuple[nn.Module, ...]
+  pixel_mean: tuple[float, ...] | None = None
+  pixel_std: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "tasks", tuple(self.tasks))
+    object.__setattr__(self, "blocks", tuple(self.blocks))
+    object.__setattr__(self, "heads", tuple(self.heads))
+    if not self.tasks:
+      raise ValueError("A branched network needs at least one task.")
+    if not self.blocks:
+      raise ValueError("A branched network needs at least one block layer.")
+    if len(self.heads) != len(self.tasks):
+      raise ValueError(f"Got {len(self.heads)} decoders for {len(self.tasks)} tasks; give one "
+                       f"decoder per task.")
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.blocks)
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.tasks)
+
+  def separate_tree(self) -> Tree:
+    return Tree.separate(self.num_layers, self.num_tasks)
+
+  def shared_tree(self, stream: int = 0) -> Tree:
+    return Tree.shared(self.num_layers, self.num_tasks, stream)
+
+  # -- helpers ---------------------------------------------------------------------------------
+
+  def _normalise(self, images: jax.Array) -> jax.Array:
+    if images.ndim != 4:
+      raise ValueError(f"BranchedNet expects images of shape (B, H, W, C), got "
+                       f"{tuple(images.shape)}.")
+    c = images.shape[-1]
+    mean, std = self.pixel_mean, self.pixel_std
+    if mean is None:
+      mean = IMAGENET_MEAN if c == 3 else (0.5,) * c
+    if std is None:
+      std = IMAGENET_STD if c == 3 else (0.5,) * c
+    if len(mean) != c or len(std) != c:
+      raise ValueError(f"pixel_mean {tuple(mean)} and pixel_std {tuple(std)} need one value "
+                       f"per image channel ({c}).")
+    return (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
+        std, jnp.float32)
+
+  def _block_variables(self, variables: Mapping[str, PyTree], layer: int) -> dict:
+    key = f"block{layer}"
+    return {col: tree[key] for col, tree in variables.items() if key in tree}
+
+  def _head_variables(self, variables: Mapping[str, PyTree], task: int) -> dict:
+    key = f"head_{self.tasks[task].name}"
+    return {col: tree[key] for col, tree in variables.items() if key in tree}
+
+  def _check_variables(self, variables: Mapping[str, PyTree]):
+    params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
+    for l in range(self.num_layers):
+      leaves = jax.tree.leaves(params.get(f"block{l}", {}))
+      if not leaves:
+        raise ValueError(f"The variables have no params for block{l}; initialise them with "
+                         f"this network's init.")
+      if leaves[0].shape[0] != self.num_tasks:
+        raise ValueError(f"block{l}'s parameters are stacked for {leaves[0].shape[0]} streams "
+                         f"but the network has {self.num_tasks} tasks.")
+
+  def _run_layer(self, layer: int, block_variables: dict, inputs: jax.Array,
+                 in_axis: int | None, train: bool):
+    """One block over stacked variables (and stacked inputs when in_axis is 0).
+
+    Each stream's block runs as its own call and the outputs are stacked: the same values as a
+    `jax.vmap` over the stream axis, but a vmapped convolution becomes a grouped convolution,
+    which XLA's CPU backend runs several times slower than the separate ones (and which misses
+    the fast lowerings of `fast_ops`); N is small (one stream per task).
+    """
+    block = self.blocks[layer]
+    has_stats = "batch_stats" in block_variables
+    count = jax.tree.leaves(block_variables)[0].shape[0]
+    outputs, states = [], []
+    for j in range(count):
+      v = jax.tree.map(lambda a, j=j: a[j], block_variables)
+      x = inputs if in_axis is None else inputs[j]
+      if train and has_stats:
+        y, state = block.apply(v, x, train=True, mutable=["batch_stats"])
+        states.append(state["batch_stats"])
+      else:
+        y = block.apply(v, x, train=train)
+      outputs.append(y)
+    stacked = jnp.stack(outputs)
+    if not states:
+      return stacked, None
+    return stacked, jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+  def _decode(self, variables, inputs: Sequence[jax.Array], train: bool) -> dict:
+    return {task.name: self.heads[j].apply(self._head_variables(variables, j), inputs[j],
+                                           train=train)
+            for j, task in enumerate(self.tasks)}
+
+  # -- initialisation --------------------------------------------------------------------------
+
+  def init(self, rng: jax.Array, images: jax.Array) -> dict:
+    """Variables for images (B, H, W, C); each stream draws its own initial weights."""
+    x = jax.ShapeDtypeStruct(self._normalise(jnp.zeros((1, *images.shape[1:]))).shape,
+                             jnp.float32)
+    keys = jax.random.split(rng, self.num_layers + self.num_tasks)
+    collections: dict[str, dict] = {}
+    for l, block in enumerate(self.blocks):
+      stream_keys = jax.random.split(keys[l], self.num_tasks)
+      stacked = jax.vmap(lambda k, b=block, s=x: b.init(k, jnp.zeros(s.shape), train=False))(
+          stream_keys)
+      for col, tree in stacked.items():
+        collections.setdefault(col, {})[f"block{l}"] = tree
+      x = jax.eval_shape(lambda s, b=block: b.init_with_output(
+          jax.random.key(0), jnp.zeros(s.shape), train=False)[0], x)
+    for j, (task, head) in enumerate(zip(self.tasks, self.heads)):
+      variables = head.init(keys[self.num_layers + j], jnp.zeros(x.shape), train=False)
+      for col, tree in variables.items():
+        collections.setdefault(col, {})[f"head_{task.name}"] = tree
+    return collections
+
+  # -- forward passes --------------------------------------------------------------------------
+
+  def apply_soft(self, variables: Mapping[str, PyTree], images: jax.Array, nu: jax.Array, *,
+                 train: bool = False, return_features: bool = False):
+    """Every node computes; children read the nu-weighted sum of the parent layer.
+
+    Args:
+      variables: the network's variables (see the module docstring).
+      images: float images (B, H, W, C) in [0, 1].
+      nu: parent distributions (L, N, N); `nu[l][j]` weighs the parents of node (l + 1, j)
+        (of decoder j for l = L - 1). Rows are used as given (no check inside jit).
+      train: batch statistics in batch norm; the updated statistics are returned.
+      return_features: also return the block outputs, one (N, B, ...) array per layer.
+
+    Returns:
+      {task name: prediction}; with `train`, (predictions, {"batch_stats": ...}); with
+      `return_features`, the features are appended to the returned tuple.
+    """
+    self._check_variables(variables)
+    nu = jnp.asarray(nu)
+    expected = (self.num_layers, self.num_tasks, self.num_tasks)
+    if nu.shape != expected:
+      raise ValueError(f"nu must have shape (layers, tasks, tasks) = {expected}, got "
+                       f"{tuple(nu.shape)}.")
+    x = self._normalise(images)
+    features, new_stats = [], {}
+    y = None
+    for l in range(self.num_layers):
+      inputs, in_axis = (x, None) if l == 0 else (_mix(nu[l - 1], y), 0)
+      y, stats = self._run_layer(l, self._block_variables(variables, l), inputs, in_axis,
+                                 train)
+      if stats is not None:
+        new_stats[f"block{l}"] = stats
+      features.append(y)
+    predictions = self._decode(variables, _mix(nu[-1], y), train)
+    return self._outputs(variables, predictions, new_stats, features, train, return_features)
+
+  def apply_tree(self, variables: Mapping[str, PyTree], images: jax.Array, tree: Tree, *,
+                 train: bool = False, return_features: bool = False):
+    """Only the nodes the decoders depend on compute (static tree: jit with it static).
+
+    Args:
+      variables: the network's variables.
+      images: float images (B, H, W, C) in [0, 1].
+      tree: the `Tree` to run.
+      train: batch statistics in batch norm; the statistics of the used nodes are updated and
+        returned (the other nodes keep theirs).
+      return_features: also return the block outputs, one (used nodes, B, ...) array per
+        layer, rows in the order of `tree.used_nodes()`.
+
+    Returns:
+      As `apply_soft`.
+    """
+    self._check_variables(variables)
+    if not isinstance(tree, Tree):
+      raise ValueError(f"apply_tree needs a Tree, got {type(tree).__name__}.")
+    tree.validate(self.num_layers, self.num_tasks)
+    used = tree.used_nodes()
+    x = self._normalise(images)
+    features, new_stats = [], {}
+    y = None
+    for l in range(self.num_layers):
+      block_variables = _tree_take(self._block_variables(variables, l), used[l],
+                                   self.num_tasks)
+      if l == 0:
+        inputs, in_axis = x, None
+      else:
+        positions = tuple(used[l - 1].index(tree.parents[l - 1][k]) for k in used[l])
+        inputs, in_axis = _tree_take(y, positions, len(used[l - 1])), 0
+      y, stats = self._run_layer(l, block_variables, inputs, in_axis, train)
+      if stats is not None:
+        old = variables["batch_stats"][f"block{l}"]
+        rows = np.asarray(used[l])
+        new_stats[f"block{l}"] = jax.tree.map(lambda a, b: a.at[rows].set(b), old, stats)
+      features.append(y)
+    decoder_inputs = [y[used[-1].index(p)] for p in tree.parents[-1]]
+    predictions = self._decode(variables, decoder_inputs, train)
+    return self._outputs(variables, predictions, new_stats, features, train, return_features)
+
+  def _outputs(self, variables, predictions, new_stats, features, train, return_features):
+    out = (predictions,)
+    if train:
+      state = {}
+      if "batch_stats" in variables:
+        state["batch_stats"] = {**variables["batch_stats"], **new_stats}
+      out += (state,)
+    if return_features:
+      out += (features,)
+    return out[0] if len(out) == 1 else out
+
+  # -- cost ------------------------------------------------------------------------------------
+
+  def layer_input_shapes(self, image_shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """The per-example input shape of every block layer and of the decoders (L + 1 shapes)."""
+    return _layer_input_shapes(self, tuple(int(d) for d in image_shape))
+
+  def node_costs(self, image_shape: Sequence[int], exclude_padding: bool = False
+                 ) -> tuple[tuple[cost_lib.Cost, ...], tuple[cost_lib.Cost, ...]]:
+    """(cost of one node of each block layer, cost of each decoder), per example."""
+    return _node_costs(self, tuple(int(d) for d in image_shape), exclude_padding)
+
+  def tree_cost(self, tree: Tree, image_shape: Sequence[int],
+                exclude_padding: bool = False) -> TreeCost:
+    """MACs and parameters of the used nodes and the decoders, and of the full anchor.
+
+    Args:
+      tree: the tree to cost.
+      image_shape: (H, W, C) of one image.
+      exclude_padding: count only convolution taps that read real input (XLA's convention,
+        for cross-checks against `cost.xla_cost`).
+    """
+    tree.validate(self.num_layers, self.num_tasks)
+    nodes, heads = self.node_costs(image_shape, exclude_padding)
+    decoders = sum(heads, cost_lib.Cost(0, 0))
+    used = cost_lib.Cost(0, 0)
+    for layer_cost, streams in zip(nodes, tree.used_nodes()):
+      used += cost_lib.Cost(layer_cost.macs * len(streams), layer_cost.params * len(streams))
+    used += decoders
+    full = sum(nodes, cost_lib.Cost(0, 0))
+    full = cost_lib.Cost(full.macs * self.num_tasks, full.params * self.num_tasks) + decoders
+    return TreeCost(used.macs, used.params, full.macs, full.params)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_input_shapes(net: BranchedNet, image_shape: tuple[int, ...]
+                        ) -> tuple[tuple[int, ...], ...]:
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  shapes = [image_shape]
+  for block in net.blocks:
+    x = jax.eval_shape(lambda s, b=block: b.init_with_output(
+        jax.random.key(0), jnp.zeros(s.shape), train=False)[0], x)
+    shapes.append(tuple(x.shape[1:]))
+  return tuple(shapes)
+
+
+@functools.lru_cache(maxsize=64)
+def _node_costs(net: BranchedNet, image_shape: tuple[int, ...], exclude_padding: bool):
+  shapes = _layer_input_shapes(net, image_shape)
+  nodes = tuple(
+      cost_lib.count(block, None, jax.ShapeDtypeStruct((1, *shape), jnp.float32), train=False,
+                     exclude_padding=exclude_padding)
+      for block, shape in zip(net.blocks, shapes[:-1]))
+  decoder_input = jax.ShapeDtypeStruct((1, *shapes[-1]), jnp.float32)
+  heads = tuple(cost_lib.count(head, None, decoder_input, train=False,
+                               exclude_padding=exclude_padding) for head in net.heads)
+  return nodes, heads
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch-norm shifts (what the DYMU weight hypernetwork predicts).
+
+
+def batch_norm_paths(variables: Mapping[str, PyTree]) -> list[tuple[str, ...]]:
+  """Paths of every batch norm of any Flax variables: the params dicts with a scale or a bias
+  whose path also holds running statistics ("mean") in "batch_stats"."""
+  stats = variables.get("batch_stats", {})
+  paths = []
+
+  def walk(params, path):
+    if not isinstance(params, Mapping):
+      return
+    node = stats
+    for key in path:
+      node = node.get(key, {}) if isinstance(node, Mapping) else {}
+    if path and isinstance(node, Mapping) and "mean" in node and (
+        "scale" in params or "bias" in params):
+      paths.append(path)
+      return
+    for key in sorted(params):
+      walk(params[key], path + (key,))
+
+  walk(variables.get("params", {}), ())
+  return paths
+
+
+def batch_norm_shift_template(variables: Mapping[str, PyTree]) -> dict:
+  """Zeros shaped like every batch-norm scale and bias in `variables["params"]` (nested dict).
+
+  Stacked block batch norms give (N, C) leaves (one shift per node); a decoder's batch norm,
+  if any, gives (C,) leaves.
+  """
+  template: dict = {}
+  params = variables["params"]
+  for path in batch_norm_paths(variables):
+    node = params
+    for key in path:
+      node = node[key]
+    target = template
+    for key in path[:-1]:
+      target = target.setdefault(key, {})
+    target[path[-1]] = {name: jnp.zeros(jnp.shape(node[name]), jnp.float32)
+                        for name in ("scale", "bias") if name in node}
+  return template
+
+
+def apply_batch_norm_shifts(variables: Mapping[str, PyTree], shifts: Mapping[str, PyTree]
+                            ) -> dict:
+  """Variables whose batch-norm scales and biases are moved by the additive `shifts`.
+
+  `shifts` is a nested dict shaped like `batch_norm_shift_template(variables)` (a subset of
+  the params tree); every other variable is returned unchanged.
+  """
+
+  def add(params, delta, path):
+    if not isinstance(delta, Mapping):
+      if jnp.shape(delta) != jnp.shape(params):
+        raise ValueError(f"The shift of {'/'.join(path)} has shape {jnp.shape(delta)} but the "
+                         f"parameter has shape {jnp.shape(params)}.")
+      return params + delta
+    if not isinstance(params, Mapping):
+      raise ValueError(f"The shifts name {'/'.join(path)}, which is not a group of parameters.")
+    missing = sorted(set(delta) - set(params))
+    if missing:
+      raise ValueError(f"The shifts name {', '.join('/'.join(path + (m,)) for m in missing)}, "
+                       f"which the variables do not have.")
+    return {k: add(v, delta[k], path + (k,)) if k in delta else v for k, v in params.items()}
+
+  return {**variables, "params": add(variables["params"], shifts, ())}
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory.
+
+
+def lenet_blocks(conv_channels: Sequence[int] = (10, 20), kernel_sizes: Sequence[int] = (9, 5),
+                 fc_features: int = 50, batch_norm: bool = True, bn_momentum: float = 0.9,
+                 bn_axis_name: str | None = None) -> tuple[nn.Module, ...]:
+  """LeNet (the PHN Multi-MNIST target network) as blocks: one per conv stage, then dense."""
+  if len(conv_channels) != len(kernel_sizes):
+    raise ValueError(f"Got {len(conv_channels)} conv_channels but {len(kernel_sizes)} "
+                     f"kernel_sizes; give one kernel size per convolution.")
+  blocks, in_features = [], None
+  for features, k in zip(conv_channels, kernel_sizes):
+    blocks.append(ConvPoolBlock(features=int(features), kernel_size=int(k),
+                                in_features=in_features, batch_norm=batch_norm,
+                                bn_momentum=bn_momentum, bn_axis_name=bn_axis_name))
+    in_features = int(features)
+  blocks.append(DenseBlock(features=int(fc_features), batch_norm=batch_norm,
+                           bn_momentum=bn_momentum, bn_axis_name=bn_axis_name))
+  return tuple(blocks)
+
+
+def resnet_small_blocks(stage_channels: Sequence[int] = (16, 32, 64, 128),
+                        stage_sizes: Sequence[int] = (2, 2, 2, 2), in_channels: int = 3,
+                        bn_momentum: float = 0.9, bn_axis_name: str | None = None
+                        ) -> tuple[nn.Module, ...]:
+  """ResNet-small (3x3 stem, BasicBlocks, stride 2 from the second stage) as one block per stage."""
+  if len(stage_channels) != len(stage_sizes):
+    raise ValueError(f"Got {len(stage_channels)} stage_channels but {len(stage_sizes)} "
+                     f"stage_sizes; give one block count per stage.")
+  blocks, in_features = [], int(in_channels)
+  for s, (features, size) in enumerate(zip(stage_channels, stage_sizes)):
+    blocks.append(ResNetStage(features=int(features), in_features=in_features,
+                              num_blocks=int(size), strides=1 if s == 0 else 2, stem=s == 0,
+                              bn_momentum=bn_momentum, bn_axis_name=bn_axis_name))
+    in_features = int(features)
+  return tuple(blocks)
+
+
+# Decoder defaults per backbone [ours]: PHN's linear heads on LeNet, one hidden layer on ResNet.
+DEFAULT_HEAD_HIDDEN_LAYERS = {"lenet": 0, "resnet_small": 1}
+
+
+def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
+                   backbone_kwargs: Mapping[str, Any] | None = None, head_width: int = 64,
+                   head_hidden_layers: int | None = None, in_channels: int | None = None,
+                   bn_momentum: float = 0.9, bn_axis_name: str | None = None,
+                   pixel_mean: Sequence[float] | None = None,
+                   pixel_std: Sequence[float] | None = None) -> BranchedNet:
+  """A `BranchedNet` for `tasks` on the "lenet" or "resnet_small" block stack.
+
+  Args:
+    tasks: the tasks (one stream and one decoder each). Dense tasks are not supported.
+    backbone: "lenet" (`lenet_blocks`) or "resnet_small" (`resnet_small_blocks`).
+    backbone_kwargs: options of the block stack (lenet: conv_channels, kernel_sizes,
+      fc_features, batch_norm; resnet_small: stage_channels, stage_sizes).
+    head_width: hidden width of the decoders (when they have hidden layers).
+    head_hidden_layers: hidden layers of each decoder; None: 0 for lenet, 1 for resnet_small.
+    in_channels: image channels (resnet_small's stem; default 3).
+    bn_momentum, bn_axis_name: passed to every batch norm.
+    pixel_mean, pixel_std: image normalisation (see `BranchedNet`).
+  """
+  tasks = tuple(tasks)
+  if backbone not in BACKBONES:
+    raise ValueError(f"Unknown branched backbone {backbone!r}; available: "
+                     f"{', '.join(BACKBONES)}.")
+  dense = [t.name for t in tasks if t.is_dense]
+  if dense:
+    raise ValueError(f"Branched networks have classification/regression decoders only; tasks "
+                     f"{', '.join(dense)} are dense.")
+  options = dict(backbone_kwargs or {})
+  if backbone == "lenet":
+    blocks = lenet_blocks(**options, bn_momentum=bn_momentum, bn_axis_name=bn_axis_name)
+    in_features = blocks[-1].features
+  else:
+    options.setdefault("in_channels", in_channels or 3)
+    blocks = resnet_small_blocks(**options, bn_momentum=bn_momentum,
+                                 bn_axis_name=bn_axis_name)
+    in_features = blocks[-1].features
+  hidden_layers = (DEFAULT_HEAD_HIDDEN_LAYERS[backbone] if head_hidden_layers is None
+                   else int(head_hidden_layers))
+  heads = tuple(MLPHead(t.num_outputs, hidden_features=head_width, num_hidden=hidden_layers,
+                        in_features=in_features) for t in tasks)
+  return BranchedNet(tasks, blocks, heads,
+                     tuple(pixel_mean) if pixel_mean is not None else None,
+                     tuple(pixel_std) if pixel_std is not None else None)

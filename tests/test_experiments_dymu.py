@@ -1,0 +1,307 @@
+"""DYMU and PHN through the CLIs: a tiny three-stage DYMU run on Multi-MNIST trained with
+`--dymu_stage=all` and evaluated (sweeps at c = 0 and 1, costs, affinity files, report), its
+resume, a tiny PHN run and its sweep, and bad DYMU flags.
+
+Everything is tiny (16 px images, a 4-6-8 channel LeNet, a few steps) so that the file stays
+short on a shared CPU; what is checked is the plumbing, not the learning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+from experiments import runs
+from experiments import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKBONE = '--backbone_options="conv_channels=(4,6)","kernel_sizes=(5,3)",fc_features=8'
+HYPER = ["--dymu_edge_hidden=16,16", "--dymu_weight_hidden=16", "--dymu_embedding_features=8",
+         "--dymu_affinity_images=32", "--dymu_affinity_normalisation=pair",
+         "--dymu_temperature_every=1"]
+EVAL = ["--eval_batch_size=16", "--num_preferences=4", "--cost_preferences=64"]
+
+
+def run_cli(module, *args, timeout=600):
+  return subprocess.run([sys.executable, "-m", f"experiments.{module}", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def data_args(shared_data) -> list[str]:
+  return ["--dataset=multi_mnist", f"--data_dir={os.path.join(shared_data, 'mnist')}",
+          "--num_train=128", "--num_test=48", "--image_size=16", "--backbone=lenet", BACKBONE,
+          "--batch_size=16", "--noprogress", "--log_every=1", "--checkpoint_every=1"]
+
+
+def dymu_args(shared_data, workdir) -> list[str]:
+  return [*data_args(shared_data), "--method=dymu", *HYPER, "--dymu_stage_steps=3,3,2",
+          f"--workdir={workdir}"]
+
+
+def train_records(path) -> list[dict]:
+  with open(path) as f:
+    return [r for r in map(json.loads, f) if r.get("split") == "train"]
+
+
+@pytest.fixture(scope="module")
+def dymu_run(tmp_path_factory, shared_data):
+  workdir = tmp_path_factory.mktemp("dymu") / "run"
+  result = run_cli("train", *dymu_args(shared_data, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result.stdout
+
+
+@pytest.fixture(scope="module")
+def dymu_eval(dymu_run):
+  workdir, _ = dymu_run
+  result = run_cli("evaluate", f"--workdir={workdir}", *EVAL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / "eval" / "results.json") as f:
+    return json.load(f)
+
+
+def test_all_stages_train_in_their_folders_with_affinity_files(dymu_run):
+  workdir, stdout = dymu_run
+  for stage, steps in (("anchor", 3), ("edge", 3), ("weight", 2)):
+    assert [r["step"] for r in train_records(workdir / stage / "metrics.jsonl")] == list(
+        range(1, steps + 1)), stage
+    # Each stage's saved flags describe it alone: load_run rebuilds it as that stage.
+    values = runs.saved_metadata(str(workdir / stage))["run"]["flags"]
+    assert values["dymu_stage"] == stage and values["steps"] == steps
+  assert "omega" in train_records(workdir / "edge" / "metrics.jsonl")[0]
+  summary = json.load(open(workdir / "summary.json"))
+  assert summary["dymu_stage"] == "all" and set(summary["stages"]) == {"anchor", "edge",
+                                                                         "weight"}
+  assert summary["steps"] == 8 and summary["eval"] == summary["stages"]["weight"]["eval"]
+  assert set(summary["eval"]) == {"preference=0.5,0.5;resource=0",
+                                  "preference=0.5,0.5;resource=1"}
+  # The edge stage wrote A and w (and a heat map); the weight stage copied them.
+  record = json.load(open(workdir / "edge" / runs.AFFINITY_FILE))
+  a = np.asarray(record["affinity"])
+  assert record["tasks"] == ["left", "right"] and record["normalisation"] == "pair"
+  assert record["num_images"] == 32 and a.shape == (2, 2)
+  np.testing.assert_allclose(np.diag(a), 1.0, atol=1e-6)
+  assert 0 <= a[0, 1] < 1 and np.isclose(a[0, 1], a[1, 0])  # pair normalisation: graded
+  np.testing.assert_allclose(record["task_weights"],
+                             1.0 / np.asarray(record["anchor_task_losses"]), rtol=1e-6)
+  assert json.load(open(workdir / "weight" / runs.AFFINITY_FILE)) == record
+  for stage in ("edge", "weight"):
+    assert (workdir / stage / runs.AFFINITY_PLOT).stat().st_size > 1000
+  assert "task affinity A =" in stdout
+
+
+def test_evaluate_sweeps_both_resources_with_and_without_weight_hypernet(dymu_run, dymu_eval):
+  workdir, _ = dymu_run
+  results = dymu_eval
+  assert results["method"] == "dymu" and results["stage"] == "weight"
+  assert results["workdir"] == str(workdir / "weight") and results["step"] == 2
+  assert results["variants"] == ["edge", "weight"] and results["resources"] == [0.0, 1.0]
+  sweeps = {(s["variant"], s["resource"]): s for s in results["sweeps"]}
+  assert set(sweeps) == {("edge", 0.0), ("edge", 1.0), ("weight", 0.0), ("weight", 1.0)}
+  for sweep in sweeps.values():
+    assert len(sweep["points"]) == 4 and np.asarray(sweep["losses"]).shape == (4, 2)
+    assert sweep["hypervolume"] > 0 and np.isfinite(sweep["uniformity"])
+    assert 1 <= sweep["distinct_trees"] <= 4 and np.isfinite(sweep["delta_m"])
+    for point in sweep["points"]:
+      assert 0 < point["macs_fraction"] <= 1 and 0 < point["params_fraction"] <= 1
+      assert np.isclose(sum(point["preference"]), 1.0)
+      assert set(point["metrics"]) == {"left", "right"}
+  # The same preferences at every level, and the same trees with or without the weight
+  # hypernetwork (it only shifts batch norms).
+  for c in (0.0, 1.0):
+    edge, weight = sweeps[("edge", c)], sweeps[("weight", c)]
+    assert [p["preference"] for p in edge["points"]] == [p["preference"] for p in
+                                                         weight["points"]]
+    assert [p["tree"] for p in edge["points"]] == [p["tree"] for p in weight["points"]]
+  cost = results["cost"]
+  assert cost["preferences"] == 64 and [r["resource"] for r in cost["by_resource"]] == [0, 1]
+  for row in cost["by_resource"]:
+    assert 0 < row["min_macs_fraction"] <= row["mean_macs_fraction"] <= row[
+        "max_macs_fraction"] <= 1
+    assert 0 < row["mean_params_fraction"] <= 1 and row["distinct_trees"] >= 1
+    assert len(row["macs_fractions"]) == 64 and len(row["dominant_preference"]) == 64
+    assert min(row["dominant_preference"]) >= 0.5
+  assert results["affinity"]["affinity"] == json.load(
+      open(workdir / "edge" / runs.AFFINITY_FILE))["affinity"]
+  report = (workdir / "eval" / "report.md").read_text()
+  for text in ("| edge, c=0 |", "| weight, c=1 |", "## Cost", "## Task affinity",
+               "![task affinity](dymu_affinity.png)", "HV (losses)", "distinct trees"):
+    assert text in report, text
+  for plot in ("cost_vs_preference.png", "tradeoff_front.png", "controllability.png",
+               "dymu_affinity.png"):
+    assert (workdir / "eval" / plot).stat().st_size > 1000, plot
+    assert f"({plot})" in report
+
+
+def test_reported_points_match_the_controlled_network(dymu_run, dymu_eval):
+  """A sweep point recomputed through the method's own predict and cost agrees."""
+  workdir, _ = dymu_run
+  run = runs.load_run(runs.resolve_workdir(str(workdir)))
+  method = run.method
+  assert method.stage == "weight"
+  batch = run.test_source.get(np.arange(len(run.test_source)))
+  for sweep in dymu_eval["sweeps"]:
+    variables = run.variables
+    if sweep["variant"] == "edge":  # the anchor and the edge hypernetwork only
+      variables = {"params": {"edge_hypernet": variables["edge_hypernet"]["params"]},
+                   "anchor": variables["anchor"]}
+    point = sweep["points"][1]
+    controls = {"preference": point["preference"], "resource": sweep["resource"]}
+    controller = method.controller(variables)
+    tree = controller.tree(point["preference"], sweep["resource"])
+    assert [list(row) for row in tree.parents] == point["tree"]
+    cost = method.net.tree_cost(tree, run.test_source.image_shape)
+    assert cost.macs == point["macs"] and cost.params == point["params"]
+    predictions = method.predict(variables, batch["image"], controls)
+    for name in ("left", "right"):
+      accuracy = float(np.mean(np.argmax(predictions[name], -1) == batch[name]))
+      assert accuracy == pytest.approx(point["metrics"][name]["accuracy"], abs=1e-6)
+
+
+def test_rerunning_the_command_continues_where_it_stopped(dymu_run, dymu_eval, shared_data):
+  """A run killed before the weight stage's last checkpoint: the same command trains only the
+  missing step, with the same result."""
+  workdir, _ = dymu_run
+  weight = workdir / "weight"
+  before = train_records(weight / "metrics.jsonl")
+  sizes = {s: len(train_records(workdir / s / "metrics.jsonl")) for s in ("anchor", "edge")}
+  affinity_time = os.path.getmtime(workdir / "edge" / runs.AFFINITY_FILE)
+  shutil.rmtree(weight / "checkpoints" / "2")
+  assert runs.latest_step(str(weight)) == 1
+  result = run_cli("train", *dymu_args(shared_data, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  for stage in ("anchor", "edge"):
+    assert f"DYMU stage {stage}: already trained" in result.stdout
+  after = train_records(weight / "metrics.jsonl")
+  assert [r["step"] for r in after[len(before):]] == [2]  # resumed at 1, not restarted
+  assert after[-1]["loss"] == pytest.approx(before[-1]["loss"], rel=1e-5)
+  for stage, size in sizes.items():  # finished stages are not trained again
+    assert len(train_records(workdir / stage / "metrics.jsonl")) == size
+  assert os.path.getmtime(workdir / "edge" / runs.AFFINITY_FILE) == affinity_time
+  assert runs.latest_step(str(weight)) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# PHN.
+
+
+@pytest.fixture(scope="module")
+def phn_run(tmp_path_factory, shared_data):
+  workdir = tmp_path_factory.mktemp("phn") / "run"
+  result = run_cli("train", *data_args(shared_data), "--method=phn", "--head_width=8",
+                   "--phn_hidden=16", "--phn_chunk_size=256", "--steps=3",
+                   f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_cli("evaluate", f"--workdir={workdir}", *EVAL, "--hv_reference=5,5")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / "eval" / "results.json") as f:
+    return workdir, json.load(f)
+
+
+def test_phn_sweep_and_report(phn_run):
+  workdir, results = phn_run
+  assert results["method"] == "phn" and results["variants"] == ["phn"]
+  assert results["hypervolume_reference"] == [5.0, 5.0]
+  (sweep,) = results["sweeps"]
+  assert sweep["resource"] is None and len(sweep["points"]) == 4
+  loss = np.asarray(sweep["losses"])
+  assert loss.shape == (4, 2) and sweep["hypervolume"] > 0 and np.isfinite(sweep["uniformity"])
+  cost = results["cost"]
+  assert cost["mode"] == "all" and cost["inference_macs"] > 0 and cost["hypernet_params"] > 0
+  # The first point recomputed through PHN's own predict.
+  run = runs.load_run(str(workdir))
+  batch = run.test_source.get(np.arange(len(run.test_source)))
+  point = sweep["points"][0]
+  predictions = run.method.predict(run.variables, batch["image"],
+                                   {"preference": point["preference"]})
+  for name in ("left", "right"):
+    accuracy = float(np.mean(np.argmax(predictions[name], -1) == batch[name]))
+    assert accuracy == pytest.approx(point["metrics"][name]["accuracy"], abs=1e-6)
+  report = (workdir / "eval" / "report.md").read_text()
+  assert "| phn |" in report and "Generated network (all mode)" in report
+  assert "(tradeoff_front.png)" in report and "## Cost" not in report
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad flags.
+
+
+def run_in_process(*argv):
+  fv = flags.FLAGS
+  fv.unparse_flags()
+  try:
+    fv(["train", *argv])
+    return train.run()
+  finally:
+    fv.unparse_flags()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dymu_stage=edge"], "--dymu_stage=edge needs --dymu_anchor_dir"),
+    (["--dymu_stage=weight"], "--dymu_stage=weight needs --dymu_edge_dir"),
+    (["--dymu_stage=weight", "--dymu_edge_dir=/no/such/run"],
+     "--dymu_edge_dir=/no/such/run does not exist"),
+    (["--dymu_stage=anchor", "--dymu_edge_dir=/x"],
+     "--dymu_edge_dir is read only by --dymu_stage=weight"),
+    (["--dymu_stage=weight", "--dymu_anchor_dir=/x"],
+     "--dymu_anchor_dir is read by --dymu_stage=edge or all"),
+    (["--dymu_stage_steps=3,3"], "--dymu_stage_steps takes three numbers"),
+    (["--dymu_edge_hidden=16,x"], "--dymu_edge_hidden must be comma-separated whole numbers"),
+    (["--backbone=resnet18"], "DYMU's anchor streams are built on --backbone=lenet or"),
+    (["--backbone_options=channel_divisor=2"],
+     "--backbone_options has channel_divisor, which DYMU's lenet streams do not take"),
+    (["--head_batch_norm"], "--head_batch_norm is not available with --method=dymu"),
+])
+def test_bad_dymu_flags_stop_with_one_sentence(tmp_path, shared_data, args, message):
+  argv = [*dymu_args(shared_data, tmp_path / "w")]
+  if any(a.startswith("--backbone") for a in args):
+    argv.remove(BACKBONE)
+  with pytest.raises(ValueError) as error:
+    run_in_process(*argv, *args)
+  assert message in str(error.value)
+  assert str(error.value).count(". ") == 0 and str(error.value).endswith(".")
+
+
+def test_edge_stage_checks_its_anchor(dymu_run, phn_run, shared_data, tmp_path):
+  workdir, _ = dymu_run
+  phn_workdir, _ = phn_run
+  edge = ["--dymu_stage=edge", f"--workdir={tmp_path / 'edge'}"]
+  with pytest.raises(ValueError, match="holds a --method=phn run"):
+    run_in_process(*dymu_args(shared_data, tmp_path), *edge,
+                   f"--dymu_anchor_dir={phn_workdir}")
+  unfinished = tmp_path / "unfinished_anchor"  # as if killed before its last checkpoint
+  shutil.copytree(workdir / "anchor", unfinished)
+  shutil.rmtree(unfinished / "checkpoints" / "3")
+  with pytest.raises(ValueError, match=r"stopped at step 2 of 3; finish it first"):
+    run_in_process(*dymu_args(shared_data, tmp_path), *edge, f"--dymu_anchor_dir={unfinished}")
+  other = [a for a in dymu_args(shared_data, tmp_path) if a != BACKBONE]
+  with pytest.raises(ValueError, match="was built with model options"):
+    run_in_process(*other, '--backbone_options="conv_channels=(4,6)","kernel_sizes=(5,3)",'
+                   'fc_features=12', *edge, f"--dymu_anchor_dir={workdir / 'anchor'}")
+
+
+def test_finished_stages_refuse_other_inputs(dymu_run, shared_data):
+  workdir, _ = dymu_run
+  with pytest.raises(ValueError, match=r"trained with another task affinity \(num_images 32 "
+                     r"then and 48 now\)"):
+    run_in_process(*dymu_args(shared_data, workdir), "--dymu_affinity_images=48")
+
+
+def test_bad_stage_fails_in_the_cli(tmp_path):
+  result = run_cli("train", "--method=dymu", "--dymu_stage=search",
+                   f"--workdir={tmp_path / 'w'}", timeout=120)
+  assert result.returncode != 0 and "dymu_stage" in result.stderr
+  result = run_cli("train", "--method=dymu", "--dymu_stage=edge", "--dataset=synthetic",
+                   "--image_size=16", "--num_train=8", "--num_test=8", "--backbone=lenet",
+                   f"--workdir={tmp_path / 'w'}", timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "needs --dymu_anchor_dir" in lines[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr

@@ -1,0 +1,227 @@
+"""Branched networks: stacked streams, soft mixing vs static trees, cost, batch-norm shifts.
+
+Networks are tiny (a 4-6-8 channel LeNet on 16 px, a two-stage ResNet with one 4- and one
+8-channel block on 8 px) and every forward pass is jitted (eager vmapped convolutions are
+slower than compiling) so that the file stays fast on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dymu_jax import tasks as tasks_lib
+from dymu_jax.models import branched, cost
+from dymu_jax.models.branched import Tree
+
+import random_variables as test_variables
+
+DIGITS = (tasks_lib.classification("left", 10), tasks_lib.classification("right", 10))
+FACES = (tasks_lib.regression("age"), tasks_lib.classification("gender", 2),
+         tasks_lib.classification("race", 5))
+TINY_LENET = {"conv_channels": (4, 6), "kernel_sizes": (5, 3), "fc_features": 8}
+TINY_RESNET = {"stage_channels": (4, 8), "stage_sizes": (1, 1)}
+CASES = {
+    "lenet": (DIGITS, "lenet", TINY_LENET, (16, 16, 1)),
+    "resnet_small": (FACES, "resnet_small", TINY_RESNET, (8, 8, 3)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def setup(case: str):
+  """(net, variables filled by numpy, images (3, H, W, C))."""
+  tasks, backbone, options, shape = CASES[case]
+  net = branched.build_branched(tasks, backbone, backbone_kwargs=options, head_width=8)
+  shapes = jax.eval_shape(net.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *shape),
+                                                                           jnp.float32))
+  variables = test_variables.fill(shapes, seed=1)
+  images = np.random.default_rng(0).uniform(size=(3, *shape)).astype(np.float32)
+  return net, variables, images
+
+
+def stream_variables(variables, layer: int, stream: int):
+  key = f"block{layer}"
+  return {col: jax.tree.map(lambda a: a[stream], tree[key])
+          for col, tree in variables.items() if key in tree}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def run_streams_one_by_one(net, variables, images, train=False):
+  """Each task's own stream, one block at a time with its unstacked variables."""
+  predictions, stats = {}, []
+  for j, task in enumerate(net.tasks):
+    x = net._normalise(images)
+    stream_stats = []
+    for l, block in enumerate(net.blocks):
+      v = stream_variables(variables, l, j)
+      if train:
+        x, state = block.apply(v, x, train=True, mutable=["batch_stats"])
+        stream_stats.append(state["batch_stats"])
+      else:
+        x = block.apply(v, x, train=False)
+    head = {col: tree[f"head_{task.name}"] for col, tree in variables.items()
+            if f"head_{task.name}" in tree}
+    predictions[task.name] = net.heads[j].apply(head, x)
+    stats.append(stream_stats)
+  return predictions, stats
+
+
+def assert_close(a, b, atol=1e-5):
+  for key in a:
+    np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_vmap_over_stacked_streams_equals_streams_one_by_one(case):
+  net, variables, images = setup(case)
+  expected, expected_stats = run_streams_one_by_one(net, variables, images, train=True)
+  separate = net.separate_tree()
+  predictions, state = jax.jit(
+      lambda v, x: net.apply_tree(v, x, separate, train=True))(variables, images)
+  assert_close(expected, predictions)
+  for l in range(net.num_layers):  # stacked batch statistics = each stream's own
+    for j in range(net.num_tasks):
+      got = jax.tree.map(lambda a: a[j], state["batch_stats"][f"block{l}"])
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                   got, expected_stats[j][l])
+
+
+def mixed_trees(num_layers: int, num_tasks: int, num_random: int = 2):
+  """The separate tree, a shared trunk and random trees."""
+  rng = np.random.default_rng(3)
+  trees = [Tree.separate(num_layers, num_tasks), Tree.shared(num_layers, num_tasks, 1)]
+  trees += [Tree(tuple(tuple(int(p) for p in rng.integers(0, num_tasks, num_tasks))
+                       for _ in range(num_layers))) for _ in range(num_random)]
+  return trees
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def tree_forward(net, variables, images, tree):
+  return net.apply_tree(variables, images, tree, return_features=True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_one_hot_soft_forward_equals_the_tree_forward(case):
+  net, variables, images = setup(case)
+  soft = jax.jit(lambda v, x, nu: net.apply_soft(v, x, nu, return_features=True))
+  # One random tree on ResNet (3 tasks) and LeNet (2 tasks) keeps compilation short.
+  for tree in mixed_trees(net.num_layers, net.num_tasks, num_random=1):
+    tree_predictions, tree_features = tree_forward(net, variables, images, tree)
+    soft_predictions, soft_features = soft(variables, images, tree.one_hot())
+    assert_close(tree_predictions, soft_predictions)
+    for used, got, full in zip(tree.used_nodes(), tree_features, soft_features):
+      assert got.shape[0] == len(used)
+      np.testing.assert_allclose(got, np.asarray(full)[list(used)], atol=1e-5)
+
+
+def test_soft_mixing_is_the_weighted_sum_of_parents():
+  net, variables, images = setup("lenet")
+  nu = np.zeros((3, 2, 2), np.float32)
+  nu[:] = np.eye(2)
+  nu[1, 0] = (0.25, 0.75)  # node (2, 0) reads 0.25 Y[1][0] + 0.75 Y[1][1]
+  _, features = jax.jit(lambda v, x: net.apply_soft(v, x, nu, return_features=True))(
+      variables, images)
+  mixed = 0.25 * features[1][0] + 0.75 * features[1][1]
+  expected = net.blocks[2].apply(stream_variables(variables, 2, 0), mixed)
+  np.testing.assert_allclose(features[2][0], expected, atol=1e-5)
+
+
+def test_trees_used_nodes_and_messages():
+  tree = Tree(((0, 1, 1), (1, 1, 2), (0, 0, 2), (0, 2, 2)))
+  # Decoders read nodes {0, 2} of layer 3; those read {0, 2} of layer 2; ... of layer 0: {1}.
+  assert tree.used_nodes() == ((1,), (1, 2), (0, 2), (0, 2))
+  assert tree.num_used_nodes() == 7
+  assert Tree.shared(4, 3, 2).used_nodes() == ((2,),) * 4
+  assert Tree.separate(2, 3).used_nodes() == ((0, 1, 2),) * 2
+  logits = np.zeros((2, 3, 3))
+  logits[0, :, 1] = 1.0
+  logits[1] = np.eye(3)
+  assert Tree.from_scores(logits).parents == ((1, 1, 1), (0, 1, 2))
+  assert hash(Tree(((0, 1),))) == hash(Tree([[0, 1]]))
+  with pytest.raises(ValueError, match=r"parents\[1\]\[0\] is 3, but a parent index must lie "
+                                       r"in \[0, 3\)"):
+    Tree(((0, 1, 2), (3, 0, 0)))
+  with pytest.raises(ValueError, match="one parent per stream"):
+    Tree(((0, 1), (0,)))
+  net, variables, images = setup("lenet")
+  with pytest.raises(ValueError, match="3 layers of 2 streams, but the tree has 2 layers"):
+    net.apply_tree(variables, images, Tree(((0, 1), (0, 1))))
+  with pytest.raises(ValueError, match=r"nu must have shape \(layers, tasks, tasks\)"):
+    net.apply_soft(variables, images, np.ones((2, 2, 2)))
+  with pytest.raises(ValueError, match="Unknown branched backbone 'vgg'"):
+    branched.build_branched(DIGITS, "vgg")
+
+
+def test_parameter_and_mac_counts_of_shared_and_separate_trees():
+  """LeNet on 36 px Multi-MNIST, counted by hand (per example)."""
+  net = branched.build_branched(DIGITS, "lenet")
+  shape = (36, 36, 1)
+  # conv 10@9x9 (no bias) + BN: 810 + 20; conv 20@5x5: 5,000 + 40; dense 500 -> 50: 25,000 +
+  # 100; two linear decoders 50 -> 10: 510 each.
+  stream_params, decoder_params = 830 + 5_040 + 25_100, 2 * 510
+  # conv1: 28x28 positions x 81 taps x 10; conv2: 10x10 x 25 x 10 x 20; dense; decoders.
+  stream_macs, decoder_macs = 28 * 28 * 81 * 10 + 10 * 10 * 250 * 20 + 500 * 50, 2 * 500
+  separate = net.tree_cost(net.separate_tree(), shape)
+  shared = net.tree_cost(net.shared_tree(1), shape)
+  assert (separate.params, separate.macs) == (2 * stream_params + decoder_params,
+                                              2 * stream_macs + decoder_macs)
+  assert (shared.params, shared.macs) == (stream_params + decoder_params,
+                                          stream_macs + decoder_macs)
+  assert shared.full_params == separate.params and separate.macs_fraction == 1.0
+  assert shared.params_fraction == pytest.approx(31_990 / 62_960)
+  variables = jax.eval_shape(net.init, jax.random.key(0),
+                             jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  assert separate.params == cost.num_params(variables["params"])
+
+
+def test_tree_cost_matches_xla_cost_analysis():
+  net, variables, images = setup("resnet_small")  # padded 3x3 convolutions
+  shape = images.shape[1:]
+  flops = {}
+  for tree in mixed_trees(net.num_layers, net.num_tasks):
+    analytic = net.tree_cost(tree, shape, exclude_padding=True)
+    fn = lambda v, x, t=tree: net.apply_tree(v, x, t)
+    # XLA's count of every convolution and dot the traced program runs.
+    flops[tree] = cost.xla_matmul_flops(fn, variables, images)
+    assert analytic.macs * images.shape[0] == flops[tree] / 2, tree
+  # The program of a shared trunk holds only the used nodes' work (the saving is real).
+  separate, shared = net.separate_tree(), net.shared_tree(1)
+  assert flops[shared] / flops[separate] < 0.4
+  assert net.tree_cost(shared, shape).macs_fraction < 0.4
+
+
+def test_batch_norm_shifts():
+  net, variables, images = setup("resnet_small")
+  template = branched.batch_norm_shift_template(variables)
+  # Every block's batch norms, stacked over the 3 streams; decoders have none.
+  assert set(template) == {"block0", "block1"}
+  assert template["block0"]["stem_bn"]["scale"].shape == (3, 4)
+  assert template["block1"]["block0"]["downsample_bn"]["bias"].shape == (3, 8)
+  run = jax.jit(lambda v, x: net.apply_tree(v, x, net.separate_tree()))
+  anchor = run(variables, images)
+  zero = branched.apply_batch_norm_shifts(variables, template)
+  assert_close(anchor, run(zero, images), atol=0.0)
+  # A shift of one stream's batch norm moves that task only.
+  delta = jax.tree.map(jnp.zeros_like, template)
+  delta["block1"]["block0"]["bn2"]["bias"] = delta["block1"]["block0"]["bn2"]["bias"].at[2].set(
+      1.0)
+  moved = run(branched.apply_batch_norm_shifts(variables, delta), images)
+  assert_close({k: anchor[k] for k in ("age", "gender")}, moved)
+  assert not np.allclose(anchor["race"], moved["race"])
+  bad = {"block0": {"stem_bn": {"scale": jnp.zeros((2, 4))}}}
+  with pytest.raises(ValueError, match="block0/stem_bn/scale has shape"):
+    branched.apply_batch_norm_shifts(variables, bad)
+
+
+def test_train_mode_updates_the_statistics_of_used_nodes_only():
+  net, variables, images = setup("lenet")
+  tree = net.shared_tree(1)
+  _, state = jax.jit(lambda v, x: net.apply_tree(v, x, tree, train=True))(variables, images)
+  for l in range(net.num_layers):
+    old, new = variables["batch_stats"][f"block{l}"], state["batch_stats"][f"block{l}"]
+    np.testing.assert_array_equal(old["bn"]["mean"][0], new["bn"]["mean"][0])
+    assert not np.allclose(old["bn"]["mean"][1], new["bn"]["mean"][1])
