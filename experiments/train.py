@@ -36,7 +36,9 @@ from dymu_jax.data import augment as augment_lib
 flags.DEFINE_enum("method", "static", list(methods_lib.METHODS),
                   "Training method: " + "; ".join(f"{k}: {v}"
                                                   for k, v in methods_lib.METHODS.items()))
-flags.DEFINE_list("task_weights", [], "Loss weight per task (static); empty = 1 each.")
+flags.DEFINE_list("task_weights", [],
+                  "Fixed loss weight per task, in task order (every method; DYMU's edge and "
+                  "weight stages use 1 / the anchor's losses instead); empty = 1 each.")
 # --- ECMT (--method=ecmt; METHODS.md section 2) ---
 flags.DEFINE_integer("num_subnets", 4, "ECMT: configurations per step by the sandwich rule "
                      "(max, min and num_subnets-2 random).")
