@@ -23,8 +23,6 @@ as two forwards (the convention of `experiments.evaluate`):
 from __future__ import annotations
 
 import statistics
-import time
-from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -33,11 +31,9 @@ import numpy as np
 
 from benchmarks import step_speed
 from dymu_jax import methods as methods_lib
-from dymu_jax import train as train_lib
 from dymu_jax.methods import ecmt
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models.widths import WidthConfig
-from dymu_jax.train import state as state_lib
 
 _METHODS = flags.DEFINE_list("methods", ["static", "ecmt", "gradsplit", "pcgrad"],
                              "Methods to time (static is always included as the reference).")
@@ -52,30 +48,6 @@ def build(model: str, name: str):
   return methods_lib.build(
       name, spec["tasks"], method_options=options,
       model_options={"backbone": spec["backbone"], "head_width": step_speed.head_width(model)})
-
-
-def runner(method, batches) -> Callable[[int], float]:
-  """`run(num_steps) -> seconds` of the method's compiled train step."""
-  par = train_lib.Parallel("mesh")
-  optimizer = train_lib.TrainConfig().make_optimizer()
-  device_batches = [par.shard_batch(b) for b in batches]
-  state = par.place_state(par.init_state(
-      state_lib.init_fn(method, optimizer), jax.random.PRNGKey(0), batches[0]))
-  step_fn = par.compile_step(method, optimizer, method.tasks)
-  state, metrics = step_fn(state, device_batches[0])
-  jax.block_until_ready(metrics)
-  holder = {"state": state}
-
-  def run(num_steps: int) -> float:
-    state, metrics = holder["state"], None
-    start = time.perf_counter()
-    for i in range(num_steps):
-      state, metrics = step_fn(state, device_batches[i % len(device_batches)])
-    jax.block_until_ready((state, metrics))
-    holder["state"] = state
-    return time.perf_counter() - start
-
-  return run
 
 
 def theoretical(method, name: str, image_shape, batch_size: int, params) -> tuple[float, float]:
@@ -117,7 +89,7 @@ def main(argv):
     batches = step_speed.make_batches(model, size)
     image_shape = step_speed.SPECS[model]["image_shape"]
     built = {name: build(model, name) for name in names}
-    runners = {name: runner(m, batches) for name, m in built.items()}
+    runners = {name: step_speed.step_runner(m, batches) for name, m in built.items()}
     for run in runners.values():
       run(FLAGS.warmup_steps)
     rates: dict[str, list[float]] = {name: [] for name in names}

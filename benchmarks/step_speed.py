@@ -133,13 +133,19 @@ def project_runner(model: str, batches, plain: bool = False) -> Callable[[int], 
   method = methods_lib.build(
       "static", spec["tasks"],
       model_options={"backbone": spec["backbone"], "head_width": head_width(model)})
+  return step_runner(method, batches, plain)
+
+
+def step_runner(method, batches, plain: bool = False) -> Callable[[int], float]:
+  """`run(num_steps) -> seconds` of `method`'s compiled, state-donating train step (the one
+  `dymu_jax.train.train` runs), fed device batches; compiled and run once here."""
   par = train_lib.Parallel("mesh")
   optimizer = train_lib.TrainConfig().make_optimizer()  # Adam, 1e-3
   device_batches = [par.shard_batch(b) for b in batches]
   with fast_ops.plain(plain):  # read while tracing: compile the step inside
     state = par.place_state(par.init_state(
         state_lib.init_fn(method, optimizer), jax.random.PRNGKey(0), batches[0]))
-    step_fn = par.compile_step(method, optimizer, spec["tasks"])
+    step_fn = par.compile_step(method, optimizer, method.tasks)
     state, metrics = step_fn(state, device_batches[0])
     jax.block_until_ready(metrics)
   holder = {"state": state}
