@@ -64,7 +64,7 @@ from dymu_jax.models import layers
 from dymu_jax.models.backbones import BasicBlock
 from dymu_jax.models.decoders import MLPHead
 from dymu_jax.models.layers import SlimBatchNorm, SlimConv, SlimDense
-from dymu_jax.models.multitask import IMAGENET_MEAN, IMAGENET_STD
+from dymu_jax.models.multitask import normalise_images
 
 PyTree = Any
 BACKBONES = ("lenet", "resnet_small")
@@ -357,17 +357,7 @@ class BranchedNet:
     if images.ndim != 4:
       raise ValueError(f"BranchedNet expects images of shape (B, H, W, C), got "
                        f"{tuple(images.shape)}.")
-    c = images.shape[-1]
-    mean, std = self.pixel_mean, self.pixel_std
-    if mean is None:
-      mean = IMAGENET_MEAN if c == 3 else (0.5,) * c
-    if std is None:
-      std = IMAGENET_STD if c == 3 else (0.5,) * c
-    if len(mean) != c or len(std) != c:
-      raise ValueError(f"pixel_mean {tuple(mean)} and pixel_std {tuple(std)} need one value "
-                       f"per image channel ({c}).")
-    return (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
-        std, jnp.float32)
+    return normalise_images(images, self.pixel_mean, self.pixel_std)
 
   def _block_variables(self, variables: Mapping[str, PyTree], layer: int) -> dict:
     key = f"block{layer}"

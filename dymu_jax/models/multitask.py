@@ -35,6 +35,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def normalise_images(images: jax.Array, pixel_mean=None, pixel_std=None) -> jax.Array:
+  """Per-channel normalisation of [0, 1] images; None takes the ImageNet statistics for
+  3-channel images and 0.5 / 0.5 otherwise [ours]."""
+  c = images.shape[-1]
+  mean = pixel_mean if pixel_mean is not None else (
+      IMAGENET_MEAN if c == 3 else (0.5,) * c)
+  std = pixel_std if pixel_std is not None else (IMAGENET_STD if c == 3 else (0.5,) * c)
+  if len(mean) != c or len(std) != c:
+    raise ValueError(
+        f"pixel_mean {tuple(mean)} and pixel_std {tuple(std)} need one value per image "
+        f"channel ({c}).")
+  return (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
+      std, jnp.float32)
+
+
 def kwargs_tuple(kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
   """A mapping of options as a sorted tuple of pairs (hashable, a valid module attribute)."""
   if not kwargs:
@@ -135,18 +150,7 @@ class MultiTaskNet(nn.Module):
                       head_widths=head_widths)
 
   def _normalise(self, images: jax.Array) -> jax.Array:
-    c = images.shape[-1]
-    mean, std = self.pixel_mean, self.pixel_std
-    if mean is None:
-      mean = IMAGENET_MEAN if c == 3 else (0.5,) * c
-    if std is None:
-      std = IMAGENET_STD if c == 3 else (0.5,) * c
-    if len(mean) != c or len(std) != c:
-      raise ValueError(
-          f"pixel_mean {tuple(mean)} and pixel_std {tuple(std)} need one value per image "
-          f"channel ({c}).")
-    return (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
-        std, jnp.float32)
+    return normalise_images(images, self.pixel_mean, self.pixel_std)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, widths: WidthConfig | DynamicWidths | None = None,
