@@ -9,7 +9,11 @@ flags names the training command (other flags that differ from their defaults ar
 its final test metrics and wall time come from `summary.json`; and where
 `python -m experiments.evaluate` was run (`<workdir>/eval/results.json`), its measures and the
 evaluate command. Runs are grouped by dataset: one table of the fixed methods (baselines,
-GradSplit, PCGrad) and one table per ECMT run (one row per budget). With `--copy_plots`, the
+GradSplit, PCGrad: metrics, Delta_m, inference and training MACs, parameters), one table of the
+preference-controlled runs (DYMU, whose `--dymu_stage=all` parent folder counts as one run, PHN
+and PHN-BN: hypervolume against one shared reference point, uniformity, rank controllability,
+mean cost; with a plot of the loss fronts for two tasks) and one table per ECMT run (one row per
+budget). With `--copy_plots`, the
 evaluation plots are copied next to the page (`<output stem>/<run>/*.png`) and embedded.
 
 Nothing is re-measured here: the page shows what the runs recorded, so regenerate it after new
@@ -28,8 +32,10 @@ from typing import Any, Mapping, Sequence
 
 from absl import app
 from absl import flags
+import numpy as np
 
 from experiments import common
+from experiments import runs
 from experiments import train as _train  # noqa: F401  (defines the training flags)
 from dymu_jax.metrics import pareto
 from dymu_jax.train import checkpoint as checkpoint_lib
@@ -139,6 +145,23 @@ def _short_path(path: str) -> str:
   return rel if not rel.startswith("../..") else os.path.abspath(path)
 
 
+def dymu_parent_flags(folder: str, summary: Mapping[str, Any]) -> dict | None:
+  """The flags of a `--dymu_stage=all` run, from its newest stage's checkpoint.
+
+  Each stage saves its own flags (its stage, steps and input folders); the command that trains
+  the whole run has `--dymu_stage=all`, the default `--steps`, and `--dymu_anchor_dir` only
+  when the anchor was another run's.
+  """
+  values = saved_flags(runs.resolve_workdir(folder))
+  if values is None:
+    return None
+  anchor_dir = summary.get("anchor_dir") or ""
+  own_anchor = os.path.abspath(os.path.join(folder, "anchor"))
+  return {**values, "dymu_stage": "all", "steps": FLAGS["steps"].default,
+          "dymu_anchor_dir": "" if os.path.abspath(anchor_dir) == own_anchor else anchor_dir,
+          "dymu_edge_dir": FLAGS["dymu_edge_dir"].default}
+
+
 def load_runs(patterns: Sequence[str]) -> tuple[list[dict], list[str]]:
   """(runs, notes): one dict per finished run, and a note per skipped folder."""
   folders = []
@@ -154,12 +177,14 @@ def load_runs(patterns: Sequence[str]) -> tuple[list[dict], list[str]]:
     if not os.path.isfile(summary_path):
       notes.append(f"{folder}: no summary.json (training not finished)")
       continue
+    with open(summary_path, encoding="utf-8") as f:
+      summary = json.load(f)
     values = saved_flags(folder)
+    if values is None and summary.get("dymu_stage") == "all":
+      values = dymu_parent_flags(folder, summary)
     if values is None:
       notes.append(f"{folder}: no checkpoint")
       continue
-    with open(summary_path, encoding="utf-8") as f:
-      summary = json.load(f)
     evaluation = None
     eval_path = os.path.join(folder, "eval", "results.json")
     if os.path.isfile(eval_path):
@@ -240,20 +265,132 @@ def eval_command(run: dict) -> str | None:
   return " ".join(parts)
 
 
+def _mega(value: Any) -> str:
+  return "n/a" if value is None else f"{float(value) / 1e6:.2f} M"
+
+
 def fixed_table(group: Sequence[dict], reference: dict | None) -> list[str]:
-  """One row per run; Delta_m from its evaluation, else from its summary against `reference`."""
-  lines = ["| run | method | steps | test metrics | Delta_m % | wall time |",
-           "|---|---|---|---|---|---|"]
+  """One row per run; Delta_m from its evaluation, else from its summary against `reference`.
+
+  Costs (per example) come from the evaluation (`cost`: analytic inference MACs, parameters and
+  training MACs by `experiments.evaluate.TRAINING_MACS_CONVENTION`).
+  """
+  lines = ["| run | method | steps | test metrics | Delta_m % | inference MACs | params | "
+           "training MACs | wall time |", "|---|---|---|---|---|---|---|---|---|"]
   for run in group:
     metrics = _supernet_metrics(run)
     shown = ", ".join(_primary(t, m) for t, m in metrics.items())
     delta = run["eval"].get("delta_m") if run["eval"] else None
     if delta is None and reference is not None:
       delta = delta_m(metrics, _supernet_metrics(reference))
+    cost = (run["eval"] or {}).get("cost") or {}
     lines.append(f"| `{run['name']}` | {run['values'].get('method')} | "
                  f"{run['summary'].get('steps')} | {shown} | {_fmt(delta, 3)} | "
+                 f"{_mega(cost.get('inference_macs'))} | {_mega(cost.get('params'))} | "
+                 f"{_mega(cost.get('training_macs_per_example'))} | "
                  f"{_minutes(run['summary'].get('seconds'))} |")
   return lines
+
+
+# Methods evaluated by a preference sweep (experiments.evaluate's DYMU and PHN sweeps).
+PREFERENCE_METHODS = ("dymu", "phn", "phn_bn")
+
+
+def shared_hv_reference(group: Sequence[dict]) -> list[float] | None:
+  """One hypervolume reference for every preference sweep of a dataset (test losses)."""
+  losses = [np.asarray(sweep["losses"]) for run in group if run["eval"]
+            for sweep in run["eval"].get("sweeps", [])]
+  if not losses:
+    return None
+  return pareto.default_reference(np.concatenate(losses)).tolist()
+
+
+def _anchor_cost(group: Sequence[dict]) -> dict | None:
+  for run in group:
+    cost = (run["eval"] or {}).get("cost") or {}
+    if "full_macs" in cost:
+      return cost
+  return None
+
+
+def _training_seconds(run: dict, variant: str) -> Any:
+  """Wall time of the stages a DYMU variant needs (without the weight stage for "edge")."""
+  stages = run["summary"].get("stages")
+  if variant == "edge" and stages:
+    return sum(stages[s]["seconds"] for s in ("anchor", "edge") if s in stages)
+  return run["summary"].get("seconds")
+
+
+def preference_table(group: Sequence[dict], hv_reference: Sequence[float]) -> list[str]:
+  """One row per sweep (run, variant, c) of DYMU, PHN and PHN-BN runs of one dataset.
+
+  Hypervolumes are recomputed against `hv_reference`, shared by every row so they compare.
+  Costs: DYMU's mean over the evaluation's `--cost_preferences` preferences (trees differ per
+  preference); PHN's network is one shared network. Fractions are of the DYMU anchor (N
+  single-task streams) where the dataset has a DYMU run.
+  """
+  anchor = _anchor_cost(group)
+  head = ["run", "variant", "c", "HV", "uniformity", "rank contr.", "Delta_m %",
+          "mean MACs (fraction)", "mean params (fraction)", "distinct trees", "training time"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  reference = np.asarray(hv_reference, np.float64)
+  for run in group:
+    evaluation = run["eval"]
+    if evaluation is None or "sweeps" not in evaluation:
+      lines.append(f"| `{run['name']}` | not evaluated |" + " |" * (len(head) - 2))
+      continue
+    cost = evaluation.get("cost") or {}
+    by_resource = {row["resource"]: row for row in cost.get("by_resource", [])}
+    for sweep in evaluation["sweeps"]:
+      if sweep["resource"] is not None and sweep["resource"] in by_resource:
+        row = by_resource[sweep["resource"]]
+        macs = row["mean_macs_fraction"] * cost["full_macs"]
+        params = row["mean_params_fraction"] * cost["full_params"]
+        trees = row["distinct_trees"]
+      else:
+        macs, params = cost.get("inference_macs"), cost.get("params")
+        trees = sweep.get("distinct_trees", "-")
+      fraction = lambda v, k: (f" ({float(v) / anchor[k]:.3f})" if anchor and v is not None
+                               else "")
+      cells = [f"`{run['name']}`", sweep["variant"],
+               "-" if sweep["resource"] is None else f"{sweep['resource']:g}",
+               _fmt(pareto.hypervolume(np.asarray(sweep["losses"]), reference)),
+               _fmt(sweep.get("uniformity")), _fmt(sweep.get("rank_controllability"), 3),
+               _fmt(sweep.get("delta_m"), 3),
+               _mega(macs) + fraction(macs, "full_macs"),
+               _mega(params) + fraction(params, "full_params"), str(trees),
+               _minutes(_training_seconds(run, sweep["variant"]))]
+      lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def plot_fronts(group: Sequence[dict], path: str) -> bool:
+  """The test-loss fronts of every two-task preference sweep in one figure; False if none."""
+  sweeps = [(run, sweep) for run in group if run["eval"]
+            for sweep in run["eval"].get("sweeps", []) if len(run["eval"]["tasks"]) == 2]
+  if not sweeps:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  tasks = sweeps[0][0]["eval"]["tasks"]
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for run, sweep in sweeps:
+    losses = np.asarray(sweep["losses"])
+    order = np.argsort([p["preference"][0] for p in sweep["points"]])
+    label = f"{run['name']} {sweep['variant']}" + (
+        "" if sweep["resource"] is None else f" c={sweep['resource']:g}")
+    ax.plot(losses[order, 0], losses[order, 1], marker="o", markersize=3, linewidth=1,
+            label=label)
+  ax.set_xlabel(f"{tasks[0]} test loss")
+  ax.set_ylabel(f"{tasks[1]} test loss")
+  ax.set_title("Test losses over the preference sweep (ordered by r_1)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
 
 
 def ecmt_table(run: dict) -> list[str]:
@@ -315,7 +452,9 @@ def render(found: Sequence[dict], notes: Sequence[str], output: str, flags_dir: 
     by_dataset.setdefault(str(run["values"].get("dataset")), []).append(run)
   for dataset, group in sorted(by_dataset.items()):
     lines += [f"## {dataset}", ""]
-    fixed = [r for r in group if r["values"].get("method") != "ecmt"]
+    fixed = [r for r in group
+             if r["values"].get("method") not in ("ecmt",) + PREFERENCE_METHODS]
+    preference = [r for r in group if r["values"].get("method") in PREFERENCE_METHODS]
     controllable = [r for r in group if r["values"].get("method") == "ecmt"]
     if fixed:
       single = [r for r in fixed if r["values"].get("method") == "single_task"]
@@ -324,6 +463,29 @@ def render(found: Sequence[dict], notes: Sequence[str], output: str, flags_dir: 
       if reference is not None:
         lines += [f"Delta_m against `{reference['name']}` (primary test metric of each task).",
                   ""]
+    if preference:
+      lines += ["### Preference-controlled networks (DYMU, PHN, PHN-BN)", ""]
+      hv_reference = shared_hv_reference(preference)
+      if hv_reference is None:
+        lines += ["Not evaluated yet.", ""]
+      else:
+        lines += preference_table(preference, hv_reference) + [""]
+        lines += [f"Hypervolume of each sweep's test losses against one reference point for "
+                  f"the table, {[round(x, 4) for x in hv_reference]} (just worse than every "
+                  f"loss above). Delta_m: mean over the sweep's preferences against each "
+                  f"run's evaluation reference (DYMU: its anchor streams). DYMU costs: mean "
+                  f"over the evaluation's cost preferences; fractions are of the DYMU anchor's "
+                  f"MACs and parameters. Training time of the edge variant: anchor and edge "
+                  f"stages only.", ""]
+        front = os.path.join(os.path.splitext(output)[0], f"{dataset}_fronts.png")
+        if plots and plot_fronts(preference, front):
+          lines += [f"![fronts]({os.path.relpath(front, os.path.dirname(output))})", ""]
+        for run in preference:
+          if plots and run["eval"]:
+            copied = copy_plots(run, output)
+            if copied:
+              lines += [f"`{run['name']}`:", ""] + [
+                  f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in copied] + [""]
     for run in controllable:
       lines += [f"### ECMT: `{run['name']}`", ""]
       if run["eval"] is None:

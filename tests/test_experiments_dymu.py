@@ -229,6 +229,33 @@ def test_phn_sweep_and_report(phn_run):
   assert "(tradeoff_front.png)" in report and "## Cost" not in report
 
 
+def test_results_page_has_the_preference_table(dymu_run, dymu_eval, phn_run, tmp_path):
+  dymu_dir, _ = dymu_run
+  phn_dir, phn_results = phn_run
+  output = tmp_path / "results.md"
+  result = run_cli("results", f"--workdirs={dymu_dir},{phn_dir}", f"--output={output}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  page = output.read_text()
+  assert "### Preference-controlled networks (DYMU, PHN, PHN-BN)" in page
+  assert "Skipped folders" not in page  # the DYMU parent folder counts as one run
+  rows = [line for line in page.splitlines() if line.startswith("| `")]
+  # DYMU: 2 variants x 2 resources; PHN: one sweep.
+  assert len(rows) == 5 and sum(f"| `{phn_dir.name}` | phn |" in r for r in rows) == 1
+  # One shared reference: the PHN row's HV differs from its own-reference value (5, 5).
+  losses = np.concatenate([np.asarray(s["losses"])
+                           for s in dymu_eval["sweeps"] + phn_results["sweeps"]])
+  reference = losses.max(0) + 0.1 * (losses.max(0) - losses.min(0))
+  assert f"{[round(x, 4) for x in reference.tolist()]}" in page
+  # DYMU costs are fractions of its anchor; the edge variant's time leaves out the weight stage.
+  cost = dymu_eval["cost"]["by_resource"][0]
+  assert f"({cost['mean_macs_fraction']:.3f})" in page
+  train_line = next(l for l in page.splitlines()
+                    if l.startswith("python -m experiments.train") and "--method=dymu" in l)
+  assert "--dymu_stage=" not in train_line and "--steps=" not in train_line
+  assert f"--workdir={dymu_dir}" in train_line or train_line.endswith(dymu_dir.name)
+  assert (tmp_path / "results" / "multi_mnist_fronts.png").stat().st_size > 1000
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad flags.
 

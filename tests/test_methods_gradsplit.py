@@ -154,11 +154,12 @@ def test_all_ones_during_warmup_is_hard_sharing(setup):
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
   assert set(aux) >= {"loss/a", "loss/b"}
   # The same gradient summed in another order (T backward passes, then the weighted sum):
-  # equal up to float32 rounding, i.e. allclose at 1e-6 relative to each layer's scale.
+  # equal up to float32 rounding (eps 1.2e-7 times a few accumulations), i.e. within 1e-6 of
+  # each layer's largest entry and 3e-6 in norm.
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     g, r = np.asarray(g), np.asarray(r)
     np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6 * np.abs(r).max())
-    assert np.linalg.norm(g - r) <= 1e-6 * np.linalg.norm(r)
+    assert np.linalg.norm(g - r) <= 3e-6 * np.linalg.norm(r)
   # The routed program with M all ones gives the same per-task gradients.
   ones, _ = per_task_grads(activation_grads, variables, batch, np.ones((2, 2)))
   summed = jax.tree.map(lambda g: g.sum(0), ones)

@@ -11,8 +11,10 @@ what is ours:
 * **Bounded compilation [ours].** The max and min configurations are fixed, so they run on the
   static, sliced path (their real cost). The K - 2 random ones run on the masked path
   (`DynamicWidths`: arrays drawn inside jit, full-width compute with the surplus channels
-  zeroed), batched with one `jax.vmap`. The compiled step is therefore ONE program whatever
-  configurations are drawn, and its size does not grow with K. The price is compute: each
+  zeroed), unrolled in the program (a `jax.vmap` over them batched the convolution gradients,
+  about 1.25x slower on CPU: `benchmarks/method_speed.py`). The compiled step is therefore ONE
+  program whatever configurations are drawn; its size grows linearly with K, its number does
+  not. The price is compute: each
   random SubNet costs a full-width pass instead of its own. With the default choices and K = 4 a
   step costs about 1 + 1/16 + 2 = 3.1 SuperNet forward/backward passes, against about 2.0 if
   the random SubNets ran sliced (a random configuration has ~45% of the SuperNet's MACs on
@@ -349,7 +351,9 @@ class ECMTMethod:
       sampled = self.sandwich(rng)
       random_widths = DynamicWidths(sampled.encoder[2:], sampled.decoders[2:],
                                     self.width_choices)
-      subnets.append(jax.vmap(terms)(random_widths))  # leaves (K - 2,)
+      subnets += [terms(DynamicWidths(random_widths.encoder[i], random_widths.decoders[i],
+                                      self.width_choices))
+                  for i in range(self.num_subnets - 2)]
     stacked = {k: jnp.concatenate([jnp.reshape(s[k], (-1,)) for s in subnets])
                for k in subnets[0]}  # (K - 1,) per term
 

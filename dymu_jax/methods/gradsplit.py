@@ -16,8 +16,8 @@ Routing modes:
   replaced by `h * m_s + stop_gradient(h * (1 - m_s))`, m_s the channel mask of the groups with
   M[:, s] = 1. `route_gradient` is that operation written as a custom VJP (identity forward,
   cotangent times m_s backward): same value, same gradient, but its forward does not depend on
-  the mask, so under the `vmap` over tasks the network runs forward once and only the T
-  backward passes are batched. Every layer (convolution, batch norm, dense) is routed, not just
+  the mask, so the T per-task gradients share one forward pass (XLA merges the identical
+  forward computations) and differ only in their backward passes. Every layer (convolution, batch norm, dense) is routed, not just
   the stage output, so task s leaves exactly zero gradient on every filter of the groups it is
   not routed to, while the layers below the split still receive every task's gradient.
 * "weight": the split stages' weight gradients are masked per task (filter = last axis of a
@@ -435,8 +435,10 @@ class GradSplitMethod:
   def per_task_grads(self, params, model_state, batch, matrix: jax.Array):
     """(per-task gradients with a leading task axis, task losses, updated model collections).
 
-    Gradients are routed by `matrix` (activation mode) or masked (weight mode). The network
-    runs forward once; the T backward passes are one `vmap` over tasks.
+    Gradients are routed by `matrix` (activation mode) or masked (weight mode). The T
+    backward passes are unrolled (one `jax.grad` per task): their forward passes are the same
+    computation, which XLA merges into one, and unbatched convolution gradients run about
+    twice as fast on CPU as the batched ones a `vmap` over tasks makes.
     """
     num_tasks = self.num_tasks
     route = self.mode == "activation"
@@ -450,8 +452,10 @@ class GradSplitMethod:
       grads, (losses, new_state) = jax.grad(task_loss, has_aux=True)(params)
       return grads, losses, new_state
 
-    grads, losses, new_state = jax.vmap(one_task, out_axes=(0, None, None))(
-        matrix.T, jnp.eye(num_tasks, dtype=jnp.float32))
+    onehots = jnp.eye(num_tasks, dtype=jnp.float32)
+    per_task = [one_task(matrix[:, t], onehots[t]) for t in range(num_tasks)]
+    grads = jax.tree.map(lambda *g: jnp.stack(g), *[g for g, _, _ in per_task])
+    _, losses, new_state = per_task[0]
     if not route:
       grads = self._replace_split(grads, jax.tree.map(
           lambda g: g * self._leaf_masks(g.shape[-1], matrix).reshape(

@@ -117,7 +117,9 @@ def per_task_losses_and_grads(loss_per_task_fn: Callable[..., Any], params: PyTr
   Returns:
     `(losses (T,), grads)` where every leaf of `grads` has a leading task axis of size T and
     `grads[t] = grad(losses[t])`; `(losses, grads, aux)` with `has_aux`. The T backward passes
-    are one `vmap` of the VJP over the rows of the identity (one-hot cotangents).
+    are T calls of one VJP (one forward pass) with one-hot cotangents, unrolled: a `vmap` over
+    the cotangents makes XLA batch the convolution gradients, which ran the per-task backward
+    about 1.8x slower on CPU (`benchmarks/method_speed.py`, ResNet-small PCGrad step).
   """
   fn = lambda p: loss_per_task_fn(p, *args, **kwargs)
   if has_aux:
@@ -128,5 +130,6 @@ def per_task_losses_and_grads(loss_per_task_fn: Callable[..., Any], params: PyTr
     raise ValueError(f"loss_per_task_fn must return a vector of T task losses, got shape "
                      f"{jnp.shape(losses)}.")
   cotangents = jnp.eye(losses.shape[0], dtype=losses.dtype)
-  (grads,) = jax.vmap(vjp_fn)(cotangents)
+  per_task = [vjp_fn(cotangent)[0] for cotangent in cotangents]
+  grads = jax.tree.map(lambda *g: jnp.stack(g), *per_task)
   return (losses, grads, aux) if has_aux else (losses, grads)
