@@ -34,14 +34,16 @@ import numpy as np
 
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import dymu
+from experiments import runs
 
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "A trained DYMU run (default: random weights, no data needed).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "Where the run's dataset is now, if it moved since training.")
+# --workdir (a trained DYMU run; default: random weights, no data needed) and --data_dir (where
+# its dataset is now, if it moved) are the experiments' flags.
 _REQUESTS = flags.DEFINE_integer("requests", 100, "Fresh random (r, c) requests to time.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Images per forward call.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the requests, images and random weights.")
+_SEED = flags.DEFINE_integer("request_seed", 0,
+                             "Seed of the requests, images and random weights.")
+
+FLAGS = flags.FLAGS
 
 DIGITS = (tasks_lib.classification("left", 10), tasks_lib.classification("right", 10))
 MNIST_SHAPE = (36, 36, 1)
@@ -65,7 +67,6 @@ def _random_dymu(seed: int):
 
 
 def _trained_dymu(workdir: str, data_dir: str | None):
-  from experiments import runs  # pylint: disable=g-import-not-at-top
   run = runs.load_run(runs.resolve_workdir(workdir), data_dir=data_dir)
   if not isinstance(run.method, dymu.DymuMethod) or run.method.stage == "anchor":
     raise ValueError(f"{run.workdir} is not a DYMU edge or weight stage; give a run trained "
@@ -79,9 +80,9 @@ def _ms(seconds: float) -> str:
 
 def main(argv):
   del argv
-  if _WORKDIR.value:
-    method, variables, image_shape = _trained_dymu(_WORKDIR.value, _DATA_DIR.value)
-    source = f"trained run {_WORKDIR.value} (stage {method.stage})"
+  if FLAGS.workdir:
+    method, variables, image_shape = _trained_dymu(FLAGS.workdir, FLAGS.data_dir or None)
+    source = f"trained run {FLAGS.workdir} (stage {method.stage})"
   else:
     method, variables, image_shape = _random_dymu(_SEED.value)
     source = "random DYMU, Multi-MNIST LeNet with batch norm"

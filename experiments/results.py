@@ -266,7 +266,11 @@ def eval_command(run: dict) -> str | None:
 
 
 def _mega(value: Any) -> str:
-  return "n/a" if value is None else f"{float(value) / 1e6:.2f} M"
+  """A count in millions (thousands below a million)."""
+  if value is None:
+    return "n/a"
+  value = float(value)
+  return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.1f} K"
 
 
 def fixed_table(group: Sequence[dict], reference: dict | None) -> list[str]:
