@@ -265,6 +265,11 @@ def eval_command(run: dict) -> str | None:
   return " ".join(parts)
 
 
+def _percent(value: Any) -> str:
+  """A Delta_m in % with two decimals and its sign (float noise of a reference shows as 0)."""
+  return "n/a" if value is None else f"{float(value) + 0.0:+.2f}".replace("-0.00", "+0.00")
+
+
 def _mega(value: Any) -> str:
   """A count in millions (thousands below a million)."""
   if value is None:
@@ -289,7 +294,7 @@ def fixed_table(group: Sequence[dict], reference: dict | None) -> list[str]:
       delta = delta_m(metrics, _supernet_metrics(reference))
     cost = (run["eval"] or {}).get("cost") or {}
     lines.append(f"| `{run['name']}` | {run['values'].get('method')} | "
-                 f"{run['summary'].get('steps')} | {shown} | {_fmt(delta, 3)} | "
+                 f"{run['summary'].get('steps')} | {shown} | {_percent(delta)} | "
                  f"{_mega(cost.get('inference_macs'))} | {_mega(cost.get('params'))} | "
                  f"{_mega(cost.get('training_macs_per_example'))} | "
                  f"{_minutes(run['summary'].get('seconds'))} |")
@@ -360,7 +365,7 @@ def preference_table(group: Sequence[dict], hv_reference: Sequence[float]) -> li
                "-" if sweep["resource"] is None else f"{sweep['resource']:g}",
                _fmt(pareto.hypervolume(np.asarray(sweep["losses"]), reference)),
                _fmt(sweep.get("uniformity")), _fmt(sweep.get("rank_controllability"), 3),
-               _fmt(sweep.get("delta_m"), 3),
+               _percent(sweep.get("delta_m")),
                _mega(macs) + fraction(macs, "full_macs"),
                _mega(params) + fraction(params, "full_params"), str(trees),
                _minutes(_training_seconds(run, sweep["variant"]))]
