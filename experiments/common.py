@@ -249,6 +249,11 @@ flags.DEFINE_list("dymu_weight_hidden", ["100", "100", "100"],
 flags.DEFINE_float("dymu_self_logit", 0.0,
                    "DYMU: initial bias of every child's own-stream parent logit (0: uniform "
                    "start).")
+flags.DEFINE_enum("dymu_anchor_init", "shared", list(branched.STREAM_INITS),
+                  "DYMU: how the anchor's single-task streams start. 'shared': one initial "
+                  "draw for every stream (as fine-tuning one pretrained backbone), so channels "
+                  "correspond across streams and a cross-task edge feeds features the child can "
+                  "read; 'independent': a draw per stream.")
 flags.DEFINE_list("dymu_eval_resources", ["0", "1"],
                   "DYMU: resource preferences c evaluated (at the uniform preference) during "
                   "training.")
@@ -350,6 +355,7 @@ def _dymu_options(v: Mapping[str, Any]) -> dict:
       "edge_hidden": parse_ints(v["dymu_edge_hidden"], "--dymu_edge_hidden"),
       "weight_hidden": parse_ints(v["dymu_weight_hidden"], "--dymu_weight_hidden"),
       "self_logit": v["dymu_self_logit"],
+      "anchor_init": v.get("dymu_anchor_init", "independent"),
       "eval_resources": resources if resources is not None else (0.0, 1.0),
   }
 

@@ -392,6 +392,9 @@ def test_build_and_stage_messages():
     method.init(jax.random.key(0), digits_batch(0))
   with pytest.raises(ValueError, match="lambda_active must be a finite number >= 0"):
     dymu.build(DIGITS, model_options=MODEL, stage="anchor", lambda_active=-1.0)
+  with pytest.raises(ValueError, match="Unknown DYMU anchor_init 'pretrained'; allowed: "
+                                       "independent, shared"):
+    dymu.build(DIGITS, model_options=MODEL, stage="anchor", anchor_init="pretrained")
   assert dymu.task_weights_from_losses((2.0, 0.5)) == (0.5, 2.0)
   with pytest.raises(ValueError, match="finite and > 0"):
     dymu.task_weights_from_losses((2.0, 0.0))

@@ -76,6 +76,29 @@ def assert_close(a, b, atol=1e-5):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+def test_streams_start_from_one_draw_or_their_own(case):
+  tasks, backbone, options, shape = CASES[case]
+  net = branched.build_branched(tasks, backbone, backbone_kwargs=options, head_width=8)
+  images = jnp.zeros((1, *shape), jnp.float32)
+  shared = jax.jit(net.init, static_argnums=2)(jax.random.key(3), images, "shared")
+  independent = jax.jit(net.init, static_argnums=2)(jax.random.key(3), images, "independent")
+  for l in range(net.num_layers):
+    for leaf in jax.tree.leaves(shared["params"][f"block{l}"]):
+      for j in range(1, net.num_tasks):
+        np.testing.assert_array_equal(leaf[j], leaf[0])
+    kernels = [leaf for leaf in jax.tree.leaves(independent["params"][f"block{l}"])
+               if leaf.ndim >= 3]  # conv / dense kernels (stacked): streams differ
+    assert kernels and all(not np.allclose(k[0], k[1]) for k in kernels)
+  # Decoders draw their own weights either way.
+  heads = [shared["params"][f"head_{t.name}"] for t in tasks]
+  assert not np.allclose(jax.tree.leaves(heads[0])[-1][..., :1],
+                         jax.tree.leaves(heads[1])[-1][..., :1])
+  with pytest.raises(ValueError, match="Unknown stream_init 'pretrained'; allowed: "
+                                       "independent, shared"):
+    net.init(jax.random.key(0), images, "pretrained")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_vmap_over_stacked_streams_equals_streams_one_by_one(case):
   net, variables, images = setup(case)
   expected, expected_stats = run_streams_one_by_one(net, variables, images, train=True)

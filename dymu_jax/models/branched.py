@@ -68,6 +68,8 @@ from dymu_jax.models.multitask import normalise_images
 
 PyTree = Any
 BACKBONES = ("lenet", "resnet_small")
+# How the N streams' block weights start (`BranchedNet.init`).
+STREAM_INITS = ("independent", "shared")
 # Rows of a parent distribution may be off the simplex by this much (float32 sums).
 SIMPLEX_TOLERANCE = 1e-4
 
@@ -412,14 +414,30 @@ class BranchedNet:
 
   # -- initialisation --------------------------------------------------------------------------
 
-  def init(self, rng: jax.Array, images: jax.Array) -> dict:
-    """Variables for images (B, H, W, C); each stream draws its own initial weights."""
+  def init(self, rng: jax.Array, images: jax.Array, stream_init: str = "independent") -> dict:
+    """Variables for images (B, H, W, C).
+
+    Args:
+      rng: the key.
+      images: example images (only their shape is read).
+      stream_init: "independent", each stream draws its own initial block weights; or
+        "shared", every stream starts from one draw, as when the streams fine-tune one
+        pretrained backbone, so that channel k means the same thing in every stream at the
+        start and a cross-stream parent feeds a child features it can read. Decoders always
+        draw their own.
+    """
+    if stream_init not in STREAM_INITS:
+      raise ValueError(f"Unknown stream_init {stream_init!r}; allowed: "
+                       f"{', '.join(STREAM_INITS)}.")
     x = jax.ShapeDtypeStruct(self._normalise(jnp.zeros((1, *images.shape[1:]))).shape,
                              jnp.float32)
     keys = jax.random.split(rng, self.num_layers + self.num_tasks)
     collections: dict[str, dict] = {}
     for l, block in enumerate(self.blocks):
-      stream_keys = jax.random.split(keys[l], self.num_tasks)
+      if stream_init == "shared":
+        stream_keys = jnp.stack([keys[l]] * self.num_tasks)
+      else:
+        stream_keys = jax.random.split(keys[l], self.num_tasks)
       stacked = jax.vmap(lambda k, b=block, s=x: b.init(k, jnp.zeros(s.shape), train=False))(
           stream_keys)
       for col, tree in stacked.items():
