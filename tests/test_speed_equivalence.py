@@ -44,6 +44,8 @@ CONV_CASES = {
     "lenet_conv1": ((8, 36, 36, 1), (9, 9, 1, 10), (1, 1), "VALID", None),
     "resnet_stem": ((4, 32, 32, 3), (3, 3, 3, 16), (1, 1), ((1, 1), (1, 1)), None),
     "lenet_fc_dense": ((8, 5, 5, 20), (5, 5, 20, 50), (1, 1), "VALID", None),
+    "lenet_conv2": ((8, 14, 14, 10), (5, 5, 10, 20), (1, 1), "VALID", None),
+    "resnet_mid_channels": ((4, 8, 8, 32), (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1)), None),
     "block_not_dividing": ((3, 13, 11, 2), (4, 3, 2, 5), (1, 1), "VALID", "toeplitz"),
     "strided_asymmetric": ((2, 17, 19, 3), (3, 5, 3, 7), (2, 3), ((2, 1), (0, 3)), "toeplitz"),
     "same_padding": ((2, 9, 10, 6), (3, 3, 6, 4), (1, 1), "SAME", "toeplitz"),
@@ -89,9 +91,13 @@ def test_auto_routes_only_the_shapes_it_is_measured_faster_on():
   assert choose((256, 36, 36, 1), (9, 9, 1, 10), (1, 1), zero, (1, 1), 1) == "toeplitz"
   assert choose((64, 32, 32, 3), (3, 3, 3, 16), (1, 1), one, (1, 1), 1) == "toeplitz"
   assert choose((256, 5, 5, 20), (5, 5, 20, 50), (1, 1), zero, (1, 1), 1) == "dense"
-  # Many input channels, strides, dilation, groups and 1x1 kernels stay on XLA.
-  assert choose((256, 14, 14, 10), (5, 5, 10, 20), (1, 1), zero, (1, 1), 1) == "xla"
-  assert choose((64, 32, 32, 16), (3, 3, 16, 16), (1, 1), one, (1, 1), 1) == "xla"
+  # Up to 64 input channels take the Toeplitz lowering (LeNet's conv2, ResNet-small's 3x3s).
+  assert choose((256, 14, 14, 10), (5, 5, 10, 20), (1, 1), zero, (1, 1), 1) == "toeplitz"
+  assert choose((64, 32, 32, 16), (3, 3, 16, 16), (1, 1), one, (1, 1), 1) == "toeplitz"
+  assert choose((64, 8, 8, 64), (3, 3, 64, 64), (1, 1), one, (1, 1), 1) == "toeplitz"
+  # More input channels, strides, dilation, groups and 1x1 kernels stay on XLA.
+  assert choose((64, 4, 4, 128), (3, 3, 128, 128), (1, 1), one, (1, 1), 1) == "xla"
+  assert choose((64, 32, 32, 16), (3, 3, 16, 32), (2, 2), one, (1, 1), 1) == "xla"
   assert choose((8, 224, 224, 3), (7, 7, 3, 64), (2, 2), ((3, 3), (3, 3)), (1, 1), 1) == "xla"
   assert choose((8, 32, 32, 3), (3, 3, 3, 16), (1, 1), ((2, 2), (2, 2)), (2, 2), 1) == "xla"
   assert choose((8, 32, 32, 4), (3, 3, 1, 4), (1, 1), one, (1, 1), 4) == "xla"
