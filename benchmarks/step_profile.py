@@ -70,10 +70,12 @@ OPS = {
         ("4x bn 4x4x128", "bn", (64, 4, 4, 128), dict(count=4)),
     ],
 }
-PARAMS = {"lenet": 37_070, "resnet_small": 713_000}  # approximate parameter counts (Adam row)
+# Parameter counts of the static networks (`experiments.evaluate`'s cost tables: 37.1 K and
+# 0.73 M), rounded: the size of the Adam row's update.
+PARAMS = {"lenet": 37_100, "resnet_small": 730_000}
 
 
-def _median_ms(fn: Callable[[], None], iters: int) -> float:
+def _ms_per_call(fn: Callable[[], None], iters: int) -> float:
   start = time.perf_counter()
   for _ in range(iters):
     fn()
@@ -189,7 +191,7 @@ def _adam_ops(num_params: int):
   p.grad = torch.ones(num_params) * 1e-3
   topt = torch.optim.Adam([p], lr=1e-3)
   topt.step()
-  return run_jax, run_jax, topt.step
+  return run_jax, run_jax, topt.step  # no plain variant: optax's update is the same in both
 
 
 def profile(model: str, repeats: int, iters: int) -> list[tuple[str, float, float, float]]:
@@ -204,7 +206,7 @@ def profile(model: str, repeats: int, iters: int) -> list[tuple[str, float, floa
     times = [[], [], []]
     for _ in range(repeats):
       for i, run in enumerate(runners):
-        times[i].append(_median_ms(run, iters))
+        times[i].append(_ms_per_call(run, iters))
     rows.append((name, *(statistics.median(t) for t in times)))
   return rows
 
