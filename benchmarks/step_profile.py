@@ -2,6 +2,7 @@
 
   python -m benchmarks.step_profile                    # LeNet (batch 256) and ResNet-small (64)
   python -m benchmarks.step_profile --models=lenet --repeats=7
+  python -m benchmarks.step_profile --trace            # the compiled step itself, per kernel
 
 `benchmarks.step_speed` times whole steps; this splits them. Every op of the static baseline's
 step (convolution, batch norm, ReLU, 2x2 max pool, dense layer, the Adam update) runs forward
@@ -19,12 +20,24 @@ median ms per call, torch / jax (> 1: JAX is faster) and each op's share of the 
 The last rows time one Adam update over the model's parameter count and the sum of the ops.
 Comparing the sum with `step_speed`'s full step shows what the ops miss (fusion across ops,
 dispatch). Run it on an otherwise idle machine: the figures are short and load distorts them.
+
+`--trace` instead profiles the project's whole compiled train step (`step_speed`'s) with
+`jax.profiler` and lists the kernels XLA ran in it ("thunks": fusions, GEMMs, convolutions),
+with ms per step, share of the step, the op of the model each came from (HLO metadata) and
+what it computes. Kernels that hand their work to the thread pool (XLA's own convolutions and
+some dots) return at once: their time shows as the part of the step that no kernel covers.
 """
 
 from __future__ import annotations
 
+import collections
+import gzip
+import json
 import os
+import pathlib
+import re
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -35,22 +48,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import step_speed
 from dymu_jax.models import fast_ops
 
-_MODELS = flags.DEFINE_list("models", ["lenet", "resnet_small"], "Models whose ops to time.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating rounds (the median is reported).")
 _ITERS = flags.DEFINE_integer("iters", 10, "Calls per timed run.")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0,
-                                      "PyTorch intra-op threads (0: one per usable core).")
+# --models, --repeats, --torch_threads (0 here: one thread per usable core) and the batch flags
+# are step_speed's, whose step --trace profiles.
+_MODELS, _REPEATS, _TORCH_THREADS = (step_speed._MODELS, step_speed._REPEATS,  # pylint: disable=protected-access
+                                     step_speed._TORCH_THREADS)  # pylint: disable=protected-access
+_TRACE = flags.DEFINE_bool("trace", False, "Profile the compiled full step per XLA kernel "
+                           "instead of timing the ops alone.")
+_TRACE_STEPS = flags.DEFINE_integer("trace_steps", 20, "Steps traced with --trace.")
+_TRACE_ROWS = flags.DEFINE_integer("trace_rows", 16, "Kernels listed with --trace.")
 
-# (name, kind, input NHWC shape, options) of every op of the step, forward order.
+# (name, kind, input NHWC shape, options) of every op of the step, forward order. (The
+# static LeNet has no batch norm: PHN's network, `LeNet.batch_norm=False`.)
 OPS = {
     "lenet": [
         ("conv1 1->10 9x9", "conv", (256, 36, 36, 1), dict(cout=10, k=9, first=True)),
-        ("bn1", "bn", (256, 28, 28, 10), {}),
         ("relu+pool1", "relu_pool", (256, 28, 28, 10), {}),
         ("conv2 10->20 5x5", "conv", (256, 14, 14, 10), dict(cout=20, k=5)),
-        ("bn2", "bn", (256, 10, 10, 20), {}),
         ("relu+pool2", "relu_pool", (256, 10, 10, 20), {}),
         ("fc 500->50", "dense", (256, 500), dict(cout=50)),
         ("heads 50->2x10", "dense", (256, 50), dict(cout=20)),
@@ -211,8 +228,66 @@ def profile(model: str, repeats: int, iters: int) -> list[tuple[str, float, floa
   return rows
 
 
+def _hlo_ops(compiled_text: str) -> dict[str, tuple[str, str]]:
+  """Instruction name -> (shape, op_name metadata) of an optimised HLO module's text."""
+  ops = {}
+  for line in compiled_text.splitlines():
+    match = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ", line)
+    if match:
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      ops.setdefault(match.group(1), (match.group(2), op_name.group(1) if op_name else ""))
+  return ops
+
+
+def trace_step(model: str, steps: int, rows: int) -> None:
+  """Per-kernel profile of the project's compiled train step (see the module doc)."""
+  batches = step_speed.make_batches(model, step_speed.batch_size(model))
+  run, compiled_text = step_speed.project_runner(model, batches, with_hlo=True)
+  run(3)
+  ops = _hlo_ops(compiled_text)
+  with tempfile.TemporaryDirectory() as folder:
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+      seconds = run(steps)
+    path = next(pathlib.Path(folder).rglob("*perfetto_trace.json.gz"))
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  per_kernel = collections.Counter()
+  for event in events:
+    name = event.get("name", "")
+    if event.get("ph") == "X" and name in ops:
+      per_kernel[name] += event["dur"] / 1000 / steps
+  step_ms = 1000 * seconds / steps
+  covered = sum(per_kernel.values())
+  print(f"\n{model}: {step_ms:.1f} ms per step (traced), kernels {covered:.1f} ms; "
+        f"per kernel, ms per step:")
+  print(f"{'kernel':32s} {'ms':>6s} {'share':>6s}  {'shape':24s} op")
+  for name, ms in per_kernel.most_common(rows):
+    shape, op_name = ops[name]
+    op_name = op_name.replace("jit(train_step)/", "")
+    print(f"{name[:32]:32s} {ms:6.2f} {100 * ms / step_ms:5.0f}%  {shape[:24]:24s} "
+          f"{op_name[:90]}")
+  rest = covered - sum(ms for _, ms in per_kernel.most_common(rows))
+  print(f"{'other kernels':32s} {rest:6.2f} {100 * rest / step_ms:5.0f}%")
+  print(f"{'no kernel (pool work, waits)':32s} {step_ms - covered:6.2f} "
+        f"{100 * (step_ms - covered) / step_ms:5.0f}%  (XLA convolutions and dots run here)")
+  # The same time by what the kernels compute: the last part of their op name ("stack": the
+  # Toeplitz patch matrices, "dot_general": GEMMs, "conv_general_dilated": XLA convolutions).
+  by_kind = collections.Counter()
+  for name, ms in per_kernel.items():
+    by_kind[ops[name][1].rsplit("/", 1)[-1] or "(no op name)"] += ms
+  print("by op kind: " + ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / step_ms:.0f}%)"
+                                   for kind, ms in by_kind.most_common(8)))
+
+
 def main(argv):
   del argv
+  if _TRACE.value:
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"{len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f}")
+    for model in _MODELS.value:
+      trace_step(model, _TRACE_STEPS.value, _TRACE_ROWS.value)
+    return
   import torch
   threads = _TORCH_THREADS.value or len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)

@@ -123,20 +123,21 @@ def make_batches(model: str, size: int) -> list[dict[str, np.ndarray]]:
 # -- the project's step ----------------------------------------------------------------------
 
 
-def project_runner(model: str, batches, plain: bool = False) -> Callable[[int], float]:
+def project_runner(model: str, batches, plain: bool = False, with_hlo: bool = False):
   """`run(num_steps) -> seconds` of the project's compiled train step.
 
   With `plain`, the step is traced within `fast_ops.plain()`: the project's step without its
   CPU rewrites (XLA convolutions, `jnp.max` pooling, autodiff batch norm), i.e. "before".
+  With `with_hlo`, returns `(run, optimised HLO text of the step)`.
   """
   spec = SPECS[model]
   method = methods_lib.build(
       "static", spec["tasks"],
       model_options={"backbone": spec["backbone"], "head_width": head_width(model)})
-  return step_runner(method, batches, plain)
+  return step_runner(method, batches, plain, with_hlo)
 
 
-def step_runner(method, batches, plain: bool = False) -> Callable[[int], float]:
+def step_runner(method, batches, plain: bool = False, with_hlo: bool = False):
   """`run(num_steps) -> seconds` of `method`'s compiled, state-donating train step (the one
   `dymu_jax.train.train` runs), fed device batches; compiled and run once here."""
   par = train_lib.Parallel("mesh")
@@ -146,6 +147,7 @@ def step_runner(method, batches, plain: bool = False) -> Callable[[int], float]:
     state = par.place_state(par.init_state(
         state_lib.init_fn(method, optimizer), jax.random.PRNGKey(0), batches[0]))
     step_fn = par.compile_step(method, optimizer, method.tasks)
+    hlo = step_fn.lower(state, device_batches[0]).compile().as_text() if with_hlo else None
     state, metrics = step_fn(state, device_batches[0])
     jax.block_until_ready(metrics)
   holder = {"state": state}
@@ -160,7 +162,7 @@ def step_runner(method, batches, plain: bool = False) -> Callable[[int], float]:
     holder["state"] = state
     return seconds
 
-  return run
+  return (run, hlo) if with_hlo else run
 
 
 # -- the same model and step in PyTorch -------------------------------------------------------

@@ -51,11 +51,19 @@ CONV_CASES = {
     "same_padding": ((2, 9, 10, 6), (3, 3, 6, 4), (1, 1), "SAME", "toeplitz"),
     "strided_same": ((2, 15, 15, 3), (7, 7, 3, 16), (2, 2), "SAME", "toeplitz"),
     "forced_dense": ((3, 4, 6, 5), (4, 6, 5, 3), (1, 1), "VALID", "dense"),
+    # 5x5 and larger stride-1 kernels take the input gradient through the Toeplitz GEMM too:
+    # padding, a block that does not divide the width, windows spanning 2 and 4 chunks.
+    "large_kernel_padded": ((2, 11, 13, 3), (5, 5, 3, 4), (1, 1), ((2, 1), (1, 2)), "toeplitz"),
+    "large_kernel_narrow_blocks": ((2, 12, 12, 4), (7, 7, 4, 32), (1, 1), "SAME", "toeplitz"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(CONV_CASES))
-def test_conv_lowering_matches_xla(case):
+@pytest.mark.parametrize("case", sorted(CONV_CASES) + ["lenet_conv1_split_weight_grad"])
+def test_conv_lowering_matches_xla(case, monkeypatch):
+  if case == "lenet_conv1_split_weight_grad":
+    # The weight-gradient GEMM in two halves, as for the full-size batch (8 * 28 * 4 rows).
+    monkeypatch.setattr(fast_ops, "TOEPLITZ_SPLIT_WEIGHT_GRAD_ROWS", 8 * 28 * 4)
+    case = "lenet_conv1"
   in_shape, k_shape, strides, padding, lowering = CONV_CASES[case]
   x = normal(0, in_shape)
   w = normal(1, k_shape, 1 / np.sqrt(np.prod(k_shape[:3])))
@@ -102,6 +110,19 @@ def test_auto_routes_only_the_shapes_it_is_measured_faster_on():
   assert choose((8, 32, 32, 3), (3, 3, 3, 16), (1, 1), ((2, 2), (2, 2)), (2, 2), 1) == "xla"
   assert choose((8, 32, 32, 4), (3, 3, 1, 4), (1, 1), one, (1, 1), 4) == "xla"
   assert choose((8, 32, 32, 3), (1, 1, 3, 16), (1, 1), zero, (1, 1), 1) == "xla"
+  # Of those, 5x5 and larger stride-1 kernels also take the Toeplitz input gradient.
+  assert fast_ops.toeplitz_input_gradient((5, 5, 10, 20), (1, 1))
+  assert fast_ops.toeplitz_input_gradient((9, 9, 1, 10), (1, 1))
+  assert not fast_ops.toeplitz_input_gradient((3, 3, 16, 16), (1, 1))
+  assert not fast_ops.toeplitz_input_gradient((7, 7, 3, 16), (2, 2))
+  # ... and the gradient really takes that route: no XLA convolution in LeNet conv2's input
+  # gradient, one in a 3x3's.
+  def input_grad_jaxpr(in_shape, k_shape, padding):
+    w = jnp.ones(k_shape)
+    grad = jax.grad(lambda x: jnp.sum(fast_ops.conv2d(x, w, padding=padding)))
+    return str(jax.make_jaxpr(grad)(jnp.ones(in_shape)))
+  assert "conv_general_dilated" not in input_grad_jaxpr((2, 14, 14, 10), (5, 5, 10, 20), "VALID")
+  assert "conv_general_dilated" in input_grad_jaxpr((2, 8, 8, 16), (3, 3, 16, 16), "SAME")
 
 
 def test_conv_lowering_errors_and_switch():

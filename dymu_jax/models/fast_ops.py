@@ -20,8 +20,13 @@ A `custom_jvp` wires the lowerings in, so forward mode, reverse mode and `vmap` 
 gradient nobody asks for (the image's) is never computed:
 
 * a differentiated call (the train step) computes its output and its weight tangent (whose
-  transpose is the weight gradient) with the chosen lowering, and its input tangent (so the
-  input gradient) with XLA's convolution, which is the faster one for that;
+  transpose is the weight gradient) with the chosen lowering (a long weight-gradient GEMM split
+  in two, see `TOEPLITZ_SPLIT_WEIGHT_GRAD_ROWS`), and its input tangent (so the
+  input gradient) with XLA's convolution, which is the faster one for that, except for
+  stride-1 kernels of at least `TOEPLITZ_INPUT_GRAD_MIN_TAPS` taps (5x5 and up): there the
+  input tangent is a Toeplitz GEMM on patches built only from reshapes, slices and a
+  concatenation, so that its transpose (the input gradient) is one transposed GEMM and an
+  overlap-add of pads, which beats XLA's "full" convolution for large kernels;
 * an undifferentiated call (inference, evaluation) runs the chosen lowering as well (XLA's
   convolution with one input channel costs about the same at every output width, which kept
   slimmed LeNets from running faster). `models.cost` traces what it counts within `plain()`,
@@ -64,6 +69,19 @@ TOEPLITZ_MAX_IN_CHANNELS = 64
 # Output columns per Toeplitz block: enough that the matmul's output width (block * cout)
 # reaches about this many columns, which keeps the GEMM efficient without much banded waste.
 TOEPLITZ_TARGET_COLUMNS = 64
+# Stride-1 Toeplitz kernels with at least this many taps (kh * kw) also take their input
+# gradient through the lowering (a transposed GEMM and an overlap-add) instead of XLA's "full"
+# convolution. Measured on an idle 2-core CPU (input gradient alone): LeNet's conv2 (10 -> 20,
+# 5x5, batch 256) 3.7 ms against XLA's 7.3 ms; ResNet-small's 3x3 convolutions 1.2x to 6x
+# slower than XLA's (16 to 64 channels), hence the threshold.
+TOEPLITZ_INPUT_GRAD_MIN_TAPS = 25
+# A Toeplitz weight gradient is one GEMM contracting over all patch rows (batch x output rows
+# x blocks); from this many rows on it runs as two half-length GEMMs and a sum, which XLA's CPU
+# GEMM does faster than one long contraction. Measured on an idle 2-core CPU: LeNet's conv1
+# (28,672 rows) 6.5 -> 3.6 ms alone, its whole step about +10%; ResNet-small's 16-channel 3x3
+# (16,384 rows) 4.9 -> 3.9 ms alone but its step 2-4% slower, and 4,096 to 8,192 rows no gain
+# alone: hence a threshold between the two.
+TOEPLITZ_SPLIT_WEIGHT_GRAD_ROWS = 20000
 
 _ENV_VAR = "DYMU_JAX_PLAIN_OPS"
 _plain = os.environ.get(_ENV_VAR, "0").strip().lower() not in ("", "0", "false", "no")
@@ -108,8 +126,14 @@ def toeplitz_block(out_width: int, out_channels: int) -> int:
   return divisor if divisor <= 2 * target else target
 
 
-def _toeplitz_conv(x, w, strides, pads, block: int | None = None):
-  """Row-Toeplitz GEMM convolution of NHWC x with an HWIO kernel (no dilation, no groups)."""
+def _toeplitz_conv(x, w, strides, pads, block: int | None = None, split_rows: bool = False):
+  """Row-Toeplitz GEMM convolution of NHWC x with an HWIO kernel (no dilation, no groups).
+
+  With `split_rows`, a patch matrix of at least `TOEPLITZ_SPLIT_WEIGHT_GRAD_ROWS` rows (and an
+  even batch) is multiplied in two halves by the same band, broadcast: the values are the same,
+  and the transpose with respect to the kernel (the weight gradient) becomes two half-length
+  GEMMs and a sum instead of one long contraction.
+  """
   kh, kw, cin, cout = w.shape
   sh, sw = strides
   x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
@@ -133,14 +157,60 @@ def _toeplitz_conv(x, w, strides, pads, block: int | None = None):
   else:
     patches = jnp.stack([rows[:, :, :, b * block * sw:b * block * sw + window]
                          for b in range(num_blocks)], axis=2)
-  # band[i, p, c, o, d] = w[i, p - o * sw, c, d] where 0 <= p - o * sw < kw, else 0.
+  band = _toeplitz_band(w, window, block, sw)
+  rows = n * oh * num_blocks
+  if split_rows and rows >= TOEPLITZ_SPLIT_WEIGHT_GRAD_ROWS and n % 2 == 0:
+    y = jnp.einsum("skm,smn->skn", patches.reshape(2, rows // 2, band.shape[0]),
+                   jnp.broadcast_to(band, (2,) + band.shape))
+  else:
+    y = jnp.dot(patches.reshape(rows, band.shape[0]), band)
+  return y.reshape(n, oh, num_blocks * block, cout)[:, :, :ow]
+
+
+def _toeplitz_band(w, window: int, block: int, sw: int):
+  """The banded matrix (kh * window * cin, block * cout) that maps a patch row to `block`
+  output columns: band[i, p, c, o, d] = w[i, p - o * sw, c, d] where 0 <= p - o * sw < kw."""
+  kh, kw, cin, cout = w.shape
   tap = np.arange(window)[:, None] - sw * np.arange(block)[None, :]
   valid = (tap >= 0) & (tap < kw)
   band = jnp.take(w, np.where(valid, tap, 0), axis=1)  # (kh, window, block, cin, cout)
   band = jnp.where(valid[None, :, :, None, None], band, 0.0)
-  band = band.transpose(0, 1, 3, 2, 4).reshape(kh * window * cin, block * cout)
-  y = jnp.dot(patches.reshape(n * oh * num_blocks, kh * window * cin), band)
+  return band.transpose(0, 1, 3, 2, 4).reshape(kh * window * cin, block * cout)
+
+
+def _toeplitz_conv_transposable(x, w, pads):
+  """`_toeplitz_conv` at stride 1 with patches built from reshapes, slices and one
+  concatenation (no gather), so that JAX's transpose of it, the input gradient, is a
+  transposed GEMM followed by an overlap-add of pads (one fused loop), not a scatter-add.
+
+  Column window b of width `block + kw - 1` is the concatenation of `J` consecutive
+  `block`-wide chunks of the row, cut to the window; chunk j of every window at once is a
+  reshape of the row shifted by `j * block`.
+  """
+  kh, kw, cin, cout = w.shape
+  x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  n, h, width, _ = x.shape
+  oh, ow = h - kh + 1, width - kw + 1
+  block = toeplitz_block(ow, cout)
+  num_blocks, window = -(-ow // block), block + kw - 1
+  chunks = -(-window // block)
+  total = (num_blocks + chunks - 1) * block
+  x = x[:, :, :total] if total <= width else jnp.pad(
+      x, ((0, 0), (0, 0), (0, total - width), (0, 0)))
+  shifted = [x[:, :, j * block:(j + num_blocks) * block].reshape(n, h, num_blocks, block, cin)
+             for j in range(chunks)]
+  windows = jnp.concatenate(shifted, axis=3)[:, :, :, :window]  # (n, h, blocks, window, cin)
+  patches = jnp.stack([windows[:, i:i + oh] for i in range(kh)], axis=3)
+  y = jnp.dot(patches.reshape(n * oh * num_blocks, kh * window * cin),
+              _toeplitz_band(w, window, block, 1))
   return y.reshape(n, oh, num_blocks * block, cout)[:, :, :ow]
+
+
+def toeplitz_input_gradient(kernel_shape: Sequence[int], strides: tuple[int, int]) -> bool:
+  """Whether a Toeplitz-lowered convolution also takes its input gradient through a GEMM
+  (see `TOEPLITZ_INPUT_GRAD_MIN_TAPS`) rather than XLA's convolution."""
+  kh, kw = kernel_shape[:2]
+  return tuple(strides) == (1, 1) and kh * kw >= TOEPLITZ_INPUT_GRAD_MIN_TAPS
 
 
 def _dense_conv(x, w):
@@ -150,9 +220,9 @@ def _dense_conv(x, w):
   return y.reshape(n, 1, 1, w.shape[-1])
 
 
-def _lowered(x, w, lowering, strides, pads):
+def _lowered(x, w, lowering, strides, pads, split_rows=False):
   if lowering == "toeplitz":
-    return _toeplitz_conv(x, w, strides, pads)
+    return _toeplitz_conv(x, w, strides, pads, split_rows=split_rows)
   return _dense_conv(x, w)
 
 
@@ -169,16 +239,21 @@ def _rewritten_conv(x, w, lowering: str, strides, pads):
 def _rewritten_conv_jvp(lowering, strides, pads, primals, tangents):
   x, w = primals
   dx, dw = tangents
-  y = _lowered(x, w, lowering, strides, pads)
+  # The primal takes the same (split) patch matrix as the weight tangent: one copy of it.
+  y = _lowered(x, w, lowering, strides, pads, split_rows=True)
   dy = None
   if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
-    # A Toeplitz input tangent goes through XLA, whose transpose (the input gradient) is the
-    # faster one; a dense one stays a matmul.
-    dy = (_dense_conv(dx, w) if lowering == "dense" else
-          _xla_conv(dx, w, strides, pads, (1, 1), 1))
+    # The input tangent's transpose is the input gradient: a matmul for "dense"; for
+    # "toeplitz", a transposed GEMM and overlap-add for large stride-1 kernels, else XLA's.
+    if lowering == "dense":
+      dy = _dense_conv(dx, w)
+    elif toeplitz_input_gradient(w.shape, strides):
+      dy = _toeplitz_conv_transposable(dx, w, pads)
+    else:
+      dy = _xla_conv(dx, w, strides, pads, (1, 1), 1)
   if not isinstance(dw, jax.custom_derivatives.SymbolicZero):
     # Linear in dw: its transpose is the transposed matmul (the fast weight gradient).
-    dyw = _lowered(x, dw, lowering, strides, pads)
+    dyw = _lowered(x, dw, lowering, strides, pads, split_rows=True)
     dy = dyw if dy is None else dy + dyw
   if dy is None:
     dy = jnp.zeros_like(y)
@@ -253,10 +328,10 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
   Value and gradient are those of `jnp.max` over the reshaped 2x2 windows: each input equal to
   its window's maximum gets the output gradient divided by the number of such inputs (ties are
-  common, e.g. over blank image borders). Both passes are elementwise over the four strided
-  corners of the windows: the forward pass takes their max; the backward pass recomputes the
-  tie mask and counts from x and the output (one fused loop), where `jnp.max`'s rule writes a
-  float mask and reduces the counts in the forward pass and reads them back.
+  common, e.g. over blank image borders). The forward pass is `jnp.max`'s; the backward pass
+  is elementwise over the four strided corners of the windows: it recomputes the tie mask and
+  counts from x and the output, where `jnp.max`'s rule writes a float mask and reduces the
+  counts in the forward pass and reads them back.
   """
   if _plain:
     return jnp.max(_pool_windows(x), axis=(2, 4))
@@ -275,12 +350,13 @@ def _pool_windows(x: jax.Array) -> jax.Array:
 
 
 def _pool_forward(x):
-  # The max of the four strided corners: one elementwise loop, faster on CPU than the reduction
-  # over the reshaped windows, with the same value (max is exact in any order).
-  n, h, w, c = x.shape
-  x = x[:, :h - h % 2, :w - w % 2, :]
-  corners = [x[:, i::2, j::2] for i in (0, 1) for j in (0, 1)]
-  return jnp.maximum(jnp.maximum(corners[0], corners[1]), jnp.maximum(corners[2], corners[3]))
+  # A reduction over the reshaped windows, as the plain version. XLA counts a reduction as
+  # expensive and so computes it once; an elementwise max of the four strided corners (faster
+  # alone) counts as cheap, and XLA then recomputed it, with the bias and ReLU in front, inside
+  # every consumer: the next convolution's Toeplitz patches (which read each value about nine
+  # times) and the four tie masks of the backward pass. In the LeNet step that cost 5.5 ms of
+  # patches instead of 0.8 ms (`benchmarks.step_profile --trace`).
+  return jnp.max(_pool_windows(x), axis=(2, 4))
 
 
 def _pool_fwd(x):
