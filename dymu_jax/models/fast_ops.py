@@ -130,7 +130,8 @@ def _toeplitz_conv(x, w, strides, pads, block: int | None = None, split_rows: bo
   """Row-Toeplitz GEMM convolution of NHWC x with an HWIO kernel (no dilation, no groups).
 
   With `split_rows`, a patch matrix of at least `TOEPLITZ_SPLIT_WEIGHT_GRAD_ROWS` rows (and an
-  even batch) is multiplied in two halves by the same band, broadcast: the values are the same,
+  even batch) is multiplied in two halves by the same band, broadcast: the same values up to
+  float32 rounding,
   and the transpose with respect to the kernel (the weight gradient) becomes two half-length
   GEMMs and a sum instead of one long contraction.
   """
