@@ -55,7 +55,8 @@ def _random_dymu(seed: int):
   batch = {"image": jnp.zeros((1, *MNIST_SHAPE), jnp.float32),
            "left": jnp.zeros((1,), jnp.int32), "right": jnp.zeros((1,), jnp.int32)}
   key_anchor, key_edge, key_weight = jax.random.split(jax.random.key(seed), 3)
-  anchor = dymu.build(DIGITS, model_options=model, stage="anchor").init(key_anchor, batch)
+  anchor = dymu.build(DIGITS, model_options=model, stage="anchor",
+                      anchor_init="shared").init(key_anchor, batch)
   edge_method = dymu.build(DIGITS, model_options=model, stage="edge",
                            affinity=((1.0, 0.5), (0.5, 1.0)), anchor_variables=anchor)
   edge_params = edge_method.init(key_edge, batch)["params"]["edge_hypernet"]

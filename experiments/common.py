@@ -161,8 +161,8 @@ flags.DEFINE_list("gradsplit_group_sizes", [],
                   "empty = equal groups.")
 flags.DEFINE_enum("gradsplit_routing", "learned", list(methods_lib.gradsplit.ROUTINGS),
                   "GradSplit: 'learned' (hard sharing for --gradsplit_warmup_steps while "
-                  "gradient conflicts are measured, then M[t,s] = 1 where the mean cosine on "
-                  "group t is >= 0) or 'fixed' (--gradsplit_matrix from the first step).")
+                  "gradient conflicts are measured, then M from them by --gradsplit_criterion) "
+                  "or 'fixed' (--gradsplit_matrix from the first step).")
 flags.DEFINE_string("gradsplit_matrix", "",
                     "GradSplit with --gradsplit_routing=fixed: the routing matrix M, rows "
                     "separated by ';' and entries by ',' (M[t][s] = 1: channel group t takes "
@@ -174,6 +174,22 @@ flags.DEFINE_integer("gradsplit_warmup_steps", 100,
 flags.DEFINE_enum("gradsplit_mode", "activation", list(methods_lib.gradsplit.MODES),
                   "GradSplit: 'activation' routes the gradients flowing through the split "
                   "layers' outputs; 'weight' masks only the split layers' weight gradients.")
+flags.DEFINE_enum("gradsplit_criterion", "module_mean", list(methods_lib.gradsplit.CRITERIA),
+                  "GradSplit with --gradsplit_routing=learned: how the warm-up's gradient "
+                  "cosines set M. 'module_mean' [ours] gives every split layer (conv, batch "
+                  "norm, dense) its own M: M[t,s] = 1 where that layer's mean cos(g_t, g_s) on "
+                  "group t is >= --gradsplit_margin; 'module_frequency' [ours]: per layer, "
+                  "M[t,s] = 1 where the fraction of warm-up steps with a negative cosine is <= "
+                  "--gradsplit_margin; 'pooled': one M for all layers from the cosine over every "
+                  "split parameter together (the first version, whose large aligned kernels hid "
+                  "the conflicts: M came out all ones). Runs saved before this flag used "
+                  "'pooled'.")
+flags.DEFINE_float("gradsplit_margin", None,
+                   "GradSplit with --gradsplit_routing=learned: the criterion's threshold. For "
+                   "'module_mean' and 'pooled' the least mean cosine that shares, in [-1, 1] "
+                   "(default 0.0); for 'module_frequency' the largest fraction of warm-up steps "
+                   "with a negative cosine that shares, in [0, 1] (default 0.5). The diagonal of "
+                   "M is always 1.")
 flags.DEFINE_enum("pcgrad_order", "fixed", list(methods_lib.pcgrad.ORDERS),
                   "PCGrad: project onto the other tasks in task order ('fixed') or in an order "
                   "drawn per step from the run's key ('random', seeded by --seed).")
@@ -204,22 +220,69 @@ def _gradsplit_options(v: Mapping[str, Any]) -> dict:
     options["group_sizes"] = sizes
   if matrix:
     options["routing_matrix"] = matrix
+  # Runs saved before --gradsplit_criterion existed trained with the pooled criterion.
+  criterion = v.get("gradsplit_criterion", "pooled")
+  margin = v.get("gradsplit_margin")
+  if criterion not in methods_lib.gradsplit.CRITERIA:
+    raise ValueError(f"--gradsplit_criterion={criterion} is unknown; use one of "
+                     f"{', '.join(methods_lib.gradsplit.CRITERIA)}.")
+  if margin is not None and routing != "learned":
+    raise ValueError(f"--gradsplit_margin={margin:g} is only used with "
+                     f"--gradsplit_routing=learned; drop it or set --gradsplit_routing=learned.")
+  if routing == "learned":
+    methods_lib.gradsplit.check_margin(criterion, margin, "--gradsplit_margin")
+    options["criterion"] = criterion
+    if margin is not None:
+      options["margin"] = float(margin)
   return options
 
 
 # --- DYMU and PHN (--method=dymu / phn / phn_bn; METHODS.md section 1) ---
 flags.DEFINE_enum("dymu_stage", "all", list(methods_lib.dymu.STAGES) + ["all"],
-                  "DYMU: the training stage. 'all' runs anchor, edge and weight in sequence, "
-                  "each in its own subfolder <workdir>/{anchor,edge,weight} (each resumes from "
-                  "its own checkpoints); a single stage trains in --workdir itself and reads its "
-                  "input from --dymu_anchor_dir (edge) or --dymu_edge_dir (weight).")
+                  "DYMU: the training stage. 'all' runs pretrain (with --dymu_anchor_init=trunk), "
+                  "anchor, edge and weight in sequence, each in its own subfolder "
+                  "<workdir>/{pretrain,anchor,edge,weight} (each resumes from its own "
+                  "checkpoints); a single stage trains in --workdir itself and reads its input "
+                  "from --dymu_pretrain_dir (anchor from a trunk), --dymu_anchor_dir (edge) or "
+                  "--dymu_edge_dir (weight).")
+flags.DEFINE_string("dymu_pretrain_dir", "",
+                    "DYMU with --dymu_stage=anchor and --dymu_anchor_init=trunk: the workdir of "
+                    "the finished pretrain stage.")
 flags.DEFINE_string("dymu_anchor_dir", "",
                     "DYMU with --dymu_stage=edge: the workdir of the finished anchor stage.")
 flags.DEFINE_string("dymu_edge_dir", "",
                     "DYMU with --dymu_stage=weight: the workdir of the finished edge stage.")
 flags.DEFINE_list("dymu_stage_steps", [],
                   "DYMU: optimizer steps of the anchor, edge and weight stages (three numbers); "
-                  "empty = --steps for every stage.")
+                  "empty = --steps for every stage. The pretrain stage takes "
+                  "--dymu_pretrain_steps.")
+flags.DEFINE_integer("dymu_pretrain_steps", 1000,
+                     "DYMU with --dymu_anchor_init=trunk: steps of the pretrain stage (one trunk "
+                     "trained with hard sharing on every task).")
+flags.DEFINE_float("dymu_anchor_learning_rate", 0.0,
+                   "DYMU: learning rate of the anchor stage (the streams' fine-tuning from the "
+                   "trunk: keep it small so the streams stay close); 0 = --learning_rate.")
+flags.DEFINE_integer("dymu_validation_examples", 2000,
+                     "DYMU: training examples held out of the pretrain and anchor stages; the "
+                     "anchor's task losses on them set the task weights, and the anchor report "
+                     "(stream divergence, cost of each one-edge change) is measured on them. "
+                     "0 = hold none out (the weights then come from training images).")
+flags.DEFINE_enum("dymu_task_weights", "validation", ["validation", "train", "uniform"],
+                  "DYMU: w_i of the edge and weight stages: 1 / the anchor's loss of task i on "
+                  "the held-out examples ('validation'), on training images ('train', the "
+                  "earlier default, which overfitted anchors make about ten times too large), "
+                  "or 1 ('uniform'). Scaled to mean 1 unless --nodymu_task_weight_normalise.")
+flags.DEFINE_bool("dymu_task_weight_normalise", True,
+                  "DYMU: scale the task weights w to mean 1.")
+flags.DEFINE_enum("dymu_depth_factor", "paper", list(methods_lib.dymu.DEPTH_FACTORS),
+                  "DYMU: depth factor of L_active. 'paper': (L - l) / L with l = 1..L as printed "
+                  "(the decoders' parents weigh 0); 'shifted': l = 0..L-1 (every choice pulled).")
+flags.DEFINE_enum("dymu_use_gradient", "stop", list(methods_lib.dymu.USE_GRADIENTS),
+                  "DYMU: 'stop' treats P_use in L_active as a usage weight (no gradient); 'flow' "
+                  "lets the edge hypernetwork shrink the term by making nodes unused.")
+flags.DEFINE_integer("dymu_head_hidden_layers", -1,
+                     "DYMU: hidden layers of every decoder; -1 = the backbone's default (lenet 0, "
+                     "resnet_small 1). --head_batch_norm needs at least 1.")
 flags.DEFINE_float("dymu_lambda_active", 1.0,
                    "DYMU: lambda_A, weight of the active-task sharing term (1 in the paper, "
                    "0.05 in a related filing).")
@@ -249,11 +312,12 @@ flags.DEFINE_list("dymu_weight_hidden", ["100", "100", "100"],
 flags.DEFINE_float("dymu_self_logit", 0.0,
                    "DYMU: initial bias of every child's own-stream parent logit (0: uniform "
                    "start).")
-flags.DEFINE_enum("dymu_anchor_init", "shared", list(branched.STREAM_INITS),
-                  "DYMU: how the anchor's single-task streams start. 'shared': one initial "
-                  "draw for every stream (as fine-tuning one pretrained backbone), so channels "
-                  "correspond across streams and a cross-task edge feeds features the child can "
-                  "read; 'independent': a draw per stream.")
+flags.DEFINE_enum("dymu_anchor_init", "trunk", list(methods_lib.dymu.ANCHOR_INITS),
+                  "DYMU: how the anchor's single-task streams start. 'trunk' (the paper's "
+                  "recipe): copies of one trunk trained with hard sharing (the pretrain stage), "
+                  "then each fine-tuned on its task, so channels still correspond and low-level "
+                  "cross-task edges are cheap; 'shared': one random draw for every stream; "
+                  "'independent': a draw per stream.")
 flags.DEFINE_list("dymu_eval_resources", ["0", "1"],
                   "DYMU: resource preferences c evaluated (at the uniform preference) during "
                   "training.")
@@ -278,7 +342,8 @@ flags.DEFINE_integer("phn_chunk_features", 32,
 
 DYMU_STAGES = methods_lib.dymu.STAGES
 # Runtime inputs of the later DYMU stages (not flags): see `experiments.runs.dymu_stage_inputs`.
-DYMU_INPUTS = ("anchor_variables", "edge_params", "affinity", "task_weights")
+DYMU_INPUTS = ("trunk_variables", "anchor_variables", "edge_params", "affinity",
+               "task_weights")
 
 
 def parse_ints(values, flag: str) -> tuple[int, ...]:
@@ -291,25 +356,34 @@ def parse_ints(values, flag: str) -> tuple[int, ...]:
 
 
 def dymu_stages(values: Mapping[str, Any] | None = None) -> tuple[str, ...]:
-  """The DYMU stages a training run covers: all three for --dymu_stage=all, else the one."""
-  stage = _values(values).get("dymu_stage", "all")
+  """The DYMU stages a training run covers: for --dymu_stage=all, pretrain (only with
+  --dymu_anchor_init=trunk), anchor, edge and weight; else the one."""
+  v = _values(values)
+  stage = v.get("dymu_stage", "all")
   if stage == "all":
-    return DYMU_STAGES
+    if v.get("dymu_anchor_init", "independent") == "trunk":
+      return DYMU_STAGES
+    return tuple(s for s in DYMU_STAGES if s != "pretrain")
   if stage not in DYMU_STAGES:
     raise ValueError(f"Unknown --dymu_stage={stage}; allowed: {', '.join(DYMU_STAGES)}, all.")
   return (stage,)
 
 
 def dymu_stage_steps(values: Mapping[str, Any] | None = None) -> dict[str, int]:
-  """Optimizer steps per DYMU stage: --dymu_stage_steps, or --steps for each."""
+  """Optimizer steps per DYMU stage: --dymu_stage_steps (anchor, edge, weight) or --steps for
+  each; the pretrain stage --dymu_pretrain_steps."""
   v = _values(values)
+  pretrain = int(v.get("dymu_pretrain_steps", 1000))
+  if pretrain < 1:
+    raise ValueError(f"--dymu_pretrain_steps must be at least 1, got {pretrain}.")
+  main_stages = tuple(s for s in DYMU_STAGES if s != "pretrain")
   steps = parse_ints(v.get("dymu_stage_steps") or [], "--dymu_stage_steps")
   if not steps:
-    return {stage: int(v["steps"]) for stage in DYMU_STAGES}
-  if len(steps) != len(DYMU_STAGES) or min(steps) < 1:
+    return {"pretrain": pretrain, **{stage: int(v["steps"]) for stage in main_stages}}
+  if len(steps) != len(main_stages) or min(steps) < 1:
     raise ValueError(f"--dymu_stage_steps takes three numbers >= 1 (anchor, edge and weight "
                      f"steps), got {','.join(str(s) for s in steps)}.")
-  return dict(zip(DYMU_STAGES, steps))
+  return {"pretrain": pretrain, **dict(zip(main_stages, steps))}
 
 
 def dymu_model_options(values: Mapping[str, Any] | None = None) -> dict:
@@ -319,12 +393,23 @@ def dymu_model_options(values: Mapping[str, Any] | None = None) -> dict:
   if backbone not in branched.BACKBONES:
     raise ValueError(f"DYMU's anchor streams are built on --backbone="
                      f"{' or '.join(branched.BACKBONES)}, got {backbone!r}.")
-  if v.get("head_batch_norm"):
-    raise ValueError("--head_batch_norm is not available with --method=dymu (the anchor's "
-                     "decoders have no batch norm); drop it.")
+  hidden_layers = int(v.get("dymu_head_hidden_layers", -1))  # .get: older runs
+  if hidden_layers < -1:
+    raise ValueError(f"--dymu_head_hidden_layers must be -1 (the backbone's default) or >= 0, "
+                     f"got {hidden_layers}.")
+  if v.get("head_batch_norm") and (
+      hidden_layers == 0 or (hidden_layers < 0 and branched.DEFAULT_HEAD_HIDDEN_LAYERS[backbone]
+                             == 0)):
+    raise ValueError(f"--head_batch_norm puts batch norm in the decoders' hidden layers, but "
+                     f"DYMU's {backbone} decoders have none; add --dymu_head_hidden_layers=1 "
+                     f"or drop --head_batch_norm.")
   options = {"backbone": backbone}
   if v["head_width"]:
     options["head_width"] = v["head_width"]
+  if hidden_layers >= 0:
+    options["head_hidden_layers"] = hidden_layers
+  if v.get("head_batch_norm"):
+    options["head_batch_norm"] = True
   backbone_options = parse_options(v.get("backbone_options") or [], "--backbone_options")
   if backbone_options:
     blocks = {"lenet": branched.lenet_blocks,
@@ -356,6 +441,9 @@ def _dymu_options(v: Mapping[str, Any]) -> dict:
       "weight_hidden": parse_ints(v["dymu_weight_hidden"], "--dymu_weight_hidden"),
       "self_logit": v["dymu_self_logit"],
       "anchor_init": v.get("dymu_anchor_init", "independent"),
+      # .get: runs saved before these flags existed trained with the earlier choices.
+      "depth_factor": v.get("dymu_depth_factor", "shifted"),
+      "use_gradient": v.get("dymu_use_gradient", "flow"),
       "eval_resources": resources if resources is not None else (0.0, 1.0),
   }
 

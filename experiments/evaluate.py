@@ -6,10 +6,24 @@ r"""Evaluate a trained run: the controllability sweep, its measures, a report an
 The run is rebuilt from its newest checkpoint and the flags saved with it. Results go to
 `<workdir>/eval/` (or `--output_dir`): `results.json`, `report.md` and PNG plots.
 
+Preferences of every sweep (ECMT, DYMU, PHN, PHN-BN), `--preference_grid` (`preference_grid`):
+  * `rays` (the default [ours]): for 2 tasks the `--num_preferences` (25) evaluation rays of PHN's
+    Multi-MNIST code (`pareto.phn_rays`: angles evenly spaced in [0.1, pi/2 - 0.1], r = (cos,
+    sin) / (cos + sin); no corner preference), for more tasks the Das-Dennis grid below;
+  * `das_dennis`: `pareto.das_dennis` with the fewest divisions giving at least
+    `--num_preferences` points (corners and edges of the simplex included);
+  * `random`: `--num_preferences` drawn uniformly from the simplex (Dirichlet(1), seeded by
+    `--preference_seed`), the only sweep before this flag (`--preference_grid=random
+    --num_preferences=20` repeats the former default exactly).
+Hypervolume: one reference point for every sweep of a run (`hv_reference_point`):
+`--hv_reference`, else (2, 2) for a 2-task Multi-MNIST run, else just worse than every loss of
+the run's sweeps; the report gives the point and its source.
+
 ECMT (`--method=ecmt` runs), METHODS.md sections 2 and 4:
-  * preferences: `--num_preferences` drawn uniformly from the simplex (Dirichlet(1), seeded by
-    `--preference_seed`); budgets: `--budgets`, fractions of the SuperNet's MACs (a budget
-    below the smallest SubNet is reported and skipped);
+  * preferences: `--preference_grid` above; budgets: `--budgets`, fractions of the SuperNet's
+    MACs (a budget below the smallest SubNet is reported and skipped);
+  * the search caps each decoder's extra MACs at r_t / max(r) (`ecmt.search(preference_cap=)`)
+    unless `--noecmt_preference_cap`, recorded as "preference_cap";
   * the search picks each SubNet with the encoder scores of `ecmt.score_encoders`, computed
     once on held-out training images and cached in `<workdir>/encoder_scores.json` (the MACs
     table in `<workdir>/cost_table.json`);
@@ -28,12 +42,16 @@ folder), METHODS.md sections 1 and 4:
   * the weight stage is evaluated twice: with its weight hypernetwork ("weight") and without it
     ("edge": the argmax trees on the frozen anchor, exactly the edge stage's network); an
     edge-stage run only as "edge"; an anchor-stage run like the fixed methods below;
-  * per variant and per c in `--resources` (0 and 1): the `--num_preferences` preferences
-    (Dirichlet(1), seeded by `--preference_seed`), each run as its argmax tree (only the used
-    nodes compute) on the test split: task metrics and test losses, hypervolume (one reference
-    point for every sweep, or `--hv_reference`), uniformity, rank controllability, Delta_m
-    (against `--reference_workdir`, default the anchor's own single-task streams), distinct
-    trees and the fraction of the anchor's MACs and parameters in use;
+  * per variant and per c in `--resources` (0 and 1): the preferences of `--preference_grid`,
+    each run as its argmax tree (only the used nodes compute) on the test split: task metrics
+    and test losses, hypervolume, uniformity, rank controllability, Delta_m (against
+    `--reference_workdir`, default the anchor's own single-task streams), distinct trees and
+    the fraction of the anchor's MACs and parameters in use;
+  * at matched cost, per variant and c: the hypervolume of the sweep's trees whose MACs
+    fraction lies in `--cost_band` (default at most 0.6; "cost_band": {min_macs_fraction,
+    max_macs_fraction, hypervolume, num_points}), and each task's mean primary metric over the
+    sweep next to the anchor's (the separate tree) with their ratio ("versus_anchor"; the target
+    is every ratio >= 0.95);
   * the mean fraction of the anchor's MACs and parameters over `--cost_preferences` (1000)
     preferences at each c (the trees come from the edge hypernetwork, which the weight stage
     keeps frozen, so both variants use the same trees);
@@ -43,12 +61,17 @@ folder), METHODS.md sections 1 and 4:
 PHN and PHN-BN (`--method=phn`, `phn_bn`): the same preference sweep (no c), with hypervolume,
 uniformity, rank controllability and Delta_m, and the cost of the generated network.
 
+Corner preferences (zero entries, e.g. from `das_dennis`) are valid inputs of the DYMU, PHN and
+ECMT paths; uniformity takes 0 log 0 = 0 there (`pareto.uniformity_per_point` states its rule).
+
 Other methods (static, single_task, gradsplit, pcgrad) are evaluated at their default
 controls: per-task metrics, Delta_m against `--reference_workdir`, and the cost of each method
 (`training_cost`): inference MACs and parameters of the network, and training MACs per example
-(see `TRAINING_MACS_CONVENTION`). For gradsplit the routing matrix and the measured gradient
-conflicts are written to `<workdir>/gradsplit_routing.json` (with a heat map PNG next to it and
-in the output folder) and shown in the report.
+(see `TRAINING_MACS_CONVENTION`). For gradsplit the routing (per split module: its M, the mean
+gradient cosines and the conflict frequencies, the fraction of warm-up steps with a negative
+cosine; the same pooled over every split parameter for reference) is written to
+`<workdir>/gradsplit_routing.json` (with heat maps per module in a PNG next to it and in the
+output folder) and shown in the report.
 """
 
 from __future__ import annotations
@@ -81,6 +104,14 @@ from dymu_jax.models.branched import BranchedNet, Tree
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models.widths import WidthConfig
 
+# --preference_grid choices (`preference_grid`); "rays" is the default [ours].
+PREFERENCE_GRIDS = ("rays", "das_dennis", "random")
+# The default hypervolume reference of a 2-task Multi-MNIST run, in test cross-entropy per digit
+# (issue 22); other runs default to a point just worse than every loss of their sweeps.
+MULTI_MNIST_HV_REFERENCE = (2.0, 2.0)
+# DYMU: the target of each task's mean metric over a sweep relative to the anchor's (issue 22).
+ANCHOR_RATIO_TARGET = 0.95
+
 flags.DEFINE_string("output_dir", None, "Where results go; default <workdir>/eval (evaluate) "
                     "or <workdir>/export/<preference and budget> (export).")
 flags.DEFINE_string("reference_workdir", None,
@@ -88,8 +119,18 @@ flags.DEFINE_string("reference_workdir", None,
                     "of the normalised metrics (default: the run's own SuperNet).")
 flags.DEFINE_list("budgets", ["0.25", "0.5", "0.75", "1.0"],
                   "ECMT: budgets as fractions of the SuperNet's MACs.")
-flags.DEFINE_integer("num_preferences", 20, "Preferences of the sweep, uniform on the simplex.")
-flags.DEFINE_integer("preference_seed", 0, "Seed of the preference sweep.")
+flags.DEFINE_enum("preference_grid", "rays", list(PREFERENCE_GRIDS),
+                  "The preferences of every sweep (ECMT, DYMU, PHN, PHN-BN). 'rays': for 2 "
+                  "tasks PHN's evaluation rays (--num_preferences angles evenly spaced in "
+                  "[0.1, pi/2 - 0.1], r = (cos, sin) / (cos + sin)), for more tasks the "
+                  "Das-Dennis grid; 'das_dennis': evenly spaced simplex points with the fewest "
+                  "divisions giving at least --num_preferences points (corners included); "
+                  "'random': --num_preferences drawn uniformly from the simplex (Dirichlet(1), "
+                  "seeded by --preference_seed; the sweep before this flag existed).")
+flags.DEFINE_integer("num_preferences", 25,
+                     "Preferences of the sweep: the number of rays or random draws, or the "
+                     "least number of Das-Dennis points (25: PHN's 25 evaluation rays).")
+flags.DEFINE_integer("preference_seed", 0, "Seed of --preference_grid=random.")
 flags.DEFINE_integer("calibration_examples", 512,
                      "Training images that re-estimate each SubNet's batch-norm statistics.")
 flags.DEFINE_integer("score_examples", 256,
@@ -110,9 +151,17 @@ flags.DEFINE_integer("cost_preferences", 1000,
                      "DYMU: preferences (uniform on the simplex) over which the mean fraction "
                      "of the anchor's MACs and parameters in use is measured, per c.")
 flags.DEFINE_list("hv_reference", [],
-                  "DYMU, PHN: the hypervolume reference point in test-loss space, one number "
-                  "per task (give the same one to compare runs); empty = just worse than every "
-                  "loss of this run's sweeps.")
+                  "ECMT, DYMU, PHN, PHN-BN: the hypervolume reference point in test-loss "
+                  "space, one number per task, for every sweep of the run (give the same one to "
+                  "compare runs); empty = (2, 2) for a 2-task Multi-MNIST run, otherwise just "
+                  "worse than every loss of this run's sweeps.")
+flags.DEFINE_list("cost_band", ["0.6"],
+                  "DYMU: the cost band of the matched-cost hypervolume, as fractions of the "
+                  "anchor's MACs: 'hi' (trees using at most hi) or 'lo,hi' (both inclusive).")
+flags.DEFINE_bool("ecmt_preference_cap", True,
+                  "ECMT: cap each decoder's extra MACs at r_t / max(r) in the search "
+                  "(`ecmt.search(preference_cap=...)`); --noecmt_preference_cap measures rank "
+                  "controllability without it.")
 
 FLAGS = flags.FLAGS
 
@@ -163,6 +212,71 @@ def preference_sweep(num: int, num_tasks: int, seed: int) -> np.ndarray:
   if num < 2:
     raise ValueError(f"--num_preferences must be at least 2 for rank correlations, got {num}.")
   return np.random.default_rng(seed).dirichlet(np.ones(num_tasks), size=num)
+
+
+def preference_grid(grid: str, num: int, num_tasks: int, seed: int) -> tuple[np.ndarray, dict]:
+  """The preferences of a sweep, (n, T), and a record of how they were made (for the report).
+
+  grid: "rays" (2 tasks: `pareto.phn_rays(num)`, PHN's evaluation rays; more tasks: as
+  "das_dennis"), "das_dennis" (`pareto.das_dennis` with the fewest divisions giving at least
+  `num` points, so n >= num) or "random" (`preference_sweep(num, num_tasks, seed)`, unchanged).
+  """
+  if num < 2:
+    raise ValueError(f"--num_preferences must be at least 2 for rank correlations, got {num}.")
+  record = {"grid": grid, "requested": int(num), "divisions": None, "seed": None}
+  if grid == "random":
+    prefs = preference_sweep(num, num_tasks, seed)
+    record["seed"] = int(seed)
+    record["description"] = f"drawn uniformly from the simplex (Dirichlet(1), seed {seed})"
+  elif grid == "rays" and num_tasks == 2:
+    prefs = pareto.phn_rays(num)
+    record["description"] = (
+        f"PHN's evaluation rays: angles evenly spaced in [{pareto.PHN_RAY_MIN_ANGLE:g}, "
+        f"pi/2 - {pareto.PHN_RAY_MIN_ANGLE:g}], r = (cos, sin) / (cos + sin)")
+  elif grid in ("rays", "das_dennis"):
+    if num_tasks < 2:
+      raise ValueError(f"--preference_grid={grid} needs at least 2 tasks, got {num_tasks}; use "
+                       "--preference_grid=random.")
+    divisions = pareto.das_dennis_divisions(num_tasks, num)
+    prefs = pareto.das_dennis(num_tasks, divisions)
+    record["divisions"] = divisions
+    record["description"] = (f"the Das-Dennis grid of the simplex, {divisions} "
+                             f"division{'s' if divisions != 1 else ''} (corners included)")
+  else:
+    raise ValueError(f"--preference_grid must be one of {', '.join(PREFERENCE_GRIDS)}, got "
+                     f"{grid!r}.")
+  record["num_preferences"] = int(len(prefs))
+  return prefs, record
+
+
+def _sweep_preferences(num_tasks: int) -> tuple[np.ndarray, dict]:
+  """The flags' preference sweep (`preference_grid`)."""
+  return preference_grid(FLAGS.preference_grid, FLAGS.num_preferences, num_tasks,
+                         FLAGS.preference_seed)
+
+
+def hv_reference_point(losses, num_tasks: int, dataset: str | None) -> tuple[np.ndarray, str]:
+  """The hypervolume reference of every sweep of a run and where it comes from.
+
+  `--hv_reference` when given; else `MULTI_MNIST_HV_REFERENCE` (2, 2) for a 2-task Multi-MNIST
+  run, so that its runs compare without a flag; else `pareto.default_reference` of all the
+  run's sweep losses (just worse than every one of them).
+  """
+  given = common.parse_floats(FLAGS.hv_reference, "--hv_reference")
+  if given is not None:
+    if len(given) != num_tasks:
+      raise ValueError(f"--hv_reference needs one loss per task ({num_tasks}), got "
+                       f"{len(given)}.")
+    return np.asarray(given, np.float64), "--hv_reference"
+  if dataset == "multi_mnist" and num_tasks == 2:
+    return (np.asarray(MULTI_MNIST_HV_REFERENCE, np.float64),
+            "the 2-task Multi-MNIST default (2, 2)")
+  return pareto.default_reference(losses), "just worse than every loss of this run's sweeps"
+
+
+def _points_inside(losses, reference) -> int:
+  """How many loss vectors strictly dominate the reference (the ones that add volume)."""
+  return int(np.sum(np.all(np.asarray(losses) < np.asarray(reference), axis=1)))
 
 
 def held_out_images(run, table) -> tuple[list, list, str]:
@@ -228,6 +342,13 @@ def _reference(run, tasks) -> tuple[dict, str]:
   return per_task, f"single-task ({os.path.basename(os.path.normpath(FLAGS.reference_workdir))})"
 
 
+def ecmt_search(preference, budget, table, scores) -> WidthConfig:
+  """`ecmt.search` with the flags' `--decoder_reserve` and `--ecmt_preference_cap`."""
+  return ecmt.search(preference, budget, cost_table=table, scores=scores,
+                     decoder_reserve=FLAGS.decoder_reserve,
+                     preference_cap=bool(FLAGS.ecmt_preference_cap))
+
+
 def _sliced_metrics(method, variables, config, calibration, test_batches_source, image_shape):
   """Metrics of the physically sliced SubNet (recalibrated), for the masked-path check."""
   recalibrated = ecmt.recalibrate_bn(method, variables, config, calibration)
@@ -272,7 +393,8 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
   metric_names = {t.name: ecmt.metrics_lib.metric_for(t).primary for t in tasks}
   higher = [primary[n][1] for n in names]
 
-  prefs = preference_sweep(FLAGS.num_preferences, len(tasks), FLAGS.preference_seed)
+  prefs, preference_record = _sweep_preferences(len(tasks))
+  cap = bool(FLAGS.ecmt_preference_cap)
   budgets = common.parse_floats(FLAGS.budgets, "--budgets") or ()
   rows, skipped = [], []
   for budget in budgets:
@@ -286,8 +408,7 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
     started = time.time()
     points = []
     for r in prefs:
-      config = ecmt.search(r, float(budget), cost_table=table, scores=scores,
-                           decoder_reserve=FLAGS.decoder_reserve)
+      config = ecmt_search(r, float(budget), table, scores)
       per_task = evaluate(config)
       points.append({
           "preference": [float(x) for x in r],
@@ -323,10 +444,14 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
           f"{rows[-1]['delta_m']:.2f}% ({time.time() - started:.0f} s)", flush=True)
 
   # Hypervolume against one reference point for every budget (comparable across budgets).
-  all_losses = np.concatenate([np.asarray(r["losses"]) for r in rows]) if rows else None
-  hv_reference = pareto.default_reference(all_losses) if rows else None
+  hv_reference, hv_source = None, None
+  if rows:
+    hv_reference, hv_source = hv_reference_point(
+        np.concatenate([np.asarray(r["losses"]) for r in rows]), len(tasks),
+        run.values.get("dataset"))
   for row in rows:
     row["hypervolume"] = pareto.hypervolume(np.asarray(row["losses"]), hv_reference)
+    row["points_inside_hv_reference"] = _points_inside(row["losses"], hv_reference)
 
   # The sliced network equals the masked evaluation (one SubNet per budget).
   sliced_check = []
@@ -344,8 +469,7 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
   violations, checked = 0, 0
   chosen_macs = []
   for budget_macs in grid:
-    used = [table.macs(ecmt.search(r, int(budget_macs), cost_table=table, scores=scores,
-                                   decoder_reserve=FLAGS.decoder_reserve)) for r in prefs]
+    used = [table.macs(ecmt_search(r, int(budget_macs), table, scores)) for r in prefs]
     violations += sum(u > budget_macs for u in used)
     checked += len(used)
     chosen_macs.append([int(budget_macs), float(np.mean(used)), int(max(used))])
@@ -359,10 +483,12 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
                             if FLAGS.reference_workdir else None),
       "reference_metrics": reference, "supernet_metrics": supernet,
       "num_preferences": len(prefs), "preference_seed": FLAGS.preference_seed,
+      "preference_grid": preference_record, "preference_cap": cap,
       "decoder_reserve": FLAGS.decoder_reserve, "skipped_budgets": skipped,
       "encoder_scores_file": os.path.join(run.workdir, "encoder_scores.json"),
       "budgets": rows, "hypervolume_reference": (hv_reference.tolist()
                                                  if hv_reference is not None else None),
+      "hypervolume_reference_source": hv_source,
       "mean_rank_controllability": float(np.mean(ranks)) if ranks else None,
       "sliced_check": sliced_check,
       "budget_check": {"budgets": int(len(grid)), "searches": checked,
@@ -535,20 +661,56 @@ def _sweep_measures(prefs, points, names, metric_names, higher, reference) -> di
   return out
 
 
-def _add_hypervolumes(sweeps: list[dict], num_tasks: int) -> list[float]:
-  """Hypervolume of every sweep's test losses against one reference point (returned)."""
-  reference = common.parse_floats(FLAGS.hv_reference, "--hv_reference")
-  if reference is not None:
-    if len(reference) != num_tasks:
-      raise ValueError(f"--hv_reference needs one loss per task ({num_tasks}), got "
-                       f"{len(reference)}.")
-    reference = np.asarray(reference, np.float64)
-  else:
-    reference = pareto.default_reference(np.concatenate([np.asarray(s["losses"])
-                                                         for s in sweeps]))
+def _add_hypervolumes(sweeps: list[dict], num_tasks: int,
+                      dataset: str | None) -> tuple[list[float], str]:
+  """Hypervolume of every sweep's test losses against one reference point (`hv_reference_point`;
+  returned with its source)."""
+  reference, source = hv_reference_point(
+      np.concatenate([np.asarray(s["losses"]) for s in sweeps]), num_tasks, dataset)
   for sweep in sweeps:
     sweep["hypervolume"] = pareto.hypervolume(np.asarray(sweep["losses"]), reference)
-  return reference.tolist()
+    sweep["points_inside_hv_reference"] = _points_inside(sweep["losses"], reference)
+  return reference.tolist(), source
+
+
+def parse_cost_band(values) -> tuple[float, float]:
+  """--cost_band as (lo, hi) fractions of the anchor's MACs: "hi" means (0, hi)."""
+  band = common.parse_floats(values, "--cost_band")
+  if band is None or len(band) not in (1, 2):
+    raise ValueError(f"--cost_band must be 'hi' or 'lo,hi' (fractions of the anchor's MACs), "
+                     f"got {','.join(values)!r}.")
+  low, high = (0.0, band[0]) if len(band) == 1 else band
+  if not 0 <= low <= high:
+    raise ValueError(f"--cost_band needs 0 <= lo <= hi, got {','.join(values)}.")
+  return float(low), float(high)
+
+
+def cost_band_record(sweep: dict, reference, band: tuple[float, float]) -> dict:
+  """The hypervolume of a DYMU sweep's points whose tree uses a MACs fraction in `band`."""
+  low, high = band
+  volume, count = pareto.cost_band_hypervolume(
+      np.asarray(sweep["losses"]), [p["macs_fraction"] for p in sweep["points"]], reference,
+      high, low)
+  return {"min_macs_fraction": low, "max_macs_fraction": high, "hypervolume": volume,
+          "num_points": count}
+
+
+def versus_anchor(mean_metric: dict, anchor_metrics: dict, metric_names: dict,
+                  higher: dict) -> dict:
+  """Each task's mean primary metric over a sweep next to the anchor's (the separate tree's).
+
+  ratio = mean / anchor for higher-is-better metrics and anchor / mean otherwise, so that
+  ratio >= `ANCHOR_RATIO_TARGET` (0.95) reads "within 5 % of the anchor" either way; None when
+  it would divide by zero.
+  """
+  out = {}
+  for name, mean in mean_metric.items():
+    anchor = float(anchor_metrics[name][metric_names[name]])
+    numerator, denominator = (mean, anchor) if higher[name] else (anchor, mean)
+    ratio = float(numerator / denominator) if denominator else None
+    out[name] = {"metric": metric_names[name], "sweep_mean": float(mean), "anchor": anchor,
+                 "ratio": ratio}
+  return out
 
 
 def _resources() -> list[float]:
@@ -632,7 +794,8 @@ def evaluate_dymu(run: runs.TrainedRun, output_dir: str) -> dict:
   if reference is None:
     reference, reference_name = anchor_metrics, "the anchor (single-task streams)"
   resources = _resources()
-  prefs = preference_sweep(FLAGS.num_preferences, len(tasks), FLAGS.preference_seed)
+  band = parse_cost_band(FLAGS.cost_band)
+  prefs, preference_record = _sweep_preferences(len(tasks))
   sweeps, cache = [], {}
   for variant, variables in variants.items():
     controller = method.controller(variables)
@@ -660,7 +823,15 @@ def evaluate_dymu(run: runs.TrainedRun, output_dir: str) -> dict:
             f"fraction {sweep['mean_macs_fraction']:.3f}, rank controllability "
             f"{_fmt(sweep['rank_controllability'], 3)} ({time.time() - started:.0f} s)",
             flush=True)
-  hv_reference = _add_hypervolumes(sweeps, len(tasks))
+  hv_reference, hv_source = _add_hypervolumes(sweeps, len(tasks), run.values.get("dataset"))
+  for sweep in sweeps:
+    # Matched cost: the HV of the trees within the band, and each task's mean against the
+    # anchor's (issue 22's target: no ratio below ANCHOR_RATIO_TARGET).
+    sweep["cost_band"] = cost_band_record(sweep, hv_reference, band)
+    sweep["versus_anchor"] = versus_anchor(sweep["mean_metric"], anchor_metrics, metric_names,
+                                           higher)
+    ratios = [v["ratio"] for v in sweep["versus_anchor"].values() if v["ratio"] is not None]
+    sweep["min_ratio_to_anchor"] = min(ratios) if ratios else None
   cost = dymu_cost_sweep(method, edge, image_shape, resources, FLAGS.cost_preferences,
                          FLAGS.preference_seed + 1)
   cost["note"] = ("Trees come from the edge hypernetwork, which the weight stage keeps frozen: "
@@ -675,10 +846,14 @@ def evaluate_dymu(run: runs.TrainedRun, output_dir: str) -> dict:
       "tasks": names, "primary_metric": metric_names, "higher_is_better": higher,
       "variants": list(variants), "resources": resources,
       "num_preferences": len(prefs), "preference_seed": FLAGS.preference_seed,
+      "preference_grid": preference_record, "cost_band": {"min_macs_fraction": band[0],
+                                             "max_macs_fraction": band[1]},
+      "anchor_ratio_target": ANCHOR_RATIO_TARGET,
       "anchor_metrics": anchor_metrics, "reference": reference_name,
       "reference_workdir": (os.path.abspath(FLAGS.reference_workdir)
                             if FLAGS.reference_workdir else None),
       "reference_metrics": reference, "sweeps": sweeps, "hypervolume_reference": hv_reference,
+      "hypervolume_reference_source": hv_source,
       "mean_rank_controllability": ranks, "cost": cost,
       "affinity": _affinity_for_report(run, output_dir),
       "task_weights": list(method.task_weights) if method.task_weights else None,
@@ -693,7 +868,7 @@ def evaluate_phn(run: runs.TrainedRun, output_dir: str) -> dict:
   names, metric_names, higher = _task_info(tasks)
   batches = _sweep_batches(run)
   reference, reference_name = _reference(run, tasks)
-  prefs = preference_sweep(FLAGS.num_preferences, len(tasks), FLAGS.preference_seed)
+  prefs, preference_record = _sweep_preferences(len(tasks))
   started = time.time()
   points = []
   for r in prefs:
@@ -704,7 +879,7 @@ def evaluate_phn(run: runs.TrainedRun, output_dir: str) -> dict:
   sweep = {"variant": method.name, "resource": None, "points": points}
   sweep.update(_sweep_measures(prefs, points, names, metric_names, higher, reference))
   sweeps = [sweep]
-  hv_reference = _add_hypervolumes(sweeps, len(tasks))
+  hv_reference, hv_source = _add_hypervolumes(sweeps, len(tasks), run.values.get("dataset"))
   print(f"{method.name}: {len(prefs)} preferences, rank controllability "
         f"{_fmt(sweep['rank_controllability'], 3)} ({time.time() - started:.0f} s)", flush=True)
   images = jax.ShapeDtypeStruct((1, *tuple(run.test_source.image_shape)), np.float32)
@@ -713,10 +888,12 @@ def evaluate_phn(run: runs.TrainedRun, output_dir: str) -> dict:
       "method": method.name, "workdir": run.workdir, "step": run.step, "tasks": names,
       "primary_metric": metric_names, "higher_is_better": higher, "variants": [method.name],
       "resources": [], "num_preferences": len(prefs),
-      "preference_seed": FLAGS.preference_seed, "reference": reference_name,
+      "preference_seed": FLAGS.preference_seed, "preference_grid": preference_record,
+      "reference": reference_name,
       "reference_workdir": (os.path.abspath(FLAGS.reference_workdir)
                             if FLAGS.reference_workdir else None),
       "reference_metrics": reference, "sweeps": sweeps, "hypervolume_reference": hv_reference,
+      "hypervolume_reference_source": hv_source,
       "mean_rank_controllability": {method.name: sweep["rank_controllability"]},
       "cost": {"inference_macs": int(network.macs), "params": int(network.params),
                "hypernet_params": cost_lib.num_params(run.variables["params"]["hypernet"]),
@@ -730,6 +907,74 @@ def _sweep_label(sweep: dict) -> str:
   return f"{sweep['variant']}, c={sweep['resource']:g}"
 
 
+def _grid_text(results: dict) -> str:
+  """"N preferences (how they were made)" for a report."""
+  grid = results.get("preference_grid")
+  if not grid:
+    return (f"{results['num_preferences']} preferences (uniform on the simplex, seed "
+            f"{results['preference_seed']})")
+  text = f"{grid['num_preferences']} preferences (`--preference_grid={grid['grid']}`: "
+  text += grid["description"]
+  if grid["num_preferences"] != grid["requested"]:
+    text += f"; at least {grid['requested']} asked"
+  return text + ")"
+
+
+def _hv_text(results: dict) -> str:
+  reference = results.get("hypervolume_reference")
+  if reference is None:
+    return "no hypervolume (no sweep)"
+  text = (f"hypervolume of the test losses against the reference point "
+          f"{[round(x, 4) for x in reference]}")
+  source = results.get("hypervolume_reference_source")
+  return text + (f" ({source})" if source else "")
+
+
+def _outside_reference_markdown(counts) -> list[str]:
+  """A note when some sweep points lie past the HV reference (they add no volume)."""
+  counts = [(label, inside, total) for label, inside, total in counts
+            if inside is not None and inside < total]
+  if not counts:
+    return []
+  return ["", "Points past the hypervolume reference add no volume; points strictly inside it: " +
+          "; ".join(f"{label}: {inside}/{total}" for label, inside, total in counts) + "."]
+
+
+def _matched_cost_markdown(results: dict) -> list[str]:
+  """DYMU: the cost-band hypervolume and each task's sweep mean against the anchor's, per
+  sweep (variant and c)."""
+  sweeps = [s for s in results["sweeps"] if "cost_band" in s]
+  if not sweeps:
+    return []
+  names, metric = results["tasks"], results["primary_metric"]
+  band = results["cost_band"]
+  shown = (f"MACs fraction <= {band['max_macs_fraction']:g}" if not band["min_macs_fraction"]
+           else f"{band['min_macs_fraction']:g} <= MACs fraction <= "
+                f"{band['max_macs_fraction']:g}")
+  target = results.get("anchor_ratio_target", ANCHOR_RATIO_TARGET)
+  lines = ["", "## Matched cost", "",
+           f"Cost band ({shown}, `--cost_band`): the hypervolume of the sweep's trees in the "
+           f"band, against the same reference point. Each task's mean primary metric over the "
+           f"sweep against the anchor's (the separate tree): ratio = mean / anchor "
+           f"(anchor / mean for lower-is-better metrics); target: every ratio >= {target:g}.",
+           ""]
+  header = (["sweep", "MACs fraction (mean)", "HV (all)", "HV (cost band)", "points in band"] +
+            [f"{n} {metric[n]}: mean / anchor (ratio)" for n in names] +
+            [f"min ratio >= {target:g}"])
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for sweep in sweeps:
+    versus = sweep["versus_anchor"]
+    cells = [_sweep_label(sweep), f"{sweep['mean_macs_fraction']:.3f}",
+             _fmt(sweep["hypervolume"]), _fmt(sweep["cost_band"]["hypervolume"]),
+             f"{sweep['cost_band']['num_points']} / {len(sweep['points'])}"]
+    cells += [f"{_fmt(versus[n]['sweep_mean'])} / {_fmt(versus[n]['anchor'])} "
+              f"({_fmt(versus[n]['ratio'], 3)})" for n in names]
+    low = sweep.get("min_ratio_to_anchor")
+    cells.append("n/a" if low is None else ("yes" if low >= target else "NO") + f" ({low:.3f})")
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
 def sweep_markdown(results: dict, plots: list[str]) -> str:
   """The report of a DYMU or PHN evaluation."""
   names, metric = results["tasks"], results["primary_metric"]
@@ -737,9 +982,7 @@ def sweep_markdown(results: dict, plots: list[str]) -> str:
            f"Method `{results['method']}`" + (f" (stage {results['stage']})"
                                                if results.get("stage") else "") +
            f", checkpoint step {results['step']}, tasks {', '.join(names)}. "
-           f"{results['num_preferences']} preferences (uniform on the simplex, seed "
-           f"{results['preference_seed']}) per sweep; hypervolume of the test losses against "
-           f"the reference point {[round(x, 4) for x in results['hypervolume_reference']]}."]
+           f"{_grid_text(results)} per sweep; {_hv_text(results)}."]
   if results["method"] == "dymu":
     lines[-1] += (" Variants: `weight` = with the weight hypernetwork's batch-norm shifts, "
                   "`edge` = without them (the argmax trees on the frozen anchor).")
@@ -768,6 +1011,10 @@ def sweep_markdown(results: dict, plots: list[str]) -> str:
   ranks = ", ".join(f"{v}: {_fmt(r, 3)}" for v, r in results["mean_rank_controllability"].items())
   over = "tasks and resource levels" if results["resources"] else "tasks"
   lines += ["", f"Mean rank controllability over {over}: {ranks}."]
+  lines += _outside_reference_markdown(
+      [(_sweep_label(s), s.get("points_inside_hv_reference"), len(s["points"]))
+       for s in results["sweeps"]])
+  lines += _matched_cost_markdown(results)
   cost = results["cost"]
   if results["method"] == "dymu":
     anchor = results["anchor_metrics"]
@@ -786,10 +1033,14 @@ def sweep_markdown(results: dict, plots: list[str]) -> str:
                    f"{row['min_macs_fraction']:.3f} | {row['max_macs_fraction']:.3f} | "
                    f"{row['mean_params_fraction']:.3f} | {row['distinct_trees']} | "
                    f"{shown} ({top['count']}x) |")
-    if results.get("task_weights"):
-      lines += ["", "Task weights w = 1 / the anchor's single-task training loss: " + ", ".join(
-          f"{n} {w:.3g}" for n, w in zip(names, results["task_weights"])) + "."]
     record = results.get("affinity")
+    if results.get("task_weights"):
+      source = (record or {}).get("task_weight_source", "training")
+      where = {"held-out": "held-out examples, scaled to mean 1", "uniform": "(uniform: 1 each)"
+               }.get(source, "training images")
+      lines += ["", f"Task weights w = 1 / the anchor's single-task loss on {where}: "
+                + ", ".join(f"{n} {w:.3g}" for n, w in zip(names, results["task_weights"]))
+                + "."]
     if record:
       lines += ["", "## Task affinity", "",
                 f"RSA on the frozen anchor, K = {record['num_images']} training images, "
@@ -905,20 +1156,46 @@ def _routing_markdown(routing: dict | None) -> list[str]:
            f"{routing['split_stages']} stage(s) split ({', '.join(routing['split_modules'])}), "
            f"group sizes {routing['group_sizes']}. M[t][s] = 1: channel group t takes task s's "
            f"gradient."]
-  if routing["routing"] == "learned":
-    lines[-1] += (f" Learned from the mean gradient cosine on each group over "
-                  f"{routing['warmup_steps_seen']} of {routing['warmup_steps']} warm-up steps"
-                  f"{'' if routing['warmup_complete'] else ' (warm-up not finished)'}.")
-  lines += ["", "| group \\ task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-  cosine = routing.get("mean_cosine")
+  learned = routing["routing"] == "learned"
+  if learned:
+    lines[-1] += (f" Criterion `{routing.get('criterion')}`: {routing.get('rule')}; "
+                  f"statistics over {routing['warmup_steps_seen']} of "
+                  f"{routing['warmup_steps']} warm-up steps"
+                  f"{'' if routing['warmup_complete'] else ' (warm-up not finished)'}. "
+                  f"'neg': fraction of warm-up steps with a negative cosine.")
+  pooled = routing["pooled"]
+
+  def cell(entry, t, s):
+    text = str(entry["matrix"][t][s])
+    if entry.get("mean_cosine") is not None:
+      text += (f" (cos {entry['mean_cosine'][t][s]:+.3f}, "
+               f"neg {entry['conflict_frequency'][t][s]:.0%})")
+    return text
+
+  title = "Pooled over every split parameter" + (
+      "" if routing.get("criterion") in (None, "pooled") else
+      " (reference: the criterion's rule on the pooled statistics, not used for routing)")
+  lines += ["", f"{title}:", "", "| group \\ task | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names)]
   for t, name in enumerate(names):
-    cells = [str(routing["matrix"][t][s]) + (f" (cos {cosine[t][s]:+.2f})" if cosine else "")
-             for s in range(len(names))]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(f"| {name} | " + " | ".join(cell(pooled, t, s) for s in range(len(names)))
+                 + " |")
+  modules = routing.get("modules") or []
+  if learned and modules:
+    pairs = [(t, s) for t in range(len(names)) for s in range(len(names)) if t != s]
+    lines += ["", "Per split module (column t<-s: group t takes task s's gradient):", "",
+              "| module | " + " | ".join(f"{names[t]}<-{names[s]}" for t, s in pairs) + " |",
+              "|---|" + "---|" * len(pairs)]
+    for entry in modules:
+      lines.append(f"| {entry['name']} | " + " | ".join(cell(entry, t, s) for t, s in pairs)
+                   + " |")
+    zeros = [sum(not e["matrix"][t][s] for t, s in pairs) for e in modules]
+    lines += ["", f"{sum(z > 0 for z in zeros)} of {len(modules)} split modules route some "
+              f"task's gradient away from a group ({sum(zeros)} of {len(modules) * len(pairs)} "
+              f"off-diagonal entries are 0; none: hard sharing)."]
   if routing.get("heatmap"):
     lines += ["", f"![routing]({routing['heatmap']})"]
   return lines
-
 
 def markdown(results: dict, plots: list[str]) -> str:
   if "sweeps" in results:  # DYMU, PHN, PHN-BN
@@ -940,9 +1217,10 @@ def markdown(results: dict, plots: list[str]) -> str:
   names, metric = results["tasks"], results["primary_metric"]
   lines += [f"SuperNet: {results['full_macs']:,} MACs per example; smallest SubNet: "
             f"{results['smallest_macs']:,} ({results['smallest_macs'] / results['full_macs']:.3f})."
-            f" {results['num_preferences']} preferences (uniform on the simplex, seed "
-            f"{results['preference_seed']}) per budget; Delta_m and normalised metrics against "
-            f"{results['reference']}.", ""]
+            f" {_grid_text(results)} per budget; search with the preference cap "
+            f"{'on' if results.get('preference_cap', True) else 'off'} "
+            f"(`--ecmt_preference_cap`); {_hv_text(results)}; Delta_m and normalised metrics "
+            f"against {results['reference']}.", ""]
   header = (["budget", "max MACs (fraction)", "within budget", "SubNets"] +
             [f"{n} {metric[n]} (mean)" for n in names] +
             ["HV (losses)", "uniformity", "rank contr. (mean)"] +
@@ -959,6 +1237,9 @@ def markdown(results: dict, plots: list[str]) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", f"Mean rank controllability over tasks and budgets: "
             f"{_fmt(results['mean_rank_controllability'], 3)}."]
+  lines += _outside_reference_markdown(
+      [(f"budget {row['budget']:g}", row.get("points_inside_hv_reference"), len(row["points"]))
+       for row in results["budgets"]])
   if results["skipped_budgets"]:
     lines.append(f"Skipped budgets below the smallest SubNet: {results['skipped_budgets']}.")
   check = results["budget_check"]
@@ -1055,6 +1336,8 @@ def run_evaluation() -> dict:
   plots = plot(results, output_dir) if FLAGS.plots and results["method"] == "ecmt" else []
   if FLAGS.plots and "sweeps" in results:
     plots = plot_sweeps(results, output_dir)
+  if (results.get("routing") or {}).get("heatmap"):  # gradsplit: written by gradsplit_routing
+    plots = [results["routing"]["heatmap"]]
   results["plots"] = plots
   with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)

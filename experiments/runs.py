@@ -5,16 +5,20 @@ and its newest checkpoint's variables. Shared by `evaluate` and `export`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
 from dymu_jax import data as data_lib
+from dymu_jax.metrics import tasks as metrics_lib
+from dymu_jax.data import base as data_base
 from dymu_jax.methods import affinity as affinity_lib
 from dymu_jax.methods import dymu
 from dymu_jax import train as train_lib
@@ -26,6 +30,18 @@ _LATER_FLAGS = {"backbone_options": [], "tasks": [], "task_weights": [], "width_
 # DYMU's files next to its edge- and weight-stage checkpoints.
 AFFINITY_FILE = "dymu_affinity.json"
 AFFINITY_PLOT = "dymu_affinity.png"
+# The anchor stage's report: stream divergence and the cost of the cheapest tree changes.
+ANCHOR_REPORT = "anchor_report.json"
+ANCHOR_REPORT_MD = "anchor_report.md"
+
+
+def _shape_values(values: Mapping[str, Any]) -> dict:
+  """Flags to build a DYMU method only for its variables' shapes: an anchor from a trunk has
+  the shapes of any anchor, so it is built from a random draw instead of the trunk."""
+  values = dict(values)
+  if values.get("method") == "dymu" and values.get("dymu_anchor_init") == "trunk":
+    values["dymu_anchor_init"] = "shared"
+  return values
 
 
 @dataclasses.dataclass
@@ -91,12 +107,14 @@ def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:
                                config.seed)
     sample = {k: np.zeros_like(v) for k, v in batcher.batch(0).items()}
     inputs = None
+    build_values = _shape_values(values)
     if values["method"] == "dymu" and values.get("dymu_stage") in ("edge", "weight"):
       # The checkpoint holds the frozen anchor (and edge hypernetwork): build with zeros of
       # their shapes, restore, then rebuild with the restored values. The anchor and edge
       # workdirs the run was trained from need not exist any more.
       inputs = _dymu_placeholder_inputs(values, train_source.tasks, sample, workdir)
-    method = common.build_method(values, train_source.tasks, axis_name=None, inputs=inputs)
+    method = common.build_method(build_values, train_source.tasks, axis_name=None,
+                                 inputs=inputs)
     par = train_lib.Parallel("mesh")
     init = state_lib.init_fn(method, config.make_optimizer())
     abstract = par.abstract_state(init, jax.random.PRNGKey(config.seed), sample)
@@ -163,7 +181,7 @@ def resolve_workdir(workdir: str) -> str:
 def _dymu_placeholder_inputs(values: Mapping[str, Any], tasks, sample, workdir: str) -> dict:
   """Inputs of a DYMU edge/weight method with the right shapes (zeros), for restoring."""
   key = jax.random.PRNGKey(0)
-  anchor_method = common.build_method({**values, "dymu_stage": "anchor"}, tasks)
+  anchor_method = common.build_method({**_shape_values(values), "dymu_stage": "anchor"}, tasks)
   zeros = lambda shapes: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   anchor = zeros(jax.eval_shape(anchor_method.init, key, sample))
   record = read_affinity(workdir)
@@ -173,7 +191,7 @@ def _dymu_placeholder_inputs(values: Mapping[str, Any], tasks, sample, workdir: 
   if record:
     inputs["task_weights"] = tuple(record["task_weights"])
   if values["dymu_stage"] == "weight":
-    edge_method = common.build_method({**values, "dymu_stage": "edge"}, tasks,
+    edge_method = common.build_method({**_shape_values(values), "dymu_stage": "edge"}, tasks,
                                       inputs={"anchor_variables": anchor,
                                               "affinity": inputs["affinity"]})
     shapes = jax.eval_shape(edge_method.init, key, sample)
@@ -248,6 +266,9 @@ def affinity_signature(values: Mapping[str, Any], anchor_dir: str, anchor_step: 
           "num_images": int(values["dymu_affinity_images"]),
           "normalisation": values["dymu_affinity_normalisation"],
           "task_weight_examples": int(values["dymu_task_weight_examples"]),
+          "task_weights": values.get("dymu_task_weights", "train"),
+          "task_weight_normalise": bool(values.get("dymu_task_weight_normalise", False)),
+          "validation_examples": int(values.get("dymu_validation_examples", 0)),
           "seed": int(values["seed"])}
 
 
@@ -264,26 +285,49 @@ def check_affinity(workdir: str, signature: Mapping[str, Any]) -> None:
                    f"new workdir.")
 
 
+# The stage each DYMU stage reads its input from.
+_INPUT_STAGE = {"anchor": "pretrain", "edge": "anchor", "weight": "edge"}
+
+
+def _has_input(stage: str, values: Mapping[str, Any]) -> bool:
+  if stage == "pretrain":
+    return False
+  return stage != "anchor" or values.get("dymu_anchor_init") == "trunk"
+
+
 def dymu_stage_source(stage: str, values: Mapping[str, Any]) -> dict:
-  """Where a DYMU stage's input comes from, without loading it: {"anchor_dir", "anchor_step"}
-  (edge), {"edge_dir", "edge_step"} (weight) or {} (anchor); as `dymu_stage_inputs` records."""
-  if stage == "anchor":
+  """Where a DYMU stage's input comes from, without loading it: {"pretrain_dir",
+  "pretrain_step"} (anchor from a trunk), {"anchor_dir", "anchor_step"} (edge), {"edge_dir",
+  "edge_step"} (weight) or {}; as `dymu_stage_inputs` records."""
+  if not _has_input(stage, values):
     return {}
-  key = "anchor" if stage == "edge" else "edge"
+  key = _INPUT_STAGE[stage]
   folder = os.path.abspath(os.path.expanduser(_input_dir(stage, values)))
   return {f"{key}_dir": folder, f"{key}_step": latest_step(folder)}
 
 
 def _input_dir(stage: str, values: Mapping[str, Any]) -> str:
-  """--dymu_anchor_dir (edge) or --dymu_edge_dir (weight), or one sentence when missing."""
-  if stage not in ("edge", "weight"):
+  """--dymu_pretrain_dir (anchor), --dymu_anchor_dir (edge) or --dymu_edge_dir (weight), or
+  one sentence when missing."""
+  if stage not in _INPUT_STAGE:
     raise ValueError(f"Unknown --dymu_stage={stage}; allowed: {', '.join(dymu.STAGES)}, all.")
-  key = "anchor" if stage == "edge" else "edge"
+  key = _INPUT_STAGE[stage]
   folder = values.get(f"dymu_{key}_dir")
   if not folder:
-    raise ValueError(f"--dymu_stage={stage} needs --dymu_{key}_dir, the workdir of a finished "
-                     f"--dymu_stage={key} run (or train every stage with --dymu_stage=all).")
+    extra = " with --dymu_anchor_init=trunk" if stage == "anchor" else ""
+    raise ValueError(f"--dymu_stage={stage}{extra} needs --dymu_{key}_dir, the workdir of a "
+                     f"finished --dymu_stage={key} run (or train every stage with "
+                     f"--dymu_stage=all).")
   return folder
+
+
+def dymu_train_split(values: Mapping[str, Any], train_source):
+  """(training examples of the pretrain and anchor stages, held-out examples or None):
+  --dymu_validation_examples of the training set, drawn with --seed, are held out."""
+  count = int(values.get("dymu_validation_examples", 0))
+  if count < 0:
+    raise ValueError(f"--dymu_validation_examples must be >= 0, got {count}.")
+  return data_base.holdout_split(train_source, count, int(values["seed"]))
 
 
 def _training_subset(source, count: int, seed: int) -> dict:
@@ -315,15 +359,26 @@ def _affinity_record(anchor_run: TrainedRun, values: Mapping[str, Any], train_so
   images = _training_subset(train_source, num_images, seed)["image"]
   matrix = affinity_lib.task_affinity(method.net, anchor, images, num_images=num_images,
                                       normalisation=signature["normalisation"])
-  batch = _training_subset(train_source, min(examples, len(train_source)), seed)
+  mode = signature["task_weights"]
+  _, validation = dymu_train_split(values, train_source)
+  if mode == "validation" and validation is None:
+    raise ValueError("--dymu_task_weights=validation needs held-out examples; set "
+                     "--dymu_validation_examples > 0 or use --dymu_task_weights=train.")
+  weight_source = validation if mode == "validation" else train_source
+  batch = _training_subset(weight_source, min(examples, len(weight_source)), seed)
   batches = [{k: v[i:i + 256] for k, v in batch.items()}
              for i in range(0, len(batch["image"]), 256)]
   losses = dymu.anchor_task_losses(method.net, anchor, batches)
+  if mode == "uniform":
+    weights = (1.0,) * len(losses)
+  else:
+    weights = dymu.task_weights_from_losses(losses, signature["task_weight_normalise"])
   record = {"tasks": [t.name for t in method.tasks],
             "affinity": np.asarray(matrix, float).tolist(),
             "normalisation": signature["normalisation"], "num_images": num_images,
             "anchor_task_losses": list(losses),
-            "task_weights": list(dymu.task_weights_from_losses(losses)),
+            "task_weight_source": ("held-out" if mode == "validation" else mode),
+            "task_weights": list(weights),
             "signature": signature}
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, AFFINITY_FILE), "w", encoding="utf-8") as f:
@@ -341,9 +396,13 @@ def dymu_stage_inputs(stage: str, values: Mapping[str, Any], train_source, workd
   read from `workdir`). weight: the anchor and edge hypernetwork from the finished edge stage
   in `values["dymu_edge_dir"]`, A and w copied from there.
   """
-  if stage == "anchor":
+  if not _has_input(stage, values):
     return {}, {}
   folder = _input_dir(stage, values)
+  if stage == "anchor":
+    trunk_run = _finished_stage(folder, "pretrain", "--dymu_pretrain_dir", values, train_source)
+    return ({"trunk_variables": trunk_run.variables},
+            {"pretrain_dir": trunk_run.workdir, "pretrain_step": trunk_run.step})
   if stage == "edge":
     anchor_run = _finished_stage(folder, "anchor", "--dymu_anchor_dir", values, train_source)
     record = _affinity_record(anchor_run, values, train_source, workdir, plot)
@@ -365,3 +424,99 @@ def dymu_stage_inputs(stage: str, values: Mapping[str, Any], train_source, workd
             "edge_params": variables["params"]["edge_hypernet"],
             "affinity": record["affinity"], "task_weights": tuple(record["task_weights"])}
   return inputs, {"edge_dir": edge_run.workdir, "edge_step": edge_run.step}
+
+
+# ----------------------------------------------------------------------------------------------
+# The anchor report: can sharing work on this anchor?
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _tree_step(net, tree, variables, states, batch):
+  predictions = net.apply_tree(variables, batch["image"], tree)
+  valid = jnp.asarray(batch[data_base.VALID_KEY], jnp.float32)
+  metric_states = metrics_lib.update_all(states["metrics"], predictions, batch, net.tasks)
+  losses = {}
+  for task in net.tasks:
+    per_example = jax.vmap(lambda p, y, t=task: t.loss(p[None], y[None]))(
+        predictions[task.name], batch[task.name])
+    total, count = states["loss"][task.name]
+    losses[task.name] = (total + jnp.sum(per_example * valid), count + jnp.sum(valid))
+  return {"metrics": metric_states, "loss": losses}
+
+
+def tree_metrics(net, variables, tree, batches) -> dict:
+  """{task: {metric: value, "loss": mean loss}} of `tree` on `batches` (evaluation mode)."""
+  zero = np.zeros((), np.float32)
+  states = {"metrics": metrics_lib.init_all(net.tasks),
+            "loss": {t.name: (zero, zero) for t in net.tasks}}
+  for batch in batches:
+    states = _tree_step(net, tree, variables, states, batch)
+  states = jax.device_get(states)
+  results = metrics_lib.compute_all(states["metrics"], net.tasks)
+  for name, (total, count) in states["loss"].items():
+    results[name]["loss"] = float(total) / max(float(count), 1.0)
+  return results
+
+
+def anchor_report(method, variables, source, image_shape, batch_size: int = 256) -> dict:
+  """Stream divergence per block and the quality and cost of `dymu.probe_trees` on `source`.
+
+  Every probe row gives each task's primary metric and loss, its change against the separate
+  tree (the anchor itself), and the tree's MACs fraction of the anchor.
+  """
+  net = method.net
+  keep = {"image", data_base.VALID_KEY, *(t.name for t in net.tasks)}
+  batches = [{k: v for k, v in b.items() if k in keep}
+             for b in data_base.eval_batches(source, batch_size)]
+  primary = {t.name: metrics_lib.metric_for(t).primary for t in net.tasks}
+  separate = tree_metrics(net, variables, net.separate_tree(), batches)
+  rows = []
+  for label, tree in dymu.probe_trees(net.num_layers, net.num_tasks):
+    result = tree_metrics(net, variables, tree, batches)
+    rows.append({"tree": label, "parents": [list(p) for p in tree.parents],
+                 "macs_fraction": net.tree_cost(tree, image_shape).macs_fraction,
+                 "tasks": {name: {"metric": result[name][primary[name]],
+                                  "loss": result[name]["loss"],
+                                  "metric_change": result[name][primary[name]]
+                                  - separate[name][primary[name]]}
+                           for name in primary}})
+  return {"examples": len(source), "primary_metrics": primary,
+          "divergence": dymu.stream_divergence(variables, net.num_layers),
+          "anchor": {name: {"metric": separate[name][primary[name]],
+                            "loss": separate[name]["loss"]} for name in primary},
+          "probes": rows}
+
+
+def anchor_report_markdown(report: Mapping[str, Any]) -> str:
+  """The anchor report as Markdown (what `write_anchor_report` prints and saves)."""
+  names = list(report["primary_metrics"])
+  lines = [f"# DYMU anchor report ({report['examples']} held-out examples)", "",
+           "Relative distance between the streams' parameters per block "
+           "(||a - b|| / mean norm; 0 = copies, about 1.4 = independent draws):", ""]
+  for l, d in enumerate(report["divergence"]):
+    pairs = [f"{i}-{j}: {d[i][j]:.3f}" for i in range(len(d)) for j in range(i + 1, len(d))]
+    lines.append(f"- block {l}: " + ", ".join(pairs))
+  lines += ["", "Quality of the cheapest moves away from the separate tree (a cross edge can "
+            "only be cheap when the streams still correspond):", "",
+            "| tree | MACs fraction | " + " | ".join(
+                f"{n} {report['primary_metrics'][n]} (change)" for n in names) + " |",
+            "|---|---|" + "---|" * len(names)]
+  lines.append("| separate (the anchor) | 1.000 | " + " | ".join(
+      f"{report['anchor'][n]['metric']:.4f}" for n in names) + " |")
+  for row in report["probes"]:
+    lines.append(f"| {row['tree']} | {row['macs_fraction']:.3f} | " + " | ".join(
+        f"{row['tasks'][n]['metric']:.4f} ({row['tasks'][n]['metric_change']:+.4f})"
+        for n in names) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_anchor_report(run: TrainedRun, source, workdir: str) -> str:
+  """Computes the anchor report of a finished anchor stage on `source`; writes JSON and
+  Markdown into `workdir` and returns the Markdown."""
+  report = anchor_report(run.method, run.variables, source, run.train_source.image_shape)
+  with open(os.path.join(workdir, ANCHOR_REPORT), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  text = anchor_report_markdown(report)
+  with open(os.path.join(workdir, ANCHOR_REPORT_MD), "w", encoding="utf-8") as f:
+    f.write(text)
+  return text

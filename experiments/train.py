@@ -139,37 +139,40 @@ def _augment(train_source):
   return augment_lib.make_augment(train_source.tasks)
 
 
-def _dymu_plan() -> tuple[tuple[str, ...], dict[str, str], str, str]:
-  """(stages to train, their folders, the anchor folder, the edge folder) of the DYMU flags.
+def _dymu_plan() -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
+  """(stages to train, their folders, {input stage: folder}) of the DYMU flags.
 
-  --dymu_stage=all trains every stage in <workdir>/<stage>; with --dymu_anchor_dir it trains
-  the edge and weight stages on that finished anchor instead (ablations that share one
-  anchor). A single stage trains in --workdir on --dymu_anchor_dir (edge) or --dymu_edge_dir
-  (weight). Input folders a stage would not read stop with one sentence.
+  --dymu_stage=all trains every stage in <workdir>/<stage> (pretrain only with
+  --dymu_anchor_init=trunk); with --dymu_anchor_dir it trains the edge and weight stages on
+  that finished anchor instead (ablations that share one anchor). A single stage trains in
+  --workdir on --dymu_pretrain_dir (anchor from a trunk), --dymu_anchor_dir (edge) or
+  --dymu_edge_dir (weight). Input folders a stage would not read stop with one sentence.
   """
   root = os.path.abspath(os.path.expanduser(FLAGS.workdir))
   given = lambda path: os.path.abspath(os.path.expanduser(path)) if path else ""
-  anchor_dir, edge_dir = given(FLAGS.dymu_anchor_dir), given(FLAGS.dymu_edge_dir)
+  inputs = {"pretrain": given(FLAGS.dymu_pretrain_dir), "anchor": given(FLAGS.dymu_anchor_dir),
+            "edge": given(FLAGS.dymu_edge_dir)}
   stages = common.dymu_stages()
-  if anchor_dir and FLAGS.dymu_stage not in ("all", "edge"):
-    raise ValueError(f"--dymu_anchor_dir is read by --dymu_stage=edge or all, not by "
-                     f"--dymu_stage={FLAGS.dymu_stage}; drop it.")
-  if edge_dir and FLAGS.dymu_stage != "weight":
-    raise ValueError(f"--dymu_edge_dir is read only by --dymu_stage=weight, not by "
-                     f"--dymu_stage={FLAGS.dymu_stage}" + (
-                         " (which trains its own edge stage in <workdir>/edge)"
-                         if FLAGS.dymu_stage == "all" else "") + "; drop it.")
+  readers = {"pretrain": ("anchor",), "anchor": ("edge", "all"), "edge": ("weight",)}
+  for key, allowed in readers.items():
+    if inputs[key] and FLAGS.dymu_stage not in allowed:
+      raise ValueError(f"--dymu_{key}_dir is read by --dymu_stage={' or '.join(allowed)}, not "
+                       f"by --dymu_stage={FLAGS.dymu_stage}" + (
+                           f" (which trains its own {key} stage in <workdir>/{key})"
+                           if FLAGS.dymu_stage == "all" else "") + "; drop it.")
   if len(stages) == 1:
-    return stages, {stages[0]: root}, anchor_dir, edge_dir
-  if anchor_dir:
-    stages = stages[1:]
-  else:
-    anchor_dir = os.path.join(root, "anchor")
+    return stages, {stages[0]: root}, inputs
+  if inputs["anchor"]:
+    stages = ("edge", "weight")
   folders = {stage: os.path.join(root, stage) for stage in stages}
-  if anchor_dir in (root, folders["edge"], folders["weight"]):
+  for stage in stages:
+    key = runs._INPUT_STAGE.get(stage)  # pylint: disable=protected-access
+    if key in folders:
+      inputs[key] = folders[key]
+  if inputs["anchor"] in (root, *folders.values()) and "anchor" not in folders:
     raise ValueError(f"--dymu_anchor_dir={FLAGS.dymu_anchor_dir} is this run's own folder; "
                      f"give the workdir of another, finished anchor stage.")
-  return stages, folders, anchor_dir, folders["edge"]
+  return stages, folders, inputs
 
 
 def _finished_summary(workdir: str, steps: int) -> dict | None:
@@ -203,9 +206,12 @@ def run_dymu() -> train_lib.TrainResult:
 
   Returns the last trained stage's result (None when every stage had already finished).
   """
-  stages, folders, anchor_dir, edge_dir = _dymu_plan()
+  stages, folders, input_dirs = _dymu_plan()
   stage_steps = common.dymu_stage_steps()
   train_source, test_source = common.load_sources()
+  if FLAGS.dymu_anchor_learning_rate < 0:
+    raise ValueError(f"--dymu_anchor_learning_rate must be >= 0 (0 = --learning_rate), got "
+                     f"{FLAGS.dymu_anchor_learning_rate}.")
   augment = _augment(train_source)
   root = common.ensure_workdir(FLAGS.workdir)
   axis_name = train_lib.method_axis_name(FLAGS.parallel)
@@ -214,8 +220,8 @@ def run_dymu() -> train_lib.TrainResult:
     workdir = common.ensure_workdir(folders[stage])
     # The flags saved with the stage describe it alone, so runs.load_run rebuilds it.
     values = {**common.flag_values(), "dymu_stage": stage, "workdir": workdir,
-              "steps": stage_steps[stage], "dymu_anchor_dir": anchor_dir,
-              "dymu_edge_dir": edge_dir}
+              "steps": stage_steps[stage], "dymu_pretrain_dir": input_dirs["pretrain"],
+              "dymu_anchor_dir": input_dirs["anchor"], "dymu_edge_dir": input_dirs["edge"]}
     is_chief = jax.process_index() == 0
     done = _finished_summary(workdir, stage_steps[stage])
     if done is not None:
@@ -235,12 +241,19 @@ def run_dymu() -> train_lib.TrainResult:
     method = common.build_method(values, train_source.tasks, axis_name=axis_name,
                                  inputs=inputs)
     config = dataclasses.replace(train_config(), steps=stage_steps[stage])
-    print(f"DYMU stage {stage}: {config.steps} steps in {workdir}", flush=True)
+    if stage == "anchor" and FLAGS.dymu_anchor_learning_rate:
+      config = dataclasses.replace(config, learning_rate=FLAGS.dymu_anchor_learning_rate)
+    stage_source, validation_source = train_source, None
+    if stage in ("pretrain", "anchor"):
+      # These stages never see the held-out examples that set the task weights.
+      stage_source, validation_source = runs.dymu_train_split(values, train_source)
+    print(f"DYMU stage {stage}: {config.steps} steps at learning rate {config.learning_rate:g} "
+          f"on {len(stage_source)} training examples in {workdir}", flush=True)
     if stage == "edge" and is_chief:
       record = runs.read_affinity(workdir)
       print(f"task affinity A = {record['affinity']}; task weights w = "
             f"{record['task_weights']} (wrote {os.path.join(workdir, runs.AFFINITY_FILE)})")
-    result = train_lib.train(method, train_source, test_source, config, workdir,
+    result = train_lib.train(method, stage_source, test_source, config, workdir,
                              run_metadata={"flags": values, "dymu": source}, augment=augment)
     summary = {"method": "dymu", "dymu_stage": stage, "dataset": FLAGS.dataset,
                "steps": config.steps, "seconds": round(result.seconds, 1),
@@ -250,11 +263,16 @@ def run_dymu() -> train_lib.TrainResult:
         json.dump(summary, f, indent=1)
     summaries[stage] = {**summary, "workdir": workdir}
     print(common.format_eval(result.eval_metrics, train_source.tasks))
+    if stage == "anchor" and is_chief:
+      # Whether sharing can work on this anchor: on held-out examples (else the test set).
+      report_source = validation_source if validation_source is not None else test_source
+      print(runs.write_anchor_report(runs.load_run(workdir), report_source, workdir))
     print(f"stage {stage}: wall time {result.seconds:.1f} s; results in {workdir}", flush=True)
   if len(stages) > 1 and jax.process_index() == 0:
     last = summaries[stages[-1]]
     summary = {"method": "dymu", "dymu_stage": "all", "dataset": FLAGS.dataset,
-               "anchor_dir": anchor_dir, "steps": sum(s["steps"] for s in summaries.values()),
+               "anchor_dir": input_dirs["anchor"],
+               "steps": sum(s["steps"] for s in summaries.values()),
                "seconds": round(sum(s["seconds"] for s in summaries.values()), 1),
                "eval": last["eval"], "stages": summaries}
     with open(os.path.join(root, "summary.json"), "w") as f:

@@ -1,5 +1,5 @@
-"""DYMU and PHN through the CLIs: a tiny three-stage DYMU run on Multi-MNIST trained with
-`--dymu_stage=all` and evaluated (sweeps at c = 0 and 1, costs, affinity files, report), its
+"""DYMU and PHN through the CLIs: a tiny four-stage DYMU run on Multi-MNIST (pretrained trunk,
+anchor, edge, weight) trained with `--dymu_stage=all` and evaluated (sweeps at c = 0 and 1, costs, affinity files, report), its
 resume, a tiny PHN run and its sweep, and bad DYMU flags.
 
 Everything is tiny (16 px images, a 4-6-8 channel LeNet, a few steps) so that the file stays
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from dymu_jax.metrics import pareto
 from experiments import runs
 from experiments import train
 
@@ -42,7 +43,8 @@ def data_args(shared_data) -> list[str]:
 
 def dymu_args(shared_data, workdir) -> list[str]:
   return [*data_args(shared_data), "--method=dymu", *HYPER, "--dymu_stage_steps=3,3,2",
-          f"--workdir={workdir}"]
+          "--dymu_pretrain_steps=2", "--dymu_validation_examples=32",
+          "--dymu_anchor_learning_rate=3e-4", f"--workdir={workdir}"]
 
 
 def train_records(path) -> list[dict]:
@@ -69,7 +71,7 @@ def dymu_eval(dymu_run):
 
 def test_all_stages_train_in_their_folders_with_affinity_files(dymu_run):
   workdir, stdout = dymu_run
-  for stage, steps in (("anchor", 3), ("edge", 3), ("weight", 2)):
+  for stage, steps in (("pretrain", 2), ("anchor", 3), ("edge", 3), ("weight", 2)):
     assert [r["step"] for r in train_records(workdir / stage / "metrics.jsonl")] == list(
         range(1, steps + 1)), stage
     # Each stage's saved flags describe it alone: load_run rebuilds it as that stage.
@@ -77,9 +79,24 @@ def test_all_stages_train_in_their_folders_with_affinity_files(dymu_run):
     assert values["dymu_stage"] == stage and values["steps"] == steps
   assert "omega" in train_records(workdir / "edge" / "metrics.jsonl")[0]
   summary = json.load(open(workdir / "summary.json"))
-  assert summary["dymu_stage"] == "all" and set(summary["stages"]) == {"anchor", "edge",
-                                                                         "weight"}
-  assert summary["steps"] == 8 and summary["eval"] == summary["stages"]["weight"]["eval"]
+  assert summary["dymu_stage"] == "all" and set(summary["stages"]) == {
+      "pretrain", "anchor", "edge", "weight"}
+  assert summary["steps"] == 10 and summary["eval"] == summary["stages"]["weight"]["eval"]
+  # The pretrain and anchor stages trained without the 32 held-out examples, the anchor at its
+  # own learning rate, from the trunk.
+  assert "DYMU stage pretrain: 2 steps at learning rate 0.001 on 96 training examples" in stdout
+  assert "DYMU stage anchor: 3 steps at learning rate 0.0003 on 96 training examples" in stdout
+  assert "DYMU stage edge: 3 steps at learning rate 0.001 on 128 training examples" in stdout
+  anchor_source = runs.saved_metadata(str(workdir / "anchor"))["run"]["dymu"]
+  assert anchor_source == {"pretrain_dir": str(workdir / "pretrain"), "pretrain_step": 2}
+  # The anchor report: divergence per block and the probe trees, on the held-out examples.
+  report = json.load(open(workdir / "anchor" / runs.ANCHOR_REPORT))
+  assert report["examples"] == 32 and len(report["divergence"]) == 3
+  assert len(report["probes"]) == 12  # 6 one-edge changes, 6 prefix-sharing trees
+  for d in report["divergence"]:  # fine-tuned copies of one trunk: close, not identical
+    assert 0 < d[0][1] < 0.5 and d[0][1] == d[1][0]
+  assert "| block 0 shared (stream 0) |" in (workdir / "anchor" / runs.ANCHOR_REPORT_MD
+                                             ).read_text()
   assert set(summary["eval"]) == {"preference=0.5,0.5;resource=0",
                                   "preference=0.5,0.5;resource=1"}
   # The edge stage wrote A and w (and a heat map); the weight stage copied them.
@@ -89,8 +106,10 @@ def test_all_stages_train_in_their_folders_with_affinity_files(dymu_run):
   assert record["num_images"] == 32 and a.shape == (2, 2)
   np.testing.assert_allclose(np.diag(a), 1.0, atol=1e-6)
   assert 0 <= a[0, 1] < 1 and np.isclose(a[0, 1], a[1, 0])  # pair normalisation: graded
-  np.testing.assert_allclose(record["task_weights"],
-                             1.0 / np.asarray(record["anchor_task_losses"]), rtol=1e-6)
+  # w = 1 / the anchor's held-out losses, scaled to mean 1.
+  inverse = 1.0 / np.asarray(record["anchor_task_losses"])
+  np.testing.assert_allclose(record["task_weights"], inverse / inverse.mean(), rtol=1e-6)
+  assert record["task_weight_source"] == "held-out"
   assert json.load(open(workdir / "weight" / runs.AFFINITY_FILE)) == record
   for stage in ("edge", "weight"):
     assert (workdir / stage / runs.AFFINITY_PLOT).stat().st_size > 1000
@@ -105,10 +124,35 @@ def test_evaluate_sweeps_both_resources_with_and_without_weight_hypernet(dymu_ru
   assert results["variants"] == ["edge", "weight"] and results["resources"] == [0.0, 1.0]
   sweeps = {(s["variant"], s["resource"]): s for s in results["sweeps"]}
   assert set(sweeps) == {("edge", 0.0), ("edge", 1.0), ("weight", 0.0), ("weight", 1.0)}
+  # The default grid: PHN's rays for 2 tasks; the default HV reference of a 2-task Multi-MNIST
+  # run is (2, 2) (the tiny run's losses may all lie past it: HV 0 is then right).
+  assert results["preference_grid"]["grid"] == "rays"
+  assert results["hypervolume_reference"] == [2.0, 2.0]
+  assert "Multi-MNIST default (2, 2)" in results["hypervolume_reference_source"]
+  assert results["cost_band"] == {"min_macs_fraction": 0.0, "max_macs_fraction": 0.6}
   for sweep in sweeps.values():
     assert len(sweep["points"]) == 4 and np.asarray(sweep["losses"]).shape == (4, 2)
-    assert sweep["hypervolume"] > 0 and np.isfinite(sweep["uniformity"])
+    np.testing.assert_allclose([p["preference"] for p in sweep["points"]], pareto.phn_rays(4),
+                               rtol=1e-6)
+    assert sweep["hypervolume"] == pytest.approx(pareto.hypervolume(sweep["losses"], [2, 2]))
+    assert np.isfinite(sweep["uniformity"])
     assert 1 <= sweep["distinct_trees"] <= 4 and np.isfinite(sweep["delta_m"])
+    # Matched cost: the HV of the trees using at most 60 % of the anchor's MACs, and each
+    # task's mean accuracy over the sweep against the anchor's.
+    band = sweep["cost_band"]
+    fractions = [p["macs_fraction"] for p in sweep["points"]]
+    assert band["num_points"] == sum(f <= 0.6 + 1e-9 for f in fractions)
+    assert band["hypervolume"] == pytest.approx(pareto.cost_band_hypervolume(
+        sweep["losses"], fractions, [2, 2], 0.6)[0])
+    assert sweep["mean_macs_fraction"] == pytest.approx(np.mean(fractions))
+    for name in ("left", "right"):
+      versus = sweep["versus_anchor"][name]
+      anchor = results["anchor_metrics"][name]["accuracy"]
+      assert versus["anchor"] == pytest.approx(anchor)
+      assert versus["sweep_mean"] == pytest.approx(sweep["mean_metric"][name])
+      assert versus["ratio"] == pytest.approx(versus["sweep_mean"] / anchor)
+    assert sweep["min_ratio_to_anchor"] == pytest.approx(
+        min(v["ratio"] for v in sweep["versus_anchor"].values()))
     for point in sweep["points"]:
       assert 0 < point["macs_fraction"] <= 1 and 0 < point["params_fraction"] <= 1
       assert np.isclose(sum(point["preference"]), 1.0)
@@ -132,7 +176,9 @@ def test_evaluate_sweeps_both_resources_with_and_without_weight_hypernet(dymu_ru
       open(workdir / "edge" / runs.AFFINITY_FILE))["affinity"]
   report = (workdir / "eval" / "report.md").read_text()
   for text in ("| edge, c=0 |", "| weight, c=1 |", "## Cost", "## Task affinity",
-               "![task affinity](dymu_affinity.png)", "HV (losses)", "distinct trees"):
+               "![task affinity](dymu_affinity.png)", "HV (losses)", "distinct trees",
+               "## Matched cost", "HV (cost band)", "MACs fraction <= 0.6",
+               "`--preference_grid=rays`: PHN's evaluation rays", "[2.0, 2.0]"):
     assert text in report, text
   for plot in ("cost_vs_preference.png", "tradeoff_front.png", "controllability.png",
                "dymu_affinity.png"):
@@ -165,19 +211,55 @@ def test_reported_points_match_the_controlled_network(dymu_run, dymu_eval):
       assert accuracy == pytest.approx(point["metrics"][name]["accuracy"], abs=1e-6)
 
 
+CORNER_EVAL = ["--eval_batch_size=16", "--cost_preferences=8", "--preference_grid=das_dennis",
+               "--num_preferences=3", "--hv_reference=5,5", "--noplots"]
+
+
+def _check_corner_sweeps(results, report):
+  """A Das-Dennis sweep of 3 points for 2 tasks: both corners and the middle, finite measures."""
+  assert results["preference_grid"]["grid"] == "das_dennis"
+  assert results["preference_grid"]["divisions"] == 2
+  assert results["hypervolume_reference"] == [5.0, 5.0]
+  for sweep in results["sweeps"]:
+    prefs = [p["preference"] for p in sweep["points"]]
+    assert prefs == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    assert np.all(np.isfinite(sweep["losses"]))
+    assert sweep["uniformity"] == pytest.approx(pareto.uniformity(sweep["losses"], prefs))
+    assert sweep["hypervolume"] == pytest.approx(pareto.hypervolume(sweep["losses"], [5, 5]))
+  assert "Das-Dennis grid of the simplex, 2 divisions" in report
+  assert "(--hv_reference)" in report
+
+
+def test_dymu_sweep_at_corner_preferences_with_a_cost_band_pair(dymu_run, tmp_path):
+  workdir, _ = dymu_run
+  out = tmp_path / "corners"
+  result = run_cli("evaluate", f"--workdir={workdir}", f"--output_dir={out}", *CORNER_EVAL,
+                   "--resources=1", "--cost_band=0.2,0.9")
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.load(open(out / "results.json"))
+  report = (out / "report.md").read_text()
+  _check_corner_sweeps(results, report)
+  assert results["cost_band"] == {"min_macs_fraction": 0.2, "max_macs_fraction": 0.9}
+  for sweep in results["sweeps"]:
+    assert sweep["cost_band"]["min_macs_fraction"] == 0.2
+    assert sweep["cost_band"]["max_macs_fraction"] == 0.9
+  assert "0.2 <= MACs fraction <= 0.9" in report
+
+
 def test_rerunning_the_command_continues_where_it_stopped(dymu_run, dymu_eval, shared_data):
   """A run killed before the weight stage's last checkpoint: the same command trains only the
   missing step, with the same result."""
   workdir, _ = dymu_run
   weight = workdir / "weight"
   before = train_records(weight / "metrics.jsonl")
-  sizes = {s: len(train_records(workdir / s / "metrics.jsonl")) for s in ("anchor", "edge")}
+  sizes = {s: len(train_records(workdir / s / "metrics.jsonl"))
+           for s in ("pretrain", "anchor", "edge")}
   affinity_time = os.path.getmtime(workdir / "edge" / runs.AFFINITY_FILE)
   shutil.rmtree(weight / "checkpoints" / "2")
   assert runs.latest_step(str(weight)) == 1
   result = run_cli("train", *dymu_args(shared_data, workdir))
   assert result.returncode == 0, result.stderr[-3000:]
-  for stage in ("anchor", "edge"):
+  for stage in ("pretrain", "anchor", "edge"):
     assert f"DYMU stage {stage}: already trained" in result.stdout
   after = train_records(weight / "metrics.jsonl")
   assert [r["step"] for r in after[len(before):]] == [2]  # resumed at 1, not restarted
@@ -229,6 +311,14 @@ def test_phn_sweep_and_report(phn_run):
   assert "(tradeoff_front.png)" in report and "## Cost" not in report
 
 
+def test_phn_sweep_at_corner_preferences(phn_run, tmp_path):
+  workdir, _ = phn_run
+  out = tmp_path / "corners"
+  result = run_cli("evaluate", f"--workdir={workdir}", f"--output_dir={out}", *CORNER_EVAL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  _check_corner_sweeps(json.load(open(out / "results.json")), (out / "report.md").read_text())
+
+
 def test_results_page_has_the_preference_table(dymu_run, dymu_eval, phn_run, tmp_path):
   dymu_dir, _ = dymu_run
   phn_dir, phn_results = phn_run
@@ -276,7 +366,12 @@ def run_in_process(*argv):
     (["--dymu_stage=weight", "--dymu_edge_dir=/no/such/run"],
      "--dymu_edge_dir=/no/such/run does not exist"),
     (["--dymu_stage=anchor", "--dymu_edge_dir=/x"],
-     "--dymu_edge_dir is read only by --dymu_stage=weight"),
+     "--dymu_edge_dir is read by --dymu_stage=weight"),
+    (["--dymu_stage=anchor"],
+     "--dymu_stage=anchor with --dymu_anchor_init=trunk needs --dymu_pretrain_dir"),
+    (["--dymu_stage=edge", "--dymu_pretrain_dir=/x"],
+     "--dymu_pretrain_dir is read by --dymu_stage=anchor"),
+    (["--dymu_validation_examples=128"], "Holding out 128 examples leaves none of the 128"),
     (["--dymu_stage=weight", "--dymu_anchor_dir=/x"],
      "--dymu_anchor_dir is read by --dymu_stage=edge or all"),
     (["--dymu_stage_steps=3,3"], "--dymu_stage_steps takes three numbers"),
@@ -284,7 +379,8 @@ def run_in_process(*argv):
     (["--backbone=resnet18"], "DYMU's anchor streams are built on --backbone=lenet or"),
     (["--backbone_options=channel_divisor=2"],
      "--backbone_options has channel_divisor, which DYMU's lenet streams do not take"),
-    (["--head_batch_norm"], "--head_batch_norm is not available with --method=dymu"),
+    (["--head_batch_norm"], "--head_batch_norm puts batch norm in the decoders' hidden layers, "
+                            "but DYMU's lenet decoders have none"),
 ])
 def test_bad_dymu_flags_stop_with_one_sentence(tmp_path, shared_data, args, message):
   argv = [*dymu_args(shared_data, tmp_path / "w")]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dymu_jax.methods import ecmt
+from dymu_jax.metrics import pareto
 from dymu_jax.models import serialize
 from dymu_jax.models.widths import WidthConfig
 
@@ -78,6 +79,104 @@ def test_evaluate_writes_the_sweep_and_its_measures(workdir, evaluation):
   assert len(scores) == 256
   full = [s for e, s in scores if e == [1.0] * 4]
   assert full == [1.0]  # scores are relative to the SuperNet
+  # The default grid for 4 tasks: Das-Dennis with the fewest divisions giving >= 4 points (the
+  # 4 corners); the search caps decoders by the preference; one data-derived HV reference.
+  grid = results["preference_grid"]
+  assert grid["grid"] == "rays" and grid["divisions"] == 1 and grid["num_preferences"] == 4
+  np.testing.assert_allclose([p["preference"] for p in results["budgets"][0]["points"]],
+                             pareto.das_dennis(4, 1))
+  assert results["preference_cap"] is True
+  assert "preference cap on" in report and "Das-Dennis grid" in report
+  losses = np.concatenate([row["losses"] for row in results["budgets"]])
+  np.testing.assert_allclose(results["hypervolume_reference"], pareto.default_reference(losses))
+  assert results["hypervolume_reference_source"].startswith("just worse than every loss")
+  assert f"{[round(x, 4) for x in results['hypervolume_reference']]}" in report
+
+
+def test_ecmt_sweep_without_the_preference_cap_and_with_a_given_reference(workdir, evaluation,
+                                                                        tmp_path):
+  out = tmp_path / "uncapped"
+  result = run_cli("evaluate", f"--workdir={workdir}", f"--output_dir={out}", "--budgets=0.6",
+                   "--num_preferences=3", "--preference_grid=random", "--preference_seed=5",
+                   "--noecmt_preference_cap", "--hv_reference=9,9,9,9", "--max_test_examples=16",
+                   "--budget_check_points=2", "--noplots", *SMALL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.load(open(out / "results.json"))
+  assert results["preference_cap"] is False
+  assert results["preference_grid"]["grid"] == "random" and results["preference_seed"] == 5
+  assert results["hypervolume_reference"] == [9.0] * 4
+  assert results["hypervolume_reference_source"] == "--hv_reference"
+  (row,) = results["budgets"]
+  assert row["hypervolume"] == pytest.approx(pareto.hypervolume(row["losses"], [9.0] * 4))
+  # The random grid is the former sweep, and each point is the uncapped search's SubNet.
+  prefs = np.random.default_rng(5).dirichlet(np.ones(4), size=3)
+  np.testing.assert_array_equal([p["preference"] for p in row["points"]], prefs)
+  table = ecmt.CostTable.load(workdir / "cost_table.json")
+  scores = {tuple(e): s for e, s in json.load(open(workdir / "encoder_scores.json"))["scores"]}
+  for point, r in zip(row["points"], prefs):
+    config = ecmt.search(r, 0.6, cost_table=table, scores=scores, preference_cap=False)
+    assert (list(config.encoder), list(config.decoders)) == (point["encoder"], point["decoders"])
+  report = (out / "report.md").read_text()
+  assert "preference cap off" in report and "(--hv_reference)" in report
+
+
+def test_ecmt_search_takes_the_preference_cap_flag(monkeypatch):
+  """Every search of the ECMT sweep (and of its budget check) goes through `ecmt_search`."""
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(ecmt, "search", lambda *args, **kwargs: calls.append(kwargs))
+  absl_flags.FLAGS.unparse_flags()
+  for argv, expected in ((["evaluate"], True), (["evaluate", "--noecmt_preference_cap"], False)):
+    absl_flags.FLAGS(argv)
+    evaluate.ecmt_search([0.5, 0.5], 0.5, "table", None)
+    assert calls[-1]["preference_cap"] is expected and calls[-1]["cost_table"] == "table"
+    absl_flags.FLAGS.unparse_flags()
+  source = open(evaluate.__file__).read()
+  body = source[source.index("def evaluate_ecmt"):source.index("def training_cost")]
+  assert "ecmt.search(" not in body  # no search bypasses the flag
+
+
+def test_preference_grids():
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  # random: the former sweep, point for point.
+  prefs, record = evaluate.preference_grid("random", 20, 3, 7)
+  np.testing.assert_array_equal(prefs, np.random.default_rng(7).dirichlet(np.ones(3), size=20))
+  np.testing.assert_array_equal(evaluate.preference_sweep(20, 3, 7), prefs)
+  assert record["num_preferences"] == 20 and record["seed"] == 7
+  # rays, 2 tasks: PHN's 25 evaluation rays.
+  prefs, record = evaluate.preference_grid("rays", 25, 2, 0)
+  np.testing.assert_array_equal(prefs, pareto.phn_rays(25))
+  assert record["num_preferences"] == 25 and record["divisions"] is None
+  # rays with more tasks and das_dennis: the smallest Das-Dennis grid with enough points.
+  for grid in ("rays", "das_dennis"):
+    prefs, record = evaluate.preference_grid(grid, 25, 3, 0)
+    np.testing.assert_array_equal(prefs, pareto.das_dennis(3, 6))
+    assert record["divisions"] == 6 and record["num_preferences"] == 28
+  prefs, _ = evaluate.preference_grid("das_dennis", 5, 2, 0)
+  np.testing.assert_allclose(prefs[:, 0], np.linspace(0, 1, 5))  # corners included
+  with pytest.raises(ValueError, match="at least 2 for rank correlations"):
+    evaluate.preference_grid("rays", 1, 2, 0)
+  with pytest.raises(ValueError, match="--preference_grid must be one of"):
+    evaluate.preference_grid("grid", 5, 2, 0)
+
+
+def test_cost_band_and_anchor_ratio_helpers():
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  assert evaluate.parse_cost_band(["0.6"]) == (0.0, 0.6)
+  assert evaluate.parse_cost_band(["0.3", "0.7"]) == (0.3, 0.7)
+  for bad in (["0.7", "0.3"], ["a"], ["0.1", "0.2", "0.3"]):
+    with pytest.raises(ValueError, match="--cost_band"):
+      evaluate.parse_cost_band(bad)
+  sweep = {"losses": [[1, 3], [2, 2], [3, 1]],
+           "points": [{"macs_fraction": f} for f in (0.9, 0.6, 0.4)]}
+  assert evaluate.cost_band_record(sweep, [4, 4], (0.0, 0.6)) == {
+      "min_macs_fraction": 0.0, "max_macs_fraction": 0.6, "hypervolume": 5.0, "num_points": 2}
+  versus = evaluate.versus_anchor({"a": 0.9, "b": 2.0}, {"a": {"accuracy": 1.0},
+                                                         "b": {"mae": 1.0}},
+                                  {"a": "accuracy", "b": "mae"}, {"a": True, "b": False})
+  assert versus["a"]["ratio"] == pytest.approx(0.9) and versus["b"]["ratio"] == 0.5
+  assert versus["b"]["sweep_mean"] == 2.0 and versus["b"]["anchor"] == 1.0
 
 
 def test_export_is_a_standalone_network_equal_to_the_supernet(workdir, evaluation, tmp_path):

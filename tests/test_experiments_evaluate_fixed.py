@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -74,12 +75,22 @@ def test_gradsplit_run_logs_and_evaluates_its_routing(gradsplit_run):
   routing = json.load(open(workdir / gradsplit.ROUTING_FILE))
   assert routing["tasks"] == ["a", "b"] and routing["warmup_steps_seen"] == 2
   assert routing["warmup_complete"] and routing["split_modules"] == ["stage2_block0"]
-  assert [routing["matrix"][i][i] for i in range(2)] == [1, 1]
-  # The learned M is the sign pattern of the mean cosines.
-  for t in range(2):
-    for s in range(2):
-      assert routing["matrix"][t][s] == int(t == s or routing["mean_cosine"][t][s] >= 0)
-  assert results["routing"]["matrix"] == routing["matrix"]
+  assert routing["criterion"] == "module_mean" and routing["margin"] == 0.0
+  modules = routing["modules"]
+  assert [m["name"] for m in modules] == [f"stage2_block0/{n}" for n in (
+      "bn1", "bn2", "conv1", "conv2", "downsample_bn", "downsample_conv")]
+  # Each module's learned M is the sign pattern of its mean cosines; conflict frequencies are
+  # fractions of the 2 warm-up steps.
+  for entry in modules + [routing["pooled"]]:
+    for t in range(2):
+      assert entry["matrix"][t][t] == 1 and entry["conflict_frequency"][t][t] == 0
+      for s in range(2):
+        assert entry["matrix"][t][s] == int(t == s or entry["mean_cosine"][t][s] >= 0)
+        assert entry["conflict_frequency"][t][s] in (0, 0.5, 1)
+        if entry["conflict_frequency"][t][s] == 0:
+          assert entry["mean_cosine"][t][s] >= 0
+  assert results["routing"]["modules"] == modules
+  assert results["routing"]["pooled"] == routing["pooled"]
   for folder in (workdir, workdir / "eval"):
     assert (folder / gradsplit.HEATMAP_FILE).stat().st_size > 1000
   assert (workdir / "eval" / gradsplit.ROUTING_FILE).is_file()
@@ -90,6 +101,8 @@ def test_gradsplit_run_logs_and_evaluates_its_routing(gradsplit_run):
       cost_["inference_macs"] * 5 + cost_["gradient_macs_per_step"] / 8)
   report = (workdir / "eval" / "report.md").read_text()
   assert "## GradSplit routing" in report and f"![routing]({gradsplit.HEATMAP_FILE})" in report
+  assert "Criterion `module_mean`" in report and "Per split module" in report
+  assert "| stage2_block0/downsample_bn | " in report and "off-diagonal entries are 0" in report
   assert "training MACs / example" in report and f"{cost_['inference_macs']:,}" in report
   assert "Delta_m against single-task" in report
 
@@ -137,6 +150,14 @@ def test_training_cost_counts_one_backward_pass_per_task_where_the_method_makes_
     (["--gradsplit_group_sizes=1,x"], "--gradsplit_group_sizes must be comma-separated numbers"),
     (["--gradsplit_group_sizes=1,-1"], "--gradsplit_group_sizes must be positive, got 1,-1"),
     (["--gradsplit_group_sizes=1,1,1"], "group sizes (1.0, 1.0, 1.0) must be 2 positive numbers"),
+    (["--gradsplit_margin=1.5"], "--gradsplit_margin=1.5 must lie in [-1, 1] with criterion "
+                                 "'module_mean' (it is a cosine)"),
+    (["--gradsplit_criterion=pooled", "--gradsplit_margin=-2"], "--gradsplit_margin=-2 must lie "
+                                                                "in [-1, 1]"),
+    (["--gradsplit_criterion=module_frequency", "--gradsplit_margin=-0.1"],
+     "--gradsplit_margin=-0.1 must lie in [0, 1] with criterion 'module_frequency'"),
+    (["--gradsplit_routing=fixed", "--gradsplit_matrix=identity", "--gradsplit_margin=0.1"],
+     "--gradsplit_margin=0.1 is only used with --gradsplit_routing=learned"),
 ])
 def test_bad_gradsplit_flags_stop_with_one_sentence(flags_, message):
   fv = common.FLAGS
@@ -151,6 +172,44 @@ def test_bad_gradsplit_flags_stop_with_one_sentence(flags_, message):
   text = str(error.value)
   assert message in text, text
   assert text.endswith(".") and ". " not in text.replace("e.g. ", "")
+
+
+@pytest.mark.parametrize("flags_, criterion, threshold", [
+    ([], "module_mean", 0.0),
+    (["--gradsplit_margin=0.05"], "module_mean", 0.05),
+    (["--gradsplit_criterion=module_frequency"], "module_frequency", 0.5),
+    (["--gradsplit_criterion=module_frequency", "--gradsplit_margin=0.25"], "module_frequency",
+     0.25),
+    (["--gradsplit_criterion=pooled"], "pooled", 0.0),
+])
+def test_gradsplit_criterion_flags(flags_, criterion, threshold):
+  fv = common.FLAGS
+  fv.unparse_flags()
+  try:
+    fv(["prog", "--method=gradsplit", BACKBONE, *flags_])
+    task_list = tuple(tasks_lib.regression(n) for n in ("depth", "edges"))
+    method = common.build_method(tasks=task_list)
+  finally:
+    fv.unparse_flags()
+  assert method.criterion == criterion and method.threshold == threshold
+
+
+def test_unknown_gradsplit_criterion_and_runs_saved_before_the_flag():
+  fv = common.FLAGS
+  fv.unparse_flags()
+  try:
+    with pytest.raises(common.flags.IllegalFlagValueError,
+                       match=re.escape("--gradsplit_criterion=median: value should be one "
+                                       "of <module_mean|module_frequency|pooled>")):
+      fv(["prog", "--method=gradsplit", "--gradsplit_criterion=median"])
+  finally:
+    fv.unparse_flags()
+  # The flags of a run saved before --gradsplit_criterion existed: it trained with "pooled".
+  saved = {"method": "gradsplit", "gradsplit_routing": "learned", "gradsplit_warmup_steps": 5}
+  assert common.method_options(saved)["criterion"] == "pooled"
+  with pytest.raises(ValueError, match="--gradsplit_criterion=median is unknown; use one of "
+                                       "module_mean, module_frequency, pooled"):
+    common.method_options({**saved, "gradsplit_criterion": "median"})
 
 
 def test_bad_gradsplit_flag_through_the_cli(tmp_path):

@@ -38,6 +38,48 @@ def test_flag_file_parses(path):
     fv.unparse_flags()
 
 
+def parsed(name: str) -> dict:
+  fv = flags.FLAGS
+  fv.unparse_flags()
+  try:
+    fv(["prog", f"--flagfile={os.path.join(ROOT, 'experiments', 'flags', name)}"])
+    return train.common.flag_values()
+  finally:
+    fv.unparse_flags()
+
+
+def test_phn_flag_files_are_the_authors_settings():
+  """PHN as its authors ran it on Multi-MNIST; PHN-BN as close to it as it allows."""
+  phn = parsed("multi_mnist_phn.flags")
+  authors = {"backbone": "lenet", "phn_chunk_size": 0, "optimizer": "adam",
+             "learning_rate": 1e-4, "schedule": "constant", "batch_size": 256, "steps": 6330,
+             "num_train": 0, "phn_dirichlet_alpha": 0.2}
+  assert {k: phn[k] for k in authors} == authors
+  assert train.common.parse_options(phn["backbone_options"], "--backbone_options") == {
+      "batch_norm": False}
+  bn = parsed("multi_mnist_phn_bn.flags")
+  assert {k: bn[k] for k in authors} == authors
+  assert train.common.parse_options(bn["backbone_options"], "--backbone_options") == {
+      "batch_norm": True}
+
+
+def test_dymu_flag_files_use_the_papers_regulariser_and_a_trunk():
+  for name in ("multi_mnist_dymu.flags", "utkface_dymu.flags"):
+    v = parsed(name)
+    assert v["dymu_anchor_init"] == "trunk" and v["dymu_task_weights"] == "validation"
+    assert v["dymu_depth_factor"] == "paper" and v["dymu_use_gradient"] == "stop"
+    assert v["dymu_lambda_active"] == 1.0 and v["dymu_lambda_inactive"] == 0.1
+    assert v["dymu_validation_examples"] > 0 and 0 < v["dymu_anchor_learning_rate"] < v[
+        "learning_rate"]
+  main = parsed("multi_mnist_dymu.flags")
+  for ablation in ("all_active", "no_inactive", "no_weight_hypernet"):
+    v = parsed(f"multi_mnist_dymu_{ablation}.flags")
+    assert v["dymu_anchor_dir"] == "workdirs/multi_mnist_dymu/anchor"
+    same = ("num_train", "num_test", "backbone_options", "dymu_lambda_active",
+            "dymu_depth_factor", "dymu_use_gradient", "dymu_stage_steps", "dymu_task_weights")
+    assert {k: v[k] for k in same} == {k: main[k] for k in same}, ablation
+
+
 def test_unknown_flag_is_rejected_by_the_parser(tmp_path):
   bad = tmp_path / "bad.flags"
   bad.write_text("--dataset=synthetic\n--no_such_flag=3\n")

@@ -39,7 +39,7 @@ def digits_batch(seed: int, size: int = 4) -> dict:
 @functools.lru_cache(maxsize=None)
 def anchor():
   """(anchor-stage method, anchor variables filled by numpy)."""
-  method = dymu.build(DIGITS, model_options=MODEL, stage="anchor")
+  method = dymu.build(DIGITS, model_options=MODEL, stage="anchor", anchor_init="shared")
   shapes = jax.eval_shape(method.init, jax.random.key(0),
                           {"image": jax.ShapeDtypeStruct((1, *SHAPE), jnp.float32)})
   return method, test_variables.fill(shapes, seed=2)
@@ -106,11 +106,20 @@ def test_branching_regularizer_by_hand():
   nu = jnp.asarray(np.broadcast_to(np.eye(2, dtype=np.float32), (2, 2, 2)))  # separate
   affinity_matrix = jnp.asarray([[1.0, 0.5], [0.5, 1.0]])
   both = jnp.asarray([0.5, 0.5])
+  # Every node used; ||e_0 - e_1||^2 = 2; ordered pairs (0,1), (1,0); A(0, 1) = 0.5.
+  # The paper's depth factor (L - l) / L, l = 1..L: 1/2 for the first choice, 0 for the
+  # decoders'.
   omega, terms = dymu.branching_regularizer(nu, both, 0.5, affinity_matrix)
-  # Every node used; ||e_0 - e_1||^2 = 2; depth factors 1 and 1/2; ordered pairs (0,1), (1,0).
-  assert float(terms["l_active"]) == pytest.approx(1.0 * 2 * 0.5 * 2 + 0.5 * 2 * 0.5 * 2)
+  assert float(terms["l_active"]) == pytest.approx(0.5 * 2 * 0.5 * 2)
   assert float(terms["l_inactive"]) == 0.0
+  assert float(omega) == pytest.approx(0.5 * 1.0 * 1.0)
+  # The shifted factor counts l from 0: 1 and 1/2.
+  omega, terms = dymu.branching_regularizer(nu, both, 0.5, affinity_matrix,
+                                            depth_factor="shifted")
+  assert float(terms["l_active"]) == pytest.approx(1.0 * 2 * 0.5 * 2 + 0.5 * 2 * 0.5 * 2)
   assert float(omega) == pytest.approx(0.5 * 1.0 * 3.0)
+  np.testing.assert_allclose(dymu.depth_weights(3), [2 / 3, 1 / 3, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(dymu.depth_weights(3, "shifted"), [1.0, 2 / 3, 1 / 3], rtol=1e-6)
   assert float(dymu.branching_regularizer(nu, both, 0.0, affinity_matrix)[0]) == 0.0
   # r = (1, 0): task 1 is inactive (tau = 0.3) and follows task 0 at both layers.
   omega, terms = dymu.branching_regularizer(nu, jnp.asarray([1.0, 0.0]), 1.0, affinity_matrix,
@@ -393,11 +402,136 @@ def test_build_and_stage_messages():
   with pytest.raises(ValueError, match="lambda_active must be a finite number >= 0"):
     dymu.build(DIGITS, model_options=MODEL, stage="anchor", lambda_active=-1.0)
   with pytest.raises(ValueError, match="Unknown DYMU anchor_init 'pretrained'; allowed: "
-                                       "independent, shared"):
+                                       "trunk, shared, independent"):
     dymu.build(DIGITS, model_options=MODEL, stage="anchor", anchor_init="pretrained")
-  assert dymu.task_weights_from_losses((2.0, 0.5)) == (0.5, 2.0)
+  with pytest.raises(ValueError, match="Unknown DYMU depth_factor 'x'"):
+    dymu.build(DIGITS, model_options=MODEL, stage="edge", depth_factor="x")
+  with pytest.raises(ValueError, match="Unknown DYMU use_gradient 'x'"):
+    dymu.build(DIGITS, model_options=MODEL, stage="edge", use_gradient="x")
+  with pytest.raises(ValueError, match="DYMU stage 'anchor' needs trunk_variables"):
+    dymu.build(DIGITS, model_options=MODEL, stage="anchor").init(jax.random.key(0),
+                                                                  digits_batch(0))
+  # 1 / L scaled to mean 1 (the default), or plain 1 / L.
+  assert dymu.task_weights_from_losses((2.0, 0.5)) == pytest.approx((0.4, 1.6))
+  assert dymu.task_weights_from_losses((2.0, 0.5), normalise=False) == (0.5, 2.0)
   with pytest.raises(ValueError, match="finite and > 0"):
     dymu.task_weights_from_losses((2.0, 0.0))
   losses = dymu.anchor_task_losses(anchor()[0].net, anchor_variables,
                                    [digits_batch(0), digits_batch(1)])
   assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+# ----------------------------------------------------------------------------------------------
+# The regulariser's gradient through P_use, the trunk, the anchor diagnostics, head batch norm.
+
+
+def test_use_gradient_stop_treats_p_use_as_a_weight():
+  """With "stop", d Omega / d nu is the hand-computed gradient of the distance term alone."""
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 2)), jnp.float32)
+  affinity_matrix = jnp.asarray([[1.0, 0.8], [0.8, 1.0]])
+  both = jnp.asarray([0.5, 0.5])
+
+  def omega(nu, use_gradient):
+    return dymu.branching_regularizer(nu, both, 1.0, affinity_matrix,
+                                      depth_factor="shifted", use_gradient=use_gradient)[0]
+
+  nu = jax.nn.softmax(logits, axis=-1)
+  grad_stop = np.asarray(jax.grad(omega)(nu, "stop"))
+  grad_flow = np.asarray(jax.grad(omega)(nu, "flow"))
+  # By hand: Omega = sum_l d_l sum_{i != j} A_ij u_li u_lj ||nu_li - nu_lj||^2 with u fixed, so
+  # dOmega/dnu_li = sum_{j != i} 2 * d_l A_ij u_li u_lj * 2 (nu_li - nu_lj) (both orders).
+  p_use = np.asarray(dymu.parent_use_probability(nu))[1:]
+  depth = np.asarray([1.0, 0.5])
+  expected = np.zeros((2, 2, 2))
+  nu_np = np.asarray(nu)
+  for l in range(2):
+    for i in range(2):
+      for j in range(2):
+        if i != j:
+          expected[l, i] += (2 * depth[l] * float(affinity_matrix[i, j]) * p_use[l, i]
+                             * p_use[l, j] * 2 * (nu_np[l, i] - nu_np[l, j]))
+  np.testing.assert_allclose(grad_stop, expected, rtol=1e-5, atol=1e-6)
+  # "flow" adds the gradient through P_use: the usage of block layer 1's nodes depends on the
+  # decoders' parent choice nu[1] (the decoders' own usage is 1), so only nu[1] differs.
+  np.testing.assert_allclose(grad_flow[0], grad_stop[0], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(grad_flow[1], grad_stop[1])
+
+
+def test_pretrain_trains_one_shared_trunk_and_the_anchor_starts_from_its_copies():
+  pretrain = dymu.build(DIGITS, model_options=MODEL, stage="pretrain")
+  batch = digits_batch(0, 8)
+  variables = pretrain.init(jax.random.key(1), batch)
+  params, state = split(variables)
+  grads = jax.grad(lambda p: pretrain.loss(p, state, batch, jax.random.key(2), 0)[0])(params)
+  for l in range(3):  # only stream 0's blocks learn; the heads learn on the shared trunk
+    block = jax.tree.leaves(grads[f"block{l}"])
+    assert all(float(jnp.abs(g[1]).max()) == 0.0 for g in block)
+    assert any(float(jnp.abs(g[0]).max()) > 0.0 for g in block)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["head_left"]))
+  # Pretrain predictions are the shared trunk's, and every stream starts at the same draw.
+  np.testing.assert_allclose(
+      pretrain.predict(variables, batch["image"])["right"],
+      pretrain.net.apply_tree(variables, batch["image"], pretrain.net.shared_tree(0))["right"],
+      rtol=1e-6)
+  trained_trunk = jax.tree.map(lambda a: a, variables)
+  trained_trunk["params"]["block0"] = jax.tree.map(
+      lambda a: a.at[0].add(1.0), variables["params"]["block0"])
+  anchor_method = dymu.build(DIGITS, model_options=MODEL, stage="anchor",
+                             trunk_variables=trained_trunk)
+  anchor_variables = anchor_method.init(jax.random.key(3), batch)
+  for col in ("params", "batch_stats"):
+    for l in range(3):
+      for leaf, source in zip(jax.tree.leaves(anchor_variables[col][f"block{l}"]),
+                              jax.tree.leaves(trained_trunk[col][f"block{l}"])):
+        np.testing.assert_array_equal(leaf[0], source[0])
+        np.testing.assert_array_equal(leaf[1], source[0])
+  np.testing.assert_array_equal(anchor_variables["params"]["head_right"]["output"]["kernel"],
+                                trained_trunk["params"]["head_right"]["output"]["kernel"])
+  # The separate tree of copies equals the trunk's shared tree.
+  np.testing.assert_allclose(
+      anchor_method.predict(anchor_variables, batch["image"])["left"],
+      pretrain.predict(trained_trunk, batch["image"])["left"], rtol=1e-5, atol=1e-6)
+  # Copies do not diverge; a perturbed stream does, by the stated formula.
+  assert np.allclose(dymu.stream_divergence(anchor_variables, 3), 0.0)
+  moved = jax.tree.map(lambda a: a, anchor_variables)
+  moved["params"]["block2"] = jax.tree.map(lambda a: a.at[1].multiply(2.0),
+                                           anchor_variables["params"]["block2"])
+  d = dymu.stream_divergence(moved, 3)
+  # ||2a - a|| / ((||a|| + ||2a||) / 2) = 1 / 1.5
+  assert d[2][0][1] == pytest.approx(1 / 1.5, rel=1e-6) and d[1][0][1] == 0.0
+
+
+def test_probe_trees_are_one_edge_changes_and_prefix_sharing():
+  trees = dict(dymu.probe_trees(3, 2))
+  assert len(trees) == 12
+  assert trees["block 1 of stream 1 reads stream 0"].parents == ((0, 0), (0, 1), (0, 1))
+  assert trees["decoder of stream 0 reads stream 1"].parents == ((0, 1), (0, 1), (1, 1))
+  assert trees["block 0 shared (stream 1)"].parents == ((1, 1), (0, 1), (0, 1))
+  assert trees["blocks 0-2 shared (stream 0)"] == Tree.shared(3, 2, 0)
+  assert len(dymu.probe_trees(2, 3)) == 2 * 3 * 2 + 3 * 2
+
+
+def test_decoder_batch_norm_is_shifted_and_updated():
+  method = dymu.build(DIGITS, model_options={**MODEL, "head_hidden_layers": 1,
+                                             "head_batch_norm": True, "head_width": 8},
+                      stage="anchor", anchor_init="shared")
+  batch = digits_batch(1, 8)
+  variables = method.init(jax.random.key(0), batch)
+  assert "head_left" in variables["batch_stats"]
+  template = dymu.branched.batch_norm_shift_template(variables)
+  assert template["head_left"]["hidden0_bn"]["scale"].shape == (8,)
+  # Training updates the decoders' running statistics too.
+  _, state = method.net.apply_tree(variables, batch["image"], method.net.separate_tree(),
+                                   train=True)
+  assert not np.allclose(state["batch_stats"]["head_left"]["hidden0_bn"]["mean"],
+                         variables["batch_stats"]["head_left"]["hidden0_bn"]["mean"])
+  # A shift of the left decoder's bias moves only the left predictions.
+  shifts = jax.tree.map(jnp.zeros_like, template)
+  shifts["head_left"]["hidden0_bn"]["bias"] = jnp.ones((8,))
+  shifted = dymu.branched.apply_batch_norm_shifts(variables, shifts)
+  base = method.predict(variables, batch["image"])
+  moved = method.predict(shifted, batch["image"])
+  assert not np.allclose(base["left"], moved["left"])
+  np.testing.assert_allclose(base["right"], moved["right"], rtol=1e-6)
+  with pytest.raises(ValueError, match="give head_hidden_layers >= 1 or drop head_batch_norm"):
+    dymu.build(DIGITS, model_options={**MODEL, "head_batch_norm": True}, stage="anchor")

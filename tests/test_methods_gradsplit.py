@@ -1,9 +1,11 @@
-"""GradSplit: gradient routing over channel groups, conflict estimation, one compiled step.
+"""GradSplit: gradient routing over channel groups (one M or one per split module), conflict
+estimation and the routing criteria, one compiled step.
 
 The network is a two-stage ResNet (one block each, 8 and 16 channels) on 8 px images with two
 regression tasks (MLP heads); its last stage is split, so the routed layers include a
 projection shortcut and batch norms in training mode. Each jitted function below is compiled
-once and shared by the tests (compiling dominates the time on a shared CPU).
+once and shared by the tests (compiling dominates the time on a shared CPU): routing matrices
+are always passed per module (K, T, T), so one program serves every M.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ RESNET = {"backbone": "resnet_small", "head_width": 8,
 TASKS = (tasks_lib.regression("a"), tasks_lib.regression("b"))
 IMAGE_SHAPE = (8, 8, 3)
 SPLIT_LAYERS = {"conv1", "bn1", "conv2", "bn2", "downsample_conv", "downsample_bn"}
+MODULES = tuple(f"stage2_block0/{n}" for n in sorted(SPLIT_LAYERS))  # the params tree's order
 
 
 def make(**options) -> gradsplit.GradSplitMethod:
@@ -64,8 +67,10 @@ def variables_of(method, seed: int = 0) -> dict:
   """Variables with `method.init`'s shapes, filled by numpy; fresh conflict statistics."""
   images = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32)
   shapes = jax.eval_shape(lambda x: method.init(jax.random.key(0), {"image": x}), images)
-  variables = test_variables.fill(shapes, seed)
-  variables[gradsplit.STATE_COLLECTION] = method.initial_statistics()
+  # The draws do not depend on the statistics' layout (they are not drawn).
+  variables = test_variables.fill(
+      {k: v for k, v in shapes.items() if k != gradsplit.STATE_COLLECTION}, seed)
+  variables[gradsplit.STATE_COLLECTION] = method.initial_statistics(variables["params"])
   return variables
 
 
@@ -84,9 +89,20 @@ def split_leaves(method, tree):
   return [("/".join(str(k.key) for k in path), np.asarray(leaf)) for path, leaf in flat]
 
 
+def per_module(matrix, overrides=None) -> np.ndarray:
+  """(K, 2, 2): `matrix` for every split module, except {module: M} in `overrides`."""
+  matrices = np.broadcast_to(np.asarray(matrix, np.float32), (len(MODULES), 2, 2)).copy()
+  for name, m in (overrides or {}).items():
+    matrices[MODULES.index(name)] = m
+  return matrices
+
+
 def per_task_grads(fn, variables, batch, matrix):
   params, state = split(variables)
-  grads, losses, _ = fn(params, state, batch, jnp.asarray(matrix, jnp.float32))
+  matrix = np.asarray(matrix, np.float32)
+  if matrix.ndim == 2:
+    matrix = per_module(matrix)
+  grads, losses, _ = fn(params, state, batch, jnp.asarray(matrix))
   return jax.tree.map(np.asarray, grads), np.asarray(losses)
 
 
@@ -197,6 +213,91 @@ def test_weight_only_routing_masks_split_weights_and_leaves_activations_alone(se
   assert np.abs(below(routed) - below(shared)).max() > 1e-6
 
 
+def test_per_module_routing_all_ones_is_hard_sharing_and_identity_splits_only_that_module(setup):
+  variables, batch = setup
+  assert ACTIVATION.split_modules(variables["params"]) == MODULES
+  ones, ones_losses = per_task_grads(activation_grads, variables, batch, np.ones((2, 2)))
+  strict, _ = per_task_grads(activation_grads, variables, batch, np.eye(2))
+  (_, (aux, _)), hard = hard_sharing(variables, batch)
+  # Per-module M all ones: the per-task gradients sum to hard sharing's.
+  for g, r in zip(jax.tree.leaves(jax.tree.map(lambda g: g.sum(0), ones)),
+                  jax.tree.leaves(hard)):
+    np.testing.assert_allclose(g, np.asarray(r), rtol=1e-6, atol=1e-6 * np.abs(r).max())
+  # M identity on the shortcut's batch norm only: that module is split as under the strict M
+  # (nothing routed lies above it), the shortcut convolution below it gets no cross-group
+  # gradient either (a zero cotangent on a channel stops at every layer of that channel), and
+  # the main branch keeps hard sharing's per-task gradients.
+  target = "stage2_block0/downsample_bn"
+  one, losses = per_task_grads(activation_grads, variables, batch,
+                               per_module(np.ones((2, 2)), {target: np.eye(2)}))
+  np.testing.assert_array_equal(losses, ones_losses)  # the forward is unchanged
+  np.testing.assert_array_equal(losses, [aux["loss/a"], aux["loss/b"]])
+  for (path, leaf), (_, full), (_, split_all) in zip(
+      split_leaves(ACTIVATION, one), split_leaves(ACTIVATION, ones),
+      split_leaves(ACTIVATION, strict)):
+    module = path.rsplit("/", 1)[0]
+    groups = channel_groups(ACTIVATION, leaf.shape[-1])
+    if module == target:
+      np.testing.assert_allclose(leaf, split_all, rtol=1e-6, atol=1e-7 * np.abs(split_all).max())
+    if module in (target, "stage2_block0/downsample_conv"):
+      for s in range(2):
+        assert np.all(leaf[s][..., groups[1 - s]] == 0), path  # exactly zero
+        assert np.abs(leaf[s][..., groups[s]]).max() > 0, path
+    else:
+      np.testing.assert_allclose(leaf, full, rtol=1e-6, atol=1e-7 * np.abs(full).max())
+      for s in range(2):
+        assert np.abs(leaf[s][..., groups[1 - s]]).max() > 0, path
+
+
+def test_weight_routing_per_module_masks_only_that_module(setup):
+  variables, batch = setup
+  target = "stage2_block0/conv2"
+  one, _ = per_task_grads(weight_grads, variables, batch,
+                          per_module(np.ones((2, 2)), {target: [[1, 1], [0, 1]]}))
+  ones, _ = per_task_grads(weight_grads, variables, batch, np.ones((2, 2)))
+  for (path, leaf), (_, full) in zip(split_leaves(WEIGHT, one), split_leaves(WEIGHT, ones)):
+    g0, g1 = channel_groups(WEIGHT, leaf.shape[-1])
+    if path.rsplit("/", 1)[0] == target:  # task a stays out of group 1, the rest as shared
+      assert np.all(leaf[0][..., g1] == 0) and np.abs(full[0][..., g1]).max() > 0, path
+      np.testing.assert_array_equal(leaf[0][..., g0], full[0][..., g0])
+      np.testing.assert_array_equal(leaf[1], full[1])
+    else:
+      np.testing.assert_array_equal(leaf, full)
+
+
+def test_a_routing_of_the_wrong_shape_is_one_sentence(setup):
+  variables, batch = setup
+  params, state = split(variables)
+  with pytest.raises(ValueError, match=r"fits neither one \(2, 2\) matrix nor one per split "
+                                       r"module \(6\)"):
+    ACTIVATION.per_task_grads(params, state, batch, jnp.ones((3, 2, 2)))
+
+
+def test_lenet_layers_directly_under_the_encoder_are_routed():
+  """LeNet's split stage is the encoder's own `fc` and `bn_fc` (no block around them)."""
+  method = methods.build("gradsplit", TASKS, method_options={"routing": "fixed",
+                                                            "routing_matrix": "identity"},
+                         model_options={"backbone": "lenet", "head_width": 8, "backbone_kwargs": {
+                             "conv_channels": (4, 4), "kernel_sizes": (3, 3), "fc_features": 8,
+                             "batch_norm": True}})
+  images = jax.ShapeDtypeStruct((1, 12, 12, 1), jnp.float32)
+  shapes = jax.eval_shape(lambda x: method.init(jax.random.key(0), {"image": x}), images)
+  variables = test_variables.fill(shapes, 0)
+  variables[gradsplit.STATE_COLLECTION] = method.initial_statistics(variables["params"])
+  assert method.split_modules(variables["params"]) == ("bn_fc", "fc")
+  batch = toy_batch()
+  batch["image"] = np.random.default_rng(0).uniform(size=(4, 12, 12, 1)).astype(np.float32)
+  grads, _ = per_task_grads(jax.jit(method.per_task_grads), variables, batch,
+                            np.broadcast_to(np.eye(2), (2, 2, 2)))
+  leaves = split_leaves(method, grads)
+  assert {p.split("/")[0] for p, _ in leaves} == {"fc", "bn_fc"}
+  for path, leaf in leaves:
+    groups = channel_groups(method, leaf.shape[-1])
+    for s in range(2):
+      assert np.all(leaf[s][..., groups[1 - s]] == 0), path
+      assert np.abs(leaf[s][..., groups[s]]).max() > 0, path
+
+
 # ----------------------------------------------------------------------------------------------
 # Conflict estimation.
 
@@ -228,16 +329,127 @@ def test_warmup_estimates_a_conflicting_pair_as_split():
   params, state = split(variables)
   for step in range(4):  # warm-up of 3 steps, then one step with the learned routing
     (_, (aux, state)), _ = learned_step(params, state, batch, None, jnp.asarray(step, jnp.int32))
-    matrix = np.asarray(LEARNED.matrix_at(state[gradsplit.STATE_COLLECTION],
-                                          jnp.asarray(step + 1)))
+    matrices = np.asarray(LEARNED.matrices_at(state[gradsplit.STATE_COLLECTION],
+                                              jnp.asarray(step + 1)))
+    assert matrices.shape == (len(MODULES), 2, 2)
     if step + 1 < 3:
-      np.testing.assert_array_equal(matrix, np.ones((2, 2)))  # hard sharing while warming up
+      np.testing.assert_array_equal(matrices, 1.0)  # hard sharing while warming up
   statistics = state[gradsplit.STATE_COLLECTION]
   assert int(statistics["count"]) == 3  # the fourth step is past the warm-up: stats frozen
   np.testing.assert_allclose(np.asarray(LEARNED.mean_cosine(statistics)),
                              [[1, -1], [-1, 1]], atol=1e-3)
-  np.testing.assert_array_equal(matrix, np.eye(2))
+  # Every split module sees the same opposition: each splits, and every step conflicted.
+  np.testing.assert_allclose(np.asarray(LEARNED.module_mean_cosine(statistics)),
+                             np.broadcast_to([[1, -1], [-1, 1]], matrices.shape), atol=1e-3)
+  np.testing.assert_array_equal(np.asarray(LEARNED.module_conflict_frequency(statistics)),
+                                np.broadcast_to([[0, 1], [1, 0]], matrices.shape))
+  np.testing.assert_array_equal(matrices, np.broadcast_to(np.eye(2), matrices.shape))
   assert float(aux["gradsplit/M_a_b"]) == 0.0 and float(aux["gradsplit/cos_a_b"]) < -0.99
+
+
+def hand_split(module_grads: dict) -> dict:
+  """A params-shaped tree of per-task gradients: {module: {leaf: (2, ..., C)}} in the split
+  stage of the test network."""
+  return {"encoder": {"stage2_block0": module_grads}}
+
+
+def accumulated(method, steps, in_warmup=None):
+  """`method`'s statistics after `steps` (hand-made per-task split gradients)."""
+  statistics = method.initial_statistics(steps[0])
+  for k, grads in enumerate(steps):
+    warm = True if in_warmup is None else in_warmup[k]
+    statistics = method.accumulate(statistics, method.split_params(grads), jnp.asarray(warm))
+  return jax.tree.map(np.asarray, statistics)
+
+
+def test_per_module_criterion_finds_the_conflict_that_pooling_hides():
+  """conv1 (large, aligned in both groups) and bn2 (small, task b opposes task a on group 0):
+  pooled, the kernel's agreement outweighs bn2's conflict; per module, bn2 splits."""
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=(9, 4)).astype(np.float32) * 10
+  scale = rng.normal(size=4).astype(np.float32)
+  opposed = scale * np.array([-1, -1, 1, 1], np.float32)  # groups: channels 0-1 and 2-3
+  grads = hand_split({"conv1": {"kernel": np.stack([kernel, kernel * 0.5])},
+                      "bn2": {"scale": np.stack([scale, opposed]),
+                              "bias": np.stack([scale, opposed])}})
+  method = make(warmup_steps=3)
+  assert method.criterion == "module_mean" and method.threshold == 0.0
+  statistics = accumulated(method, [grads, grads])
+  assert method.split_modules(grads) == ("stage2_block0/bn2", "stage2_block0/conv1")
+  np.testing.assert_allclose(method.module_mean_cosine(statistics),
+                             [[[1, -1], [1, 1]], [[1, 1], [1, 1]]], atol=1e-6)
+  pooled = np.asarray(method.mean_cosine(statistics))
+  assert pooled[0, 1] > 0.9  # the kernel dominates the pooled cosine
+  np.testing.assert_array_equal(method.pooled_matrix(statistics), np.ones((2, 2)))
+  np.testing.assert_array_equal(method.learned_matrices(statistics),
+                                [[[1, 0], [1, 1]], np.ones((2, 2))])  # zeros in bn2 only
+  np.testing.assert_array_equal(method.module_conflict_frequency(statistics),
+                                [[[0, 1], [0, 0]], np.zeros((2, 2))])
+  # The pooled criterion routes every module by the pooled cosine: hard sharing here.
+  pooled_method = make(warmup_steps=3, criterion="pooled")
+  np.testing.assert_array_equal(pooled_method.learned_matrices(statistics), np.ones((2, 2, 2)))
+  # Before the end of the warm-up every module shares; after it, the learned M holds.
+  np.testing.assert_array_equal(method.matrices_at(statistics, jnp.asarray(2)), 1.0)
+  np.testing.assert_array_equal(method.matrices_at(statistics, jnp.asarray(3)),
+                                method.learned_matrices(statistics))
+
+
+def _pair(c: float) -> np.ndarray:
+  """Unit vectors a = (1, 0) and b = (c, sqrt(1 - c^2)): cos(a, b) = c."""
+  return np.array([[1.0, 0.0], [c, np.sqrt(1 - c * c)]], np.float32)
+
+
+def test_frequency_criterion_with_hand_computed_frequencies():
+  """One split module, 2 x 2 kernel: filter 0 is group 0, filter 1 group 1. Per warm-up step
+  the cosine on group 0 is c0 and on group 1 c1; a fifth step after the warm-up conflicts on
+  both groups and must not count."""
+  c0 = [1.0, -0.1, -0.1, -0.1, -1.0]  # 3 of 4 warm-up steps negative, mean +0.175
+  c1 = [-0.5, 0.2, 0.2, 0.2, -1.0]  # 1 of 4 negative, mean +0.025
+  steps = [hand_split({"conv1": {"kernel": np.stack([_pair(a), _pair(b)], axis=-1)}})
+           for a, b in zip(c0, c1)]
+  method = make(warmup_steps=4, criterion="module_frequency")
+  assert method.threshold == 0.5  # the default: split where most warm-up steps conflict
+  statistics = accumulated(method, steps, in_warmup=[True] * 4 + [False])
+  assert int(statistics["count"]) == 4
+  np.testing.assert_array_equal(statistics["module_neg_count"], [[[0, 3], [1, 0]]])
+  np.testing.assert_allclose(method.module_conflict_frequency(statistics), [[[0, 0.75],
+                                                                              [0.25, 0]]])
+  np.testing.assert_allclose(method.module_mean_cosine(statistics), [[[1, 0.175],
+                                                                       [0.025, 1]]], atol=1e-6)
+  # One module: the pooled statistics are the module's.
+  np.testing.assert_allclose(method.conflict_frequency(statistics), [[0, 0.75], [0.25, 0]])
+  expected = {("module_frequency", None): [[1, 0], [1, 1]],  # 0.75 > 0.5 splits group 0
+              ("module_frequency", 0.75): [[1, 1], [1, 1]],  # <= threshold shares
+              ("module_frequency", 0.2): [[1, 0], [0, 1]],
+              ("module_mean", None): [[1, 1], [1, 1]],  # both means are positive
+              ("module_mean", 0.1): [[1, 1], [0, 1]],  # 0.025 < 0.1
+              ("pooled", 0.1): [[1, 1], [0, 1]]}
+  for (criterion, margin), matrix in expected.items():
+    m = make(warmup_steps=4, criterion=criterion, margin=margin)
+    np.testing.assert_array_equal(m.learned_matrices(statistics), [matrix],
+                                  err_msg=f"{criterion} {margin}")
+
+
+def test_pooled_criterion_reproduces_the_pooled_cosine_routing(setup):
+  """The statistics of the compiled warm-up step, read by the "pooled" criterion, give the
+  first version's M: the pooled cosine of the per-task split gradients (`group_cosines`),
+  averaged over the warm-up, >= 0, the same M in every module."""
+  variables, _ = setup
+  params, state = split(variables)
+  pooled_method = make(warmup_steps=3, criterion="pooled")
+  expected_sum = np.zeros((2, 2))
+  for step in range(3):
+    batch = toy_batch(10 + step)
+    (_, (_, state)), _ = learned_step(params, state, batch, None, jnp.asarray(step, jnp.int32))
+    grads, _ = per_task_grads(activation_grads, variables, batch, np.ones((2, 2)))
+    expected_sum += np.asarray(gradsplit.group_cosines(ACTIVATION.split_params(grads),
+                                                       ACTIVATION.sizes))
+  statistics = jax.tree.map(np.asarray, state[gradsplit.STATE_COLLECTION])
+  np.testing.assert_allclose(statistics["cos_sum"], expected_sum, rtol=1e-5, atol=1e-6)
+  old = np.asarray(gradsplit.routing_from_cosines(statistics["cos_sum"] / 3))
+  matrices = np.asarray(pooled_method.matrices_at(statistics, jnp.asarray(3)))
+  np.testing.assert_array_equal(matrices, np.broadcast_to(old, (len(MODULES), 2, 2)))
+  np.testing.assert_array_equal(pooled_method.pooled_matrix(statistics), old)
 
 
 def test_one_compiled_step_across_warmup_and_after(tmp_path):
@@ -258,8 +470,20 @@ def test_one_compiled_step_across_warmup_and_after(tmp_path):
   paths = method.save_routing(state.variables, str(tmp_path), step=5)
   record = json.load(open(paths[0]))
   assert record["tasks"] == ["a", "b"] and record["warmup_complete"]
-  assert np.shape(record["matrix"]) == (2, 2) and np.shape(record["mean_cosine"]) == (2, 2)
-  assert np.all(np.diag(record["matrix"]) == 1)
+  assert record["criterion"] == "module_mean" and record["margin"] == 0.0
+  pooled = record["pooled"]
+  assert np.shape(pooled["matrix"]) == (2, 2) and np.shape(pooled["mean_cosine"]) == (2, 2)
+  assert np.all(np.diag(pooled["matrix"]) == 1)
+  assert [m["name"] for m in record["modules"]] == list(MODULES)
+  statistics = state.model_state[gradsplit.STATE_COLLECTION]
+  for k, module in enumerate(record["modules"]):
+    cosine, frequency = np.asarray(module["mean_cosine"]), np.asarray(module["conflict_frequency"])
+    np.testing.assert_allclose(cosine, np.asarray(statistics["module_cos_sum"][k]) / 3, atol=1e-6)
+    np.testing.assert_allclose(frequency, np.asarray(statistics["module_neg_count"][k]) / 3,
+                               atol=1e-6)
+    np.testing.assert_array_equal(module["matrix"], (cosine >= 0) | np.eye(2, dtype=bool))
+  np.testing.assert_allclose(record["share_routed"],
+                             np.mean([m["matrix"] for m in record["modules"]], axis=0))
   assert (tmp_path / gradsplit.HEATMAP_FILE).stat().st_size > 1000
 
 
@@ -311,6 +535,12 @@ def test_routing_matrix_words():
     ({"warmup_steps": 0}, "leaves no step to estimate the conflicts"),
     ({"mode": "both"}, "mode 'both' is unknown"),
     ({"routing": "auto"}, "routing 'auto' is unknown"),
+    ({"criterion": "median"}, "criterion 'median' is unknown; use one of module_mean, "
+                              "module_frequency, pooled"),
+    ({"margin": 1.5}, "margin=1.5 must lie in [-1, 1] with criterion 'module_mean'"),
+    ({"criterion": "module_frequency", "margin": -0.1}, "margin=-0.1 must lie in [0, 1]"),
+    ({"routing": "fixed", "routing_matrix": "identity", "margin": 0.1},
+     "margin is only used with routing 'learned'"),
     ({"lambda_kd": 1.0}, "Unknown GradSplit option(s) lambda_kd"),
 ])
 def test_bad_options_stop_with_one_sentence(options, message):

@@ -99,8 +99,23 @@ def test_uniformity_validates_inputs():
     pareto.uniformity([[1.0, 1.0], [1.0, 2.0]], [[0.5, 0.5]] * 3)
   with pytest.raises(ValueError, match="losses must be >= 0"):
     pareto.uniformity([-1.0, 1.0], [0.5, 0.5])
-  with pytest.raises(ValueError, match="must have a positive sum"):
-    pareto.uniformity([0.0, 1.0], [1.0, 0.0])
+
+
+def test_uniformity_is_finite_at_corner_preferences():
+  """Preferences with zero entries (Das-Dennis corners and edges) divide by nothing zero."""
+  corner = 1 - math.log(2)
+  # r_j = 0 leaves task j out: a corner gives 1 - log 2 whatever the losses.
+  np.testing.assert_allclose(pareto.uniformity_per_point([[2, 5], [0.1, 9]], [[0, 1], [1, 0]]),
+                             [corner, corner])
+  # sum_i r_i L_i = 0 (the preferred task's loss is 0): Lhat = r, the limit of L -> 0.
+  np.testing.assert_allclose(pareto.uniformity_per_point([[0.0, 1.0], [0.0, 0.0]],
+                                                         [[1.0, 0.0], [0.5, 0.5]]),
+                             [corner, 1.0])
+  grid = pareto.das_dennis(3, 4)
+  losses = np.random.default_rng(0).uniform(0.1, 3.0, grid.shape)
+  values = pareto.uniformity_per_point(losses, grid)
+  assert np.all(np.isfinite(values)) and np.all(values <= 1 + 1e-12)
+  assert np.all(values >= 1 - math.log(3) - 1e-12)
 
 
 def test_rank_controllability_monotone_and_reversed():
@@ -156,3 +171,90 @@ def test_delta_m_validates_inputs():
     pareto.delta_m([0.4], [0.0], [True])
   with pytest.raises(ValueError, match="single_task_metrics has 1 values but metrics has 2"):
     pareto.delta_m([0.4, 0.5], [0.4], [True, True])
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost band.
+
+
+def test_cost_band_hypervolume_by_hand():
+  # The staircase of test_hypervolume_2d_by_hand with a cost per point.
+  points = [[1, 3], [2, 2], [3, 1], [2.5, 2.5]]
+  costs = [0.9, 0.6, 0.4, 0.5]
+  reference = [4, 4]
+  # At most 0.6: (2, 2), (3, 1) and (2.5, 2.5) (dominated): 2 * 2 + 1 * 1 = 5.
+  assert pareto.cost_band_hypervolume(points, costs, reference, 0.6) == (pytest.approx(5.0), 3)
+  # 0.45 to 0.6: (2, 2) and (2.5, 2.5): 2 * 2 = 4.
+  assert pareto.cost_band_hypervolume(points, costs, reference, 0.6, 0.45) == (
+      pytest.approx(4.0), 2)
+  # Everything: the full staircase, 6.
+  assert pareto.cost_band_hypervolume(points, costs, reference, 1.0) == (pytest.approx(6.0), 4)
+  # A cost a rounding error past the edge still counts; an empty band is (0, 0).
+  assert pareto.cost_band_hypervolume(points, [0.6 + 1e-12] * 4, reference, 0.6)[1] == 4
+  assert pareto.cost_band_hypervolume(points, costs, reference, 0.3) == (0.0, 0)
+
+
+def test_cost_band_hypervolume_validates_inputs():
+  with pytest.raises(ValueError, match=r"costs must give one number per point \(2\)"):
+    pareto.cost_band_hypervolume([[1, 1], [2, 2]], [0.5], [3, 3], 0.6)
+  with pytest.raises(ValueError, match="finite low <= high"):
+    pareto.cost_band_hypervolume([[1, 1]], [0.5], [3, 3], 0.4, 0.6)
+  with pytest.raises(ValueError, match="reference must have shape"):
+    pareto.cost_band_hypervolume([[1, 1]], [0.5], [3, 3, 3], 0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference grids.
+
+
+def test_phn_rays_are_the_authors_25_rays():
+  rays = pareto.phn_rays(25)
+  assert rays.shape == (25, 2)
+  np.testing.assert_allclose(rays.sum(axis=1), 1.0)
+  # Endpoints: (cos 0.1, sin 0.1) / (cos 0.1 + sin 0.1) and its mirror; the middle is uniform.
+  first = np.array([math.cos(0.1), math.sin(0.1)]) / (math.cos(0.1) + math.sin(0.1))
+  np.testing.assert_allclose(rays[0], first)
+  np.testing.assert_allclose(rays[-1], first[::-1])
+  np.testing.assert_allclose(rays[12], [0.5, 0.5])
+  assert rays.min() > 0.09  # no corner preference
+  # Evenly spaced in angle: theta = arctan(r_2 / r_1) steps by (pi/2 - 0.2) / 24.
+  angles = np.arctan2(rays[:, 1], rays[:, 0])
+  np.testing.assert_allclose(angles[[0, -1]], [0.1, math.pi / 2 - 0.1])
+  np.testing.assert_allclose(np.diff(angles), (math.pi / 2 - 0.2) / 24)
+  # r_1 falls monotonically from the first task's end to the second's.
+  assert np.all(np.diff(rays[:, 0]) < 0)
+
+
+def test_das_dennis_by_hand():
+  np.testing.assert_allclose(pareto.das_dennis(2, 4), [[0, 1], [0.25, 0.75], [0.5, 0.5],
+                                                       [0.75, 0.25], [1, 0]])
+  np.testing.assert_allclose(pareto.das_dennis(3, 2), [[0, 0, 1], [0, 0.5, 0.5], [0, 1, 0],
+                                                       [0.5, 0, 0.5], [0.5, 0.5, 0],
+                                                       [1, 0, 0]])
+  np.testing.assert_allclose(pareto.das_dennis(4, 1), [[0, 0, 0, 1], [0, 0, 1, 0],
+                                                       [0, 1, 0, 0], [1, 0, 0, 0]])
+  np.testing.assert_allclose(pareto.das_dennis(1, 3), [[1.0]])
+  with pytest.raises(ValueError, match="at least 1 division"):
+    pareto.das_dennis(3, 0)
+
+
+@pytest.mark.parametrize("num_tasks, divisions", [(2, 1), (2, 24), (3, 6), (4, 4), (5, 3)])
+def test_das_dennis_matches_pymoo(num_tasks, divisions):
+  from pymoo.util.ref_dirs import get_reference_directions
+  expected = get_reference_directions("das-dennis", num_tasks, n_partitions=divisions)
+  got = pareto.das_dennis(num_tasks, divisions)
+  assert got.shape == expected.shape == (math.comb(divisions + num_tasks - 1, num_tasks - 1),
+                                         num_tasks)
+  np.testing.assert_allclose(got, expected, atol=1e-12)  # the same points in the same order
+
+
+def test_das_dennis_divisions_is_the_smallest_grid_with_enough_points():
+  assert pareto.das_dennis_divisions(2, 25) == 24  # 25 points
+  assert pareto.das_dennis_divisions(3, 25) == 6  # C(7, 2) = 21 < 25 <= C(8, 2) = 28
+  assert pareto.das_dennis_divisions(4, 4) == 1  # the 4 corners
+  assert pareto.das_dennis_divisions(4, 5) == 2  # 10 points
+  for tasks, at_least in [(3, 10), (3, 11), (5, 40)]:
+    h = pareto.das_dennis_divisions(tasks, at_least)
+    assert len(pareto.das_dennis(tasks, h)) >= at_least > len(pareto.das_dennis(tasks, h - 1))
+  with pytest.raises(ValueError, match="at least 2 tasks"):
+    pareto.das_dennis_divisions(1, 3)

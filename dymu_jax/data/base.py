@@ -115,6 +115,38 @@ class TaskSubset(DataSource):
     return {k: v for k, v in batch.items() if k in keep or k.startswith("_")}
 
 
+class IndexSubset(DataSource):
+  """The examples of `parent` at `indices` (in that order), e.g. a held-out validation split."""
+
+  def __init__(self, parent: DataSource, indices: np.ndarray):
+    indices = np.asarray(indices, np.int64)
+    if indices.ndim != 1 or (indices.size and (indices.min() < 0
+                                               or indices.max() >= len(parent))):
+      raise ValueError(f"Subset indices must be a 1-D array within [0, {len(parent)}).")
+    self.parent, self.indices = parent, indices
+    self.name, self.split, self.tasks = parent.name, parent.split, parent.tasks
+
+  def __len__(self):
+    return int(self.indices.shape[0])
+
+  def get(self, indices):
+    return self.parent.get(self.indices[np.asarray(indices, np.int64)])
+
+
+def holdout_split(source: DataSource, count: int, seed: int
+                  ) -> tuple[DataSource, DataSource | None]:
+  """(the rest, `count` held-out examples) of `source`, drawn with `seed`; (source, None) for
+  count 0. One sentence when `count` leaves nothing to train on."""
+  count = int(count)
+  if count <= 0:
+    return source, None
+  if count >= len(source):
+    raise ValueError(f"Holding out {count} examples leaves none of the {len(source)} training "
+                     f"examples to train on; hold out fewer.")
+  order = np.random.default_rng([int(seed), 7]).permutation(len(source))
+  return IndexSubset(source, np.sort(order[count:])), IndexSubset(source, np.sort(order[:count]))
+
+
 class ArraySource(DataSource):
   """Examples held in memory: images (uint8 or float) plus one label array per task."""
 

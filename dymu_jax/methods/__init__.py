@@ -19,15 +19,17 @@ METHODS = {
     "ecmt": "slimmable SuperNet trained with sandwich-sampled SubNets and CI-KD; controlled by "
             "(preference, budget) through a MACs search",
     "gradsplit": "hard sharing whose last encoder stages split their channels into one group per "
-                 "task; a routing matrix (learned from gradient conflicts on a warm-up, or "
-                 "fixed) decides which tasks' gradients reach each group",
+                 "task; a routing matrix per split layer (learned from that layer's gradient "
+                 "conflicts on a warm-up, or fixed) decides which tasks' gradients reach each "
+                 "group",
     "pcgrad": "hard sharing trained with PCGrad: conflicting per-task gradients of the shared "
               "encoder are projected onto each other's normal planes",
-    "dymu": "single-task anchor streams, then an edge hypernetwork that turns (preference, "
-            "resource) into a tree of shared blocks and a weight hypernetwork that shifts its "
-            "batch norms (three stages, --dymu_stage)",
-    "phn": "Pareto HyperNetwork: a chunked hypernetwork generates every weight of the shared "
-           "network from the preference",
+    "dymu": "single-task anchor streams fine-tuned from one pretrained trunk, then an edge "
+            "hypernetwork that turns (preference, resource) into a tree of shared blocks and a "
+            "weight hypernetwork that shifts its batch norms (stages pretrain, anchor, edge, "
+            "weight: --dymu_stage)",
+    "phn": "Pareto HyperNetwork: a hypernetwork (chunked or not) generates every weight of the "
+           "shared network from the preference",
     "phn_bn": "PHN-BN: a hypernetwork generates only the batch-norm scales and biases of the "
               "shared network from the preference; the other weights are learned directly",
 }
@@ -48,12 +50,13 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
       `dymu.task_weights_from_losses` of the anchor).
     method_options: the method's own options (ecmt: num_subnets, lambda_kd, kd, lambda_mutual,
       mutual_temperature, width_choices; see `ecmt.ECMTMethod`; gradsplit: split_stages,
-      group_sizes, routing, routing_matrix, warmup_steps, mode; see
+      group_sizes, routing, routing_matrix, warmup_steps, mode, criterion, margin; see
       `gradsplit.GradSplitMethod`; pcgrad: order; dymu: `dymu.OPTIONS`, including the stage
-      and its inputs anchor_variables, edge_params and affinity; phn, phn_bn: `phn.OPTIONS`).
+      and its inputs trunk_variables, anchor_variables, edge_params and affinity; phn, phn_bn:
+      `phn.OPTIONS`).
 
   DYMU builds a `branched.BranchedNet`, not a `MultiTaskNet`: of `model_options` it takes only
-  `dymu.MODEL_OPTIONS` (others, such as head_batch_norm, are left out).
+  `dymu.MODEL_OPTIONS` (others are left out).
   """
   if name not in METHODS:
     raise ValueError(f"Unknown method {name!r}; available methods are {', '.join(METHODS)}.")

@@ -2,17 +2,24 @@
 
 Given a task preference `r` (on the simplex) and a resource preference `c` in [0, 1] (larger is
 more frugal), one trained system outputs a tree-structured multi-task network (`branched.Tree`)
-and batch-norm-adapted weights, without retraining. Three training stages share one
+and batch-norm-adapted weights, without retraining. The training stages share one
 `DymuMethod` (field `stage`):
 
+0. **"pretrain"** (with `anchor_init="trunk"`, the default): one trunk trained with hard
+   sharing on every task (the shared tree of stream 0 and all decoders), the stand-in for the
+   paper's one pretrained backbone that every stream fine-tunes.
 1. **"anchor"** [known]: the N single-task streams of a `branched.BranchedNet`, trained on the
    separate tree with `sum_t w_t L_t` (streams share no parameters, so each learns alone). Then
    frozen; `affinity.task_affinity` computes the RSA task affinity A from it, and
-   `anchor_task_losses` the single-task losses that set `w_i = 1 / L_i^anchor` [ours].
-   The streams start from one initial draw (`anchor_init="shared"`) [ours]: the paper's streams
-   all fine-tune one pretrained backbone, so their channels correspond and a cross-task edge
-   feeds the child features it can read; from independent draws, sharing the first block of
-   the Multi-MNIST anchor raised the other task's test loss to 7.9 (2.9 from one draw).
+   `anchor_task_losses` the single-task losses that set `w_i = 1 / L_i^anchor`, scaled to
+   mean 1 [ours], measured on held-out images. The paper's anchor "is initialized using
+   weights from N pre-trained single-task models" that fine-tune one pretrained backbone: with
+   `anchor_init="trunk"` every stream starts as a copy of the pretrained trunk and is
+   fine-tuned gently (its own learning rate and steps), so the streams' channels still
+   correspond and a low-level cross-task edge is cheap. Streams from one random draw
+   ("shared") or independent draws ("independent") end as far apart as independent networks,
+   and every cross edge is catastrophic (`stream_divergence` and `probe_trees` measure this
+   on a trained anchor).
 2. **"edge"** [known]: the edge hypernetwork h(r, c) -> parent logits (L, N, N), trained with
    `sum_i r_i w_i L_i + Omega` on the soft mixing of the frozen anchor, parents drawn by
    Gumbel-softmax (temperature 5, x0.97 every 300 steps) [known]; soft weighted-sum relaxation
@@ -28,18 +35,21 @@ Every step draws one preference per batch, r ~ Dirichlet(0.2 * 1_N), c ~ Uniform
 **Branching regulariser** (`branching_regularizer`) [known form]: A = {i : r_i >= tau} (active
 tasks), I the rest, tau = 0.6 / N;
 
-  L_active = sum_l sum_{i != j in A} ((L - l) / L) A(i, j) P_use(l+1, i) P_use(l+1, j)
-             ||nu[l][i] - nu[l][j]||^2
-  L_inactive = sum_l sum_{j in I} min_{i in A} ||nu[l][i] - nu[l][j]||^2
+  L_active = sum_{l=1..L} sum_{i != j in A} ((L - l) / L) A(i, j) P_use(l, i) P_use(l, j)
+             ||nu_l(i) - nu_l(j)||^2
+  L_inactive = sum_l sum_{j in I} min_{i in A} ||nu_l(i) - nu_l(j)||^2
   Omega = c * lambda_A * L_active + lambda_I * L_inactive   (lambda_A = 1, lambda_I = 0.1)
 
-with `nu[l][j]` the parent distribution of node (l + 1, j) (decoder j for l = L - 1). Indexing
-[ours]: l counts the L parent choices from 0 (the first block-to-block choice) to L - 1 (the
-decoders' choice), so the depth factor (L - l) / L runs from 1 down to 1 / L and favours sharing
-early layers while still acting on every choice. `P_use(l, i)`, the probability that node
-(l, i) is in the sampled tree [ours]: decoders (node layer L) have P_use = 1; going down,
-`P_use(l, i) = 1 - prod_k (1 - nu[l][k, i] P_use(l + 1, k))` (`parent_use_probability`).
-There is no FLOPs loss: cost emerges from c.
+with `nu_l(j)` = `nu[l - 1][j]`, the parent distribution of node (l, j) (decoder j for l = L).
+As printed, the depth factor is (L - l) / L with l = 1..L (`depth_factor="paper"`, the default):
+the decoders' parent choice weighs 0, the first weighs (L - 1) / L, so sharing is pulled into
+low layers first. `depth_factor="shifted"` [ours, earlier default] counts l from 0 (1 down to
+1 / L, every choice pulled). `P_use(l, i)`, the probability that node (l, i) is in the sampled
+tree [ours]: decoders (node layer L) have P_use = 1; going down,
+`P_use(l, i) = 1 - prod_k (1 - nu[l][k, i] P_use(l + 1, k))` (`parent_use_probability`). It is
+a usage weight: by default its gradient is stopped (`use_gradient="stop"`); "flow" lets h lower
+the term by making nodes unused, which measured as strong a pull at the decoders as at the
+first block. There is no FLOPs loss: cost emerges from c.
 
 **Batch norm [ours].** The anchor is frozen with its running statistics: stages 2 and 3 run
 its batch norms in evaluation mode, so the only thing that adapts normalisation is the weight
@@ -60,7 +70,7 @@ computes only the used nodes and `BranchedNet.tree_cost` prices them.
 Variables per stage (the engine differentiates "params" only; the frozen parts ride along as
 other collections of the model state):
 
-  anchor: {"params": <BranchedNet params>, "batch_stats": ...}
+  pretrain, anchor: {"params": <BranchedNet params>, "batch_stats": ...}
   edge:   {"params": {"edge_hypernet": ...}, "anchor": <anchor variables>}
   weight: {"params": {"weight_hypernet": ...}, "anchor": ..., "edge_hypernet": {"params": ...}}
 """
@@ -84,7 +94,17 @@ from dymu_jax.models import branched
 from dymu_jax.models.branched import BranchedNet, Tree, TreeCost
 
 PyTree = Any
-STAGES = ("anchor", "edge", "weight")
+STAGES = ("pretrain", "anchor", "edge", "weight")
+# How the anchor's streams start: copies of one trunk trained with hard sharing (stage
+# "pretrain"; the paper's recipe), one random draw for every stream, or a draw per stream.
+ANCHOR_INITS = ("trunk", "shared", "independent")
+# The regulariser's depth factor: the paper's (L - l) / L with l = 1..L (the decoders' parent
+# choice weighs 0), or the earlier [ours] shift l = 0..L-1 (every choice weighs >= 1 / L).
+DEPTH_FACTORS = ("paper", "shifted")
+# Whether gradients flow through P_use in L_active: "stop" treats it as a usage weight (the
+# paper states it is a weight; stopping the gradient is ours, measured); "flow" lets h also
+# lower the usage of nodes to shrink the term.
+USE_GRADIENTS = ("stop", "flow")
 # Preferences may be off the simplex by this much (float32 sums, typed decimals).
 SIMPLEX_TOLERANCE = 1e-5
 
@@ -177,9 +197,24 @@ def active_tasks(preference: jax.Array, tau_factor: float = 0.6) -> jax.Array:
   return preference >= tau_factor / preference.shape[-1]
 
 
+def depth_weights(num_layers: int, depth_factor: str = "paper") -> jax.Array:
+  """The depth factor of each of the L parent choices (choice 0 feeds block layer 1).
+
+  "paper": (L - l) / L with l = 1..L, so L - 1 .. 0 over L (the decoders' parents weigh 0:
+  decoders stay task-specific, sharing is pushed into low layers first). "shifted" [ours,
+  earlier default]: l = 0..L - 1, so 1 .. 1 / L.
+  """
+  if depth_factor not in DEPTH_FACTORS:
+    raise ValueError(f"Unknown depth factor {depth_factor!r}; allowed: "
+                     f"{', '.join(DEPTH_FACTORS)}.")
+  l = jnp.arange(num_layers, dtype=jnp.float32) + (1.0 if depth_factor == "paper" else 0.0)
+  return (num_layers - l) / num_layers
+
+
 def branching_regularizer(nu: jax.Array, preference: jax.Array, resource: jax.Array,
                           affinity: jax.Array, lambda_active: float = 1.0,
-                          lambda_inactive: float = 0.1, tau_factor: float = 0.6
+                          lambda_inactive: float = 0.1, tau_factor: float = 0.6,
+                          depth_factor: str = "paper", use_gradient: str = "stop"
                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Omega = c lambda_A L_active + lambda_I L_inactive (module docstring).
 
@@ -189,16 +224,23 @@ def branching_regularizer(nu: jax.Array, preference: jax.Array, resource: jax.Ar
     resource: c (scalar).
     affinity: A (N, N).
     lambda_active, lambda_inactive, tau_factor: see the module docstring.
+    depth_factor: "paper" or "shifted" (`depth_weights`).
+    use_gradient: "stop" (P_use is a usage weight, no gradient) or "flow".
 
   Returns:
     (Omega, {"l_active": ..., "l_inactive": ...}).
   """
+  if use_gradient not in USE_GRADIENTS:
+    raise ValueError(f"Unknown use_gradient {use_gradient!r}; allowed: "
+                     f"{', '.join(USE_GRADIENTS)}.")
   num_layers, num_tasks = nu.shape[0], nu.shape[1]
   active = active_tasks(preference, tau_factor)
   # dist[l, i, j] = ||nu[l][i] - nu[l][j]||^2
   dist = jnp.sum(jnp.square(nu[:, :, None, :] - nu[:, None, :, :]), axis=-1)
   p_use = parent_use_probability(nu)[1:]  # children's usage, (L, N)
-  depth = (num_layers - jnp.arange(num_layers, dtype=jnp.float32)) / num_layers
+  if use_gradient == "stop":
+    p_use = jax.lax.stop_gradient(p_use)
+  depth = depth_weights(num_layers, depth_factor)
   pair = (active[:, None] & active[None, :] & ~jnp.eye(num_tasks, dtype=bool)).astype(
       jnp.float32)
   weights = (depth[:, None, None] * pair[None] * jnp.asarray(affinity, jnp.float32)[None]
@@ -322,7 +364,7 @@ class DymuMethod:
   Attributes:
     tasks: the tasks, in stream order.
     net: the branched network (the anchor's architecture).
-    stage: "anchor", "edge" or "weight".
+    stage: "pretrain", "anchor", "edge" or "weight".
     affinity: A (N x N, rows of floats), needed to train the "edge" stage
       (`affinity.task_affinity`).
     task_weights: w_i (default 1 each); [ours] 1 / the anchor's single-task loss
@@ -335,10 +377,15 @@ class DymuMethod:
     embedding_features: embedding dimension of both hypernetworks.
     edge_hidden, weight_hidden: hidden widths of the two hypernetworks' MLPs.
     self_logit: initial own-stream logit bias of the edge hypernetwork [ours option].
-    anchor_init: how the anchor's streams start (`BranchedNet.init`): "shared" [ours default],
-      one draw for every stream, as the paper's streams all fine-tune one pretrained backbone,
-      so that their channels correspond and a cross-task edge feeds a child features it can
-      read; "independent", a draw per stream.
+    anchor_init: how the anchor's streams start (`ANCHOR_INITS`): "trunk" (default, the
+      paper's recipe), every stream a copy of one network trained with hard sharing on all
+      tasks (stage "pretrain"; `trunk_variables`), then fine-tuned on its own task, so the
+      streams stay close and a low-level cross-task edge is cheap; "shared" [ours], one random
+      draw for every stream; "independent", a draw per stream.
+    depth_factor: the regulariser's depth factor (`depth_weights`): "paper" or "shifted".
+    use_gradient: "stop" (P_use is a usage weight) or "flow" (`branching_regularizer`).
+    trunk_variables: the pretrained trunk's variables (stage "anchor" with
+      anchor_init="trunk").
     anchor_variables: the trained anchor's variables (stages "edge" and "weight").
     edge_params: the trained edge hypernetwork's params (stage "weight").
     eval_resources: the c values `eval_controls` pairs with the uniform preference.
@@ -362,7 +409,10 @@ class DymuMethod:
   edge_hidden: tuple[int, ...] = (100, 100)
   weight_hidden: tuple[int, ...] = (100, 100, 100)
   self_logit: float = 0.0
-  anchor_init: str = "shared"
+  anchor_init: str = "trunk"
+  depth_factor: str = "paper"
+  use_gradient: str = "stop"
+  trunk_variables: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
   anchor_variables: Any = dataclasses.field(default=None, compare=False, hash=False,
                                             repr=False)
   edge_params: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
@@ -377,9 +427,15 @@ class DymuMethod:
       raise ValueError("The branched network's tasks must be the method's tasks, in order.")
     if self.stage not in STAGES:
       raise ValueError(f"Unknown DYMU stage {self.stage!r}; allowed: {', '.join(STAGES)}.")
-    if self.anchor_init not in branched.STREAM_INITS:
+    if self.anchor_init not in ANCHOR_INITS:
       raise ValueError(f"Unknown DYMU anchor_init {self.anchor_init!r}; allowed: "
-                       f"{', '.join(branched.STREAM_INITS)}.")
+                       f"{', '.join(ANCHOR_INITS)}.")
+    if self.depth_factor not in DEPTH_FACTORS:
+      raise ValueError(f"Unknown DYMU depth_factor {self.depth_factor!r}; allowed: "
+                       f"{', '.join(DEPTH_FACTORS)}.")
+    if self.use_gradient not in USE_GRADIENTS:
+      raise ValueError(f"Unknown DYMU use_gradient {self.use_gradient!r}; allowed: "
+                       f"{', '.join(USE_GRADIENTS)}.")
     object.__setattr__(self, "affinity", _as_affinity(self.affinity, n))
     if self.task_weights is not None:
       weights = tuple(float(w) for w in self.task_weights)
@@ -429,14 +485,15 @@ class DymuMethod:
 
   def _require(self, what: str, value):
     if value is None:
-      hint = {"anchor_variables": "the trained anchor's variables (stage 'anchor')",
+      hint = {"trunk_variables": "the pretrained trunk's variables (stage 'pretrain')",
+              "anchor_variables": "the trained anchor's variables (stage 'anchor')",
               "edge_params": "the trained edge hypernetwork's params (stage 'edge')"}[what]
       raise ValueError(f"DYMU stage {self.stage!r} needs {what}: {hint}.")
     return value
 
   def parts(self, variables: Mapping[str, PyTree]):
     """(anchor variables, edge hypernet params or None, weight hypernet params or None)."""
-    if self.stage == "anchor" or "anchor" not in variables:
+    if self.stage in ("pretrain", "anchor") or "anchor" not in variables:
       return dict(variables), None, None
     params = variables.get("params", {})
     edge = params.get("edge_hypernet")
@@ -460,7 +517,11 @@ class DymuMethod:
 
   def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> PyTree:
     images = batch["image"]
+    if self.stage == "pretrain":
+      return self.net.init(rng, images, "shared")
     if self.stage == "anchor":
+      if self.anchor_init == "trunk":
+        return streams_from_trunk(self._require("trunk_variables", self.trunk_variables))
       return self.net.init(rng, images, self.anchor_init)
     anchor = self._require("anchor_variables", self.anchor_variables)
     if self.stage == "edge" and self.affinity is None:
@@ -482,10 +543,12 @@ class DymuMethod:
 
   def loss(self, params, model_state, batch, rng, step):
     """The stage's training loss (module docstring); aux "loss/<task>" are unweighted."""
-    if self.stage == "anchor":
+    if self.stage in ("pretrain", "anchor"):
+      # pretrain: one hard-shared trunk (stream 0) and every decoder; the other streams'
+      # blocks get no gradient and stay at their (identical) start.
+      tree = self.net.shared_tree(0) if self.stage == "pretrain" else self.net.separate_tree()
       predictions, new_state = self.net.apply_tree(
-          {"params": params, **model_state}, batch["image"], self.net.separate_tree(),
-          train=True)
+          {"params": params, **model_state}, batch["image"], tree, train=True)
       losses = self._task_losses(predictions, batch)
       total = sum(w * losses[t.name] for w, t in zip(self._weights(), self.tasks))
       aux = {f"loss/{name}": value for name, value in losses.items()}
@@ -503,7 +566,7 @@ class DymuMethod:
       nu = gumbel_softmax(gumbel_key, logits, tau)
       omega, terms = branching_regularizer(
           nu, r, c, jnp.asarray(self.affinity, jnp.float32), self.lambda_active,
-          self.lambda_inactive, self.tau_factor)
+          self.lambda_inactive, self.tau_factor, self.depth_factor, self.use_gradient)
       aux.update(terms, omega=omega, temperature=tau)
     else:
       logits = jax.lax.stop_gradient(self.parent_logits(edge, r, c))
@@ -527,11 +590,13 @@ class DymuMethod:
     shifts (when trained). Under tracing (inside jit, where the tree cannot be read) it runs
     as one-hot soft mixing, which gives the same predictions with every node computed; with
     concrete variables only the tree's nodes compute. `{"tree": Tree or parent tuples}` runs
-    that tree on the anchor; None (or the anchor stage) runs the anchor's separate tree.
+    that tree on the anchor; None (or the anchor stage) runs the anchor's separate tree (the
+    pretrain stage: its shared trunk).
     """
     anchor, edge, weight = self.parts(variables)
     if not controls:
-      return apply_tree(self.net, anchor, images, self.net.separate_tree())
+      tree = self.net.shared_tree(0) if self.stage == "pretrain" else self.net.separate_tree()
+      return apply_tree(self.net, anchor, images, tree)
     controls = dict(controls)
     if set(controls) == {"tree"}:
       tree = controls["tree"]
@@ -554,8 +619,9 @@ class DymuMethod:
     return apply_tree(self.net, adapted, images, tree)
 
   def eval_controls(self):
-    """The anchor (stage "anchor"); else the uniform preference at each of `eval_resources`."""
-    if self.stage == "anchor":
+    """The anchor or trunk (stages "pretrain", "anchor"); else the uniform preference at each
+    of `eval_resources`."""
+    if self.stage in ("pretrain", "anchor"):
       return [None]
     uniform = tuple([1.0 / self.num_tasks] * self.num_tasks)
     return [{"preference": uniform, "resource": c} for c in self.eval_resources]
@@ -660,24 +726,109 @@ def anchor_task_losses(net: BranchedNet, anchor_variables: PyTree,
   return tuple(float(x) for x in totals / count)
 
 
-def task_weights_from_losses(losses: Sequence[float]) -> tuple[float, ...]:
-  """w_i = 1 / L_i^anchor [ours]."""
+def task_weights_from_losses(losses: Sequence[float], normalise: bool = True
+                             ) -> tuple[float, ...]:
+  """w_i = 1 / L_i^anchor [ours], scaled to mean 1 when `normalise` (the default).
+
+  Normalising keeps the task term `sum_i r_i w_i L_i` near the scale of the anchor's losses
+  relative to one another, so lambda_A and lambda_I keep the paper's meaning.
+  """
   bad = [l for l in losses if not (math.isfinite(l) and l > 0)]
   if bad:
     raise ValueError(f"Single-task losses must be finite and > 0 to set the task weights, got "
                      f"{tuple(losses)}.")
-  return tuple(1.0 / float(l) for l in losses)
+  weights = [1.0 / float(l) for l in losses]
+  if normalise:
+    mean = sum(weights) / len(weights)
+    weights = [w / mean for w in weights]
+  return tuple(weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# The anchor from a pretrained trunk, and what an anchor allows.
+
+
+def streams_from_trunk(trunk_variables: Mapping[str, PyTree], stream: int = 0) -> dict:
+  """Anchor variables whose every stream is a copy of the trunk's stream `stream`.
+
+  `trunk_variables` are a pretrain stage's variables (stacked like any `BranchedNet`'s); the
+  decoders are kept (each was trained on the shared trunk for its own task).
+  """
+
+  def copy(collection):
+    out = {}
+    for key, tree in collection.items():
+      if key.startswith("block"):
+        out[key] = jax.tree.map(
+            lambda a: jnp.broadcast_to(a[stream:stream + 1], a.shape).copy(), tree)
+      else:
+        out[key] = tree
+    return out
+
+  return {col: copy(tree) for col, tree in trunk_variables.items()}
+
+
+def stream_divergence(anchor_variables: Mapping[str, PyTree], num_layers: int
+                      ) -> list[list[list[float]]]:
+  """Per block layer, the (N, N) relative distances between the streams' parameters.
+
+  d_l(i, j) = ||theta_i - theta_j|| / ((||theta_i|| + ||theta_j||) / 2) over every parameter
+  of block l (batch-norm scales and biases included): 0 for copies, about 1.4 for independent
+  draws of the same scale (sqrt 2). The anchor report prints it so a user sees whether the
+  streams still correspond (a cross edge can only be cheap when it is small).
+  """
+  out = []
+  for l in range(num_layers):
+    leaves = jax.tree.leaves(anchor_variables["params"][f"block{l}"])
+    flat = np.concatenate([np.asarray(a, np.float64).reshape(a.shape[0], -1) for a in leaves],
+                          axis=1)
+    norms = np.linalg.norm(flat, axis=1)
+    n = flat.shape[0]
+    d = np.zeros((n, n))
+    for i in range(n):
+      for j in range(n):
+        if i != j:
+          d[i, j] = np.linalg.norm(flat[i] - flat[j]) / max((norms[i] + norms[j]) / 2, 1e-12)
+    out.append(d.tolist())
+  return out
+
+
+def probe_trees(num_layers: int, num_tasks: int) -> list[tuple[str, Tree]]:
+  """(label, tree) of the anchor's cheapest moves away from the separate tree.
+
+  One-edge changes: child j of parent choice l reads stream i (i != j), everything else
+  separate. Prefix sharing: the nodes of block layers 0..k of every stream replaced by
+  stream s's (a trunk shared up to block k, then the streams; k = L - 1 is one shared trunk).
+  """
+  separate = [list(range(num_tasks)) for _ in range(num_layers)]
+  trees = []
+  for l in range(num_layers):
+    for j in range(num_tasks):
+      for i in range(num_tasks):
+        if i != j:
+          parents = [row[:] for row in separate]
+          parents[l][j] = i
+          where = f"block {l + 1}" if l < num_layers - 1 else "decoder"
+          trees.append((f"{where} of stream {j} reads stream {i}", Tree(parents)))
+  for s in range(num_tasks):
+    for k in range(num_layers):
+      parents = [[s] * num_tasks if l <= k else list(range(num_tasks))
+                 for l in range(num_layers)]
+      label = (f"blocks 0-{k} shared (stream {s})" if k else f"block 0 shared (stream {s})")
+      trees.append((label, Tree(parents)))
+  return trees
 
 
 # ----------------------------------------------------------------------------------------------
 # Construction.
 
 MODEL_OPTIONS = ("backbone", "backbone_kwargs", "head_width", "head_hidden_layers",
-                 "in_channels", "pixel_mean", "pixel_std", "bn_momentum")
+                 "head_batch_norm", "in_channels", "pixel_mean", "pixel_std", "bn_momentum")
 OPTIONS = ("stage", "affinity", "lambda_active", "lambda_inactive", "tau_factor",
            "dirichlet_alpha", "initial_temperature", "temperature_decay", "temperature_every",
            "embedding_features", "edge_hidden", "weight_hidden", "self_logit", "anchor_init",
-           "anchor_variables", "edge_params", "eval_resources")
+           "depth_factor", "use_gradient", "trunk_variables", "anchor_variables",
+           "edge_params", "eval_resources")
 
 
 def build(tasks: Sequence[tasks_lib.Task], *, model_options: Mapping[str, Any] | None = None,

@@ -3,9 +3,13 @@
 - `hypervolume`: exact hypervolume of loss vectors (minimisation) against a reference point,
   in any dimension (a sweep in 2-D; WFG-style exclusive volumes with limit sets, dominated-point
   pruning and slicing on the last objective above).
+- `cost_band_hypervolume`: the hypervolume of the points whose cost lies in a band (a sweep
+  compared with another at matched cost).
 - `uniformity`: mu = 1 - KL(Lhat || uniform), Lhat_j = r_j L_j / sum_i r_i L_i.
 - `rank_controllability` [ours]: Spearman correlation between r_t and task t's performance.
 - `delta_m`: mean relative gain over single-task models, in percent.
+- Preference grids: `phn_rays` (the 2-task rays of PHN's Multi-MNIST evaluation), `das_dennis`
+  (evenly spaced points of the simplex) and `das_dennis_divisions`.
 
 Every function validates its inputs and stops with one ValueError sentence naming the bad
 value and what is expected.
@@ -13,6 +17,7 @@ value and what is expected.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -154,6 +159,44 @@ def hypervolume(points, reference) -> float:
   return float(_hypervolume(pts, ref))
 
 
+COST_BAND_TOLERANCE = 1e-9
+
+
+def cost_band_hypervolume(points, costs, reference, high: float,
+                          low: float = 0.0) -> tuple[float, int]:
+  """Hypervolume of the points whose cost lies in [low, high], and how many there are.
+
+  A sweep whose points cost different amounts (a DYMU sweep's trees) is compared with another
+  at matched cost by keeping only its points in the band: e.g. every tree using at most 60 % of
+  the anchor's MACs (`high=0.6`). Both ends are inclusive, up to `COST_BAND_TOLERANCE` (costs
+  computed as ratios may land a rounding error past a round band edge).
+
+  Args:
+    points: (n, d) loss vectors (minimisation).
+    costs: (n,) the cost of each point, e.g. the MACs fraction of its network.
+    reference: (d,) the hypervolume reference point (`hypervolume`).
+    high: the largest cost kept.
+    low: the smallest cost kept (default 0).
+
+  Returns:
+    (hypervolume of the kept points, number of points kept); (0.0, 0) when none is in the band.
+  """
+  pts = _as_matrix(points, "points")
+  cost = np.asarray(costs, np.float64).reshape(-1)
+  if cost.shape != (pts.shape[0],):
+    raise ValueError(f"costs must give one number per point ({pts.shape[0]}), got shape "
+                     f"{np.shape(costs)}.")
+  if not np.all(np.isfinite(cost)):
+    raise ValueError(f"costs must be finite, got {cost.tolist()}.")
+  if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+    raise ValueError(f"the cost band needs finite low <= high, got low={low}, high={high}.")
+  keep = (cost >= low - COST_BAND_TOLERANCE) & (cost <= high + COST_BAND_TOLERANCE)
+  if not keep.any():
+    hypervolume(pts[:0], reference)  # validates the reference all the same
+    return 0.0, 0
+  return hypervolume(pts[keep], reference), int(keep.sum())
+
+
 # ----------------------------------------------------------------------------------------------
 # Uniformity.
 
@@ -163,6 +206,13 @@ def uniformity_per_point(losses, preferences) -> np.ndarray:
 
   Lhat_j = r_j L_j / sum_i r_i L_i, with 0 log 0 = 0. mu = 1 when the weighted losses are
   equal; it falls to 1 - log(d) when one task takes everything.
+
+  Preferences with zero entries (the corners and edges of the simplex, as in a Das-Dennis grid)
+  are fine: a task with r_j = 0 gets Lhat_j = 0 and adds nothing to the KL term, so a corner
+  r = e_t gives 1 - log(d) whatever the losses. Only sum_i r_i L_i = 0 (every task with
+  r_j > 0 has a zero loss) leaves Lhat undefined; the rule then is Lhat = r, the limit for
+  losses shrinking together (L = eps * 1, eps -> 0), so a corner still gives 1 - log(d) and
+  nothing divides by zero.
   """
   loss = _as_matrix(losses, "losses")
   prefs = _check_preferences(preferences, loss.shape[1])
@@ -173,10 +223,10 @@ def uniformity_per_point(losses, preferences) -> np.ndarray:
     raise ValueError(f"losses must be >= 0, got {loss.tolist()}.")
   weighted = prefs * loss
   totals = weighted.sum(axis=1, keepdims=True)
-  if np.any(totals <= 0):
-    raise ValueError("every preference-weighted loss vector r * L must have a positive sum, got "
-                     f"{weighted[np.argmax(totals[:, 0] <= 0)].tolist()}.")
-  share = weighted / totals
+  # sum_i r_i L_i = 0: Lhat = r (the docstring's rule); elsewhere r * L / sum.
+  zero = totals <= 0
+  share = np.where(zero, prefs / prefs.sum(axis=1, keepdims=True),
+                   weighted / np.where(zero, 1.0, totals))
   dim = loss.shape[1]
   terms = np.where(share > 0, share * np.log(np.where(share > 0, share, 1.0) * dim), 0.0)
   return 1.0 - terms.sum(axis=1)
@@ -291,3 +341,72 @@ def delta_m(metrics, single_task_metrics, higher_is_better) -> float:
   if np.any(single == 0):
     raise ValueError(f"single-task metrics must be non-zero to divide by, got {single.tolist()}.")
   return float(np.mean(signs * (values - single) / single * 100.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference grids.
+
+
+PHN_RAY_MIN_ANGLE = 0.1
+
+
+def phn_rays(num: int, min_angle: float = PHN_RAY_MIN_ANGLE) -> np.ndarray:
+  """(num, 2) the evaluation rays of Pareto HyperNetworks (PHN) for two tasks.
+
+  PHN's Multi-MNIST evaluation (Navon et al., ICLR 2021; `experiments/utils.py::circle_points`
+  and `experiments/multimnist/trainer.py` of AvivNavon/pareto-hypernetworks, 25 rays by default)
+  takes `num` angles evenly spaced by `np.linspace(min_angle, pi / 2 - min_angle, num)`, the
+  rays (cos theta, sin theta), and divides each by its sum: preferences on the simplex, the
+  first favouring task 1 (r_1 = cos 0.1 / (cos 0.1 + sin 0.1) ~ 0.909), the last task 2, the
+  middle one (0.5, 0.5) for odd `num`. The angle margin of 0.1 rad keeps every entry above
+  0.09: no corner preference. Evenly spaced in angle, not in r_1.
+  """
+  if num < 1:
+    raise ValueError(f"phn_rays needs at least 1 ray, got {num}.")
+  if not 0.0 <= min_angle < math.pi / 4:
+    raise ValueError(f"min_angle must lie in [0, pi / 4), got {min_angle}.")
+  angles = np.linspace(min_angle, math.pi / 2 - min_angle, num)
+  rays = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+  return rays / rays.sum(axis=1, keepdims=True)
+
+
+def das_dennis(num_tasks: int, divisions: int) -> np.ndarray:
+  """(C(divisions + num_tasks - 1, num_tasks - 1), num_tasks) Das-Dennis points of the simplex.
+
+  Every vector (k_1, ..., k_T) / divisions of non-negative integers summing to `divisions`:
+  evenly spaced points, corners and edges included (preferences with zero entries). Rows are in
+  the order of pymoo's `get_reference_directions("das-dennis", T, n_partitions=divisions)`:
+  lexicographic, first entry slowest, ascending (for 2 tasks: (0, 1), (1/H, 1 - 1/H), ...,
+  (1, 0)).
+  """
+  if num_tasks < 1:
+    raise ValueError(f"das_dennis needs at least 1 task, got {num_tasks}.")
+  if divisions < 0 or (num_tasks > 1 and divisions < 1):
+    raise ValueError(f"das_dennis needs at least 1 division, got {divisions}.")
+  if num_tasks == 1:
+    return np.ones((1, 1))
+  rows = []
+
+  def fill(prefix: list[int], left: int):
+    if len(prefix) == num_tasks - 1:
+      rows.append(prefix + [left])
+      return
+    for k in range(left + 1):
+      fill(prefix + [k], left - k)
+
+  fill([], divisions)
+  return np.asarray(rows, np.float64) / divisions
+
+
+def das_dennis_divisions(num_tasks: int, at_least: int) -> int:
+  """The fewest divisions H whose Das-Dennis grid has at least `at_least` points
+  (C(H + T - 1, T - 1) >= at_least)."""
+  if num_tasks < 2:
+    raise ValueError(f"a Das-Dennis grid of several points needs at least 2 tasks, got "
+                     f"{num_tasks}.")
+  if at_least < 1:
+    raise ValueError(f"at_least must be >= 1, got {at_least}.")
+  divisions = 1
+  while math.comb(divisions + num_tasks - 1, num_tasks - 1) < at_least:
+    divisions += 1
+  return divisions

@@ -40,7 +40,8 @@ Block stacks (`build_branched`):
   pooling (L = 4).
 
 Batch norm sits in every block so that the weight hypernetwork has scales and biases to shift
-(`batch_norm_shift_template`, `apply_batch_norm_shifts`).
+(`batch_norm_shift_template`, `apply_batch_norm_shifts`); with `head_batch_norm` the decoders'
+hidden layers have batch norm too (the paper's DeepLab decoders do), and are shifted as well.
 
 Cost (`tree_cost`): parameters and MACs of the used nodes and the decoders (per example, the
 conventions of `models.cost`), and their fraction of the full anchor (the separate tree). All
@@ -407,10 +408,20 @@ class BranchedNet:
       return stacked, None
     return stacked, jax.tree.map(lambda *a: jnp.stack(a), *states)
 
-  def _decode(self, variables, inputs: Sequence[jax.Array], train: bool) -> dict:
-    return {task.name: self.heads[j].apply(self._head_variables(variables, j), inputs[j],
-                                           train=train)
-            for j, task in enumerate(self.tasks)}
+  def _decode(self, variables, inputs: Sequence[jax.Array], train: bool
+              ) -> tuple[dict, dict]:
+    """({task: prediction}, {"head_<task>": updated batch stats} of decoders with batch norm)."""
+    predictions, stats = {}, {}
+    for j, task in enumerate(self.tasks):
+      head_variables = self._head_variables(variables, j)
+      if train and "batch_stats" in head_variables:
+        y, state = self.heads[j].apply(head_variables, inputs[j], train=True,
+                                       mutable=["batch_stats"])
+        stats[f"head_{task.name}"] = state["batch_stats"]
+      else:
+        y = self.heads[j].apply(head_variables, inputs[j], train=train)
+      predictions[task.name] = y
+    return predictions, stats
 
   # -- initialisation --------------------------------------------------------------------------
 
@@ -484,7 +495,8 @@ class BranchedNet:
       if stats is not None:
         new_stats[f"block{l}"] = stats
       features.append(y)
-    predictions = self._decode(variables, _mix(nu[-1], y), train)
+    predictions, head_stats = self._decode(variables, _mix(nu[-1], y), train)
+    new_stats.update(head_stats)
     return self._outputs(variables, predictions, new_stats, features, train, return_features)
 
   def apply_tree(self, variables: Mapping[str, PyTree], images: jax.Array, tree: Tree, *,
@@ -526,7 +538,8 @@ class BranchedNet:
         new_stats[f"block{l}"] = jax.tree.map(lambda a, b: a.at[rows].set(b), old, stats)
       features.append(y)
     decoder_inputs = [y[used[-1].index(p)] for p in tree.parents[-1]]
-    predictions = self._decode(variables, decoder_inputs, train)
+    predictions, head_stats = self._decode(variables, decoder_inputs, train)
+    new_stats.update(head_stats)
     return self._outputs(variables, predictions, new_stats, features, train, return_features)
 
   def _outputs(self, variables, predictions, new_stats, features, train, return_features):
@@ -715,7 +728,8 @@ DEFAULT_HEAD_HIDDEN_LAYERS = {"lenet": 0, "resnet_small": 1}
 
 def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
                    backbone_kwargs: Mapping[str, Any] | None = None, head_width: int = 64,
-                   head_hidden_layers: int | None = None, in_channels: int | None = None,
+                   head_hidden_layers: int | None = None, head_batch_norm: bool = False,
+                   in_channels: int | None = None,
                    bn_momentum: float = 0.9, bn_axis_name: str | None = None,
                    pixel_mean: Sequence[float] | None = None,
                    pixel_std: Sequence[float] | None = None) -> BranchedNet:
@@ -728,6 +742,9 @@ def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
       fc_features, batch_norm; resnet_small: stage_channels, stage_sizes).
     head_width: hidden width of the decoders (when they have hidden layers).
     head_hidden_layers: hidden layers of each decoder; None: 0 for lenet, 1 for resnet_small.
+    head_batch_norm: batch norm in the decoders' hidden layers, so that the DYMU weight
+      hypernetwork has task-specific scales and biases to shift after a cross-task edge into a
+      decoder (needs hidden layers).
     in_channels: image channels (resnet_small's stem; default 3).
     bn_momentum, bn_axis_name: passed to every batch norm.
     pixel_mean, pixel_std: image normalisation (see `BranchedNet`).
@@ -751,8 +768,13 @@ def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
     in_features = blocks[-1].features
   hidden_layers = (DEFAULT_HEAD_HIDDEN_LAYERS[backbone] if head_hidden_layers is None
                    else int(head_hidden_layers))
+  if head_batch_norm and hidden_layers < 1:
+    raise ValueError(f"Decoder batch norm sits in the decoders' hidden layers, but the {backbone} "
+                     f"decoders have {hidden_layers}; give head_hidden_layers >= 1 or drop "
+                     f"head_batch_norm.")
   heads = tuple(MLPHead(t.num_outputs, hidden_features=head_width, num_hidden=hidden_layers,
-                        in_features=in_features) for t in tasks)
+                        in_features=in_features, batch_norm=bool(head_batch_norm),
+                        bn_momentum=bn_momentum, bn_axis_name=bn_axis_name) for t in tasks)
   return BranchedNet(tasks, blocks, heads,
                      tuple(pixel_mean) if pixel_mean is not None else None,
                      tuple(pixel_std) if pixel_std is not None else None)
