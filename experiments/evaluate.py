@@ -88,6 +88,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from experiments import cli_help
 from experiments import common
 from experiments import runs
 from dymu_jax import data as data_lib
@@ -1358,5 +1359,16 @@ def main(argv):
     run_evaluation()
 
 
+EVALUATE_GROUPS = (
+    ("Run", ("workdir", "data_dir", "output_dir", "reference_workdir", "eval_batch_size",
+             "max_test_examples", "plots")),
+    ("Preferences, budgets and measures", ("preference_grid", "num_preferences",
+                                           "preference_seed", "budgets", "resources",
+                                           "cost_preferences", "hv_reference", "cost_band")),
+    ("ECMT search", ("calibration_examples", "score_examples", "decoder_reserve",
+                     "budget_check_points", "ecmt_preference_cap")),
+    ("Errors", ("traceback",)),
+)
+
 if __name__ == "__main__":
-  app.run(main)
+  cli_help.run(main, __doc__, EVALUATE_GROUPS)

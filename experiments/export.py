@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import cli_help
 from experiments import common
 from experiments import evaluate
 from experiments import runs
@@ -96,5 +97,12 @@ def main(argv):
     export()
 
 
+EXPORT_GROUPS = (
+    ("Run", ("workdir", "data_dir", "output_dir")),
+    ("Steering", ("preference", "budget")),
+    ("ECMT search", ("calibration_examples", "score_examples", "decoder_reserve")),
+    ("Errors", ("traceback",)),
+)
+
 if __name__ == "__main__":
-  app.run(main)
+  cli_help.run(main, __doc__, EXPORT_GROUPS)

@@ -54,6 +54,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import cli_help
 from experiments import common
 from experiments import runs
 from experiments import train as _train  # noqa: F401  (defines the training flags)
@@ -1157,4 +1158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_help.run(main, __doc__, (("Collect", ("workdirs", "output", "flags_dir", "copy_plots")),))

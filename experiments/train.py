@@ -6,11 +6,12 @@ r"""Train a (controllable) multi-task model.
 A run resumes from the newest checkpoint in `--workdir` (same flags, same seed): killing and
 restarting it loses at most the steps since the last checkpoint. `--helpfull` lists every flag.
 
-DYMU (`--method=dymu`) trains in three stages: `--dymu_stage=all` (the default) runs the anchor,
-edge and weight stages in sequence in `<workdir>/anchor`, `<workdir>/edge` and
-`<workdir>/weight` (steps per stage: `--dymu_stage_steps`), each resuming from its own
-checkpoints, and writes `<workdir>/summary.json`; with `--dymu_anchor_dir=DIR` it trains only
-the edge and weight stages, on that finished anchor. `--dymu_stage=edge --dymu_anchor_dir=DIR` or
+DYMU (`--method=dymu`) trains in stages: `--dymu_stage=all` (the default) runs the pretrained
+trunk (with `--dymu_anchor_init=trunk`, the default), anchor, edge and weight stages in sequence
+in `<workdir>/pretrain`, `<workdir>/anchor`, `<workdir>/edge` and `<workdir>/weight` (steps:
+`--dymu_pretrain_steps`, `--dymu_stage_steps`), each resuming from its own checkpoints, and
+writes `<workdir>/summary.json`; with `--dymu_anchor_dir=DIR` it trains only the edge and
+weight stages, on that finished anchor. `--dymu_stage=edge --dymu_anchor_dir=DIR` or
 `--dymu_stage=weight --dymu_edge_dir=DIR` trains one stage in `--workdir` on a finished earlier
 stage. The edge stage writes the task affinity and the task weights to `dymu_affinity.json`
 (heat map: `dymu_affinity.png`) in its folder.
@@ -27,6 +28,7 @@ from absl import flags
 from absl import logging
 import jax
 
+from experiments import cli_help
 from experiments import common
 from experiments import runs
 from dymu_jax import methods as methods_lib
@@ -92,6 +94,7 @@ def run() -> train_lib.TrainResult:
   """Builds everything from the flags and trains; returns the result."""
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the folder for checkpoints and metrics.")
+  cli_help.check_method_flags(FLAGS.method, cli_help.given_flags())
   train_lib.initialize_distributed(FLAGS.multi_host)
   if FLAGS.method == "dymu":
     return run_dymu()
@@ -290,4 +293,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_help.run(main, __doc__, cli_help.TRAIN_GROUPS)

@@ -106,6 +106,22 @@ def test_sample_pairs_needs_two_classes():
 # Built from the real MNIST t10k digits.
 
 
+def test_drawn_digit_folder_gives_pairs_from_its_own_train_and_test_files(drawn_mnist):
+  """Runs on a fresh clone: train pairs come from the train files, test pairs from t10k."""
+  train = load(_config(drawn_mnist, num_train=300, num_test=100), "train")
+  test = load(_config(drawn_mnist, num_train=300, num_test=100), "test")
+  assert train.digit_file.endswith("train-images-idx3-ubyte.gz")
+  assert test.digit_file.endswith("t10k-images-idx3-ubyte.gz")
+  digits = multi_mnist.read_idx(train.digit_file, multi_mnist.IMAGES_MAGIC)
+  labels = multi_mnist.read_idx(os.path.join(drawn_mnist, "train-labels-idx1-ubyte.gz"),
+                                multi_mnist.LABELS_MAGIC)
+  assert len(digits) == 400 and len(train) == 300 and len(test) == 100
+  np.testing.assert_array_equal(train.labels["left"], labels[train.digit_indices[:, 0]])
+  np.testing.assert_array_equal(train.labels["right"], labels[train.digit_indices[:, 1]])
+  assert (train.labels["left"] != train.labels["right"]).all()
+  assert train.images.shape[1:3] == (36, 36)
+
+
 def test_t10k_pairs_shapes_labels_and_disjoint_pools(mnist_dir, t10k):
   digits, digit_labels = t10k
   config = _config(mnist_dir, num_train=3000, num_test=1000)

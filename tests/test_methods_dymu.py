@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,7 +214,7 @@ def test_weight_hypernet_output_of_zero_reproduces_the_anchor_exactly():
   controls = {"preference": (0.3, 0.7), "resource": 0.8}
   tree, adapted = method.controller(variables).predict(*controls.values())
   # A fresh weight hypernetwork outputs zero shifts: the adapted variables are the anchor's.
-  jax.tree.map(np.testing.assert_array_equal, adapted, anchor_variables)
+  chex.assert_trees_all_equal(adapted, anchor_variables)
   run = lambda v, x: dymu.apply_tree(method.net, v, x, tree)  # the compiled tree of predict
   expected = run(anchor_variables, images)
   got = method.predict(variables, images, controls)
@@ -363,7 +364,7 @@ def test_edge_stage_trains_the_edge_hypernet_only():
   assert metrics[0]["temperature"] == 5.0
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params, variables["params"])
   assert all(jax.tree.leaves(changed))
-  jax.tree.map(np.testing.assert_array_equal, state.model_state["anchor"], variables["anchor"])
+  chex.assert_trees_all_equal(state.model_state["anchor"], variables["anchor"])
   assert method.eval_controls() == [{"preference": (0.5, 0.5), "resource": 0.0},
                                     {"preference": (0.5, 0.5), "resource": 1.0}]
 
@@ -374,9 +375,9 @@ def test_weight_stage_trains_the_weight_hypernet_on_the_argmax_tree():
   assert "omega" not in metrics[0] and np.isfinite(metrics[-1]["loss"])
   head = state.params["weight_hypernet"]["shifts"]["kernel"]
   assert np.any(head != 0)  # left the anchor
-  jax.tree.map(np.testing.assert_array_equal, state.model_state["edge_hypernet"],
+  chex.assert_trees_all_equal(state.model_state["edge_hypernet"],
                variables["edge_hypernet"])
-  jax.tree.map(np.testing.assert_array_equal, state.model_state["anchor"], variables["anchor"])
+  chex.assert_trees_all_equal(state.model_state["anchor"], variables["anchor"])
 
 
 def test_build_and_stage_messages():

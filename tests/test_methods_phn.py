@@ -37,7 +37,7 @@ def digits_batch(seed: int, size: int = 4) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def setup(mode: str):
+def phn_setup(mode: str):
   """(method, variables with `init`'s shapes filled by numpy; PHN-BN's head zero as in init)."""
   method = phn.build(DIGITS, make_net(), mode=mode, chunk_size=64, hidden=(8,))
   shapes = jax.eval_shape(method.init, jax.random.key(0),
@@ -57,7 +57,8 @@ def test_chunked_hypernet_output_size_and_zero_head():
   zero = phn.ChunkedHypernet(10, hidden=(4,), chunk_size=4, zero_head=True)
   head = jax.jit(zero.init)(jax.random.key(0), jnp.ones((2,)))["params"]["head"]
   assert not np.any(head["kernel"]) and not np.any(head["bias"])
-  assert setup("bn")[0].hypernet(10).zero_head and not setup("all")[0].hypernet(10).zero_head
+  assert phn_setup("bn")[0].hypernet(10).zero_head
+  assert not phn_setup("all")[0].hypernet(10).zero_head
   for chunk_size, expected_chunks in ((64, 4), (0, None), (500, None)):
     net = phn.ChunkedHypernet(200, hidden=(4,), chunk_size=chunk_size, chunk_features=3)
     variables = jax.eval_shape(net.init, jax.random.key(0), jnp.ones((2,)))
@@ -72,7 +73,7 @@ def test_chunked_hypernet_output_size_and_zero_head():
 
 
 def test_phn_generates_every_parameter_of_the_shared_network():
-  method, variables = setup("all")
+  method, variables = phn_setup("all")
   network_shapes = method.network_shapes(SHAPE)
   assert set(variables["params"]) == {"hypernet"}
   assert "batch_stats" in variables
@@ -99,7 +100,7 @@ def test_phn_generates_every_parameter_of_the_shared_network():
 
 
 def test_phn_bn_generates_only_batch_norm_parameters():
-  method, variables = setup("bn")
+  method, variables = phn_setup("bn")
   params = variables["params"]
   encoder = params["network"]["encoder"]
   assert set(encoder) == {"conv1", "conv2", "fc"}  # no bn1, bn2, bn_fc: those are generated
@@ -125,7 +126,7 @@ def test_phn_bn_generates_only_batch_norm_parameters():
 
 @pytest.mark.parametrize("mode", phn.MODES)
 def test_scalarised_loss_trains_the_hypernet(mode):
-  method, variables = setup(mode)
+  method, variables = phn_setup(mode)
   params = variables["params"]
   state = {k: v for k, v in variables.items() if k != "params"}
   grad_fn = jax.jit(jax.value_and_grad(method.loss, has_aux=True))
@@ -143,14 +144,14 @@ def test_scalarised_loss_trains_the_hypernet(mode):
 
 
 def test_phn_controls_and_options():
-  method, variables = setup("all")
+  method, variables = phn_setup("all")
   images = digits_batch(0)["image"]
   with pytest.raises(ValueError, match=r"The preference \(0.5, 0.6\) must lie on the simplex"):
     method.predict(variables, images, {"preference": (0.5, 0.6)})
   with pytest.raises(ValueError, match="PHN controls must be"):
     method.predict(variables, images, {"preference": (0.5, 0.5), "resource": 0.5})
   assert method.eval_controls() == [{"preference": (0.5, 0.5)}]
-  assert method.name == "phn" and setup("bn")[0].name == "phn_bn"
+  assert method.name == "phn" and phn_setup("bn")[0].name == "phn_bn"
   with pytest.raises(ValueError, match="Unknown PHN mode 'weights'"):
     phn.build(DIGITS, make_net(), mode="weights")
   with pytest.raises(ValueError, match="Unknown PHN option"):

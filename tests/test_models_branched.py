@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,8 +72,8 @@ def run_streams_one_by_one(net, variables, images, train=False):
 
 
 def assert_close(a, b, atol=1e-5):
-  for key in a:
-    np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), atol=atol, rtol=1e-5)
+  """The predictions of `a`'s tasks agree with `b`'s (b may hold more tasks)."""
+  chex.assert_trees_all_close(dict(a), {key: b[key] for key in a}, atol=atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -109,8 +110,7 @@ def test_vmap_over_stacked_streams_equals_streams_one_by_one(case):
   for l in range(net.num_layers):  # stacked batch statistics = each stream's own
     for j in range(net.num_tasks):
       got = jax.tree.map(lambda a: a[j], state["batch_stats"][f"block{l}"])
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-                   got, expected_stats[j][l])
+      chex.assert_trees_all_close(got, expected_stats[j][l], atol=1e-5, rtol=1e-7)
 
 
 def mixed_trees(num_layers: int, num_tasks: int, num_random: int = 2):

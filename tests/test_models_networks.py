@@ -6,6 +6,7 @@ compilation), so that batch-norm statistics are not trivial and the file stays f
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,7 +221,7 @@ def test_same_seed_same_init():
   x = images((1, 4, 4, 8))
   init = jax.jit(net.init)
   a, b, c = init(jax.random.key(3), x), init(jax.random.key(3), x), init(jax.random.key(4), x)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex.assert_trees_all_equal(a, b)
   assert not np.allclose(a["params"]["hidden0"]["kernel"], c["params"]["hidden0"]["kernel"])
 
 

@@ -9,6 +9,7 @@ import struct
 import zipfile
 
 import flax.linen as nn
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,7 +267,7 @@ def test_pth_written_like_torch_save_loads_identically(tmp_path):
     assert read[key].dtype == value.dtype
   from_npz = pretrained.load_pretrained("resnet18", variables, npz)
   from_pth = pretrained.load_pretrained("resnet18", variables, pth)
-  jax.tree.map(np.testing.assert_array_equal, from_npz, from_pth)
+  chex.assert_trees_all_equal(from_npz, from_pth)
 
 
 def test_prefix_loads_the_backbone_inside_a_bigger_model(tmp_path):

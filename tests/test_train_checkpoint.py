@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +44,7 @@ def test_save_keep_and_restore_latest(tmp_path):
   state, metadata = checkpoint_lib.restore_latest(tmp_path, abstract)
   assert metadata == {"seed": 3, "step": 7}
   expected = _state(7, scale=7)
-  jax.tree.map(np.testing.assert_array_equal, parallel_lib.to_host(state),
+  chex.assert_trees_all_equal(parallel_lib.to_host(state),
                parallel_lib.to_host(expected))
   assert state.params["w"].sharding == parallel_lib.Parallel("mesh").replicated
   # Restored into the pmap layout (a leading device axis) for mode "pmap".

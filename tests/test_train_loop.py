@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -82,7 +83,7 @@ def test_checkpoints_hold_state_and_run_record(short_run):
   assert metadata["run"] == {"flags": {"dataset": "toy"}}
   assert metadata["config"]["parallel"] == "mesh" and metadata["config"]["steps"] == STEPS
   state, _ = checkpoint_lib.restore_latest(workdir, checkpoint_lib.abstract_like(result.state))
-  jax.tree.map(np.testing.assert_array_equal, parallel_lib.to_host(state.params),
+  chex.assert_trees_all_equal(parallel_lib.to_host(state.params),
                parallel_lib.to_host(result.state.params))
 
 
@@ -91,7 +92,7 @@ def test_finished_run_resumes_without_training(short_run):
   again = train_lib.train(toy_method.ToyMethod(), toy_method.make_source(), None, _config(),
                           workdir)
   assert again.resumed_from == STEPS and again.step_compiles == 0
-  jax.tree.map(np.testing.assert_array_equal, parallel_lib.to_host(again.state.params),
+  chex.assert_trees_all_equal(parallel_lib.to_host(again.state.params),
                parallel_lib.to_host(result.state.params))
   with pytest.raises(ValueError, match="holds a run with seed 1, not 2; resume with the same "
                                        "seed or use a new workdir."):

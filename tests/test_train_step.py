@@ -1,5 +1,6 @@
 """The train step, the non-finite guard, per-task gradients, optimizers and schedules."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,7 +114,7 @@ def test_guard_skips_the_update_and_records_step_and_task(toy_run):
   assert np.isnan(metrics[NAN_STEP]["loss/brightness"])
   assert np.isfinite(metrics[NAN_STEP]["loss/third"])
   for name in ("params", "model_state", "opt_state"):
-    jax.tree.map(np.testing.assert_array_equal, getattr(at, name), getattr(before, name))
+    chex.assert_trees_all_equal(getattr(at, name), getattr(before, name))
   assert int(at.nonfinite_step) == NAN_STEP and int(at.nonfinite_task) == 1
   assert int(at.step) == NAN_STEP + 1
   # The next (finite) step updates again, and the record keeps the first offence.

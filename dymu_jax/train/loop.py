@@ -10,8 +10,8 @@ same batches and the same randomness follow); the compiled step; the loop, which
 host only at log, evaluation and checkpoint boundaries; the final evaluation and checkpoint.
 
 Outputs under `workdir`: `metrics.jsonl` (one JSON object per line, `"split"` "train" or
-"eval"), TensorBoard event files when `tensorboardX` or `torch.utils.tensorboard` can be
-imported, and `checkpoints/`.
+"eval"), TensorBoard event files (`tensorboardX`, a dependency; `torch.utils.tensorboard`
+also works), and `checkpoints/`. The run's first lines name these paths.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import chex
 import jax
 import numpy as np
 
@@ -153,6 +154,15 @@ class MetricWriter:
     self.path = os.path.join(workdir, METRICS_FILE)
     self._tb = _tensorboard_writer(workdir) if enabled else None
 
+  def describe(self, checkpoint_dir: str, start: int, steps: int) -> str:
+    """The run's first lines: where metrics, event files and checkpoints go."""
+    events = (os.path.dirname(self.path) + " (tensorboard --logdir there)"
+              if self._tb is not None else
+              "not written (no tensorboardX or torch; pip install tensorboardX)")
+    begin = (f"resuming at step {start} of {steps}" if start else f"training {steps} steps")
+    return (f"{begin}\n  metrics: {self.path}\n  TensorBoard event files: {events}\n"
+            f"  checkpoints: {checkpoint_dir}")
+
   def write(self, step: int, split: str, scalars: Mapping[str, float], **extra) -> None:
     if not self.enabled:
       return
@@ -228,6 +238,9 @@ class Evaluator:
 
   def _update_fn(self, frozen_controls, variables, metric_states, batch):
     predictions = self.method.predict(variables, batch["image"], _thaw(frozen_controls))
+    # One prediction per example for every task (trace time, no cost in the compiled step).
+    chex.assert_equal_shape_prefix([batch["image"], *predictions.values()], 1,
+                                   custom_message=f"{type(self.method).__name__}.predict")
     valid = batch[data_lib.VALID_KEY]
     return {name: metric.update(metric_states[name], predictions[name], batch[name], valid)
             for name, metric in self.metrics.items()}
@@ -355,6 +368,8 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
       evaluator = Evaluator(method, par, eval_source,
                             config.eval_batch_size or config.batch_size, tasks)
     writer = MetricWriter(workdir, enabled=is_chief)
+    if is_chief:
+      print(writer.describe(checkpointer.directory, start, config.steps), flush=True)
     train_metrics, eval_metrics = {}, {}
 
     def evaluate(step, canonical):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -65,6 +66,10 @@ def make_train_step(method, optimizer: optax.GradientTransformation,
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, (aux, new_model_state)), grads = grad_fn(
         state.params, state.model_state, batch, rng, state.step)
+    # A method's own `loss_and_grad` must hand back one gradient per parameter (trace time).
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        grads, state.params,
+        custom_message=f"{type(method).__name__}: gradients do not match the parameters")
     missing = [t.name for t in tasks if task_loss_key(t.name) not in aux]
     if missing:
       raise ValueError(f"{type(method).__name__}.loss must report the aux scalar "

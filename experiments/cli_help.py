@@ -1,0 +1,121 @@
+"""`--help` of the entry points: the flags a user looks for, grouped; and which method owns which.
+
+absl's own `--help` lists only the flags defined in the main module, so `experiments.train
+--help` showed none of `--dataset`, `--data_dir`, `--tasks` or `--backbone` (they live in
+`experiments/common.py`). Each entry point passes its groups to `run`, which prints them for
+`--help` / `-h` / `-?` / `--helpshort` and leaves `--helpfull` (every flag, absl's and
+orbax's included) to absl. A test checks that every flag of the training command is in exactly
+one group, so the help cannot fall behind the flags.
+
+`METHOD_FLAGS` is the one home of "which method reads this flag": the per-method help
+headings come from it, and `check_method_flags` refuses a method option given to another
+method (`--dymu_lambda_active=2 --method=ecmt` would otherwise be ignored silently).
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
+WIDTH = 100
+
+# Heading -> (the methods that read these flags, the flags). Prefixed families are listed by
+# prefix ("dymu_*"); ECMT's options predate the prefix convention.
+METHOD_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "ECMT (--method=ecmt)": (("ecmt",), ("num_subnets", "lambda_kd", "kd", "lambda_mutual",
+                                         "mutual_temperature", "width_choices")),
+    "GradSplit (--method=gradsplit)": (("gradsplit",), ("gradsplit_*",)),
+    "PCGrad (--method=pcgrad)": (("pcgrad",), ("pcgrad_*",)),
+    "DYMU (--method=dymu)": (("dymu",), ("dymu_*",)),
+    "PHN and PHN-BN (--method=phn, --method=phn_bn)": (("phn", "phn_bn"), ("phn_*",)),
+}
+
+TRAIN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Data", ("dataset", "data_dir", "tasks", "task_spec", "num_train", "num_test",
+              "test_fraction", "image_size", "data_seed", "augment")),
+    ("Model", ("backbone", "head_width", "head_batch_norm", "backbone_options")),
+    ("Method", ("method", "task_weights")),
+    ("Training", ("workdir", "steps", "batch_size", "seed", "optimizer", "learning_rate",
+                  "schedule", "warmup_steps", "decay_steps", "decay_factor", "weight_decay",
+                  "grad_clip", "momentum")),
+    ("Evaluation, logging and checkpoints", ("eval_every", "eval_batch_size", "log_every",
+                                             "checkpoint_every", "keep_checkpoints",
+                                             "progress")),
+    ("Devices and errors", ("parallel", "multi_host", "prefetch", "traceback")),
+    *((heading, names) for heading, (_, names) in METHOD_FLAGS.items()),
+)
+
+
+def _expand(names: Sequence[str]) -> list[str]:
+  """Flag names, with "prefix_*" expanded to the defined flags of that prefix (sorted)."""
+  out = []
+  for name in names:
+    if name.endswith("*"):
+      out.extend(sorted(n for n in FLAGS if n.startswith(name[:-1])))
+    elif name in FLAGS:
+      out.append(name)
+  return out
+
+
+def _describe(name: str) -> str:
+  flag = FLAGS[name]
+  default = flag.default_as_str if flag.default_as_str is not None else "None"
+  text = f"--{name}: {flag.help} (default: {default})"
+  return textwrap.fill(text, WIDTH, initial_indent="  ", subsequent_indent="      ")
+
+
+def help_text(doc: str, groups: Sequence[tuple[str, Sequence[str]]]) -> str:
+  """The command's docstring, then each group's flags under its heading."""
+  lines = [doc.strip(), ""]
+  for heading, names in groups:
+    expanded = _expand(names)
+    if not expanded:
+      continue
+    lines.append(f"{heading}:")
+    lines.extend(_describe(name) for name in expanded)
+    lines.append("")
+  lines.append("--helpfull lists every flag, including absl's and the libraries'.")
+  return "\n".join(lines)
+
+
+def owner_of(name: str) -> tuple[str, tuple[str, ...]] | None:
+  """(heading, methods) of the method whose option `name` is; None for a general flag."""
+  for heading, (methods, names) in METHOD_FLAGS.items():
+    if name in _expand(names):
+      return heading, methods
+  return None
+
+
+def check_method_flags(method: str, given: Sequence[str]) -> None:
+  """Raises ValueError when a flag in `given` belongs to a method other than `method`."""
+  for name in given:
+    owner = owner_of(name)
+    if owner is not None and method not in owner[1]:
+      heading, _ = owner
+      raise ValueError(f"--{name} is an option of {heading.split(' (')[0]} "
+                       f"({', '.join('--method=' + m for m in owner[1])}), but this run has "
+                       f"--method={method}; remove it or change --method.")
+
+
+def given_flags() -> list[str]:
+  """Names of the flags set on the command line or in a flag file."""
+  return [name for name in FLAGS if FLAGS[name].present]
+
+
+def run(main: Callable, doc: str, groups: Sequence[tuple[str, Sequence[str]]]) -> None:
+  """`absl.app.run(main)`, with `--help` showing `groups` instead of the main module's flags."""
+
+  def parse(argv):
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if any(a in HELP_ARGS for a in args):
+      print(help_text(doc, groups))
+      sys.exit(0)
+    return app.parse_flags_with_usage(argv)
+
+  app.run(main, flags_parser=parse)
