@@ -6,6 +6,8 @@ import gzip
 import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -373,3 +375,43 @@ def test_corrupt_pickle(tmp_path):
   path.write_bytes(b"\x80\x04not a pickle at all")
   with pytest.raises(DatasetError, match="cannot read .* as a Multi-MNIST pickle"):
     load(_config(path), "train")
+
+
+class _RunsCode:
+  """A pickle payload whose unpickling would run a shell command (through `os.system`)."""
+
+  def __init__(self, marker):
+    self.marker = str(marker)
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("layout", ["payload", "inside_tuple", "object_array"])
+def test_pickle_that_would_run_code_is_refused(tmp_path, layout):
+  """Nothing of a hostile pickle runs: it is refused in one sentence, and no marker appears."""
+  marker = tmp_path / "ran"
+  payload = _RunsCode(marker)
+  content = {"payload": payload,
+             "inside_tuple": (np.zeros((2, 36, 36), np.uint8), payload),
+             "object_array": (np.array([payload, 1], dtype=object), np.zeros((2, 2)))}[layout]
+  path = tmp_path / "hostile.pickle"
+  path.write_bytes(pickle.dumps(content))
+  with pytest.raises(multi_mnist.PickleRefused, match="only numpy arrays|Python objects"):
+    load(_config(path), "train")
+  assert not marker.exists()
+
+
+def test_pickle_refusal_reaches_the_cli_as_one_sentence(tmp_path):
+  marker = tmp_path / "ran"
+  path = tmp_path / "hostile.pickle"
+  path.write_bytes(pickle.dumps(_RunsCode(marker)))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--dataset=multi_mnist",
+       f"--data_dir={path}", "--backbone=lenet", "--steps=1", f"--workdir={tmp_path / 'w'}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "system, but a Multi-MNIST pickle holds only" in errors[0], result.stderr
+  assert not marker.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pickle
 import struct
@@ -134,12 +135,14 @@ class _PickleWriter:
 
 def _write_pth(path: str, state: dict[str, np.ndarray], *, archive: str = "archive",
                shared_storage: tuple[str, str] | None = None,
-               transposed: str | None = None, extra_global: tuple[str, str] | None = None):
+               transposed: str | None = None, extra_global: tuple[str, str] | None = None,
+               hostile_view: tuple[str, int, tuple, tuple] | None = None):
   """Writes `state` the way `torch.save(state, path)` lays it out (zip of data.pkl + storages).
 
   `shared_storage` puts two 1-D tensors in one storage (the second at an offset, as views of one
   tensor are saved); `transposed` stores one 4-D tensor as a non-contiguous (permuted) view.
-  `extra_global` appends a reference to another global, as a malicious file would.
+  `extra_global` appends a reference to another global, as a malicious file would;
+  `hostile_view` = (name, offset, shape, stride) writes that tensor's view as given.
   """
   storage_type = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}
   records: dict[str, bytes] = {}
@@ -163,6 +166,10 @@ def _write_pth(path: str, state: dict[str, np.ndarray], *, archive: str = "archi
     records[key] = np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes()
     tensors.append((name, key, 0, data.size, value.shape, stride, value.dtype))
   tensors.sort(key=lambda t: list(state).index(t[0]))
+  if hostile_view:
+    tensors = [(n, k, hostile_view[1], num, hostile_view[2], hostile_view[3], d)
+               if n == hostile_view[0] else (n, k, o, num, shp, st, d)
+               for n, k, o, num, shp, st, d in tensors]
 
   writer = _PickleWriter()
   writer.ordered_dict()
@@ -270,6 +277,49 @@ def test_pth_written_like_torch_save_loads_identically(tmp_path):
   chex.assert_trees_all_equal(from_npz, from_pth)
 
 
+def _write_safetensors(path, state: dict[str, np.ndarray], header_edit=None) -> None:
+  """The .safetensors layout (8-byte header length, JSON header, tensor bytes), by hand."""
+  names = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
+  header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+  for name, value in state.items():
+    raw = np.ascontiguousarray(value).astype(value.dtype.newbyteorder("<")).tobytes()
+    header[name] = {"dtype": names[value.dtype], "shape": list(value.shape),
+                    "data_offsets": [offset, offset + len(raw)]}
+    chunks.append(raw)
+    offset += len(raw)
+  if header_edit:
+    header_edit(header)
+  text = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(len(text).to_bytes(8, "little") + text + b"".join(chunks))
+
+
+def test_safetensors_loads_identically(tmp_path):
+  _, variables = _zeros("resnet18")
+  state = _random_state("resnet18", variables, seed=4)
+  npz, st = os.path.join(tmp_path, "w.npz"), os.path.join(tmp_path, "w.safetensors")
+  np.savez(npz, **state)
+  _write_safetensors(st, state)
+  read = pretrained.read_safetensors(st)
+  chex.assert_trees_all_equal(read, state)
+  chex.assert_trees_all_equal(pretrained.load_pretrained("resnet18", variables, npz),
+                              pretrained.load_pretrained("resnet18", variables, st))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["bn1.bias"].update(data_offsets=[0, 10 ** 9]), "claims bytes"),
+    (lambda h: h["bn1.bias"].update(data_offsets=[-8, 248]), "negative or non-integer"),
+    (lambda h: h["bn1.bias"].update(shape=[-64]), "negative or non-integer"),
+    (lambda h: h["bn1.bias"].update(shape=[65]), "claims bytes"),
+    (lambda h: h["bn1.bias"].update(dtype="OBJ"), "needs a known dtype"),
+])
+def test_hostile_safetensors_headers_are_refused(tmp_path, edit, message):
+  path = os.path.join(tmp_path, "w.safetensors")
+  _write_safetensors(path, {"bn1.bias": np.zeros(64, np.float32)}, header_edit=edit)
+  with pytest.raises(ValueError, match=message):
+    pretrained.read_safetensors(path)
+
+
 def test_prefix_loads_the_backbone_inside_a_bigger_model(tmp_path):
   _, backbone = _zeros("resnet18")
   variables = {"params": {"encoder": backbone["params"], "head": {"kernel": jnp.ones((3, 2))}},
@@ -332,8 +382,26 @@ def test_unsupported_backbones_and_files(tmp_path):
     pretrained.read_torch_checkpoint(evil)
   other = os.path.join(tmp_path, "w.h5")
   open(other, "wb").close()
-  with pytest.raises(ValueError, match=r"must end in \.npz, \.pth or \.pt"):
+  with pytest.raises(ValueError, match=r"must end in \.safetensors, \.npz, \.pth or \.pt"):
     pretrained.load_pretrained("resnet18", variables, other)
+
+
+@pytest.mark.parametrize("offset, shape, stride", [
+    (0, (8,), (-1,)),          # negative stride: would read before the storage
+    (0, (2, 8), (8, -1)),
+    (0, (8,), ((1 << 31) - 1,)),  # a stride far past the storage
+    (-4, (8,), (1,)),          # negative offset
+    (0, (-3,), (1,)),          # negative size
+    (60, (8,), (1,)),          # past the end of a 64-element storage
+    (0, (8, 8), (1,)),         # fewer strides than dimensions
+])
+def test_hostile_tensor_views_are_refused(tmp_path, offset, shape, stride):
+  """A .pth whose tensor view leaves its storage is refused before any view is made."""
+  path = os.path.join(tmp_path, "hostile.pth")
+  _write_pth(path, {"bn1.bias": np.zeros(64, np.float32)},
+             hostile_view=("bn1.bias", offset, shape, stride))
+  with pytest.raises(ValueError, match="must be non-negative integers|reads past its storage"):
+    pretrained.read_torch_checkpoint(path)
 
 
 def test_slimmed_backbone_is_rejected(tmp_path):

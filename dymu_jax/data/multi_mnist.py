@@ -11,7 +11,9 @@ Tasks: `left` (the top-left digit) and `right` (the bottom-right digit).
   `(trainX, trainLabel, testX, testLabel)`, or a 2-tuple `(X, Y)` that is split here with
   `split_indices(N, config.test_fraction, config.seed)`. X is (N, 36, 36) uint8 or float
   (floats above 1 are read as 0..255), Y is (N, 2) integers (top-left digit, bottom-right digit).
-  A pickle can run code when read: only point this at files you trust.
+  The pickle is read by an unpickler that builds only numpy arrays and plain containers: a
+  pickle that names anything else (which `pickle.load` would call, running code) is refused
+  with `PickleRefused` before anything of it runs.
 
 Construction from MNIST digits, as described for the Multi-MNIST of Pareto MTL and Pareto
 HyperNetworks: a 36x36 canvas (28 + 2 * 4), one digit in the top-left and one in the bottom-right
@@ -303,13 +305,51 @@ def _from_pickle(path: str, config: DataConfig, split: str) -> MultiMnistSource:
   return MultiMnistSource(split, x, y)
 
 
+# The only globals a pickle of numpy arrays in tuples/lists refers to (numpy 1 and 2 names).
+_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+}
+
+
+class PickleRefused(DatasetError):
+  """A pickle asked for something other than numpy arrays: it was not loaded."""
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+  """Builds numpy arrays and plain containers only: a pickle cannot run code through it
+  (`pickle.load` would call whatever a `__reduce__` names, e.g. `os.system`)."""
+
+  def __init__(self, file, path: str, **kwargs):
+    super().__init__(file, **kwargs)
+    self._path = path
+
+  def find_class(self, module, name):
+    try:
+      return _PICKLE_GLOBALS[(module, name)]
+    except KeyError:
+      raise PickleRefused(
+          f"{NAME}: {self._path!r} refers to {module}.{name}, but a Multi-MNIST pickle holds "
+          f"only numpy arrays in tuples or lists; it was not loaded (a pickle can run code). "
+          f"Convert trusted data to .npz and use --dataset=arrays.") from None
+
+
 def _read_pickle(path: str):
   for kwargs in ({}, {"encoding": "latin1"}):  # latin1: numpy arrays pickled by Python 2
     try:
       with open(path, "rb") as f:
-        return pickle.load(f, **kwargs)
+        content = _ArraysOnlyUnpickler(f, path, **kwargs).load()
+      if any(isinstance(a, np.ndarray) and a.dtype.hasobject
+             for a in (content if isinstance(content, (tuple, list)) else [content])):
+        raise PickleRefused(f"{NAME}: {path!r} holds an array of Python objects; images and "
+                            f"labels must be numeric arrays.")
+      return content
     except UnicodeDecodeError:
       continue
+    except DatasetError:
+      raise
     except Exception as error:  # pylint: disable=broad-except
       raise DatasetError(f"{NAME}: cannot read {path!r} as a Multi-MNIST pickle "
                          f"({type(error).__name__}: {error}).") from None

@@ -1,7 +1,10 @@
 """ImageNet-pretrained backbones from a local file in the common PyTorch (torchvision) layout.
 
-Two file formats are read, neither needs torch:
+Three file formats are read, none needs torch:
 
+- `.safetensors` (recommended: data only, nothing in it can run), e.g. written by
+  `safetensors.torch.save_file(model.state_dict(), path)`; every tensor's byte range and size
+  are checked against the file before it is read;
 - `.npz`: arrays keyed by torchvision names (`conv1.weight`, `bn1.running_mean`,
   `layer1.0.conv1.weight`, `features.0.0.weight`, ...), e.g. written by
   `np.savez(path, **{k: v.numpy() for k, v in model.state_dict().items()})`;
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import os
 import pickle
 import re
@@ -61,8 +65,26 @@ class _StorageType:
     self.dtype = np.dtype(_STORAGE_DTYPES[name])
 
 
+def _is_count(value) -> bool:
+  """A plain non-negative int small enough for numpy's strides (bool excluded)."""
+  return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 40
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *unused_args):
-  """`torch._utils._rebuild_tensor_v2`: a strided view into a flat storage, copied."""
+  """`torch._utils._rebuild_tensor_v2`: a strided view into a flat storage, copied.
+
+  Every number of the view is checked before `as_strided` sees it: a crafted file with a
+  negative or oversized stride, offset or size would otherwise read memory outside the storage.
+  """
+  if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+    raise ValueError(f"a tensor must be rebuilt from a torch storage, got "
+                     f"{type(storage).__name__}.")
+  if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))
+          and len(size) == len(stride)
+          and all(_is_count(v) for v in (storage_offset, *size, *stride))):
+    raise ValueError(f"tensor of size {size!r}, stride {stride!r} and offset "
+                     f"{storage_offset!r}: sizes, strides and the offset must be non-negative "
+                     f"integers, one stride per dimension.")
   size, stride = tuple(size), tuple(stride)
   if any(n == 0 for n in size):
     return np.zeros(size, storage.dtype)
@@ -282,11 +304,68 @@ def _to_ours(array: np.ndarray) -> np.ndarray:
   return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array
 
 
+# safetensors dtype names -> numpy dtypes.
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """{name: array} from a `.safetensors` file, without the safetensors package.
+
+  Layout: an 8-byte little-endian header length n, n bytes of JSON ({name: {"dtype", "shape",
+  "data_offsets": [begin, end]}}, plus an optional "__metadata__"), then the tensors' bytes.
+  Every range must lie inside the file and match its dtype and shape.
+  """
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) != 8:
+      raise ValueError(f"{path} is too short to be a .safetensors file.")
+    header_size = int.from_bytes(head, "little")
+    if header_size > min(size - 8, 100_000_000):
+      raise ValueError(f"{path} declares a {header_size}-byte header in a {size}-byte file; "
+                       "it is not a valid .safetensors file.")
+    try:
+      header = json.loads(f.read(header_size))
+    except ValueError as error:
+      raise ValueError(f"{path} has an unreadable .safetensors header ({error}).") from None
+    data = f.read()
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: the .safetensors header must be a JSON object.")
+  state = {}
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+      shape = tuple(entry["shape"])
+      begin, end = entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{path}: tensor {name!r} needs a known dtype ("
+                       f"{', '.join(_SAFETENSORS_DTYPES)}), a shape and data_offsets; got "
+                       f"{entry!r}.") from None
+    counts = (begin, end, *shape)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+      raise ValueError(f"{path}: tensor {name!r} has a negative or non-integer shape or offset "
+                       f"({entry!r}).")
+    if not begin <= end <= len(data) or end - begin != int(np.prod(shape)) * dtype.itemsize:
+      raise ValueError(f"{path}: tensor {name!r} of shape {shape} ({dtype}) claims bytes "
+                       f"{begin}..{end} of a {len(data)}-byte data section.")
+    state[name] = np.frombuffer(data, dtype.newbyteorder("<"), int(np.prod(shape)),
+                                begin).astype(dtype).reshape(shape)
+  return state
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """{torch name: numpy array} from a `.npz` or a `.pth`/`.pt` zip checkpoint."""
+  """{torch name: numpy array} from a `.safetensors`, `.npz` or `.pth`/`.pt` checkpoint."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Pretrained weights file {path} does not exist.")
-  if path.endswith(".npz"):
+  if path.endswith(".safetensors"):
+    state = read_safetensors(path)
+  elif path.endswith(".npz"):
     with np.load(path, allow_pickle=False) as data:
       state = {name: data[name] for name in data.files}
   elif path.endswith((".pth", ".pt")):
@@ -295,7 +374,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         state["state_dict"], Mapping):
       state = state["state_dict"]  # a training checkpoint {"state_dict": ..., ...}.
   else:
-    raise ValueError(f"Pretrained weights file {path} must end in .npz, .pth or .pt.")
+    raise ValueError(f"Pretrained weights file {path} must end in .safetensors, .npz, .pth or "
+                     ".pt.")
   if not isinstance(state, Mapping) or not all(isinstance(v, np.ndarray) or np.isscalar(v)
                                                for v in state.values()):
     raise ValueError(f"{path} does not hold a state dict of tensors keyed by name.")
@@ -313,7 +393,8 @@ def load_pretrained(backbone_name: str, variables: PyTree, path: str,
     backbone_name: "resnet18", "resnet34" or "mobilenet_v2" (full width, as torchvision).
     variables: Flax variables {"params": ..., "batch_stats": ...} of the backbone, or of a
       model holding it under `prefix`; other variables (decoders...) are returned unchanged.
-    path: a `.npz` of arrays keyed by torchvision names, or a `.pth`/`.pt` torch.save file.
+    path: a `.safetensors` or `.npz` of arrays keyed by torchvision names, or a `.pth`/`.pt`
+      torch.save file.
     prefix: module path of the backbone inside `variables`, e.g. ("encoder",).
 
   Returns:
