@@ -1,6 +1,7 @@
 r"""Collect finished runs into one Markdown page of results, each number with its commands.
 
-    python -m experiments.results --workdirs='workdirs/*' --output=docs/results.md
+    python -m experiments.results --workdirs='workdirs/*' --output=docs/results.md \
+        --overwrite_tracked
 
 For every workdir (a glob or a comma-separated list) that holds a finished
 `python -m experiments.train` run (`summary.json` and a checkpoint): its flags are read from
@@ -48,6 +49,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
@@ -65,7 +67,13 @@ from dymu_jax.train import checkpoint as checkpoint_lib
 flags.DEFINE_list("workdirs", ["workdirs/*"],
                   "Run folders: globs or paths, comma-separated; folders without a finished "
                   "run are skipped with a note.")
-flags.DEFINE_string("output", "docs/results.md", "The Markdown file to write.")
+flags.DEFINE_string("output", None,
+                    "The Markdown file to write; default results.md in the run folders' common "
+                    "parent (e.g. workdirs/results.md).")
+flags.DEFINE_bool("overwrite_tracked", False,
+                  "Allow --output to replace a file tracked by git (e.g. regenerating "
+                  "docs/results.md); refused otherwise, so a command run from the repository "
+                  "root cannot overwrite a committed page by accident.")
 flags.DEFINE_string("flags_dir", os.path.join(os.path.dirname(__file__), "flags"),
                     "Folder of the flag files that training commands are matched against.")
 flags.DEFINE_bool("copy_plots", True,
@@ -1140,6 +1148,26 @@ def cost_hv_section(dataset: str, groups: Sequence[dict], output: str, plots: bo
           f"(n on the point).", ""]
 
 
+def output_path(output: str | None, run_dirs) -> str:
+  """--output, or results.md in the common parent of the run folders."""
+  if output:
+    return os.path.abspath(output)
+  parents = [os.path.dirname(os.path.abspath(d)) for d in run_dirs] or [os.getcwd()]
+  return os.path.join(os.path.commonpath(parents), "results.md")
+
+
+def is_tracked(path: str) -> bool:
+  """Whether `path` is a file that git tracks (False outside a repository or without git)."""
+  if not os.path.isfile(path):
+    return False
+  try:
+    result = subprocess.run(["git", "ls-files", "--error-unmatch", os.path.basename(path)],
+                            cwd=os.path.dirname(path), capture_output=True, timeout=30)
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return result.returncode == 0
+
+
 def main(argv):
   del argv
   common.quiet_logging()
@@ -1148,7 +1176,10 @@ def main(argv):
     if not found:
       raise FileNotFoundError(f"No finished run in {', '.join(FLAGS.workdirs)}; train one "
                               f"with python -m experiments.train first.")
-    output = os.path.abspath(FLAGS.output)
+    output = output_path(FLAGS.output, [run["workdir"] for run in found])
+    if not FLAGS.overwrite_tracked and is_tracked(output):
+      raise ValueError(f"{output} is tracked by git; pass --overwrite_tracked to regenerate "
+                       f"it, or choose another --output.")
     os.makedirs(os.path.dirname(output), exist_ok=True)
     text = render(found, notes, output, FLAGS.flags_dir, FLAGS.copy_plots)
     with open(output, "w", encoding="utf-8") as f:
@@ -1158,4 +1189,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli_help.run(main, __doc__, (("Collect", ("workdirs", "output", "flags_dir", "copy_plots")),))
+  cli_help.run(main, __doc__, (("Collect", ("workdirs", "output", "overwrite_tracked",
+                                            "flags_dir", "copy_plots")),))

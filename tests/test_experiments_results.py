@@ -29,7 +29,7 @@ def parsed_flags():
 
 def flag_values(**changes):
   """The flags a training run saves, with `changes`."""
-  own = ("workdirs", "output", "flags_dir", "copy_plots")  # the results page's, not training's
+  own = ("workdirs", "output", "overwrite_tracked", "flags_dir", "copy_plots")  # the results page's, not training's
   values = {k: v for k, v in common.flag_values().items() if k not in own}
   return {**values, "dataset": "multi_mnist", "data_dir": "/data/mnist", **changes}
 
@@ -287,3 +287,16 @@ def test_delta_m_takes_the_evaluation_only_against_the_same_seed(page):
     measured = {**run, "eval": {**run["eval"], "delta_m": 3.0, "reference_workdir": workdir}}
     assert results.run_delta_m(measured, single) == pytest.approx(expected)
   assert results.run_delta_m({**run, "eval": {"delta_m": 3.0}}, None) == 3.0
+
+
+def test_output_defaults_beside_the_runs_and_tracked_pages_need_consent(tmp_path):
+  runs_root = tmp_path / "workdirs"
+  assert results.output_path(None, [str(runs_root / "a"), str(runs_root / "b")]) == str(
+      runs_root / "results.md")
+  assert results.output_path("x/page.md", []) == os.path.abspath("x/page.md")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.isdir(os.path.join(root, ".git")):  # a clone: README.md is committed
+    assert results.is_tracked(os.path.join(root, "README.md"))
+  page = tmp_path / "page.md"
+  page.write_text("untracked")
+  assert not results.is_tracked(str(page)) and not results.is_tracked(str(tmp_path / "none.md"))
