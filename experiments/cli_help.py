@@ -43,7 +43,7 @@ TRAIN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Method", ("method", "task_weights")),
     ("Training", ("workdir", "steps", "batch_size", "seed", "optimizer", "learning_rate",
                   "schedule", "warmup_steps", "decay_steps", "decay_factor", "weight_decay",
-                  "grad_clip", "momentum")),
+                  "grad_clip", "momentum", "allow_changed_flags")),
     ("Evaluation, logging and checkpoints", ("eval_every", "eval_batch_size", "log_every",
                                              "checkpoint_every", "keep_checkpoints",
                                              "progress")),

@@ -19,6 +19,7 @@ stage. The edge stage writes the task affinity and the task weights to `dymu_aff
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +32,7 @@ import jax
 from experiments import cli_help
 from experiments import common
 from experiments import runs
+from experiments import workdir_guard
 from dymu_jax import methods as methods_lib
 from dymu_jax import train as train_lib
 from dymu_jax.data import augment as augment_lib
@@ -53,6 +55,10 @@ flags.DEFINE_float("mutual_temperature", 2.0, "ECMT: softening temperature of mu
 flags.DEFINE_list("width_choices", [], "ECMT: width multipliers; empty = 0.25,0.5,0.75,1.0.")
 # --- optimisation ---
 flags.DEFINE_integer("steps", 2000, "Optimizer steps of the whole run.")
+flags.DEFINE_bool("allow_changed_flags", False,
+                  "Resume a workdir whose run was trained with other flags (method, model, "
+                  "data, optimizer, ...); refused otherwise. The changes are recorded in "
+                  "<workdir>/flag_history.jsonl.")
 flags.DEFINE_integer("batch_size", 64, "Global batch size (over all devices and hosts).")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and per-step randomness.")
 flags.DEFINE_enum("optimizer", "adam", list(train_lib.OPTIMIZERS), "Optimizer.")
@@ -91,13 +97,24 @@ def train_config() -> train_lib.TrainConfig:
 
 
 def run() -> train_lib.TrainResult:
-  """Builds everything from the flags and trains; returns the result."""
+  """Builds everything from the flags and trains; returns the result.
+
+  One training command at a time per workdir (`workdir_guard.WorkdirLock`), and a resumed run
+  keeps its flags (`workdir_guard.check_resume_flags`; `--allow_changed_flags` overrides).
+  """
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the folder for checkpoints and metrics.")
   cli_help.check_method_flags(FLAGS.method, cli_help.given_flags())
   train_lib.initialize_distributed(FLAGS.multi_host)
-  if FLAGS.method == "dymu":
-    return run_dymu()
+  root = common.ensure_workdir(FLAGS.workdir)
+  lock = (workdir_guard.WorkdirLock(root) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    return run_dymu() if FLAGS.method == "dymu" else run_single()
+
+
+def run_single() -> train_lib.TrainResult:
+  """Trains every method but DYMU in --workdir."""
   config = train_config()
   train_source, test_source = common.load_sources()
   method = common.build_method(tasks=train_source.tasks,
@@ -112,6 +129,8 @@ def run() -> train_lib.TrainResult:
   workdir = common.ensure_workdir(FLAGS.workdir)
   logging.info("Training %s on %r (%d train, %d test examples) in %s", FLAGS.method,
                train_source.name, len(train_source), len(test_source), workdir)
+  workdir_guard.check_resume_flags(workdir, common.flag_values(),
+                                   allow=FLAGS.allow_changed_flags)
   result = train_lib.train(method, train_source, test_source, config, workdir,
                            run_metadata={"flags": common.flag_values()}, augment=augment)
   summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "steps": config.steps,
@@ -234,6 +253,8 @@ def run_dymu() -> train_lib.TrainResult:
       if stage == "edge":
         runs.check_affinity(workdir, runs.affinity_signature(values, source["anchor_dir"],
                                                              source["anchor_step"]))
+      workdir_guard.check_resume_flags(workdir, values, allow=FLAGS.allow_changed_flags,
+                                       ignore_prefix="dymu_")
       summaries[stage] = {**done, "workdir": workdir}
       print(f"DYMU stage {stage}: already trained ({done['steps']} steps) in {workdir}",
             flush=True)
@@ -241,6 +262,8 @@ def run_dymu() -> train_lib.TrainResult:
     inputs, source = runs.dymu_stage_inputs(stage, values, train_source, workdir,
                                             plot=is_chief)
     _check_resume(workdir, stage, source)
+    workdir_guard.check_resume_flags(workdir, values, allow=FLAGS.allow_changed_flags,
+                                     ignore_prefix="dymu_")
     method = common.build_method(values, train_source.tasks, axis_name=axis_name,
                                  inputs=inputs)
     config = dataclasses.replace(train_config(), steps=stage_steps[stage])
