@@ -88,6 +88,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from dymu_jax import files as files_lib
 from experiments import cli_help
 from experiments import common
 from experiments import runs
@@ -325,8 +326,8 @@ def cached_encoder_scores(run, calibration, validation, signature) -> dict:
 
   scores = ecmt.score_encoders(method, run.variables, calibration, validation,
                                progress=progress)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump({"signature": signature, "scores": [[list(e), s] for e, s in scores.items()]}, f)
+  files_lib.write_json(path, {"signature": signature,
+                              "scores": [[list(e), s] for e, s in scores.items()]}, indent=None)
   return scores
 
 
@@ -1088,7 +1089,7 @@ def plot_sweeps(results: dict, output_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     files.append("cost_vs_preference.png")
-    fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+    files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
     plt.close(fig)
   if len(names) == 2:
     fig, ax = plt.subplots(figsize=(4.6, 4))
@@ -1103,7 +1104,7 @@ def plot_sweeps(results: dict, output_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     files.append("tradeoff_front.png")
-    fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+    files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
     plt.close(fig)
   fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
   for i, name in enumerate(names):
@@ -1120,7 +1121,7 @@ def plot_sweeps(results: dict, output_dir: str) -> list[str]:
   axes[0, -1].legend(fontsize=7)
   fig.tight_layout()
   files.append("controllability.png")
-  fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+  files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
   plt.close(fig)
   return files
 
@@ -1279,7 +1280,7 @@ def plot(results: dict, output_dir: str) -> list[str]:
     axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
     files.append("controllability.png")
-    fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+    files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
     plt.close(fig)
   if rows and len(names) == 2:
     fig, ax = plt.subplots(figsize=(4.6, 4))
@@ -1294,7 +1295,7 @@ def plot(results: dict, output_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     files.append("tradeoff_front.png")
-    fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+    files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
     plt.close(fig)
   grid = np.asarray(results["budget_check"]["macs_by_budget"], np.float64)
   if len(grid):
@@ -1310,7 +1311,7 @@ def plot(results: dict, output_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     files.append("cost_vs_budget.png")
-    fig.savefig(os.path.join(output_dir, files[-1]), dpi=110)
+    files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
     plt.close(fig)
   return files
 
@@ -1340,11 +1341,9 @@ def run_evaluation() -> dict:
   if (results.get("routing") or {}).get("heatmap"):  # gradsplit: written by gradsplit_routing
     plots = [results["routing"]["heatmap"]]
   results["plots"] = plots
-  with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
+  files_lib.write_json(os.path.join(output_dir, "results.json"), results, indent=1)
   report = markdown(results, plots)
-  with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(report)
+  files_lib.atomic_write(os.path.join(output_dir, "report.md"), report)
   print(report)
   print(f"wrote {output_dir}/results.json, report.md and {len(plots)} plot(s) in "
         f"{results['seconds']:.0f} s")

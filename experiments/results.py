@@ -56,6 +56,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from dymu_jax import files as files_lib
 from experiments import cli_help
 from experiments import common
 from experiments import runs
@@ -761,7 +762,7 @@ def plot_fronts(members: Sequence[dict], path: str) -> bool:
   ax.legend(fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  files_lib.save_figure(fig, path, dpi=110)
   plt.close(fig)
   return True
 
@@ -922,7 +923,7 @@ def plot_cost_vs_hv(series: Sequence[dict], reference: Sequence[float], path: st
   ax.grid(alpha=0.3)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  files_lib.save_figure(fig, path, dpi=110)
   plt.close(fig)
   return True
 
@@ -1182,8 +1183,7 @@ def main(argv):
                        f"it, or choose another --output.")
     os.makedirs(os.path.dirname(output), exist_ok=True)
     text = render(found, notes, output, FLAGS.flags_dir, FLAGS.copy_plots)
-    with open(output, "w", encoding="utf-8") as f:
-      f.write(text)
+    files_lib.atomic_write(output, text)
     print(f"{len(found)} runs -> {output}" + (f" ({len(notes)} folders skipped)" if notes
                                               else ""))
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dymu_jax import files as files_lib
 from experiments import common
 from dymu_jax import data as data_lib
 from dymu_jax.metrics import tasks as metrics_lib
@@ -227,7 +228,7 @@ def plot_affinity(record: Mapping[str, Any], path: str) -> None:
                f"K={record['num_images']})", fontsize=8)
   fig.colorbar(image, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  files_lib.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -381,8 +382,7 @@ def _affinity_record(anchor_run: TrainedRun, values: Mapping[str, Any], train_so
             "task_weights": list(weights),
             "signature": signature}
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, AFFINITY_FILE), "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1)
+  files_lib.write_json(os.path.join(workdir, AFFINITY_FILE), record, indent=1)
   if plot:
     plot_affinity(record, os.path.join(workdir, AFFINITY_PLOT))
   return record
@@ -514,9 +514,7 @@ def write_anchor_report(run: TrainedRun, source, workdir: str) -> str:
   """Computes the anchor report of a finished anchor stage on `source`; writes JSON and
   Markdown into `workdir` and returns the Markdown."""
   report = anchor_report(run.method, run.variables, source, run.train_source.image_shape)
-  with open(os.path.join(workdir, ANCHOR_REPORT), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  files_lib.write_json(os.path.join(workdir, ANCHOR_REPORT), report, indent=1)
   text = anchor_report_markdown(report)
-  with open(os.path.join(workdir, ANCHOR_REPORT_MD), "w", encoding="utf-8") as f:
-    f.write(text)
+  files_lib.atomic_write(os.path.join(workdir, ANCHOR_REPORT_MD), text)
   return text

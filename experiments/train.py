@@ -29,6 +29,7 @@ from absl import flags
 from absl import logging
 import jax
 
+from dymu_jax import files as files_lib
 from experiments import cli_help
 from experiments import common
 from experiments import runs
@@ -135,8 +136,7 @@ def run_single() -> train_lib.TrainResult:
                            run_metadata={"flags": common.flag_values()}, augment=augment)
   summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "steps": config.steps,
              "seconds": round(result.seconds, 1), "eval": result.eval_metrics}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  files_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=1)
   # Methods with a learned structure write it next to the run (gradsplit: routing + heat map).
   save_routing = getattr(method, "save_routing", None)
   if save_routing is not None and jax.process_index() == 0:
@@ -285,8 +285,7 @@ def run_dymu() -> train_lib.TrainResult:
                "steps": config.steps, "seconds": round(result.seconds, 1),
                "eval": result.eval_metrics}
     if is_chief:
-      with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+      files_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=1)
     summaries[stage] = {**summary, "workdir": workdir}
     print(common.format_eval(result.eval_metrics, train_source.tasks))
     if stage == "anchor" and is_chief:
@@ -301,8 +300,7 @@ def run_dymu() -> train_lib.TrainResult:
                "steps": sum(s["steps"] for s in summaries.values()),
                "seconds": round(sum(s["seconds"] for s in summaries.values()), 1),
                "eval": last["eval"], "stages": summaries}
-    with open(os.path.join(root, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+    files_lib.write_json(os.path.join(root, "summary.json"), summary, indent=1)
     print(f"DYMU stages done: {', '.join(stages)}; summary in {root}/summary.json")
   return result
 

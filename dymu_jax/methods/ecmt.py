@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dymu_jax import files as files_lib
 from dymu_jax import losses
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import base as data_lib
@@ -622,8 +623,7 @@ class CostTable:
         decoder_macs=np.asarray(record["decoder_macs"], np.int64))
 
   def save(self, path: str | os.PathLike) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(self.to_json(), f)
+    files_lib.write_json(path, self.to_json(), indent=None)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> CostTable:

@@ -80,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dymu_jax import files as files_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods.static import weighted_task_loss
 from dymu_jax.models import backbones
@@ -771,8 +772,7 @@ class GradSplitMethod:
     os.makedirs(directory, exist_ok=True)
     record = self.routing_record(variables, step)
     paths = [os.path.join(directory, ROUTING_FILE)]
-    with open(paths[0], "w", encoding="utf-8") as f:
-      json.dump(record, f, indent=1)
+    files_lib.write_json(paths[0], record, indent=1)
     if plot:
       paths.append(os.path.join(directory, HEATMAP_FILE))
       plot_routing(record, paths[-1])
@@ -842,7 +842,7 @@ def plot_routing(record: Mapping[str, Any], path: str) -> None:
         ax.set_ylabel(f"{label}\ngroup t", fontsize=7)
       ax.set_title(title, fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files_lib.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 

@@ -27,6 +27,7 @@ import chex
 import jax
 import numpy as np
 
+from dymu_jax import files as files_lib
 from dymu_jax.data import base as data_lib
 from dymu_jax.train import checkpoint as checkpoint_lib
 from dymu_jax.train import optim
@@ -162,6 +163,28 @@ class MetricWriter:
     begin = (f"resuming at step {start} of {steps}" if start else f"training {steps} steps")
     return (f"{begin}\n  metrics: {self.path}\n  TensorBoard event files: {events}\n"
             f"  checkpoints: {checkpoint_dir}")
+
+  def truncate_after(self, step: int) -> int:
+    """Drops unreadable lines (a partial last line after a kill) and the records of steps after
+    `step` (written after the checkpoint a resumed run continues from: those steps run again,
+    so the file keeps one record per step). Returns how many lines were dropped."""
+    if not self.enabled or not os.path.exists(self.path):
+      return 0
+    kept, dropped = [], 0
+    with open(self.path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          record = None
+        if (not line.endswith("\n") or not isinstance(record, dict)
+            or record.get("step", 0) > step):
+          dropped += 1
+          continue
+        kept.append(line)
+    if dropped:
+      files_lib.atomic_write(self.path, "".join(kept))
+    return dropped
 
   def write(self, step: int, split: str, scalars: Mapping[str, float], **extra) -> None:
     if not self.enabled:
@@ -370,6 +393,10 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
     writer = MetricWriter(workdir, enabled=is_chief)
     if is_chief:
       print(writer.describe(checkpointer.directory, start, config.steps), flush=True)
+      dropped = writer.truncate_after(start)
+      if dropped:
+        print(f"  {METRICS_FILE}: dropped {dropped} line(s) written after step {start} or cut "
+              f"off by a kill; those steps run again from the checkpoint", flush=True)
     train_metrics, eval_metrics = {}, {}
 
     def evaluate(step, canonical):
