@@ -1,4 +1,6 @@
 """Atomic file writes: every JSON, Markdown, plot and cache file of a run goes through here.
+(`read_json` is the reading side: a file that does not parse is named in one sentence, so that
+caches are rebuilt and summaries rewritten instead of failing with an unnamed JSON error.)
 
 A write goes to a temporary file in the same folder, is flushed to disk, and is renamed over
 the target (`os.replace`, atomic on POSIX and Windows), so a crash, a kill or a full disk
@@ -33,6 +35,28 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     if os.path.exists(temporary):
       os.remove(temporary)
     raise
+
+
+class DamagedFile(ValueError):
+  """A run file that exists but does not parse (e.g. cut short by a kill before writes were
+  atomic, or edited by hand)."""
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """The JSON value in `path`.
+
+  Raises:
+    DamagedFile: the file is not UTF-8 JSON (one sentence naming it and where it breaks).
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, "rb") as f:
+      return json.loads(f.read().decode("utf-8"))
+  except json.JSONDecodeError as error:
+    raise DamagedFile(f"{path} is damaged ({error.msg} at line {error.lineno}, column "
+                      f"{error.colno})") from None
+  except UnicodeDecodeError:
+    raise DamagedFile(f"{path} is damaged (not UTF-8 text)") from None
 
 
 def write_json(path: str | os.PathLike, value: Any, indent: int | None = 1) -> None:

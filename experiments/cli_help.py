@@ -108,14 +108,26 @@ def given_flags() -> list[str]:
   return [name for name in FLAGS if FLAGS[name].present]
 
 
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """`FLAGS(argv)`; a bad flag (unknown, not a number, out of range) stops like every other
+  user error: `error: <one sentence naming the flag>` on stderr and exit status 2."""
+  try:
+    return FLAGS(list(argv))
+  except flags.Error as error:
+    message = " ".join(str(error).split())
+    print(f"error: {message}{'' if message.endswith('.') else '.'}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run(main: Callable, doc: str, groups: Sequence[tuple[str, Sequence[str]]]) -> None:
-  """`absl.app.run(main)`, with `--help` showing `groups` instead of the main module's flags."""
+  """`absl.app.run(main)`, with `--help` showing `groups` instead of the main module's flags
+  and bad flags reported in one sentence (`parse_flags`)."""
 
   def parse(argv):
     args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
     if any(a in HELP_ARGS for a in args):
       print(help_text(doc, groups))
       sys.exit(0)
-    return app.parse_flags_with_usage(argv)
+    return parse_flags(argv)
 
   app.run(main, flags_parser=parse)

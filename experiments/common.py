@@ -9,9 +9,12 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import errno
 import inspect
 import json
+import math
 import os
+import re
 import sys
 from typing import Any, Mapping
 
@@ -23,12 +26,50 @@ from dymu_jax import methods as methods_lib
 from dymu_jax import models
 from dymu_jax.models import branched
 
+
+def require_number(name: str, lower: float | None = None, upper: float | None = None, *,
+                   open_lower: bool = False, open_upper: bool = False,
+                   flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Refuses NaN, infinity and values outside the range of the float flag `name` while the
+  flags are parsed, naming the range (absl's own bounds let NaN and infinity through)."""
+  if lower is not None and upper is not None:
+    allowed = (f"in {'(' if open_lower else '['}{lower:g}, {upper:g}"
+               f"{')' if open_upper else ']'}")
+  elif lower is not None:
+    allowed = f"{'>' if open_lower else '>='} {lower:g}"
+  elif upper is not None:
+    allowed = f"{'<' if open_upper else '<='} {upper:g}"
+  else:
+    allowed = ""
+
+  def check(value) -> bool:
+    if value is None:  # the flag's "not set" default
+      return True
+    return (math.isfinite(value)
+            and (lower is None or (value > lower if open_lower else value >= lower))
+            and (upper is None or (value < upper if open_upper else value <= upper)))
+
+  flags.register_validator(name, check, message=f"must be a finite number {allowed}".strip(),
+                           flag_values=flag_values)
+
+
+def require_integer(name: str, lower: int, meaning: str = "",
+                    flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Refuses values of the integer flag `name` below `lower` while the flags are parsed;
+  `meaning` names a sentinel (e.g. "-1 = the backbone's default")."""
+  note = f" ({meaning})" if meaning else ""
+  flags.register_validator(name, lambda value: value is None or value >= lower,
+                           message=f"must be a whole number >= {lower}{note}",
+                           flag_values=flag_values)
+
+
 # --- run ---
 flags.DEFINE_string("workdir", None,
                     "The run's folder: checkpoints, metrics.jsonl, event files, summary.json "
                     "(train writes it; evaluate and export read it).")
 flags.DEFINE_integer("eval_batch_size", 0,
-                     "Evaluation batch size; 0 = --batch_size when training, 256 otherwise.")
+                     "Evaluation batch size; 0 = --batch_size when training, 256 otherwise.",
+                     lower_bound=0)
 
 # --- data ---
 flags.DEFINE_string("dataset", "synthetic",
@@ -39,12 +80,18 @@ flags.DEFINE_string("data_dir", None,
                     "with utkface_32x32.npz; arrays: an .npz; cifar100_mtl: a TFDS data_dir; "
                     "nyud / pascal_context: the NYUD_MT / PASCAL_MT folder.")
 flags.DEFINE_list("tasks", [], "Tasks to train, comma-separated; empty = all of the dataset's.")
-flags.DEFINE_integer("data_seed", 0, "Seed of how the dataset is built and split.")
-flags.DEFINE_integer("image_size", 0, "Image side length; 0 keeps the dataset's own size.")
-flags.DEFINE_integer("num_train", 0, "Training examples to build or keep; 0 = dataset default.")
-flags.DEFINE_integer("num_test", 0, "Test examples to build or keep; 0 = dataset default.")
+flags.DEFINE_integer("data_seed", 0, "Seed of how the dataset is built and split.",
+                     lower_bound=0)
+flags.DEFINE_integer("image_size", 0, "Image side length; 0 keeps the dataset's own size (each "
+                     "backbone has a smallest size it accepts, e.g. 20 px for lenet).",
+                     lower_bound=0)
+flags.DEFINE_integer("num_train", 0, "Training examples to build or keep; 0 = dataset default.",
+                     lower_bound=0)
+flags.DEFINE_integer("num_test", 0, "Test examples to build or keep; 0 = dataset default.",
+                     lower_bound=0)
 flags.DEFINE_float("test_fraction", 0.2,
                    "Held-out fraction for datasets without an official split (utkface, arrays).")
+require_number("test_fraction", 0, 1, open_lower=True, open_upper=True)
 flags.DEFINE_string("task_spec", "",
                     "For --dataset=arrays: a JSON file or 'name:kind[:outputs],...' giving the "
                     "kind of each label array.")
@@ -55,7 +102,8 @@ flags.DEFINE_bool("augment", False,
 flags.DEFINE_string("backbone", "resnet_small",
                     "Encoder: lenet, resnet_small, resnet18, resnet34 or mobilenet_v2.")
 flags.DEFINE_integer("head_width", 0,
-                     "Hidden width of every task decoder; 0 takes the backbone's default.")
+                     "Hidden width of every task decoder; 0 takes the backbone's default.",
+                     lower_bound=0)
 flags.DEFINE_bool("head_batch_norm", False,
                   "Batch norm in the hidden layers of the classification/regression heads "
                   "(recalibrated per SubNet under ECMT; see dymu_jax/models/decoders.py).")
@@ -77,12 +125,38 @@ def data_config(values: Mapping[str, Any] | None = None) -> data_lib.DataConfig:
 
 
 def load_sources(values: Mapping[str, Any] | None = None):
-  """(train source, test source) restricted to `--tasks`."""
+  """(train source, test source) restricted to `--tasks`; an empty split stops with one
+  sentence (an empty test split would put NaN metrics in summary.json)."""
   v = _values(values)
   config = data_config(v)
   train = data_lib.load(config, "train").with_tasks(v["tasks"] or None)
   test = data_lib.load(config, "test").with_tasks(v["tasks"] or None)
+  for source in (train, test):
+    if not len(source):
+      raise ValueError(f"The {source.split} split of {source.name} is empty ({len(train)} "
+                       f"training and {len(test)} test examples), so there is nothing to "
+                       f"{'train on' if source is train else 'evaluate'}; give the dataset more "
+                       f"examples or change --test_fraction={v['test_fraction']:g}.")
   return train, test
+
+
+def check_data_fits(train_source, batch_size: int, values: Mapping[str, Any] | None = None
+                    ) -> None:
+  """Before any tracing: one batch of --batch_size fits the training split, and its images
+  are as large as the backbone needs (`backbones.min_image_size`)."""
+  v = _values(values)
+  if len(train_source) < batch_size:
+    raise ValueError(f"The training split of {train_source.name} has {len(train_source)} "
+                     f"example(s), fewer than one batch of --batch_size={batch_size}; lower "
+                     f"--batch_size or give the dataset more examples.")
+  height, width = train_source.image_shape[:2]
+  backbone = v["backbone"]
+  options = parse_options(v.get("backbone_options") or [], "--backbone_options")
+  minimum = models.backbones.min_image_size(backbone, options)
+  if min(height, width) < minimum:
+    raise ValueError(f"--backbone={backbone} needs images of at least {minimum}x{minimum} px, "
+                     f"but the {train_source.name} images are {height}x{width}; set "
+                     f"--image_size={minimum} or more, or choose another --backbone.")
 
 
 def _values(values: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -105,9 +179,22 @@ def flag_values() -> dict:
   return values
 
 
-def ensure_workdir(path: str) -> str:
+def ensure_workdir(path: str, flag: str = "--workdir") -> str:
+  """`path` as an absolute, existing, writable folder (created if missing); a file in the way
+  or a folder we may not write stops with one sentence naming `flag`."""
   path = os.path.abspath(os.path.expanduser(path))
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    what = "it" if existing == path else existing
+    raise ValueError(f"{flag} needs the folder {path}, but {what} is a file; choose another "
+                     f"{flag}.")
   os.makedirs(path, exist_ok=True)
+  if hasattr(os, "statvfs") and os.statvfs(path).f_flag & os.ST_RDONLY:
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
   return path
 
 
@@ -258,15 +345,17 @@ flags.DEFINE_list("dymu_stage_steps", [],
                   "--dymu_pretrain_steps.")
 flags.DEFINE_integer("dymu_pretrain_steps", 1000,
                      "DYMU with --dymu_anchor_init=trunk: steps of the pretrain stage (one trunk "
-                     "trained with hard sharing on every task).")
+                     "trained with hard sharing on every task).", lower_bound=1)
 flags.DEFINE_float("dymu_anchor_learning_rate", 0.0,
                    "DYMU: learning rate of the anchor stage (the streams' fine-tuning from the "
                    "trunk: keep it small so the streams stay close); 0 = --learning_rate.")
+require_number("dymu_anchor_learning_rate", 0)
 flags.DEFINE_integer("dymu_validation_examples", 2000,
                      "DYMU: training examples held out of the pretrain and anchor stages; the "
                      "anchor's task losses on them set the task weights, and the anchor report "
                      "(stream divergence, cost of each one-edge change) is measured on them. "
-                     "0 = hold none out (the weights then come from training images).")
+                     "0 = hold none out (the weights then come from training images).",
+                     lower_bound=0)
 flags.DEFINE_enum("dymu_task_weights", "validation", ["validation", "train", "uniform"],
                   "DYMU: w_i of the edge and weight stages: 1 / the anchor's loss of task i on "
                   "the held-out examples ('validation'), on training images ('train', the "
@@ -283,28 +372,35 @@ flags.DEFINE_enum("dymu_use_gradient", "stop", list(methods_lib.dymu.USE_GRADIEN
 flags.DEFINE_integer("dymu_head_hidden_layers", -1,
                      "DYMU: hidden layers of every decoder; -1 = the backbone's default (lenet 0, "
                      "resnet_small 1). --head_batch_norm needs at least 1.")
+require_integer("dymu_head_hidden_layers", -1, "-1 = the backbone's default")
 flags.DEFINE_float("dymu_lambda_active", 1.0,
                    "DYMU: lambda_A, weight of the active-task sharing term (1 in the paper, "
                    "0.05 in a related filing).")
+require_number("dymu_lambda_active", 0)
 flags.DEFINE_float("dymu_lambda_inactive", 0.1,
                    "DYMU: lambda_I, weight of the term that pulls inactive tasks onto their "
                    "nearest active task; 0 turns it off.")
+require_number("dymu_lambda_inactive", 0)
 flags.DEFINE_float("dymu_tau_factor", 0.6,
                    "DYMU: task i is active when r_i >= tau = dymu_tau_factor / N; 0 makes every "
                    "task active.")
+require_number("dymu_tau_factor", 0, 1)
 flags.DEFINE_float("dymu_dirichlet_alpha", 0.2,
                    "DYMU: training preferences are drawn from Dirichlet(alpha 1_N).")
+require_number("dymu_dirichlet_alpha", 0, open_lower=True)
 flags.DEFINE_float("dymu_initial_temperature", 5.0,
                    "DYMU: initial Gumbel-softmax temperature of the edge stage.")
+require_number("dymu_initial_temperature", 0, open_lower=True)
 flags.DEFINE_float("dymu_temperature_decay", 0.97,
                    "DYMU: the temperature is multiplied by this every --dymu_temperature_every "
                    "steps.")
+require_number("dymu_temperature_decay", 0, 1, open_lower=True)
 flags.DEFINE_integer("dymu_temperature_every", 300,
                      "DYMU: steps between temperature decays (300 at the paper's 30k steps per "
-                     "stage; scale it with the edge stage's steps).")
+                     "stage; scale it with the edge stage's steps).", lower_bound=1)
 flags.DEFINE_integer("dymu_embedding_features", 32,
                      "DYMU: dimension of the task and resource embeddings of both "
-                     "hypernetworks.")
+                     "hypernetworks.", lower_bound=1)
 flags.DEFINE_list("dymu_edge_hidden", ["100", "100"],
                   "DYMU: hidden widths of the edge hypernetwork's MLP.")
 flags.DEFINE_list("dymu_weight_hidden", ["100", "100", "100"],
@@ -312,6 +408,7 @@ flags.DEFINE_list("dymu_weight_hidden", ["100", "100", "100"],
 flags.DEFINE_float("dymu_self_logit", 0.0,
                    "DYMU: initial bias of every child's own-stream parent logit (0: uniform "
                    "start).")
+require_number("dymu_self_logit")
 flags.DEFINE_enum("dymu_anchor_init", "trunk", list(methods_lib.dymu.ANCHOR_INITS),
                   "DYMU: how the anchor's single-task streams start. 'trunk' (the paper's "
                   "recipe): copies of one trunk trained with hard sharing (the pretrain stage), "
@@ -324,21 +421,25 @@ flags.DEFINE_list("dymu_eval_resources", ["0", "1"],
 flags.DEFINE_integer("dymu_affinity_images", 128,
                      "DYMU: training images K of the RSA task affinity (computed once, on the "
                      "frozen anchor, before the edge stage).")
+require_integer("dymu_affinity_images", 2)
 flags.DEFINE_enum("dymu_affinity_normalisation", "row", list(methods_lib.affinity.NORMALISATIONS),
                   "DYMU: 'row' divides each row of the RSA distances by its maximum (the spec; "
                   "with 2 tasks it makes A the identity); 'pair' divides each distance by its "
                   "own bound and keeps a graded affinity for 2 tasks.")
 flags.DEFINE_integer("dymu_task_weight_examples", 512,
                      "DYMU: training images on which the anchor's single-task losses L_i are "
-                     "measured; the edge and weight stages weight task i by 1 / L_i.")
+                     "measured; the edge and weight stages weight task i by 1 / L_i.",
+                     lower_bound=1)
 flags.DEFINE_float("phn_dirichlet_alpha", 0.2,
                    "PHN, PHN-BN: training preferences are drawn from Dirichlet(alpha 1_N).")
+require_number("phn_dirichlet_alpha", 0, open_lower=True)
 flags.DEFINE_list("phn_hidden", ["100", "100"],
                   "PHN, PHN-BN: hidden widths of the hypernetwork's preference MLP.")
 flags.DEFINE_integer("phn_chunk_size", 1024,
-                     "PHN, PHN-BN: generated values per chunk (0: one head for all values).")
+                     "PHN, PHN-BN: generated values per chunk (0: one head for all values).",
+                     lower_bound=0)
 flags.DEFINE_integer("phn_chunk_features", 32,
-                     "PHN, PHN-BN: dimension of the learned chunk embeddings.")
+                     "PHN, PHN-BN: dimension of the learned chunk embeddings.", lower_bound=1)
 
 DYMU_STAGES = methods_lib.dymu.STAGES
 # Runtime inputs of the later DYMU stages (not flags): see `experiments.runs.dymu_stage_inputs`.
@@ -502,13 +603,34 @@ def build_method(values: Mapping[str, Any] | None = None, tasks=None, *,
 
 
 def parse_floats(values, flag: str) -> tuple[float, ...] | None:
-  """A list flag of numbers as floats; None when empty; one sentence when not numbers."""
+  """A list flag of numbers as floats; None when empty; one sentence when not finite numbers."""
   if not values:
     return None
   try:
-    return tuple(float(v) for v in values)
+    numbers = tuple(float(v) for v in values)
   except ValueError:
-    raise ValueError(f"{flag} must be comma-separated numbers, got {','.join(values)!r}.")
+    raise ValueError(f"{flag} must be comma-separated numbers, got "
+                     f"{','.join(values)!r}.") from None
+  if not all(math.isfinite(x) for x in numbers):
+    raise ValueError(f"{flag} must be finite numbers (no nan or inf), got {','.join(values)}.")
+  return numbers
+
+
+def check_task_weights(values: Mapping[str, Any] | None = None) -> None:
+  """--task_weights before any data is read: numbers >= 0, not all 0, and one per task of
+  --tasks when those are listed (otherwise the method checks the count against the data)."""
+  v = _values(values)
+  weights = parse_floats(v.get("task_weights") or [], "--task_weights")
+  if weights is None:
+    return
+  shown = ",".join(v["task_weights"])
+  if min(weights) < 0 or max(weights) == 0:
+    raise ValueError(f"--task_weights={shown} must be numbers >= 0, not all 0 (one loss weight "
+                     f"per task, in task order).")
+  if v.get("tasks") and len(weights) != len(v["tasks"]):
+    raise ValueError(f"--task_weights={shown} gives {len(weights)} weight(s) for the "
+                     f"{len(v['tasks'])} tasks of --tasks={','.join(v['tasks'])}; give one per "
+                     f"task, in that order.")
 
 
 def format_eval(eval_metrics: dict, tasks) -> str:
@@ -523,21 +645,57 @@ def format_eval(eval_metrics: dict, tasks) -> str:
   return "\n".join(lines)
 
 
-# Errors that come from what the user asked for (flags, data, a diverging run): reported as
-# one sentence; --traceback shows the full stack.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+# Errors that come from what the user asked for (flags, data, a diverging run, a folder that
+# cannot be written, a full disk): reported as one sentence; --traceback shows the full stack.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)
 flags.DEFINE_bool("traceback", False, "Show the full traceback of errors, not one sentence.")
+
+# OS errors by what they mean for the user: nothing can be written there, or a path is a file
+# where a folder is needed (or the reverse).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
+_PATH_ERRNOS = {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+# How tensorstore (under orbax's checkpoints) reports a full disk: a ValueError naming the file.
+_FULL_DISK_TEXT = "No space left on device"
+_TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def describe_error(error: BaseException, folders: str = "--workdir") -> str:
+  """One sentence for a user-facing error: its own message, or for an OS error (which has an
+  errno; the messages our code raises have none) the path, the reason and what to do."""
+  if isinstance(error, ValueError) and _FULL_DISK_TEXT in str(error):
+    found = _TENSORSTORE_FILE.search(str(error))
+    error = OSError(errno.ENOSPC, _FULL_DISK_TEXT, found.group(1) if found else None)
+  if not isinstance(error, OSError) or error.errno is None:
+    return str(error)
+  path = error.filename if error.filename is not None else error.filename2
+  where = f" {os.fspath(path)}" if path is not None else ""
+  reason = f"{error.strerror or os.strerror(error.errno)} (errno {error.errno})"
+  if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    return (f"cannot write{where}: {reason}; free some space or choose a folder on another "
+            f"disk with {folders}.")
+  if error.errno in _WRITE_ERRNOS | _ACCESS_ERRNOS:
+    return f"cannot write{where}: {reason}; choose a writable folder with {folders}."
+  if error.errno in _PATH_ERRNOS:
+    return (f"cannot use{where}: {reason}; a file stands where a folder is needed (or the "
+            f"reverse), so choose another path with {folders}.")
+  if error.errno == errno.ENOENT:
+    return f"cannot open{where}: {reason}."
+  return f"cannot read or write{where}: {reason}."
 
 
 @contextlib.contextmanager
-def user_errors():
-  """Turns user-facing errors into one line on stderr and exit status 2."""
+def user_errors(folders: str = "--workdir"):
+  """Turns user-facing errors into one line on stderr and exit status 2; `folders` names the
+  flags of the command's output folders (OS errors suggest choosing another one)."""
   try:
     yield
   except USER_ERRORS as error:
     if FLAGS.traceback:
       raise
-    print(f"error: {error}", file=sys.stderr)
+    print(f"error: {describe_error(error, folders)}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -131,27 +131,32 @@ flags.DEFINE_enum("preference_grid", "rays", list(PREFERENCE_GRIDS),
                   "seeded by --preference_seed; the sweep before this flag existed).")
 flags.DEFINE_integer("num_preferences", 25,
                      "Preferences of the sweep: the number of rays or random draws, or the "
-                     "least number of Das-Dennis points (25: PHN's 25 evaluation rays).")
-flags.DEFINE_integer("preference_seed", 0, "Seed of --preference_grid=random.")
+                     "least number of Das-Dennis points (25: PHN's 25 evaluation rays).",
+                     lower_bound=1)
+flags.DEFINE_integer("preference_seed", 0, "Seed of --preference_grid=random.", lower_bound=0)
 flags.DEFINE_integer("calibration_examples", 512,
-                     "Training images that re-estimate each SubNet's batch-norm statistics.")
+                     "Training images that re-estimate each SubNet's batch-norm statistics.",
+                     lower_bound=1)
 flags.DEFINE_integer("score_examples", 256,
-                     "Held-out training images that score the encoder configurations.")
+                     "Held-out training images that score the encoder configurations.",
+                     lower_bound=1)
 flags.DEFINE_float("decoder_reserve", ecmt.DECODER_RESERVE,
                    "ECMT search: fraction of the decoders' MACs span kept free for the "
                    "preference.")
+common.require_number("decoder_reserve", 0, 1)
 flags.DEFINE_integer("budget_check_points", 41,
                      "Budgets from the smallest SubNet to the SuperNet checked for MACs <= "
-                     "budget.")
+                     "budget.", lower_bound=1)
 flags.DEFINE_integer("max_test_examples", 0, "Evaluate on at most this many test examples; "
-                     "0 = all.")
+                     "0 = all.", lower_bound=0)
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
 flags.DEFINE_list("resources", ["0", "1"],
                   "DYMU: resource preferences c of the sweep (0: no sharing pressure, 1: the "
                   "most frugal).")
 flags.DEFINE_integer("cost_preferences", 1000,
                      "DYMU: preferences (uniform on the simplex) over which the mean fraction "
-                     "of the anchor's MACs and parameters in use is measured, per c.")
+                     "of the anchor's MACs and parameters in use is measured, per c.",
+                     lower_bound=1)
 flags.DEFINE_list("hv_reference", [],
                   "ECMT, DYMU, PHN, PHN-BN: the hypervolume reference point in test-loss "
                   "space, one number per task, for every sweep of the run (give the same one to "
@@ -309,10 +314,13 @@ def cached_encoder_scores(run, calibration, validation, signature) -> dict:
   checkpoint and these held-out images."""
   path = os.path.join(run.workdir, "encoder_scores.json")
   if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
-    if record.get("signature") == signature:
-      return {tuple(e): float(s) for e, s in record["scores"]}
+    try:
+      record = files_lib.read_json(path)
+      if record.get("signature") == signature:
+        return {tuple(e): float(s) for e, s in record["scores"]}
+    except (files_lib.DamagedFile, AttributeError, KeyError, TypeError, ValueError) as error:
+      print(f"{error if isinstance(error, files_lib.DamagedFile) else f'{path} is damaged'}; "
+            f"scoring again.", flush=True)
   method = run.method
   started = time.time()
   total = len(ecmt.encoder_configs(method.num_stages, method.width_choices))
@@ -397,11 +405,9 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
 
   prefs, preference_record = _sweep_preferences(len(tasks))
   cap = bool(FLAGS.ecmt_preference_cap)
-  budgets = common.parse_floats(FLAGS.budgets, "--budgets") or ()
+  budgets = _budgets()
   rows, skipped = [], []
   for budget in budgets:
-    if not 0 < budget <= 1:
-      raise ValueError(f"--budgets are fractions of the SuperNet's MACs in (0, 1], got {budget}.")
     if budget * full < smallest:
       skipped.append(budget)
       print(f"budget {budget}: below the smallest SubNet ({smallest / full:.3f} of the "
@@ -539,7 +545,8 @@ def gradsplit_routing(run: runs.TrainedRun) -> dict:
   --noplots).
   """
   method: gradsplit.GradSplitMethod = run.method
-  output_dir = common.ensure_workdir(FLAGS.output_dir or os.path.join(run.workdir, "eval"))
+  output_dir = common.ensure_workdir(FLAGS.output_dir or os.path.join(run.workdir, "eval"),
+                                    "--output_dir")
   for directory in dict.fromkeys([run.workdir, output_dir]):
     method.save_routing(run.variables, directory, step=run.step, plot=FLAGS.plots)
   record = method.routing_record(run.variables, run.step)
@@ -713,6 +720,22 @@ def versus_anchor(mean_metric: dict, anchor_metrics: dict, metric_names: dict,
     out[name] = {"metric": metric_names[name], "sweep_mean": float(mean), "anchor": anchor,
                  "ratio": ratio}
   return out
+
+
+def _budgets() -> tuple[float, ...]:
+  budgets = common.parse_floats(FLAGS.budgets, "--budgets") or ()
+  for budget in budgets:
+    if not 0 < budget <= 1:
+      raise ValueError(f"--budgets are fractions of the SuperNet's MACs in (0, 1], got {budget}.")
+  return budgets
+
+
+def check_list_flags() -> None:
+  """The list flags' numbers, before the run is loaded (their counts per task come later)."""
+  _budgets()
+  _resources()
+  parse_cost_band(FLAGS.cost_band)
+  common.parse_floats(FLAGS.hv_reference, "--hv_reference")
 
 
 def _resources() -> list[float]:
@@ -1323,8 +1346,12 @@ def run_evaluation() -> dict:
   # The parent folder of a --dymu_stage=all run evaluates its newest stage; results go to
   # <the given folder>/eval.
   given = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+  check_list_flags()
+  if FLAGS.output_dir:  # an output folder that cannot be written stops before the run loads
+    common.ensure_workdir(FLAGS.output_dir, "--output_dir")
   run = runs.load_run(runs.resolve_workdir(given), data_dir=FLAGS.data_dir)
-  output_dir = common.ensure_workdir(FLAGS.output_dir or os.path.join(given, "eval"))
+  output_dir = common.ensure_workdir(FLAGS.output_dir or os.path.join(given, "eval"),
+                                    "--output_dir")
   print(f"evaluating {run.method.name} from {run.workdir} (step {run.step})", flush=True)
   if run.method.name == "ecmt":
     results = evaluate_ecmt(run, output_dir)
@@ -1354,7 +1381,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}.")
   common.quiet_logging()
-  with common.user_errors():
+  with common.user_errors("--output_dir"):
     run_evaluation()
 
 

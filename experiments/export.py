@@ -19,6 +19,7 @@ else:
 
 from __future__ import annotations
 
+import math
 import os
 
 from absl import app
@@ -36,6 +37,10 @@ flags.DEFINE_list("preference", [], "Task preference, one number per task in tas
                   "summing to 1; empty = uniform.")
 flags.DEFINE_float("budget", 1.0, "Budget: a fraction of the SuperNet's MACs in (0, 1], or "
                    "MACs per example when above 1.")
+flags.register_validator(
+    "budget", lambda b: math.isfinite(b) and (0 < b <= 1 or (b > 1 and b == int(b))),
+    message="must be a fraction of the SuperNet's MACs in (0, 1] or a whole number of MACs "
+            "per example above 1")
 
 FLAGS = flags.FLAGS
 
@@ -52,6 +57,8 @@ def _budget(value: float):
 def export() -> str:
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the folder of a trained ECMT run.")
+  if FLAGS.output_dir:  # an output folder that cannot be written stops before the search
+    common.ensure_workdir(FLAGS.output_dir, "--output_dir")
   run = runs.load_run(FLAGS.workdir, data_dir=FLAGS.data_dir)
   method = run.method
   if method.name != "ecmt":
@@ -93,7 +100,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}.")
   common.quiet_logging()
-  with common.user_errors():
+  with common.user_errors("--output_dir"):
     export()
 
 

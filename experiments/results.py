@@ -105,10 +105,9 @@ def saved_flags(workdir: str) -> dict | None:
   if not os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)):
     return None
   with checkpoint_lib.Checkpointer(workdir, async_save=False) as checkpointer:
-    step = checkpointer.latest_step()
-    if step is None:
+    if checkpointer.latest_step() is None:
       return None
-    return dict(checkpointer.metadata(step).get("run", {}).get("flags", {}))
+    return dict(checkpointer.metadata().get("run", {}).get("flags", {}))
 
 
 def parse_flag_file(path: str) -> dict[str, str]:
@@ -224,8 +223,11 @@ def load_runs(patterns: Sequence[str]) -> tuple[list[dict], list[str]]:
     if not os.path.isfile(summary_path):
       notes.append(f"{folder}: no summary.json (training not finished)")
       continue
-    with open(summary_path, encoding="utf-8") as f:
-      summary = json.load(f)
+    try:
+      summary = files_lib.read_json(summary_path)
+    except files_lib.DamagedFile as error:
+      notes.append(f"{folder}: {error}; rerun its training command to rewrite it")
+      continue
     values = saved_flags(folder)
     if values is None and summary.get("dymu_stage") == "all":
       values = dymu_parent_flags(folder, summary)
@@ -1169,19 +1171,31 @@ def is_tracked(path: str) -> bool:
   return result.returncode == 0
 
 
+def check_output(output: str) -> None:
+  """The page's folder exists (created if missing) and can be written, and `output` is not a
+  folder; else one sentence naming --output."""
+  if os.path.isdir(output):
+    raise ValueError(f"--output={output} is a folder; give the Markdown file to write, such "
+                     f"as {os.path.join(output, 'results.md')}.")
+  common.ensure_workdir(os.path.dirname(output), "--output")
+
+
 def main(argv):
   del argv
   common.quiet_logging()
-  with common.user_errors():
+  with common.user_errors("--output"):
+    if FLAGS.output:  # a page that cannot be written stops before the runs are read
+      check_output(output_path(FLAGS.output, []))
     found, notes = load_runs(FLAGS.workdirs)
     if not found:
-      raise FileNotFoundError(f"No finished run in {', '.join(FLAGS.workdirs)}; train one "
-                              f"with python -m experiments.train first.")
+      skipped = f" (skipped: {'; '.join(notes)})" if notes else ""
+      raise FileNotFoundError(f"No finished run in {', '.join(FLAGS.workdirs)}{skipped}; "
+                              f"train one with python -m experiments.train first.")
     output = output_path(FLAGS.output, [run["workdir"] for run in found])
     if not FLAGS.overwrite_tracked and is_tracked(output):
       raise ValueError(f"{output} is tracked by git; pass --overwrite_tracked to regenerate "
                        f"it, or choose another --output.")
-    os.makedirs(os.path.dirname(output), exist_ok=True)
+    check_output(output)
     text = render(found, notes, output, FLAGS.flags_dir, FLAGS.copy_plots)
     files_lib.atomic_write(output, text)
     print(f"{len(found)} runs -> {output}" + (f" ({len(notes)} folders skipped)" if notes

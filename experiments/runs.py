@@ -88,15 +88,14 @@ def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:
     raise FileNotFoundError(f"{workdir} has no checkpoints folder; train it first with "
                             f"python -m experiments.train --workdir={workdir}.")
   with checkpoint_lib.Checkpointer(workdir, async_save=False) as checkpointer:
-    step = checkpointer.latest_step()
-    if step is None:
+    if not checkpointer.all_steps():
       raise FileNotFoundError(f"{checkpointer.directory} holds no complete checkpoint; train "
                               f"the run (or let it reach its first checkpoint) first.")
-    metadata = checkpointer.metadata(step)
+    metadata = checkpointer.metadata()  # the newest record that reads
     values = {**_LATER_FLAGS, **dict(metadata.get("run", {}).get("flags", {}))}
     if "method" not in values or "dataset" not in values:
-      raise ValueError(f"Checkpoint {step} in {workdir} does not record the flags it was "
-                       f"trained with; it was not written by experiments.train.")
+      raise ValueError(f"Checkpoint {metadata.get('step')} in {workdir} does not record the "
+                       f"flags it was trained with; it was not written by experiments.train.")
     if data_dir:
       values["data_dir"] = data_dir
     fields = {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
@@ -119,7 +118,9 @@ def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:
     par = train_lib.Parallel("mesh")
     init = state_lib.init_fn(method, config.make_optimizer())
     abstract = par.abstract_state(init, jax.random.PRNGKey(config.seed), sample)
-    state, _ = checkpointer.restore(step, abstract)
+    # The newest checkpoint that reads and verifies: a damaged newer one is reported and
+    # skipped (left in place: evaluation and export do not change a run's folder).
+    step, state, _ = checkpointer.restore_intact(abstract)
   variables = state.variables
   if inputs is not None:
     _, edge, _ = method.parts(variables)
@@ -136,8 +137,12 @@ def summary_metrics(workdir: str) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist; give the workdir of a finished "
                             f"experiments.train run.")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)["eval"]
+  try:
+    return files_lib.read_json(path)["eval"]
+  except (files_lib.DamagedFile, KeyError, TypeError) as error:
+    reason = str(error) if isinstance(error, files_lib.DamagedFile) else f"{path} has no results"
+    raise ValueError(f"{reason}; run the training command of {os.path.dirname(path)} again: it "
+                     f"restores the final checkpoint and rewrites summary.json.") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,39 +47,55 @@ flags.DEFINE_list("task_weights", [],
 # --- ECMT (--method=ecmt; METHODS.md section 2) ---
 flags.DEFINE_integer("num_subnets", 4, "ECMT: configurations per step by the sandwich rule "
                      "(max, min and num_subnets-2 random).")
+common.require_integer("num_subnets", 2, "the largest and smallest SubNets plus random ones")
 flags.DEFINE_float("lambda_kd", 1.0, "ECMT: weight of the CI-KD loss; 0 turns it off.")
+common.require_number("lambda_kd", 0)
 flags.DEFINE_enum("kd", "ci_kd", ["ci_kd", "mutual", "none"],
                   "ECMT distillation: ci_kd (SuperNet features -> SubNets), mutual (CI-KD plus "
                   "two-way prediction matching) or none.")
 flags.DEFINE_float("lambda_mutual", 1.0, "ECMT: weight of the mutual-learning loss.")
+common.require_number("lambda_mutual", 0)
 flags.DEFINE_float("mutual_temperature", 2.0, "ECMT: softening temperature of mutual learning.")
+common.require_number("mutual_temperature", 0, open_lower=True)
 flags.DEFINE_list("width_choices", [], "ECMT: width multipliers; empty = 0.25,0.5,0.75,1.0.")
 # --- optimisation ---
-flags.DEFINE_integer("steps", 2000, "Optimizer steps of the whole run.")
+flags.DEFINE_integer("steps", 2000, "Optimizer steps of the whole run.", lower_bound=1)
 flags.DEFINE_bool("allow_changed_flags", False,
                   "Resume a workdir whose run was trained with other flags (method, model, "
                   "data, optimizer, ...); refused otherwise. The changes are recorded in "
                   "<workdir>/flag_history.jsonl.")
-flags.DEFINE_integer("batch_size", 64, "Global batch size (over all devices and hosts).")
-flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and per-step randomness.")
+flags.DEFINE_integer("batch_size", 64, "Global batch size (over all devices and hosts).",
+                     lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed of initialisation, shuffling and per-step randomness.",
+                     lower_bound=0)
 flags.DEFINE_enum("optimizer", "adam", list(train_lib.OPTIMIZERS), "Optimizer.")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
+common.require_number("learning_rate", 0, open_lower=True)
 flags.DEFINE_enum("schedule", "constant", list(train_lib.SCHEDULES), "Learning-rate schedule.")
-flags.DEFINE_integer("decay_steps", 0, "For --schedule=step: decay every this many steps.")
+flags.DEFINE_integer("decay_steps", 0, "For --schedule=step: decay every this many steps.",
+                     lower_bound=0)
 flags.DEFINE_float("decay_factor", 0.1, "For --schedule=step: multiply the rate by this.")
-flags.DEFINE_integer("warmup_steps", None, "Linear warm-up steps (warmup_cosine).")
+common.require_number("decay_factor", 0, open_lower=True)
+flags.DEFINE_integer("warmup_steps", None, "Linear warm-up steps (warmup_cosine).",
+                     lower_bound=0)
 flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (adamw) or L2 (others).")
+common.require_number("weight_decay", 0)
 flags.DEFINE_float("grad_clip", 0.0, "Clip the global gradient norm to this; 0 = off.")
+common.require_number("grad_clip", 0)
 flags.DEFINE_float("momentum", 0.9, "Momentum of sgd/momentum.")
+common.require_number("momentum", 0, 1)
 # --- loop ---
-flags.DEFINE_integer("eval_every", 0, "Evaluate every this many steps; 0 = only at the end.")
-flags.DEFINE_integer("checkpoint_every", 500, "Checkpoint every this many steps; 0 = at the end.")
-flags.DEFINE_integer("keep_checkpoints", 3, "How many of the newest checkpoints to keep.")
-flags.DEFINE_integer("log_every", 50, "Log train metrics every this many steps.")
+flags.DEFINE_integer("eval_every", 0, "Evaluate every this many steps; 0 = only at the end.",
+                     lower_bound=0)
+flags.DEFINE_integer("checkpoint_every", 500, "Checkpoint every this many steps; 0 = at the end.",
+                     lower_bound=0)
+flags.DEFINE_integer("keep_checkpoints", 3, "How many of the newest checkpoints to keep.",
+                     lower_bound=1)
+flags.DEFINE_integer("log_every", 50, "Log train metrics every this many steps.", lower_bound=1)
 flags.DEFINE_enum("parallel", "mesh", list(train_lib.MODES),
                   "Data parallelism: mesh (jax.jit over a device Mesh) or pmap.")
 flags.DEFINE_bool("multi_host", False, "Call jax.distributed.initialize() (multi-host runs).")
-flags.DEFINE_integer("prefetch", 2, "Batches prepared ahead of the accelerator.")
+flags.DEFINE_integer("prefetch", 2, "Batches prepared ahead of the accelerator.", lower_bound=0)
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 FLAGS = flags.FLAGS
@@ -106,6 +122,9 @@ def run() -> train_lib.TrainResult:
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the folder for checkpoints and metrics.")
   cli_help.check_method_flags(FLAGS.method, cli_help.given_flags())
+  common.check_task_weights()
+  if FLAGS.method != "dymu":  # DYMU's options are per stage, checked by _dymu_plan
+    common.method_options()  # the method's own options, before any data is read
   train_lib.initialize_distributed(FLAGS.multi_host)
   root = common.ensure_workdir(FLAGS.workdir)
   lock = (workdir_guard.WorkdirLock(root) if jax.process_index() == 0
@@ -120,6 +139,7 @@ def run_single() -> train_lib.TrainResult:
   train_source, test_source = common.load_sources()
   method = common.build_method(tasks=train_source.tasks,
                                axis_name=train_lib.method_axis_name(FLAGS.parallel))
+  common.check_data_fits(train_source, FLAGS.batch_size)
   augment = None
   if FLAGS.augment:
     if not any(t.is_dense for t in train_source.tasks):
@@ -202,9 +222,12 @@ def _finished_summary(workdir: str, steps: int) -> dict | None:
   path = os.path.join(workdir, "summary.json")
   if runs.latest_step(workdir) != steps or not os.path.isfile(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    summary = json.load(f)
-  return summary if summary.get("steps") == steps else None
+  try:
+    summary = files_lib.read_json(path)
+  except files_lib.DamagedFile as error:
+    print(f"{error}; evaluating the stage's final checkpoint again to rewrite it.", flush=True)
+    return None
+  return summary if isinstance(summary, dict) and summary.get("steps") == steps else None
 
 
 def _check_resume(workdir: str, stage: str, source: dict) -> None:
@@ -231,9 +254,6 @@ def run_dymu() -> train_lib.TrainResult:
   stages, folders, input_dirs = _dymu_plan()
   stage_steps = common.dymu_stage_steps()
   train_source, test_source = common.load_sources()
-  if FLAGS.dymu_anchor_learning_rate < 0:
-    raise ValueError(f"--dymu_anchor_learning_rate must be >= 0 (0 = --learning_rate), got "
-                     f"{FLAGS.dymu_anchor_learning_rate}.")
   augment = _augment(train_source)
   root = common.ensure_workdir(FLAGS.workdir)
   axis_name = train_lib.method_axis_name(FLAGS.parallel)
@@ -266,6 +286,7 @@ def run_dymu() -> train_lib.TrainResult:
                                      ignore_prefix="dymu_")
     method = common.build_method(values, train_source.tasks, axis_name=axis_name,
                                  inputs=inputs)
+    common.check_data_fits(train_source, FLAGS.batch_size, values)  # before any tracing
     config = dataclasses.replace(train_config(), steps=stage_steps[stage])
     if stage == "anchor" and FLAGS.dymu_anchor_learning_rate:
       config = dataclasses.replace(config, learning_rate=FLAGS.dymu_anchor_learning_rate)

@@ -216,7 +216,7 @@ def test_corrupt_files(nyud_dir):
     ("segmentation", 41, r"values in \[0, 41\] but segmentation values must lie in \[0, 40\]"),
     ("depth", -1.0, r"values in \[-1.0, .*\] but depth must be >= 0"),
     ("edge", 2.0, r"values in \[0.0, 2.0\] but edge maps must lie in \[0, 1\]"),
-    ("normals", np.nan, r"contains NaN or infinite values"),
+    ("normals", np.nan, r"0003.npy. has 3 NaN or infinite value\(s\) out of"),
 ])
 def test_labels_out_of_range(nyud_dir, folder, value, message):
   _, seg, depth, normals, edge = _example_arrays(0)

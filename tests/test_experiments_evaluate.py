@@ -1,11 +1,20 @@
 """The evaluation and export CLIs on a tiny trained ECMT run (synthetic scenes, with batch norm
 and dense decoders): the sweep's results and report, the budget check, the masked-vs-sliced
-check, the encoder-score cache, the standalone export equal to the SuperNet, and bad inputs."""
+check, the encoder-score cache, the standalone export equal to the SuperNet, bad inputs, and
+damaged run files.
+
+A damaged newest checkpoint: `train` resumes from the previous intact step (and ends where an
+undamaged run ends), `evaluate` and `export` use the previous step, each saying so in one
+sentence; with no intact step, one sentence and exit status 2 (the damage kinds themselves are
+covered in test_train_checkpoint.py). Truncated caches are rebuilt with a message, and a
+truncated summary.json is named by `results` and rewritten by `train`."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -27,13 +36,16 @@ def run_cli(module, *args, timeout=900):
                         capture_output=True, text=True, timeout=timeout)
 
 
+TRAIN = ["--dataset=synthetic", "--image_size=16", "--num_train=128", "--num_test=32",
+         "--method=ecmt", "--backbone=resnet_small", "--head_width=8", "--batch_size=16",
+         "--checkpoint_every=1", "--log_every=1", "--noprogress"]
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+  """A 3-step ECMT run with checkpoints at steps 1, 2 and 3."""
   path = tmp_path_factory.mktemp("ecmt") / "run"
-  result = run_cli(
-      "train", "--dataset=synthetic", "--image_size=16", "--num_train=128", "--num_test=32",
-      "--method=ecmt", "--backbone=resnet_small", "--head_width=8", "--steps=3",
-      "--batch_size=16", "--checkpoint_every=3", "--noprogress", f"--workdir={path}")
+  result = run_cli("train", *TRAIN, "--steps=3", f"--workdir={path}")
   assert result.returncode == 0, result.stderr[-3000:]
   return path
 
@@ -224,7 +236,8 @@ def _write(big, small):
     (["--preference=0.8,0.3,0,0"], "is not on the simplex"),
     (["--preference=0.5,0.5"], "preference has 2 entries (0.5, 0.5) but there are 4 tasks"),
     (["--budget=0.01"], "is below the"),
-    (["--budget=1234.5"], "--budget above 1 is MACs per example and must be a whole number"),
+    (["--budget=1234.5"], "--budget=1234.5: must be a fraction of the SuperNet's MACs in (0, 1] "
+                          "or a whole number of MACs per example above 1"),
 ])
 def test_export_bad_inputs_stop_with_one_sentence(workdir, evaluation, tmp_path, args, message):
   result = run_cli("export", f"--workdir={workdir}", f"--output_dir={tmp_path / 'x'}",
@@ -291,3 +304,123 @@ def test_results_matches_flag_files_and_computes_delta_m():
                         {"a": {"accuracy": 0.5}, "b": {"mae": 10.0, "rmse": 5.0}})
   assert got == pytest.approx(10.0)
   assert results.delta_m({"a": {"accuracy": 0.5}}, {"b": {"accuracy": 0.5}}) is None
+
+
+# -- damaged run files ----------------------------------------------------------------------------
+
+FALLBACK = "is damaged ("
+
+
+def _copy(source, tmp_path):
+  """A copy of the run (with its evaluation caches), to damage."""
+  copy = tmp_path / "run"
+  assert (source / "encoder_scores.json").exists()  # the `evaluation` fixture ran
+  shutil.copytree(source, copy)
+  return copy
+
+
+def _flip_largest_state_file(workdir, step: int) -> None:
+  folder = os.path.join(workdir, "checkpoints", str(step), "state")
+  files = [f for f in glob.glob(os.path.join(folder, "**"), recursive=True) if os.path.isfile(f)]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  for i in range(len(data) // 2, len(data) // 2 + 8):
+    data[i] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
+def _break_record(workdir, step: int) -> None:
+  with open(os.path.join(workdir, "checkpoints", str(step), "metadata", "metadata"), "w") as f:
+    f.write('{"seed": 0, "run"')
+
+
+def _fallback_lines(result) -> list[str]:
+  return [line for line in result.stderr.splitlines() if FALLBACK in line]
+
+
+def test_train_resumes_from_the_previous_intact_step(workdir, evaluation, tmp_path):
+  workdir = _copy(workdir, tmp_path)
+  reference = _copy(workdir, tmp_path / "undamaged")
+  _flip_largest_state_file(workdir, 3)
+  result = run_cli("train", *TRAIN, "--steps=4", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = _fallback_lines(result)
+  assert len(lines) == 1 and lines[0].startswith("Checkpoint 3 is damaged (state/"), lines
+  assert "does not match its checksum" in lines[0] and "falling back to step 2" in lines[0]
+  assert "Moved damaged checkpoint 3 to" in result.stderr
+  assert os.path.isdir(workdir / "checkpoints_damaged" / "3")
+  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["2", "3", "4"]
+
+  # The same run as one that was never damaged: identical losses at every step.
+  assert run_cli("train", *TRAIN, "--steps=4", f"--workdir={reference}").returncode == 0
+
+  def losses(folder):
+    with open(folder / "metrics.jsonl") as f:
+      records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+  assert losses(workdir) == losses(reference) and sorted(losses(workdir)) == [1, 2, 3, 4]
+
+
+def test_evaluate_and_export_use_the_previous_intact_step(workdir, evaluation, tmp_path):
+  workdir = _copy(workdir, tmp_path)
+  _break_record(workdir, 3)
+  result = run_cli("evaluate", f"--workdir={workdir}", "--budgets=1.0", "--num_preferences=2",
+                   "--budget_check_points=2", "--noplots", *SMALL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = _fallback_lines(result)
+  assert lines and lines[0].startswith("Checkpoint 3 is damaged (metadata/metadata: "), lines
+  with open(workdir / "eval" / "results.json") as f:
+    assert json.load(f)["step"] == 2
+  assert os.path.isdir(workdir / "checkpoints" / "3")  # evaluation leaves the run's folder alone
+
+  _flip_largest_state_file(workdir, 2)
+  out = tmp_path / "exported"
+  result = run_cli("export", f"--workdir={workdir}", "--preference=0.7,0.1,0.1,0.1",
+                   "--budget=1.0", f"--output_dir={out}", *SMALL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _fallback_lines(result), result.stderr[-3000:]
+  with open(out / "network.json") as f:
+    assert json.load(f)["extra"]["checkpoint_step"] == 1  # 3 and 2 damaged
+
+
+def test_no_intact_checkpoint_stops_with_one_sentence(workdir, evaluation, tmp_path):
+  workdir = _copy(workdir, tmp_path)
+  _flip_largest_state_file(workdir, 3)
+  _break_record(workdir, 2)
+  shutil.rmtree(workdir / "checkpoints" / "1" / "state")
+  result = run_cli("evaluate", f"--workdir={workdir}", "--budgets=1.0", "--num_preferences=2",
+                   "--noplots", *SMALL)
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+  assert errors[0].startswith("error: No intact checkpoint in ") and all(
+      f"checkpoint {step} is damaged" in errors[0] for step in (1, 2, 3)), errors
+  assert "Traceback" not in result.stderr
+
+
+def test_truncated_caches_are_rebuilt_and_a_truncated_summary_rewritten(workdir, evaluation,
+                                                                         tmp_path):
+  workdir = _copy(workdir, tmp_path)
+  for name in ("cost_table.json", "encoder_scores.json", "summary.json"):
+    with open(workdir / name, "w") as f:
+      f.write('{"signature": "abc", "sc')  # what a kill mid-write left before atomic writes
+  result = run_cli("evaluate", f"--workdir={workdir}", "--budgets=1.0", "--num_preferences=2",
+                   "--budget_check_points=2", "--noplots", *SMALL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"{workdir / 'cost_table.json'} is damaged (" in result.stdout
+  assert "rebuilding the cost table" in result.stdout
+  assert f"{workdir / 'encoder_scores.json'} is damaged (" in result.stdout
+  assert "scoring again" in result.stdout
+  for name in ("cost_table.json", "encoder_scores.json"):
+    with open(workdir / name) as f:
+      json.load(f)  # rewritten whole
+
+  output = tmp_path / "results.md"
+  result = run_cli("results", f"--workdirs={workdir}", f"--output={output}")
+  assert f"{workdir}: {workdir / 'summary.json'} is damaged (" in result.stdout + result.stderr
+
+  result = run_cli("train", *TRAIN, "--steps=3", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(workdir / "summary.json") as f:
+    assert json.load(f)["steps"] == 3

@@ -106,7 +106,7 @@ def test_unknown_flag_in_flag_file_fails(tmp_path):
     (["--dataset=utkface"], "utkface needs data: pass --data_dir="),
     (["--dataset=synthetic", "--tasks=depth,colour"], "Unknown task 'colour'"),
     (["--dataset=utkface", "--data_dir=/no/such/folder"], "does not exist"),
-    (["--steps=0"], "steps must be >= 1"),
+    (["--steps=0"], "--steps=0: 0 is not a positive integer"),
     (["--task_weights=1,x"], "--task_weights must be comma-separated numbers"),
     (["--backbone=lenet", "--backbone_options=depth=3"],
      "--backbone_options has depth, which backbone 'lenet' does not take"),

@@ -1,4 +1,5 @@
-"""Checkpoints: save/keep/restore, the non-finite refusal, and kill-and-resume of a real run."""
+"""Checkpoints: save/keep/restore, the non-finite refusal, kill-and-resume of a real run, and
+the fallback past damaged checkpoints (incomplete, unreadable, or failing their checksums)."""
 
 import json
 import os
@@ -6,6 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+
+import glob
+import shutil
 
 import chex
 import jax
@@ -39,7 +43,7 @@ def test_save_keep_and_restore_latest(tmp_path):
     assert not ckpt.save(_state(7, scale=7), {"seed": 3}, force=True)  # already there
     ckpt.wait()
     assert ckpt.all_steps() == [6, 7]
-    assert ckpt.metadata(6) == {"seed": 3, "flags": {"lr": 0.1}, "step": 6}
+    assert ckpt.metadata(6) == {"seed": 3, "flags": {"lr": 0.1}, "step": 6}  # no checksums
   abstract = checkpoint_lib.abstract_like(_state(0))
   state, metadata = checkpoint_lib.restore_latest(tmp_path, abstract)
   assert metadata == {"seed": 3, "step": 7}
@@ -134,3 +138,138 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   assert sorted(expected) == sorted(actual) and len(expected) > 0
   for key in expected:
     np.testing.assert_allclose(actual[key], expected[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+# -- damaged checkpoints --------------------------------------------------------------------------
+
+def _big_state(step: int) -> state_lib.TrainState:
+  """Arrays large enough that orbax stores them in data files (small ones sit in the index)."""
+  variables = {"params": {"w": jnp.arange(40000.0) * step, "b": jnp.full((2, 3), float(step))}}
+  state = state_lib.create(variables, optax.adam(1e-3), jax.random.PRNGKey(7), step=step)
+  return jax.device_put(state, parallel_lib.Parallel("mesh").replicated)
+
+
+def _two_steps(workdir) -> str:
+  with checkpoint_lib.Checkpointer(workdir, async_save=False) as ckpt:
+    for step in (1, 2):
+      assert ckpt.save(_big_state(step), {"seed": 0}, force=True)
+  return os.path.join(workdir, "checkpoints", "2")
+
+
+def _largest_file(folder: str) -> str:
+  files = [f for f in glob.glob(os.path.join(folder, "**"), recursive=True) if os.path.isfile(f)]
+  return max(files, key=os.path.getsize)
+
+
+def _flip(path: str, count: int = 8) -> None:
+  data = bytearray(open(path, "rb").read())
+  middle = len(data) // 2
+  for i in range(middle, middle + count):
+    data[i] ^= 0xFF
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
+def _truncate(path: str) -> None:
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _empty(step_dir: str) -> None:
+  shutil.rmtree(step_dir)
+  os.mkdir(step_dir)
+
+
+DAMAGE = {  # name -> (damage(step folder), what the report names)
+    "deleted data file": (lambda d: os.remove(_largest_file(os.path.join(d, "state"))),
+                          "checkpoint 2 is damaged (state/"),
+    "truncated data file": (lambda d: _truncate(_largest_file(os.path.join(d, "state"))),
+                            "checkpoint 2 is damaged (state/"),
+    "flipped bytes": (lambda d: _flip(_largest_file(os.path.join(d, "state"))),
+                      "checkpoint 2 is damaged (state/: params/w does not match its checksum)"),
+    "empty step folder": (_empty, "checkpoint 2 is damaged (state/: the folder is missing)"),
+    "broken metadata": (lambda d: open(os.path.join(d, "metadata", "metadata"), "w").write("{x"),
+                        "checkpoint 2 is damaged (metadata/metadata: JSONDecodeError"),
+    "deleted tree description": (lambda d: os.remove(os.path.join(d, "state", "_METADATA")),
+                                 "checkpoint 2 is damaged (state/_METADATA: the file is missing)"),
+    "truncated tree description": (lambda d: _truncate(os.path.join(d, "state", "_METADATA")),
+                                   "checkpoint 2 is damaged (state/_METADATA: JSONDecodeError"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, kind):
+  damage, named = DAMAGE[kind]
+  damage(_two_steps(tmp_path))
+  reports = []
+  with checkpoint_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+    step, state, metadata = ckpt.restore_intact(checkpoint_lib.abstract_like(_big_state(0)),
+                                                report=reports.append)
+  assert step == 1 and metadata == {"seed": 0, "step": 1}
+  chex.assert_trees_all_equal(parallel_lib.to_host(state), parallel_lib.to_host(_big_state(1)))
+  assert len(reports) == 1 and named.lower() in reports[0].lower(), reports
+  assert reports[0].endswith("; falling back to step 1.") and "\n" not in reports[0]
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")  # left in place unless asked
+
+
+def test_training_moves_damaged_steps_aside_and_writes_them_again(tmp_path):
+  _flip(_largest_file(os.path.join(_two_steps(tmp_path), "state")))
+  reports = []
+  with checkpoint_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+    step, _, _ = ckpt.restore_intact(checkpoint_lib.abstract_like(_big_state(0)),
+                                     move_damaged=True, report=reports.append)
+    assert step == 1 and ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    assert ckpt.save(_big_state(2), {"seed": 0}, force=True)  # the step is written again
+  assert os.path.isdir(tmp_path / "checkpoints_damaged" / "2")
+  assert "Moved damaged checkpoint 2 to" in reports[1]
+  restored = checkpoint_lib.restore_latest(tmp_path, checkpoint_lib.abstract_like(_big_state(0)))
+  assert int(restored[0].step) == 2
+
+
+def test_no_intact_checkpoint_is_one_sentence_listing_each_step(tmp_path):
+  step_dir = _two_steps(tmp_path)
+  _flip(_largest_file(os.path.join(step_dir, "state")))
+  _empty(os.path.join(os.path.dirname(step_dir), "1"))
+  with checkpoint_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+    assert ckpt.latest_step() == 2  # cheap: only the folders are checked
+    with pytest.raises(checkpoint_lib.NoIntactCheckpoint,
+                       match=r"^No intact checkpoint in .*checkpoints \(checkpoint 2 is damaged "
+                             r"\(state/: params/w does not match its checksum\); checkpoint 1 is "
+                             r"damaged \(state/: the folder is missing\)\); move that folder away"):
+      ckpt.restore_intact(checkpoint_lib.abstract_like(_big_state(0)), report=print)
+    assert ckpt.metadata() == {"seed": 0, "step": 2}  # the newest record that reads
+
+
+def test_a_refusal_by_accept_is_not_taken_for_damage(tmp_path):
+  _two_steps(tmp_path)
+
+  def other_seed(step, metadata):
+    raise ValueError(f"seed {metadata['seed']} of step {step} is not this run's")
+
+  with checkpoint_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+    with pytest.raises(ValueError, match="seed 0 of step 2 is not this run's"):
+      ckpt.restore_intact(checkpoint_lib.abstract_like(_big_state(0)), accept=other_seed)
+
+
+def test_checkpoints_without_checksums_restore_unverified(tmp_path):
+  record_file = os.path.join(_two_steps(tmp_path), "metadata", "metadata")
+  with open(record_file) as f:
+    record = json.load(f)
+  assert set(record[checkpoint_lib.CHECKSUMS]) == {
+      path for path in checkpoint_lib.checksums(_big_state(2))}
+  del record[checkpoint_lib.CHECKSUMS]  # as written before checksums existed
+  with open(record_file, "w") as f:
+    json.dump(record, f)
+  restored = checkpoint_lib.restore_latest(tmp_path, checkpoint_lib.abstract_like(_big_state(0)))
+  assert int(restored[0].step) == 2
+
+
+def test_checksums_see_dtype_shape_and_every_byte():
+  base = {"a": np.zeros((2, 3), np.float32)}
+  digest = checkpoint_lib.checksums(base)["a"]
+  assert checkpoint_lib.checksums({"a": np.zeros((3, 2), np.float32)})["a"] != digest
+  assert checkpoint_lib.checksums({"a": np.zeros((2, 3), np.int32)})["a"] != digest
+  changed = np.zeros((2, 3), np.float32)
+  changed[1, 2] = 1e-30
+  assert checkpoint_lib.checksums({"a": changed})["a"] != digest
+  assert checkpoint_lib.checksums({"a": np.zeros((2, 3), np.float32)})["a"] == digest

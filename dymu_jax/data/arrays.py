@@ -34,8 +34,8 @@ import numpy as np
 
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import images as images_lib
-from dymu_jax.data.base import (ArraySource, DataConfig, DatasetError, check_split,
-                                split_indices)
+from dymu_jax.data.base import (ArraySource, DataConfig, DatasetError, check_finite,
+                                check_split, split_indices)
 
 NAME = "arrays"
 IMAGE_KEYS = ("images", "image", "x")
@@ -69,6 +69,7 @@ def load(config: DataConfig, split: str) -> ArraySource:
       raise DatasetError(f"{NAME}: the task spec names task {entry['name']!r} but {path!r} has "
                          f"no such array; it holds {_keys(data)}.")
     label = _check_label_shape(path, entry, data[entry["name"]], images.shape)
+    check_finite(NAME, path, label, f"labels {entry['name']!r}")
     tasks.append(_make_task(entry, label))
     labels[entry["name"]] = label
   keep = _split(path, data, len(images), config, split)
@@ -243,8 +244,9 @@ def _check_images(path: str, key: str, images: np.ndarray) -> np.ndarray:
   if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
     raise DatasetError(f"{NAME}: images {key!r} in {path!r} must be uint8 (0..255) or float "
                        f"(0..1), got {images.dtype}.")
+  check_finite(NAME, path, images, f"images {key!r}")
   if np.issubdtype(images.dtype, np.floating) and images.size and not (
-      np.all(np.isfinite(images)) and images.min() >= 0.0 and images.max() <= 1.0):
+      images.min() >= 0.0 and images.max() <= 1.0):
     raise DatasetError(f"{NAME}: float images {key!r} in {path!r} range over "
                        f"[{images.min()}, {images.max()}] but must lie in [0, 1] (store "
                        f"0..255 images as uint8).")

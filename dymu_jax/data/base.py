@@ -201,6 +201,20 @@ def cast_label(task: tasks_lib.Task, label: np.ndarray) -> np.ndarray:
   return label
 
 
+def check_finite(dataset: str, path: str, values: np.ndarray, what: str = "") -> None:
+  """Stops with one sentence naming the file (and `what` in it) when float `values` hold NaN or
+  infinity: bad data, which training would otherwise report as a divergence. One vectorised
+  pass; integer arrays cannot hold either."""
+  values = np.asarray(values)
+  if values.dtype.kind not in "fc" or not values.size:
+    return
+  bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+  if bad:
+    where = f"{what} in {path!r}" if what else repr(path)
+    raise DatasetError(f"{dataset}: {where} has {bad:,} NaN or infinite value(s) out of "
+                       f"{values.size:,}; fix or remove those examples.")
+
+
 def check_labels(dataset: str, task: tasks_lib.Task, label: np.ndarray) -> None:
   """Stops with one sentence when labels fall outside what the task allows."""
   if task.kind in (tasks_lib.CLASSIFICATION, tasks_lib.SEGMENTATION):

@@ -158,8 +158,7 @@ def check_range(dataset: str, path: str, values: np.ndarray, low: float, high: f
 
 
 def check_finite(dataset: str, path: str, values: np.ndarray) -> None:
-  if not np.all(np.isfinite(values)):
-    raise base.DatasetError(f"{dataset}: {path!r} contains NaN or infinite values.")
+  base.check_finite(dataset, path, values)
 
 
 def check_map_shape(dataset: str, path: str, label: np.ndarray, channels: int | None) -> None:

@@ -48,8 +48,8 @@ import numpy as np
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import arrays
 from dymu_jax.data import images as images_lib
-from dymu_jax.data.base import (ArraySource, DataConfig, DatasetError, check_split,
-                                split_indices)
+from dymu_jax.data.base import (ArraySource, DataConfig, DatasetError, check_finite,
+                                check_split, split_indices)
 
 NAME = "multi_mnist"
 TASKS = (tasks_lib.classification("left", 10), tasks_lib.classification("right", 10))
@@ -369,8 +369,10 @@ def _check_pickle_arrays(path, x, y):
   if y.shape != (len(x), 2):
     raise DatasetError(f"{NAME}: labels in {path!r} must have shape ({len(x)}, 2) (top-left "
                        f"digit, bottom-right digit), got {y.shape}.")
+  check_finite(NAME, path, x, "images")
+  check_finite(NAME, path, y, "labels")
   if not np.issubdtype(y.dtype, np.integer):
-    if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+    if np.any(y != np.round(y)):
       raise DatasetError(f"{NAME}: labels in {path!r} must be whole numbers 0 to 9, got "
                          f"{y.dtype} values that are not.")
     y = y.astype(np.int64)

@@ -25,8 +25,8 @@ import numpy as np
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import arrays
 from dymu_jax.data import images as images_lib
-from dymu_jax.data.base import (ArraySource, DataConfig, DatasetError, check_split,
-                                split_indices)
+from dymu_jax.data.base import (ArraySource, DataConfig, DatasetError, check_finite,
+                                check_split, split_indices)
 
 NAME = "utkface"
 FILE_NAME = "utkface_32x32.npz"
@@ -59,7 +59,8 @@ def load(config: DataConfig, split: str) -> ArraySource:
       raise DatasetError(f"{NAME}: {key!r} in {path!r} has shape {label.shape}, expected "
                          f"({len(images)},), one label per image.")
   age = labels["age"]
-  if age.size and not (np.all(np.isfinite(age)) and age.min() >= 0 and age.max() <= MAX_AGE):
+  check_finite(NAME, path, age, "ages")
+  if age.size and not (age.min() >= 0 and age.max() <= MAX_AGE):
     raise DatasetError(f"{NAME}: ages in {path!r} range over [{age.min()}, {age.max()}] but "
                        f"must lie in [0, {MAX_AGE}] years.")
   train, test = split_indices(len(images), config.test_fraction, config.seed)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 from dymu_jax import models
@@ -63,7 +64,11 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
   tasks = tuple(tasks)
   model_options = dict(model_options or {})
   make_net = functools.partial(models.build_multitask, bn_axis_name=axis_name, **model_options)
-  weights = tuple(task_weights) if task_weights else None
+  weights = tuple(float(w) for w in task_weights) if task_weights else None
+  if weights is not None and not (all(math.isfinite(w) and w >= 0 for w in weights)
+                                  and any(weights)):
+    raise ValueError(f"Task weights must be finite numbers >= 0, not all 0, got "
+                     f"{', '.join(f'{w:g}' for w in weights)}.")
   if name == "static":
     return static.StaticMethod(tasks, make_net(tasks), weights, axis_name=axis_name)
   if name == "single_task":

@@ -627,8 +627,8 @@ class CostTable:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> CostTable:
-    with open(path, encoding="utf-8") as f:
-      return cls.from_json(json.load(f))
+    """The table saved in `path` (files_lib.DamagedFile when it does not parse)."""
+    return cls.from_json(files_lib.read_json(path))
 
 
 def _count(model, variables, image_shape, config) -> list[cost_lib.LayerCost]:
@@ -784,7 +784,12 @@ def cached_cost_table(model: MultiTaskNet, image_shape: Sequence[int],
   """
   choices = _sorted_choices(choices or model.width_choices or WIDTH_CHOICES)
   signature = model_signature(model, image_shape, choices)
-  on_disk = CostTable.load(path) if path is not None and os.path.exists(path) else None
+  on_disk = None
+  if path is not None and os.path.exists(path):
+    try:
+      on_disk = CostTable.load(path)
+    except (files_lib.DamagedFile, KeyError, TypeError, ValueError) as error:
+      print(f"{error}; rebuilding the cost table.", flush=True)
   if on_disk is not None and on_disk.signature != signature:
     on_disk = None  # built for another network, image size or choice set
   table = _COST_TABLES.get(signature) or on_disk or build_cost_table(model, image_shape, choices)

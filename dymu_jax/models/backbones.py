@@ -43,10 +43,16 @@ MobileNetV2 (`block{i}` carries torchvision's `features.{i}` index, i = 1..17):
 
 LeNet (the PHN Multi-MNIST target network, no torch checkpoint): conv1, conv2 [, bn1, bn2],
 fc [, bn_fc].
+
+Smallest images (`min_image_size`): the ResNets and MobileNetV2 pad every convolution and pool,
+so any image of at least 1 px runs (below the output stride the last stages see 1x1 maps);
+LeNet's valid convolutions and 2x2 pools need 20 px with its default 9x9 and 5x5 kernels. Each
+backbone checks its input against it before its first layer, in one sentence.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -56,6 +62,18 @@ import jax
 from dymu_jax.models import layers
 from dymu_jax.models.layers import SlimBatchNorm, SlimConv
 from dymu_jax.models.widths import CHANNEL_DIVISOR, DynamicMultiplier, channels
+
+# The smallest image side of the backbones whose every convolution and pool is padded.
+PADDED_MIN_IMAGE_SIZE = 1
+
+
+def check_image_size(owner: str, minimum: int, shape: Sequence[int]) -> None:
+  """Stops with one sentence when NHWC images of `shape` are smaller than `minimum` px (a
+  convolution would otherwise fail deep inside its lowering)."""
+  height, width = shape[1:3]
+  if min(height, width) < minimum:
+    raise ValueError(f"{owner} needs images of at least {minimum}x{minimum} px, got "
+                     f"{height}x{width}; resize the images or choose another backbone.")
 
 
 def stage_multipliers(widths: Sequence[float] | None, num_stages: int,
@@ -180,6 +198,11 @@ class ResNet(nn.Module):
   def num_stages(self) -> int:
     return len(self.stage_channels)
 
+  @property
+  def min_image_size(self) -> int:
+    """Every convolution and pool is padded: any image of at least 1 px runs."""
+    return PADDED_MIN_IMAGE_SIZE
+
   def sliced_kwargs(self, widths: Sequence[float]) -> dict[str, Any]:
     """Attribute overrides whose full widths are this network slimmed by `widths`."""
     widths = stage_multipliers(widths, self.num_stages, type(self).__name__)
@@ -200,6 +223,7 @@ class ResNet(nn.Module):
           f"stage_channels; give one width per stage.")
     if self.stem not in ("imagenet", "small"):
       raise ValueError(f"{owner} got stem={self.stem!r}; use 'imagenet' or 'small'.")
+    check_image_size(owner, self.min_image_size, x.shape)
     widths = stage_multipliers(widths, self.num_stages, owner)
     bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
                            axis_name=self.bn_axis_name)
@@ -390,6 +414,11 @@ class MobileNetV2(nn.Module):
     return len(self.stage_rows)
 
   @property
+  def min_image_size(self) -> int:
+    """Every convolution is padded: any image of at least 1 px runs."""
+    return PADDED_MIN_IMAGE_SIZE
+
+  @property
   def stage_channels(self) -> tuple[int, ...]:
     _, blocks, last = self._architecture()
     out = [[b["features"] for b in blocks if b["stage"] == s][-1]
@@ -420,6 +449,7 @@ class MobileNetV2(nn.Module):
   def __call__(self, x: jax.Array, *, widths: Sequence[float] | None = None,
                train: bool = False) -> list[jax.Array]:
     owner = type(self).__name__
+    check_image_size(owner, self.min_image_size, x.shape)
     widths = stage_multipliers(widths, self.num_stages, owner)
     stem, blocks, last = self._architecture()
     schedule = _dilation_schedule(2, [b["stride"] for b in blocks], self.output_stride, owner)
@@ -484,6 +514,12 @@ class LeNet(nn.Module):
     return len(self.conv_channels) + 1
 
   @property
+  def min_image_size(self) -> int:
+    """The smallest image side: each valid k x k convolution takes k - 1 px and each 2x2 pool
+    halves, and the last pool must keep 1 px (20 px for the 9x9 and 5x5 kernels)."""
+    return lenet_min_image_size(self.kernel_sizes)
+
+  @property
   def stage_channels(self) -> tuple[int, ...]:
     return tuple(self.conv_channels) + (self.fc_features,)
 
@@ -506,6 +542,7 @@ class LeNet(nn.Module):
       raise ValueError(
           f"{owner} has {len(self.conv_channels)} conv_channels but {len(self.kernel_sizes)} "
           f"kernel_sizes; give one kernel size per convolution.")
+    check_image_size(owner, self.min_image_size, x.shape)
     widths = stage_multipliers(widths, self.num_stages, owner)
     bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
                            axis_name=self.bn_axis_name)
@@ -531,6 +568,16 @@ class LeNet(nn.Module):
     return outputs
 
 
+def lenet_min_image_size(kernel_sizes: Sequence[int]) -> int:
+  """The smallest input side of valid k x k convolutions, each followed by a 2x2 pool, whose
+  last pool keeps at least 1 px (going backwards: a pool needs twice its output, a
+  convolution k - 1 more)."""
+  size = 1
+  for k in reversed(tuple(kernel_sizes)):
+    size = 2 * size + int(k) - 1
+  return size
+
+
 REGISTRY: dict[str, type[nn.Module]] = {
     "lenet": LeNet,
     "resnet_small": ResNetSmall,
@@ -545,3 +592,13 @@ def get_backbone(name: str) -> type[nn.Module]:
   if name not in REGISTRY:
     raise ValueError(f"Unknown backbone {name!r}; available: {', '.join(REGISTRY)}.")
   return REGISTRY[name]
+
+
+def min_image_size(name: str, options: dict[str, Any] | None = None) -> int:
+  """The smallest image side the backbone `name` accepts with its `options` (options it does
+  not take are ignored here), so that callers can check data before building or tracing."""
+  cls = get_backbone(name)
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in (options or {}).items() if k in fields}
+  return cls(**kwargs).min_image_size

@@ -62,6 +62,7 @@ import numpy as np
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import layers
+from dymu_jax.models import backbones
 from dymu_jax.models.backbones import BasicBlock
 from dymu_jax.models.decoders import MLPHead
 from dymu_jax.models.layers import SlimBatchNorm, SlimConv, SlimDense
@@ -348,6 +349,14 @@ class BranchedNet:
   def num_tasks(self) -> int:
     return len(self.tasks)
 
+  @property
+  def min_image_size(self) -> int:
+    """The smallest image side the block stack accepts: LeNet's valid convolutions and pools
+    need 20 px with their default kernels; the padded ResNet stages any size."""
+    kernels = [b.kernel_size for b in self.blocks if isinstance(b, ConvPoolBlock)]
+    return (backbones.lenet_min_image_size(kernels) if kernels
+            else backbones.PADDED_MIN_IMAGE_SIZE)
+
   def separate_tree(self) -> Tree:
     return Tree.separate(self.num_layers, self.num_tasks)
 
@@ -360,6 +369,10 @@ class BranchedNet:
     if images.ndim != 4:
       raise ValueError(f"BranchedNet expects images of shape (B, H, W, C), got "
                        f"{tuple(images.shape)}.")
+    stack = ("lenet" if any(isinstance(b, ConvPoolBlock) for b in self.blocks)
+             else "resnet_small")
+    backbones.check_image_size(f"BranchedNet ({stack} blocks)", self.min_image_size,
+                               images.shape)
     return normalise_images(images, self.pixel_mean, self.pixel_std)
 
   def _block_variables(self, variables: Mapping[str, PyTree], layer: int) -> dict:

@@ -62,6 +62,20 @@ def _padding(padding: Padding) -> str | tuple[tuple[int, int], tuple[int, int]]:
   return pads
 
 
+def _check_fits(name: str, shape: Sequence[int], kernel: tuple[int, int],
+                dilation: tuple[int, int], padding) -> None:
+  """One sentence when a kernel is larger than its (padded) input, which would otherwise fail
+  deep inside the convolution's lowering."""
+  if isinstance(padding, str):
+    if padding == "SAME":
+      return
+    padding = ((0, 0), (0, 0))
+  for size, k, d, (low, high) in zip(shape[1:3], kernel, dilation, padding):
+    if size + low + high < (k - 1) * d + 1:
+      raise ValueError(f"SlimConv {name!r}: its {kernel[0]}x{kernel[1]} kernel does not fit its "
+                       f"{shape[1]}x{shape[2]} input (padding {padding}); use larger images.")
+
+
 def _full_in_features(module: nn.Module, in_features: int | None, x: jax.Array,
                       groups: int = 1) -> int:
   """The full input width: the attribute, else the stored kernel, else x (at init)."""
@@ -164,6 +178,7 @@ class SlimConv(nn.Module):
       _check_width("SlimConv", self.name, cout, self.features)
       kernel = kernel[:, :, :cin // self.groups, :cout]
       group_count = self.groups
+    _check_fits(self.name, x.shape, (kh, kw), _pair(self.dilation), _padding(self.padding))
     # fast_ops picks a CPU-friendly lowering with lax.conv_general_dilated's results.
     y = fast_ops.conv2d(
         x.astype(jnp.float32), kernel,

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dymu_jax import files as files_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import backbones
 from dymu_jax.models.multitask import MultiTaskNet
@@ -289,13 +290,6 @@ def _shape_mismatch(variables: PyTree, shapes: PyTree) -> str | None:
   return None
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def save_network(directory: str | os.PathLike, model: MultiTaskNet, variables: PyTree,
                  extra: Mapping[str, Any] | None = None, *,
                  image_shape: Sequence[int]) -> None:
@@ -332,8 +326,8 @@ def save_network(directory: str | os.PathLike, model: MultiTaskNet, variables: P
   }
   text = json.dumps(record, indent=2, allow_nan=False) + "\n"
   os.makedirs(directory, exist_ok=True)
-  _write_atomic(os.path.join(directory, VARIABLES_FILE), data)
-  _write_atomic(os.path.join(directory, NETWORK_FILE), text.encode("utf-8"))
+  files_lib.atomic_write(os.path.join(directory, VARIABLES_FILE), data)
+  files_lib.atomic_write(os.path.join(directory, NETWORK_FILE), text)
 
 
 def _read_record(path: str) -> dict:

@@ -6,15 +6,29 @@ checkpoint is renamed into place only once complete, so a run killed mid-save le
 previous checkpoint as the newest one. The state saved is the canonical one (replicated on the
 mesh, see `parallel.Parallel.canonical_state`), so a checkpoint restores into either parallel
 mode. A state whose non-finite guard has tripped is never saved.
+
+Checkpoints heal: every save records a checksum (BLAKE2b) of each array in the JSON record, and
+`restore_intact` verifies them after reading. A step that is incomplete (an item folder
+missing, an empty step folder), unreadable (a truncated or deleted file, broken JSON) or whose
+arrays do not match their checksums (flipped bytes) is reported in one sentence naming the step
+and the file, and the next older step is used; training moves such steps aside to
+`<workdir>/checkpoints_damaged/` so that the run rewrites them. Checkpoints written before
+checksums existed are restored unverified.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
-from typing import Any, Mapping
+import re
+import shutil
+import sys
+from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dymu_jax.train import parallel as parallel_lib
@@ -23,10 +37,28 @@ from dymu_jax.train import state as state_lib
 PyTree = Any
 STATE, METADATA = "state", "metadata"
 SUBDIR = "checkpoints"
+DAMAGED_SUBDIR = "checkpoints_damaged"  # where training moves steps that failed to restore
+CHECKSUMS = "_checksums"  # key of the record: {array path: BLAKE2b hex digest}
+
+
+class DamagedCheckpoint(ValueError):
+  """A checkpoint step that is incomplete, unreadable or fails its checksums."""
+
+  def __init__(self, step: int, where: str, reason: str):
+    self.step, self.where, self.reason = step, where, reason
+    super().__init__(f"checkpoint {step} is damaged ({where}: {reason})")
+
+
+class NoIntactCheckpoint(FileNotFoundError):
+  """Every checkpoint step of a folder is damaged."""
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
   return os.path.join(os.path.abspath(os.fspath(workdir)), SUBDIR)
+
+
+def _report(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
 
 
 def _jsonable(value: Mapping[str, Any]) -> dict:
@@ -61,8 +93,14 @@ class Checkpointer:
                        METADATA: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
-    """The newest complete checkpoint's step, or None."""
-    return self.manager.latest_step()
+    """The newest checkpoint's step whose folder is complete (both items present), or None.
+
+    Cheap: no array is read; `restore_intact` verifies the content.
+    """
+    for step in reversed(self.all_steps()):
+      if self._missing_item(step) is None:
+        return step
+    return None
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -82,7 +120,9 @@ class Checkpointer:
           f"(task index {bad_task}).")
     if step in self.manager.all_steps():
       return False  # e.g. the final save of a run resumed at its last step
-    record = _jsonable({**(metadata or {}), "step": step})
+    if not force and not self.manager.should_save(step):
+      return False  # not a save step: skip the checksums too
+    record = {**_jsonable({**(metadata or {}), "step": step}), CHECKSUMS: checksums(state)}
     return self.manager.save(
         step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                          METADATA: ocp.args.JsonSave(record)}),
@@ -92,8 +132,15 @@ class Checkpointer:
     """Stops with one sentence when checkpoint `step` holds other arrays than the state wants.
 
     Checked on the stored tree's metadata, before any array is read.
+
+    Raises:
+      DamagedCheckpoint: the stored tree's metadata cannot be read.
+      ValueError: it reads, and holds other arrays (another method or optimizer).
     """
-    stored = _array_specs(self.manager.item_metadata(step)[STATE])
+    try:
+      stored = _array_specs(self.manager.item_metadata(step)[STATE])
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._damage(step, STATE, error) from error
     wanted = _array_specs(abstract_state)
     problems = [f"{path} is missing there" for path in sorted(set(wanted) - set(stored))]
     problems += [f"{path} is not expected here" for path in sorted(set(stored) - set(wanted))]
@@ -106,21 +153,170 @@ class Checkpointer:
           f"({shown}); resume with the run's own settings or use a new workdir.")
 
   def restore(self, step: int, abstract_state: PyTree) -> tuple[state_lib.TrainState, dict]:
-    """(state, metadata) of checkpoint `step`, placed as `abstract_state`'s shardings say."""
-    self.check_compatible(step, abstract_state)
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
-                                         METADATA: ocp.args.JsonRestore()}))
-    return restored[STATE], dict(restored[METADATA])
+    """(state, metadata) of checkpoint `step`, placed as `abstract_state`'s shardings say,
+    its arrays verified against the checksums saved with them.
+
+    Raises:
+      DamagedCheckpoint: the step is incomplete, unreadable or fails its checksums.
+      ValueError: the step holds other arrays than `abstract_state` (see `check_compatible`).
+    """
+    record = self._record(step)
+    expected = record.pop(CHECKSUMS, None)
+    self._check_state_files(step)
+    try:
+      self.check_compatible(step, abstract_state)
+    except DamagedCheckpoint:
+      raise
+    except ValueError as error:
+      if expected is not None and set(expected) == set(_array_specs(abstract_state)):
+        # The record saved with the arrays lists exactly the wanted ones: the stored tree
+        # description is what is damaged, not the run's settings.
+        raise DamagedCheckpoint(step, f"{STATE}/_METADATA", "the stored tree does not match "
+                                "the arrays recorded with it") from error
+      raise
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)}))
+      state = restored[STATE]
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._damage(step, STATE, error) from error
+    if expected is not None:
+      found = checksums(state)
+      bad = [path for path in sorted(expected) if found.get(path) != expected[path]]
+      if bad or set(found) != set(expected):
+        shown = bad[0] if bad else "the set of arrays"
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise DamagedCheckpoint(step, f"{STATE}/", f"{shown}{more} does not match its checksum")
+    return state, record
+
+  def restore_intact(self, abstract_state: PyTree, *,
+                     accept: Callable[[int, dict], None] | None = None,
+                     move_damaged: bool = False,
+                     report: Callable[[str], None] = _report
+                     ) -> tuple[int, state_lib.TrainState, dict] | None:
+    """(step, state, metadata) of the newest checkpoint that reads and verifies; None when the
+    folder holds no checkpoint.
+
+    Each damaged newer step is reported in one sentence (`report`) and skipped. `accept(step,
+    metadata)` may refuse a step by raising (e.g. another run's seed): that error propagates.
+    `move_damaged` (training) moves the skipped steps to `<workdir>/checkpoints_damaged/`, so
+    that the run writes those steps again.
+
+    Raises:
+      NoIntactCheckpoint: every step is damaged (one sentence listing each).
+    """
+    steps = list(reversed(self.all_steps()))
+    damaged = []
+    for i, step in enumerate(steps):
+      try:
+        if accept is not None:
+          accept(step, self._record(step, with_checksums=False))
+        state, record = self.restore(step, abstract_state)
+      except DamagedCheckpoint as damage:
+        damaged.append(damage)
+        if i + 1 < len(steps):
+          report(f"{_capitalised(str(damage))} in {self.directory}; falling back to step "
+                 f"{steps[i + 1]}.")
+        continue
+      if damaged and move_damaged:
+        self._move_aside([d.step for d in damaged], report)
+      return step, state, record
+    if not damaged:
+      return None
+    listed = "; ".join(str(d) for d in damaged)
+    raise NoIntactCheckpoint(
+        f"No intact checkpoint in {self.directory} ({listed}); move that folder away to start "
+        f"the run over.")
 
   def metadata(self, step: int | None = None) -> dict:
-    """The JSON record of checkpoint `step` (default: the newest)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
-    return dict(restored[METADATA])
+    """The JSON record of checkpoint `step` (default: the newest one whose record reads)."""
+    if step is not None:
+      return self._record(step, with_checksums=False)
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        return self._record(step, with_checksums=False)
+      except DamagedCheckpoint as damage:
+        damaged.append(str(damage))
+    if damaged:
+      raise NoIntactCheckpoint(f"No readable checkpoint record in {self.directory} "
+                               f"({'; '.join(damaged)}).")
+    raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+
+  # -- damage detection ------------------------------------------------------------------------
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _missing_item(self, step: int) -> str | None:
+    for item in (STATE, METADATA):
+      if not os.path.isdir(os.path.join(self._step_dir(step), item)):
+        return item
+    return None
+
+  def _record(self, step: int, with_checksums: bool = True) -> dict:
+    """Checkpoint `step`'s JSON record (DamagedCheckpoint when incomplete or unreadable)."""
+    missing = self._missing_item(step)
+    if missing is not None:
+      raise DamagedCheckpoint(step, f"{missing}/", "the folder is missing")
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
+      record = restored[METADATA]
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._damage(step, f"{METADATA}/{METADATA}", error) from error
+    if not isinstance(record, Mapping):
+      raise DamagedCheckpoint(step, f"{METADATA}/", "the record is not a JSON object")
+    record = dict(record)
+    if not with_checksums:
+      record.pop(CHECKSUMS, None)
+    return record
+
+  def _check_state_files(self, step: int) -> None:
+    """Names the file when one of the state's JSON files (tree, shardings, array metadata) is
+    missing or does not parse: orbax's own errors often name none."""
+    folder = os.path.join(self._step_dir(step), STATE)
+    for name in _STATE_JSON_FILES:
+      paths = sorted(glob.glob(os.path.join(folder, name)))
+      if not paths and name in _REQUIRED_STATE_FILES:
+        raise DamagedCheckpoint(step, f"{STATE}/{name}", "the file is missing")
+      for path in paths:
+        try:
+          with open(path, "rb") as f:
+            json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError) as error:
+          raise DamagedCheckpoint(step, os.path.relpath(path, self._step_dir(step)),
+                                  f"{type(error).__name__}: {_first_line(error)}") from error
+
+  def _damage(self, step: int, item: str, error: BaseException) -> DamagedCheckpoint:
+    """A DamagedCheckpoint naming the file that `error` (or an error it chains) names, else
+    the item folder, with the innermost error's first line as the reason."""
+    chain, seen = [], error
+    while seen is not None and len(chain) < 10:
+      chain.append(seen)
+      seen = seen.__cause__ or seen.__context__
+    step_dir = self._step_dir(step)
+    where = item if "/" in item else f"{item}/"
+    for link in chain:
+      match = re.search(re.escape(step_dir) + r"/([^\s'\"]+)", str(link))
+      if match:
+        where = match.group(1).rstrip(".,:;)]")
+        break
+    inner = chain[-1]
+    reason = f"{type(inner).__name__}: {_first_line(inner)}"
+    reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    return DamagedCheckpoint(step, where, reason)
+
+  def _move_aside(self, steps: list[int], report: Callable[[str], None]) -> None:
+    target_root = os.path.join(os.path.dirname(self.directory), DAMAGED_SUBDIR)
+    os.makedirs(target_root, exist_ok=True)
+    for step in steps:
+      target, k = os.path.join(target_root, str(step)), 1
+      while os.path.exists(target):
+        target, k = os.path.join(target_root, f"{step}.{k}"), k + 1
+      shutil.move(self._step_dir(step), target)
+      report(f"Moved damaged checkpoint {step} to {target}; training writes that step again.")
+    self.manager.reload()
 
   def wait(self) -> None:
     """Blocks until background saves are complete."""
@@ -137,19 +333,50 @@ class Checkpointer:
     return False
 
 
+# The JSON files orbax writes in a state folder (glob patterns); the first is required.
+_STATE_JSON_FILES = ("_METADATA", "_sharding", "array_metadatas/process_*")
+_REQUIRED_STATE_FILES = ("_METADATA",)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error) or type(error).__name__
+  return next((line.strip() for line in text.splitlines() if line.strip()), text)
+
+
+def _capitalised(text: str) -> str:
+  return text[:1].upper() + text[1:]
+
+
+def _key_name(key) -> str:
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _paths_and_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+  return [("/".join(_key_name(k) for k in path), leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def _array_specs(tree: PyTree) -> dict[str, str]:
   """"a/b/c" path -> "float32[3, 4]" for every array of a state tree (or its metadata)."""
+  return {path: f"{getattr(leaf, 'dtype', '?')}{list(getattr(leaf, 'shape', ()))}"
+          for path, leaf in _paths_and_leaves(tree)}
 
-  def key_name(key):
-    for attribute in ("key", "name", "idx"):
-      if hasattr(key, attribute):
-        return str(getattr(key, attribute))
-    return str(key)
 
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(key_name(k) for k in path):
-          f"{getattr(leaf, 'dtype', '?')}{list(getattr(leaf, 'shape', ()))}"
-          for path, leaf in leaves}
+def checksums(tree: PyTree) -> dict[str, str]:
+  """"a/b/c" path -> BLAKE2b digest (hex) of the array's dtype, shape and bytes.
+
+  Replicated arrays of a multi-host run are read from this process's first copy.
+  """
+  digests = {}
+  for path, leaf in _paths_and_leaves(parallel_lib.to_host(tree)):
+    array = np.ascontiguousarray(leaf)
+    digest = hashlib.blake2b(f"{array.dtype.str}{array.shape}".encode(), digest_size=16)
+    digest.update(array.reshape(-1).view(np.uint8).data)
+    digests[path] = digest.hexdigest()
+  return digests
 
 
 def restore_latest(workdir: str | os.PathLike, abstract_state: PyTree
@@ -163,10 +390,8 @@ def restore_latest(workdir: str | os.PathLike, abstract_state: PyTree
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
   with Checkpointer(workdir, async_save=False) as checkpointer:
-    step = checkpointer.latest_step()
-    if step is None:
-      return None
-    return checkpointer.restore(step, abstract_state)
+    restored = checkpointer.restore_intact(abstract_state)
+  return None if restored is None else restored[1:]
 
 
 def abstract_like(state: PyTree, sharding: jax.sharding.Sharding | None = None) -> PyTree:

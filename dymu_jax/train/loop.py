@@ -17,6 +17,7 @@ also works), and `checkpoints/`. The run's first lines name these paths.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -374,12 +375,16 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
       async_save=config.async_checkpoints)
   writer, progress = None, None
   try:
-    resumed_from = checkpointer.latest_step()
-    if resumed_from is None:
-      canonical = par.init_state(init, seed_key, sample)
+    restored = None
+    if checkpointer.all_steps():  # the newest intact checkpoint; damaged newer ones are skipped
+      restored = checkpointer.restore_intact(
+          par.abstract_state(init, seed_key, sample),
+          accept=functools.partial(_check_seed, checkpointer.directory, config.seed),
+          move_damaged=is_chief)
+    if restored is None:
+      resumed_from, canonical = None, par.init_state(init, seed_key, sample)
     else:
-      canonical = _restore(checkpointer, resumed_from, config.seed,
-                           par.abstract_state(init, seed_key, sample))
+      resumed_from, canonical, _ = restored
     start = int(parallel_lib.to_host(canonical.step))
     state = par.place_state(canonical)
     del canonical  # the step donates its input state
@@ -469,16 +474,12 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
                      seconds=time.time() - started)
 
 
-def _restore(checkpointer: checkpoint_lib.Checkpointer, step: int, seed: int,
-             abstract_state: PyTree) -> state_lib.TrainState:
-  """The canonical state of checkpoint `step`, when it belongs to this run."""
-  saved_seed = checkpointer.metadata(step).get("seed")
+def _check_seed(directory: str, seed: int, step: int, metadata: Mapping[str, Any]) -> None:
+  """Refuses to resume checkpoint `step` of another seed's run."""
+  saved_seed = metadata.get("seed")
   if saved_seed != seed:
-    raise ValueError(f"{os.path.dirname(checkpointer.directory)} holds a run with seed "
-                     f"{saved_seed}, not {seed}; resume with the same seed or use a new "
-                     f"workdir.")
-  state, _ = checkpointer.restore(step, abstract_state)
-  return state
+    raise ValueError(f"{os.path.dirname(directory)} holds a run with seed {saved_seed}, not "
+                     f"{seed}; resume with the same seed or use a new workdir.")
 
 
 def _print_above_progress(line: str) -> None:
