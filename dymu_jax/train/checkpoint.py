@@ -39,6 +39,7 @@ STATE, METADATA = "state", "metadata"
 SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "checkpoints_damaged"  # where training moves steps that failed to restore
 CHECKSUMS = "_checksums"  # key of the record: {array path: BLAKE2b hex digest}
+ARRAYS = "_arrays"  # key of the record: {array path: "float32[3, 4]"}, as saved
 
 
 class DamagedCheckpoint(ValueError):
@@ -122,7 +123,8 @@ class Checkpointer:
       return False  # e.g. the final save of a run resumed at its last step
     if not force and not self.manager.should_save(step):
       return False  # not a save step: skip the checksums too
-    record = {**_jsonable({**(metadata or {}), "step": step}), CHECKSUMS: checksums(state)}
+    record = {**_jsonable({**(metadata or {}), "step": step}), CHECKSUMS: checksums(state),
+              ARRAYS: _array_specs(state)}
     return self.manager.save(
         step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                          METADATA: ocp.args.JsonSave(record)}),
@@ -162,13 +164,14 @@ class Checkpointer:
     """
     record = self._record(step)
     expected = record.pop(CHECKSUMS, None)
+    saved_arrays = record.pop(ARRAYS, None)
     self._check_state_files(step)
     try:
       self.check_compatible(step, abstract_state)
     except DamagedCheckpoint:
       raise
     except ValueError as error:
-      if expected is not None and set(expected) == set(_array_specs(abstract_state)):
+      if saved_arrays is not None and saved_arrays == _array_specs(abstract_state):
         # The record saved with the arrays lists exactly the wanted ones: the stored tree
         # description is what is damaged, not the run's settings.
         raise DamagedCheckpoint(step, f"{STATE}/_METADATA", "the stored tree does not match "
@@ -270,6 +273,7 @@ class Checkpointer:
     record = dict(record)
     if not with_checksums:
       record.pop(CHECKSUMS, None)
+      record.pop(ARRAYS, None)
     return record
 
   def _check_state_files(self, step: int) -> None:
