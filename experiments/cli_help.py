@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 
+from experiments import runtime
+
 FLAGS = flags.FLAGS
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
 WIDTH = 100
@@ -36,6 +38,9 @@ METHOD_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "PHN and PHN-BN (--method=phn, --method=phn_bn)": (("phn", "phn_bn"), ("phn_*",)),
 }
 
+# Flags of `experiments/runtime.py`, which every command defines and `run` applies.
+RUNTIME_GROUP = ("Execution and compilation cache", runtime.NAMES)
+
 TRAIN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Data", ("dataset", "data_dir", "tasks", "task_spec", "num_train", "num_test",
               "test_fraction", "image_size", "data_seed", "augment")),
@@ -47,7 +52,8 @@ TRAIN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Evaluation, logging and checkpoints", ("eval_every", "eval_batch_size", "log_every",
                                              "checkpoint_every", "keep_checkpoints",
                                              "progress")),
-    ("Devices and errors", ("parallel", "multi_host", "prefetch", "traceback")),
+    ("Devices and errors", ("parallel", "multi_host", "prefetch", "compute_dtype", "traceback")),
+    RUNTIME_GROUP,
     *((heading, names) for heading, (_, names) in METHOD_FLAGS.items()),
 )
 
@@ -120,14 +126,21 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def run(main: Callable, doc: str, groups: Sequence[tuple[str, Sequence[str]]]) -> None:
-  """`absl.app.run(main)`, with `--help` showing `groups` instead of the main module's flags
-  and bad flags reported in one sentence (`parse_flags`)."""
+  """`absl.app.run(main)`, with `--help` showing `groups` instead of the main module's flags,
+  bad flags reported in one sentence (`parse_flags`), and the runtime flags applied
+  (`runtime.apply`: `--execution`, `--compilation_cache`) before `main` runs."""
 
   def parse(argv):
     args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
     if any(a in HELP_ARGS for a in args):
       print(help_text(doc, groups))
       sys.exit(0)
-    return parse_flags(argv)
+    remaining = parse_flags(argv)
+    try:
+      runtime.apply()
+    except ValueError as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(2)
+    return remaining
 
   app.run(main, flags_parser=parse)

@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 
 from dymu_jax import data as data_lib
+from dymu_jax import files as files_lib
 from dymu_jax import methods as methods_lib
 from dymu_jax import models
 from dymu_jax.models import branched
@@ -181,8 +182,19 @@ def flag_values() -> dict:
 
 def ensure_workdir(path: str, flag: str = "--workdir") -> str:
   """`path` as an absolute, existing, writable folder (created if missing); a file in the way
-  or a folder we may not write stops with one sentence naming `flag`."""
-  path = os.path.abspath(os.path.expanduser(path))
+  or a folder we may not write stops with one sentence naming `flag`.
+
+  A URI (gs://bucket/run, any `etils.epath` filesystem) is kept as given and created there;
+  whether it may be written shows at the first write.
+  """
+  if not files_lib.is_local(path):
+    folder = files_lib.run_path(path)
+    if folder.exists() and not folder.is_dir():
+      raise ValueError(f"{flag} needs the folder {folder}, but it is a file; choose another "
+                       f"{flag}.")
+    folder.mkdir(parents=True, exist_ok=True)
+    return os.fspath(folder)
+  path = files_lib.run_dir(path)
   existing = path
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)

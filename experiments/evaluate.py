@@ -80,7 +80,6 @@ import collections
 import functools
 import json
 import os
-import shutil
 import time
 
 from absl import app
@@ -312,8 +311,8 @@ def held_out_images(run, table) -> tuple[list, list, str]:
 def cached_encoder_scores(run, calibration, validation, signature) -> dict:
   """`ecmt.score_encoders` of the run, cached in `<workdir>/encoder_scores.json` for this
   checkpoint and these held-out images."""
-  path = os.path.join(run.workdir, "encoder_scores.json")
-  if os.path.isfile(path):
+  path = files_lib.run_path(run.workdir) / "encoder_scores.json"
+  if files_lib.is_file(path):
     try:
       record = files_lib.read_json(path)
       if record.get("signature") == signature:
@@ -349,7 +348,7 @@ def _reference(run, tasks) -> tuple[dict, str]:
   if missing:
     raise ValueError(f"The reference run {FLAGS.reference_workdir} has no metrics for task(s) "
                      f"{', '.join(missing)}; give a run of the same tasks.")
-  return per_task, f"single-task ({os.path.basename(os.path.normpath(FLAGS.reference_workdir))})"
+  return per_task, f"single-task ({files_lib.run_path(FLAGS.reference_workdir).name})"
 
 
 def ecmt_search(preference, budget, table, scores) -> WidthConfig:
@@ -374,7 +373,7 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
   names = [t.name for t in tasks]
   image_shape = tuple(run.test_source.image_shape)
   table = ecmt.cached_cost_table(method.model, image_shape, method.width_choices,
-                                 path=os.path.join(run.workdir, "cost_table.json"))
+                                 path=files_lib.run_path(run.workdir) / "cost_table.json")
   full, smallest = table.full_macs, table.smallest_macs
   print(f"SuperNet {full:,} MACs/example; smallest SubNet {smallest:,} "
         f"({smallest / full:.3f} of it)", flush=True)
@@ -487,13 +486,13 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
       "method": "ecmt", "workdir": run.workdir, "step": run.step, "tasks": names,
       "primary_metric": metric_names, "higher_is_better": dict(zip(names, higher)),
       "full_macs": full, "smallest_macs": smallest, "reference": reference_name,
-      "reference_workdir": (os.path.abspath(FLAGS.reference_workdir)
+      "reference_workdir": (files_lib.run_dir(FLAGS.reference_workdir)
                             if FLAGS.reference_workdir else None),
       "reference_metrics": reference, "supernet_metrics": supernet,
       "num_preferences": len(prefs), "preference_seed": FLAGS.preference_seed,
       "preference_grid": preference_record, "preference_cap": cap,
       "decoder_reserve": FLAGS.decoder_reserve, "skipped_budgets": skipped,
-      "encoder_scores_file": os.path.join(run.workdir, "encoder_scores.json"),
+      "encoder_scores_file": os.fspath(files_lib.run_path(run.workdir) / "encoder_scores.json"),
       "budgets": rows, "hypervolume_reference": (hv_reference.tolist()
                                                  if hv_reference is not None else None),
       "hypervolume_reference_source": hv_source,
@@ -545,12 +544,12 @@ def gradsplit_routing(run: runs.TrainedRun) -> dict:
   --noplots).
   """
   method: gradsplit.GradSplitMethod = run.method
-  output_dir = common.ensure_workdir(FLAGS.output_dir or os.path.join(run.workdir, "eval"),
-                                    "--output_dir")
+  default = os.fspath(files_lib.run_path(run.workdir) / "eval")
+  output_dir = common.ensure_workdir(FLAGS.output_dir or default, "--output_dir")
   for directory in dict.fromkeys([run.workdir, output_dir]):
     method.save_routing(run.variables, directory, step=run.step, plot=FLAGS.plots)
   record = method.routing_record(run.variables, run.step)
-  record["file"] = os.path.join(run.workdir, gradsplit.ROUTING_FILE)
+  record["file"] = os.fspath(files_lib.run_path(run.workdir) / gradsplit.ROUTING_FILE)
   record["heatmap"] = gradsplit.HEATMAP_FILE if FLAGS.plots else None
   return record
 
@@ -786,11 +785,11 @@ def _affinity_for_report(run, output_dir: str) -> dict | None:
     return None
   record = dict(record, heatmap=None)
   if FLAGS.plots:
-    source = os.path.join(run.workdir, runs.AFFINITY_PLOT)
-    target = os.path.join(output_dir, runs.AFFINITY_PLOT)
-    if os.path.isfile(source):
-      if os.path.abspath(source) != os.path.abspath(target):
-        shutil.copyfile(source, target)
+    source = files_lib.run_path(run.workdir) / runs.AFFINITY_PLOT
+    target = files_lib.run_path(output_dir) / runs.AFFINITY_PLOT
+    if files_lib.is_file(source):
+      if source != target:
+        files_lib.copy_file(source, target)
     else:
       runs.plot_affinity(record, target)
     record["heatmap"] = runs.AFFINITY_PLOT
@@ -875,7 +874,7 @@ def evaluate_dymu(run: runs.TrainedRun, output_dir: str) -> dict:
                                              "max_macs_fraction": band[1]},
       "anchor_ratio_target": ANCHOR_RATIO_TARGET,
       "anchor_metrics": anchor_metrics, "reference": reference_name,
-      "reference_workdir": (os.path.abspath(FLAGS.reference_workdir)
+      "reference_workdir": (files_lib.run_dir(FLAGS.reference_workdir)
                             if FLAGS.reference_workdir else None),
       "reference_metrics": reference, "sweeps": sweeps, "hypervolume_reference": hv_reference,
       "hypervolume_reference_source": hv_source,
@@ -915,7 +914,7 @@ def evaluate_phn(run: runs.TrainedRun, output_dir: str) -> dict:
       "resources": [], "num_preferences": len(prefs),
       "preference_seed": FLAGS.preference_seed, "preference_grid": preference_record,
       "reference": reference_name,
-      "reference_workdir": (os.path.abspath(FLAGS.reference_workdir)
+      "reference_workdir": (files_lib.run_dir(FLAGS.reference_workdir)
                             if FLAGS.reference_workdir else None),
       "reference_metrics": reference, "sweeps": sweeps, "hypervolume_reference": hv_reference,
       "hypervolume_reference_source": hv_source,
@@ -1112,7 +1111,7 @@ def plot_sweeps(results: dict, output_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     files.append("cost_vs_preference.png")
-    files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
+    files_lib.save_figure(fig, files_lib.run_path(output_dir) / files[-1], dpi=110)
     plt.close(fig)
   if len(names) == 2:
     fig, ax = plt.subplots(figsize=(4.6, 4))
@@ -1127,7 +1126,7 @@ def plot_sweeps(results: dict, output_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     files.append("tradeoff_front.png")
-    files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
+    files_lib.save_figure(fig, files_lib.run_path(output_dir) / files[-1], dpi=110)
     plt.close(fig)
   fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
   for i, name in enumerate(names):
@@ -1144,7 +1143,7 @@ def plot_sweeps(results: dict, output_dir: str) -> list[str]:
   axes[0, -1].legend(fontsize=7)
   fig.tight_layout()
   files.append("controllability.png")
-  files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
+  files_lib.save_figure(fig, files_lib.run_path(output_dir) / files[-1], dpi=110)
   plt.close(fig)
   return files
 
@@ -1303,7 +1302,7 @@ def plot(results: dict, output_dir: str) -> list[str]:
     axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
     files.append("controllability.png")
-    files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
+    files_lib.save_figure(fig, files_lib.run_path(output_dir) / files[-1], dpi=110)
     plt.close(fig)
   if rows and len(names) == 2:
     fig, ax = plt.subplots(figsize=(4.6, 4))
@@ -1318,7 +1317,7 @@ def plot(results: dict, output_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     files.append("tradeoff_front.png")
-    files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
+    files_lib.save_figure(fig, files_lib.run_path(output_dir) / files[-1], dpi=110)
     plt.close(fig)
   grid = np.asarray(results["budget_check"]["macs_by_budget"], np.float64)
   if len(grid):
@@ -1334,7 +1333,7 @@ def plot(results: dict, output_dir: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     files.append("cost_vs_budget.png")
-    files_lib.save_figure(fig, os.path.join(output_dir, files[-1]), dpi=110)
+    files_lib.save_figure(fig, files_lib.run_path(output_dir) / files[-1], dpi=110)
     plt.close(fig)
   return files
 
@@ -1345,13 +1344,13 @@ def run_evaluation() -> dict:
   started = time.time()
   # The parent folder of a --dymu_stage=all run evaluates its newest stage; results go to
   # <the given folder>/eval.
-  given = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+  given = files_lib.run_dir(FLAGS.workdir)
   check_list_flags()
   if FLAGS.output_dir:  # an output folder that cannot be written stops before the run loads
     common.ensure_workdir(FLAGS.output_dir, "--output_dir")
   run = runs.load_run(runs.resolve_workdir(given), data_dir=FLAGS.data_dir)
-  output_dir = common.ensure_workdir(FLAGS.output_dir or os.path.join(given, "eval"),
-                                    "--output_dir")
+  default = os.fspath(files_lib.run_path(given) / "eval")
+  output_dir = common.ensure_workdir(FLAGS.output_dir or default, "--output_dir")
   print(f"evaluating {run.method.name} from {run.workdir} (step {run.step})", flush=True)
   if run.method.name == "ecmt":
     results = evaluate_ecmt(run, output_dir)
@@ -1368,9 +1367,10 @@ def run_evaluation() -> dict:
   if (results.get("routing") or {}).get("heatmap"):  # gradsplit: written by gradsplit_routing
     plots = [results["routing"]["heatmap"]]
   results["plots"] = plots
-  files_lib.write_json(os.path.join(output_dir, "results.json"), results, indent=1)
+  folder = files_lib.run_path(output_dir)
+  files_lib.write_json(folder / "results.json", results, indent=1)
   report = markdown(results, plots)
-  files_lib.atomic_write(os.path.join(output_dir, "report.md"), report)
+  files_lib.atomic_write(folder / "report.md", report)
   print(report)
   print(f"wrote {output_dir}/results.json, report.md and {len(plots)} plot(s) in "
         f"{results['seconds']:.0f} s")
@@ -1394,6 +1394,7 @@ EVALUATE_GROUPS = (
     ("ECMT search", ("calibration_examples", "score_examples", "decoder_reserve",
                      "budget_check_points", "ecmt_preference_cap")),
     ("Errors", ("traceback",)),
+    cli_help.RUNTIME_GROUP,
 )
 
 if __name__ == "__main__":

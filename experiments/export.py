@@ -15,6 +15,7 @@ else:
     predictions = model.apply(variables, images)          # images (B, H, W, C) in [0, 1]
 
 `--budget` is a fraction of the SuperNet's MACs (0 < b <= 1) or, above 1, MACs per example.
+`--workdir` and `--output_dir` may be on any `etils.epath` filesystem (gs://bucket/run).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from dymu_jax import files as files_lib
 from experiments import cli_help
 from experiments import common
 from experiments import evaluate
@@ -72,16 +74,16 @@ def export() -> str:
   budget = _budget(FLAGS.budget)
   image_shape = tuple(run.test_source.image_shape)
   table = ecmt.cached_cost_table(method.model, image_shape, method.width_choices,
-                                 path=os.path.join(run.workdir, "cost_table.json"))
+                                 path=files_lib.run_path(run.workdir) / "cost_table.json")
   calibration, validation, signature = evaluate.held_out_images(run, table)
   scores = evaluate.cached_encoder_scores(run, calibration, validation, signature)
   config = ecmt.search(preference, budget, cost_table=table, scores=scores,
                        decoder_reserve=FLAGS.decoder_reserve)
   variables = ecmt.recalibrate_bn(method, run.variables, config, calibration)
   sub, sub_variables = ecmt.slice_subnet(method.model, variables, config, image_shape)
-  output_dir = FLAGS.output_dir or os.path.join(
-      run.workdir, "export", "pref=" + "_".join(f"{x:.3g}" for x in preference) +
-      f"_budget={budget:g}")
+  output_dir = FLAGS.output_dir or os.fspath(
+      files_lib.run_path(run.workdir) / "export" /
+      ("pref=" + "_".join(f"{x:.3g}" for x in preference) + f"_budget={budget:g}"))
   macs = table.macs(config)
   info = {
       "source_workdir": run.workdir, "checkpoint_step": run.step,
@@ -109,6 +111,7 @@ EXPORT_GROUPS = (
     ("Steering", ("preference", "budget")),
     ("ECMT search", ("calibration_examples", "score_examples", "decoder_reserve")),
     ("Errors", ("traceback",)),
+    cli_help.RUNTIME_GROUP,
 )
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ import glob
 import json
 import os
 import platform
-import shutil
 import subprocess
 from typing import Any, Callable, Mapping, Sequence
 
@@ -102,7 +101,7 @@ PREFERENCE_METHODS = tuple(m for m, kind in _CONTROL.items() if kind == "prefere
 
 def saved_flags(workdir: str) -> dict | None:
   """The flags saved with the newest checkpoint of `workdir`, or None without a checkpoint."""
-  if not os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)):
+  if not checkpoint_lib.has_checkpoint_dir(workdir):
     return None
   with checkpoint_lib.Checkpointer(workdir, async_save=False) as checkpointer:
     if checkpointer.latest_step() is None:
@@ -186,6 +185,8 @@ def train_command(workdir: str, values: Mapping[str, Any], flags_dir: str,
 
 
 def _short_path(path: str) -> str:
+  if not files_lib.is_local(path):
+    return path  # gs://bucket/run: as given
   rel = os.path.relpath(os.path.abspath(path))
   return rel if not rel.startswith("../..") else os.path.abspath(path)
 
@@ -201,26 +202,37 @@ def dymu_parent_flags(folder: str, summary: Mapping[str, Any]) -> dict | None:
   if values is None:
     return None
   anchor_dir = summary.get("anchor_dir") or ""
-  own_anchor = os.path.abspath(os.path.join(folder, "anchor"))
+  own_anchor = os.fspath(files_lib.run_path(folder) / "anchor")
   return {**values, "dymu_stage": "all", "steps": FLAGS["steps"].default,
-          "dymu_anchor_dir": "" if os.path.abspath(anchor_dir) == own_anchor else anchor_dir,
+          "dymu_anchor_dir": "" if files_lib.run_dir(anchor_dir) == own_anchor else anchor_dir,
           "dymu_edge_dir": FLAGS["dymu_edge_dir"].default,
           "dymu_pretrain_dir": FLAGS["dymu_pretrain_dir"].default}
+
+
+def _matching(pattern: str) -> list[str]:
+  """The folders a --workdirs pattern names: a local glob, or on another filesystem
+  (gs://bucket/runs/*) a glob of its last part."""
+  if files_lib.is_local(pattern):
+    return sorted(glob.glob(os.path.expanduser(pattern)))
+  parent, _, last = pattern.rstrip("/").rpartition("/")
+  if not any(c in last for c in "*?[") or any(c in parent for c in "*?["):
+    return []
+  return sorted(os.fspath(p) for p in files_lib.run_path(parent).glob(last))
 
 
 def load_runs(patterns: Sequence[str]) -> tuple[list[dict], list[str]]:
   """(runs, notes): one dict per finished run, and a note per skipped folder."""
   folders = []
   for pattern in patterns:
-    matched = sorted(glob.glob(os.path.expanduser(pattern))) or [pattern]
+    matched = _matching(pattern) or [pattern]
     folders += [f for f in matched if f not in folders]
   found, notes = [], []
   for folder in folders:
-    summary_path = os.path.join(folder, "summary.json")
-    if not os.path.isdir(folder):
+    summary_path = files_lib.run_path(folder) / "summary.json"
+    if not files_lib.is_dir(files_lib.run_path(folder)):
       notes.append(f"{folder}: not a folder")
       continue
-    if not os.path.isfile(summary_path):
+    if not files_lib.is_file(summary_path):
       notes.append(f"{folder}: no summary.json (training not finished)")
       continue
     try:
@@ -235,10 +247,9 @@ def load_runs(patterns: Sequence[str]) -> tuple[list[dict], list[str]]:
       notes.append(f"{folder}: no checkpoint")
       continue
     evaluation = None
-    eval_path = os.path.join(folder, "eval", "results.json")
-    if os.path.isfile(eval_path):
-      with open(eval_path, encoding="utf-8") as f:
-        evaluation = json.load(f)
+    eval_path = files_lib.run_path(folder) / "eval" / "results.json"
+    if files_lib.is_file(eval_path):
+      evaluation = json.loads(files_lib.read_bytes(eval_path).decode("utf-8"))
     found.append({"name": os.path.basename(os.path.normpath(folder)), "workdir": folder,
                   "values": values, "summary": summary, "eval": evaluation})
   return found, notes
@@ -507,8 +518,10 @@ def _reference_dir(run: dict) -> str | None:
   reference = evaluation.get("reference_workdir")
   label = str(evaluation.get("reference") or "")
   if not reference and label.startswith("single-task ("):  # results written before the path
-    reference = os.path.join(os.path.dirname(os.path.normpath(run["workdir"])),
-                             label[len("single-task ("):-1])
+    workdir = run["workdir"]
+    parent = (os.path.dirname(os.path.normpath(workdir)) if files_lib.is_local(workdir)
+              else os.fspath(files_lib.run_path(workdir).parent))
+    reference = os.path.join(parent, label[len("single-task ("):-1])
   return reference or None
 
 
@@ -998,15 +1011,15 @@ def ecmt_table(group: Mapping[str, Any]) -> list[str]:
 def copy_plots(run: dict, output: str) -> list[str]:
   """Copies the run's evaluation plots next to `output`; their paths relative to it."""
   evaluation = run["eval"]
-  source = os.path.join(run["workdir"], "eval")
+  source = files_lib.run_path(run["workdir"]) / "eval"  # the run may be on gs://...
   stem = os.path.splitext(output)[0]
   target = os.path.join(stem, run["name"])
   copied = []
   for name in evaluation.get("plots", []):
-    path = os.path.join(source, name)
-    if os.path.isfile(path):
+    path = source / name
+    if files_lib.is_file(path):
       os.makedirs(target, exist_ok=True)
-      shutil.copyfile(path, os.path.join(target, name))
+      files_lib.copy_file(path, os.path.join(target, name))
       copied.append(os.path.relpath(os.path.join(target, name), os.path.dirname(output)))
   return copied
 
@@ -1155,7 +1168,9 @@ def output_path(output: str | None, run_dirs) -> str:
   """--output, or results.md in the common parent of the run folders."""
   if output:
     return os.path.abspath(output)
-  parents = [os.path.dirname(os.path.abspath(d)) for d in run_dirs] or [os.getcwd()]
+  # Runs on another filesystem (gs://...) have no local parent: the page goes to the cwd.
+  parents = [os.path.dirname(os.path.abspath(d)) for d in run_dirs
+             if files_lib.is_local(d)] or [os.getcwd()]
   return os.path.join(os.path.commonpath(parents), "results.md")
 
 

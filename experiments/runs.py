@@ -1,14 +1,15 @@
 """A trained run, rebuilt from its workdir: the flags it was trained with, its data, its method
 and its newest checkpoint's variables. Shared by `evaluate` and `export`.
+
+Workdirs may be on any `etils.epath` filesystem (gs://bucket/run): they are kept as strings
+(`files.run_dir`: the absolute local path, or the URI) and read through `dymu_jax.files`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
@@ -50,7 +51,7 @@ class TrainedRun:
   """Everything `load_run` rebuilds.
 
   Attributes:
-    workdir: absolute path of the run's folder.
+    workdir: absolute path (or URI) of the run's folder.
     values: the run's flags (name -> value), as saved with its checkpoints.
     config: its `TrainConfig`.
     step: the restored checkpoint's step.
@@ -80,11 +81,11 @@ def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:
   Raises:
     FileNotFoundError: the folder or its checkpoints do not exist (one sentence).
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if not os.path.isdir(workdir):
+  workdir = files_lib.run_dir(workdir)
+  if not files_lib.is_dir(workdir):
     raise FileNotFoundError(f"The workdir {workdir} does not exist; give the --workdir of a "
                             f"run trained with python -m experiments.train.")
-  if not os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)):
+  if not checkpoint_lib.has_checkpoint_dir(workdir):
     raise FileNotFoundError(f"{workdir} has no checkpoints folder; train it first with "
                             f"python -m experiments.train --workdir={workdir}.")
   with checkpoint_lib.Checkpointer(workdir, async_save=False) as checkpointer:
@@ -133,15 +134,15 @@ def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:
 
 def summary_metrics(workdir: str) -> dict:
   """The final evaluation {control label: {task: {metric: value}}} of a run's summary.json."""
-  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "summary.json")
-  if not os.path.isfile(path):
+  path = files_lib.run_path(workdir) / "summary.json"
+  if not files_lib.is_file(path):
     raise FileNotFoundError(f"{path} does not exist; give the workdir of a finished "
                             f"experiments.train run.")
   try:
     return files_lib.read_json(path)["eval"]
   except (files_lib.DamagedFile, KeyError, TypeError) as error:
     reason = str(error) if isinstance(error, files_lib.DamagedFile) else f"{path} has no results"
-    raise ValueError(f"{reason}; run the training command of {os.path.dirname(path)} again: it "
+    raise ValueError(f"{reason}; run the training command of {path.parent} again: it "
                      f"restores the final checkpoint and rewrites summary.json.") from None
 
 
@@ -157,7 +158,7 @@ def summary_metrics(workdir: str) -> dict:
 
 def latest_step(workdir: str) -> int | None:
   """The newest complete checkpoint's step in `workdir`, or None (no folder, no checkpoint)."""
-  if not os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)):
+  if not checkpoint_lib.has_checkpoint_dir(workdir):
     return None
   with checkpoint_lib.Checkpointer(workdir, async_save=False) as checkpointer:
     return checkpointer.latest_step()
@@ -174,11 +175,11 @@ def saved_metadata(workdir: str) -> dict | None:
 def resolve_workdir(workdir: str) -> str:
   """The run folder to load for `workdir`: itself, or for the parent folder of a
   `--dymu_stage=all` run its newest trained stage (weight, else edge, else anchor)."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)):
+  workdir = files_lib.run_dir(workdir)
+  if checkpoint_lib.has_checkpoint_dir(workdir):
     return workdir
   for stage in reversed(dymu.STAGES):
-    folder = os.path.join(workdir, stage)
+    folder = os.fspath(files_lib.run_path(workdir) / stage)
     if latest_step(folder) is not None:
       return folder
   return workdir
@@ -207,11 +208,10 @@ def _dymu_placeholder_inputs(values: Mapping[str, Any], tasks, sample, workdir: 
 
 def read_affinity(workdir: str) -> dict | None:
   """The affinity record (AFFINITY_FILE) of a DYMU edge/weight workdir, or None."""
-  path = os.path.join(workdir, AFFINITY_FILE)
-  if not os.path.isfile(path):
+  path = files_lib.run_path(workdir) / AFFINITY_FILE
+  if not files_lib.is_file(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return files_lib.read_json(path)
 
 
 def plot_affinity(record: Mapping[str, Any], path: str) -> None:
@@ -240,7 +240,7 @@ def plot_affinity(record: Mapping[str, Any], path: str) -> None:
 def _finished_stage(folder: str, stage: str, flag: str, values: Mapping[str, Any],
                     train_source) -> TrainedRun:
   """The finished DYMU `stage` run in `folder`, checked against this run's tasks and model."""
-  if not os.path.isdir(os.path.expanduser(folder)):
+  if not files_lib.is_dir(files_lib.run_path(folder)):
     raise ValueError(f"{flag}={folder} does not exist; give the workdir of a finished "
                      f"--dymu_stage={stage} run.")
   run = load_run(folder)
@@ -308,7 +308,7 @@ def dymu_stage_source(stage: str, values: Mapping[str, Any]) -> dict:
   if not _has_input(stage, values):
     return {}
   key = _INPUT_STAGE[stage]
-  folder = os.path.abspath(os.path.expanduser(_input_dir(stage, values)))
+  folder = files_lib.run_dir(_input_dir(stage, values))
   return {f"{key}_dir": folder, f"{key}_step": latest_step(folder)}
 
 
@@ -386,10 +386,10 @@ def _affinity_record(anchor_run: TrainedRun, values: Mapping[str, Any], train_so
             "task_weight_source": ("held-out" if mode == "validation" else mode),
             "task_weights": list(weights),
             "signature": signature}
-  os.makedirs(workdir, exist_ok=True)
-  files_lib.write_json(os.path.join(workdir, AFFINITY_FILE), record, indent=1)
+  folder = files_lib.makedirs(files_lib.run_path(workdir))
+  files_lib.write_json(folder / AFFINITY_FILE, record, indent=1)
   if plot:
-    plot_affinity(record, os.path.join(workdir, AFFINITY_PLOT))
+    plot_affinity(record, folder / AFFINITY_PLOT)
   return record
 
 
@@ -419,11 +419,11 @@ def dymu_stage_inputs(stage: str, values: Mapping[str, Any], train_source, workd
   if record is None:
     raise ValueError(f"The edge stage in {folder} has no {AFFINITY_FILE}; it was not trained "
                      f"by experiments.train.")
-  os.makedirs(workdir, exist_ok=True)
+  target = files_lib.makedirs(files_lib.run_path(workdir))
   for name in (AFFINITY_FILE, AFFINITY_PLOT):
-    source = os.path.join(edge_run.workdir, name)
-    if os.path.isfile(source) and os.path.abspath(workdir) != edge_run.workdir:
-      shutil.copyfile(source, os.path.join(workdir, name))
+    source = files_lib.run_path(edge_run.workdir) / name
+    if files_lib.is_file(source) and os.fspath(target) != edge_run.workdir:
+      files_lib.copy_file(source, target / name)
   variables = edge_run.variables
   inputs = {"anchor_variables": variables["anchor"],
             "edge_params": variables["params"]["edge_hypernet"],
@@ -519,7 +519,8 @@ def write_anchor_report(run: TrainedRun, source, workdir: str) -> str:
   """Computes the anchor report of a finished anchor stage on `source`; writes JSON and
   Markdown into `workdir` and returns the Markdown."""
   report = anchor_report(run.method, run.variables, source, run.train_source.image_shape)
-  files_lib.write_json(os.path.join(workdir, ANCHOR_REPORT), report, indent=1)
+  folder = files_lib.run_path(workdir)
+  files_lib.write_json(folder / ANCHOR_REPORT, report, indent=1)
   text = anchor_report_markdown(report)
-  files_lib.atomic_write(os.path.join(workdir, ANCHOR_REPORT_MD), text)
+  files_lib.atomic_write(folder / ANCHOR_REPORT_MD, text)
   return text

@@ -97,6 +97,10 @@ flags.DEFINE_enum("parallel", "mesh", list(train_lib.MODES),
 flags.DEFINE_bool("multi_host", False, "Call jax.distributed.initialize() (multi-host runs).")
 flags.DEFINE_integer("prefetch", 2, "Batches prepared ahead of the accelerator.", lower_bound=0)
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "Activations' dtype in the train step: bfloat16 = mixed precision "
+                  "(parameters, optimizer state, batch-norm statistics, losses and evaluation "
+                  "stay float32).")
 
 FLAGS = flags.FLAGS
 
@@ -110,7 +114,8 @@ def train_config() -> train_lib.TrainConfig:
       grad_clip=FLAGS.grad_clip, momentum=FLAGS.momentum, eval_every=FLAGS.eval_every,
       eval_batch_size=FLAGS.eval_batch_size, checkpoint_every=FLAGS.checkpoint_every,
       keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every,
-      parallel=FLAGS.parallel, prefetch=FLAGS.prefetch, progress=FLAGS.progress)
+      parallel=FLAGS.parallel, prefetch=FLAGS.prefetch, progress=FLAGS.progress,
+      compute_dtype=FLAGS.compute_dtype)
 
 
 def run() -> train_lib.TrainResult:
@@ -156,7 +161,7 @@ def run_single() -> train_lib.TrainResult:
                            run_metadata={"flags": common.flag_values()}, augment=augment)
   summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "steps": config.steps,
              "seconds": round(result.seconds, 1), "eval": result.eval_metrics}
-  files_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=1)
+  files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)
   # Methods with a learned structure write it next to the run (gradsplit: routing + heat map).
   save_routing = getattr(method, "save_routing", None)
   if save_routing is not None and jax.process_index() == 0:
@@ -190,8 +195,8 @@ def _dymu_plan() -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
   --workdir on --dymu_pretrain_dir (anchor from a trunk), --dymu_anchor_dir (edge) or
   --dymu_edge_dir (weight). Input folders a stage would not read stop with one sentence.
   """
-  root = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-  given = lambda path: os.path.abspath(os.path.expanduser(path)) if path else ""
+  root = files_lib.run_dir(FLAGS.workdir)
+  given = lambda path: files_lib.run_dir(path) if path else ""
   inputs = {"pretrain": given(FLAGS.dymu_pretrain_dir), "anchor": given(FLAGS.dymu_anchor_dir),
             "edge": given(FLAGS.dymu_edge_dir)}
   stages = common.dymu_stages()
@@ -206,7 +211,7 @@ def _dymu_plan() -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
     return stages, {stages[0]: root}, inputs
   if inputs["anchor"]:
     stages = ("edge", "weight")
-  folders = {stage: os.path.join(root, stage) for stage in stages}
+  folders = {stage: os.fspath(files_lib.run_path(root) / stage) for stage in stages}
   for stage in stages:
     key = runs._INPUT_STAGE.get(stage)  # pylint: disable=protected-access
     if key in folders:
@@ -219,8 +224,8 @@ def _dymu_plan() -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
 
 def _finished_summary(workdir: str, steps: int) -> dict | None:
   """The summary of a stage that already reached `steps` in `workdir`, or None."""
-  path = os.path.join(workdir, "summary.json")
-  if runs.latest_step(workdir) != steps or not os.path.isfile(path):
+  path = files_lib.run_path(workdir) / "summary.json"
+  if runs.latest_step(workdir) != steps or not files_lib.is_file(path):
     return None
   try:
     summary = files_lib.read_json(path)
@@ -299,14 +304,14 @@ def run_dymu() -> train_lib.TrainResult:
     if stage == "edge" and is_chief:
       record = runs.read_affinity(workdir)
       print(f"task affinity A = {record['affinity']}; task weights w = "
-            f"{record['task_weights']} (wrote {os.path.join(workdir, runs.AFFINITY_FILE)})")
+            f"{record['task_weights']} (wrote {files_lib.run_path(workdir) / runs.AFFINITY_FILE})")
     result = train_lib.train(method, stage_source, test_source, config, workdir,
                              run_metadata={"flags": values, "dymu": source}, augment=augment)
     summary = {"method": "dymu", "dymu_stage": stage, "dataset": FLAGS.dataset,
                "steps": config.steps, "seconds": round(result.seconds, 1),
                "eval": result.eval_metrics}
     if is_chief:
-      files_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=1)
+      files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)
     summaries[stage] = {**summary, "workdir": workdir}
     print(common.format_eval(result.eval_metrics, train_source.tasks))
     if stage == "anchor" and is_chief:
@@ -321,7 +326,7 @@ def run_dymu() -> train_lib.TrainResult:
                "steps": sum(s["steps"] for s in summaries.values()),
                "seconds": round(sum(s["seconds"] for s in summaries.values()), 1),
                "eval": last["eval"], "stages": summaries}
-    files_lib.write_json(os.path.join(root, "summary.json"), summary, indent=1)
+    files_lib.write_json(files_lib.run_path(root) / "summary.json", summary, indent=1)
     print(f"DYMU stages done: {', '.join(stages)}; summary in {root}/summary.json")
   return result
 

@@ -12,6 +12,10 @@ file describes. So:
   this command's. Flags that only say how long, how often or where (`CHANGEABLE`) may change;
   any other difference stops the command with one sentence listing the differences, unless
   `--allow_changed_flags`, which records them in `<workdir>/flag_history.jsonl`.
+
+Both work on a workdir on any `etils.epath` filesystem (gs://bucket/run): there the lock file
+is written and read through epath, which has no exclusive create, so two commands starting in
+the same instant may both pass; any later one is refused as locally.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import socket
 from typing import Any, Mapping
 
+from dymu_jax import files as files_lib
 from experiments import runs
 
 LOCK_FILE = ".dymu_lock"
@@ -33,7 +38,7 @@ CHANGEABLE = frozenset({
     "steps", "dymu_stage_steps", "dymu_pretrain_steps", "workdir", "data_dir", "eval_every",
     "eval_batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
     "prefetch", "traceback", "multi_host", "parallel", "allow_changed_flags",
-    "dymu_eval_resources",
+    "dymu_eval_resources", "execution", "compilation_cache", "compilation_cache_min_seconds",
 })
 
 
@@ -78,8 +83,7 @@ def check_resume_flags(workdir: str, current: Mapping[str, Any], *, allow: bool,
   record = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
             "step": runs.latest_step(workdir),
             "changed": {k: {"from": v[0], "to": v[1]} for k, v in changes.items()}}
-  with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as f:
-    f.write(json.dumps(record) + "\n")
+  files_lib.append_text(files_lib.run_path(workdir) / HISTORY_FILE, json.dumps(record) + "\n")
   print(f"continuing {workdir} with changed flags ({listed}); recorded in {HISTORY_FILE}",
         flush=True)
   return changes
@@ -99,22 +103,35 @@ class WorkdirLock:
   """`with WorkdirLock(workdir):` one training command at a time on `workdir`."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = files_lib.run_path(workdir) / LOCK_FILE
     self.held = False
 
   def _owner(self) -> dict | None:
     try:
-      with open(self.path, encoding="utf-8") as f:
-        return json.load(f)
+      return json.loads(files_lib.read_bytes(self.path).decode("utf-8"))
     except (OSError, ValueError):
       return None
+
+  def _create(self, record: dict) -> None:
+    """Writes the lock file holding `record`; FileExistsError when there is one."""
+    if files_lib.is_local(self.path):
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+      return
+    # No exclusive create on object stores: look, write, and read back who holds it.
+    if self.path.exists():
+      raise FileExistsError(self.path)
+    self.path.write_text(json.dumps(record))
+    if self._owner() != record:
+      raise FileExistsError(self.path)
 
   def __enter__(self):
     record = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": datetime.datetime.now().isoformat(timespec="seconds")}
     for _ in range(2):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        self._create(record)
       except FileExistsError:
         owner = self._owner()
         if owner is None or (owner.get("host") == record["host"]
@@ -122,20 +139,18 @@ class WorkdirLock:
           print(f"taking over the stale lock {self.path} "
                 f"({'unreadable' if owner is None else 'pid ' + str(owner.get('pid'))} is gone)",
                 flush=True)
-          os.remove(self.path)
+          files_lib.remove(self.path)
           continue
-        raise ValueError(f"{os.path.dirname(self.path)} is in use by another training run "
+        raise ValueError(f"{self.path.parent} is in use by another training run "
                          f"(pid {owner.get('pid')} on {owner.get('host')}, started "
                          f"{owner.get('started')}); wait for it, or use another --workdir "
                          f"(delete {self.path} if that run is gone).") from None
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(record, f)
       self.held = True
       return self
     raise ValueError(f"Could not take the lock {self.path}; another run is starting there.")
 
   def __exit__(self, *exc):
     if self.held and (self._owner() or {}).get("pid") == os.getpid():
-      os.remove(self.path)
+      files_lib.remove(self.path)
     self.held = False
     return False

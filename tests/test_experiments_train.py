@@ -114,6 +114,7 @@ def test_unknown_flag_in_flag_file_fails(tmp_path):
     (["--method=ecmt", "--dymu_lambda_active=2"],
      "--dymu_lambda_active is an option of DYMU (--method=dymu), but this run has --method=ecmt"),
     (["--method=phn_bn", "--kd=none"], "--kd is an option of ECMT (--method=ecmt)"),
+    (["--execution=fast"], "--execution: Execution choice 'fast' in 'fast' is not one of"),
 ])
 def test_bad_flags_stop_with_one_sentence(tmp_path, args, message):
   result = run_cli(*args, f"--workdir={tmp_path / 'w'}", timeout=120)
@@ -129,15 +130,21 @@ def test_missing_workdir_is_a_usage_error():
   assert "--workdir is required" in result.stderr
 
 
-def test_short_run_learns(tmp_path):
-  """A small static run on synthetic scenes: the training loss falls by a clear margin."""
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_short_run_learns(tmp_path, compute_dtype):
+  """A small static run on synthetic scenes: the training loss falls by a clear margin, in
+  float32 and in mixed precision; the compiled programs land in the persistent compilation
+  cache it names."""
   workdir = tmp_path / "run"
-  result = run_cli(
+  result = run_cli(f"--compute_dtype={compute_dtype}",
       "--dataset=synthetic", "--image_size=16", "--num_train=256", "--num_test=64",
       "--method=static", "--backbone=resnet_small", "--head_width=16", "--steps=60",
       "--batch_size=16", "--learning_rate=3e-3", "--log_every=10", "--checkpoint_every=30",
-      "--eval_every=0", "--noprogress", f"--workdir={workdir}")
+      "--eval_every=0", "--noprogress", f"--workdir={workdir}",
+      f"--compilation_cache={tmp_path / 'xla'}", "--compilation_cache_min_seconds=0")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert glob.glob(str(tmp_path / "xla" / "jit_train_step-*")), os.listdir(tmp_path / "xla")
+  assert f"execution: cpu, fast_ops=on,passes=unrolled, {compute_dtype}" in result.stdout
   records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   train_losses = [r["loss"] for r in records if r.get("split", r.get("kind")) == "train"]
   assert len(train_losses) >= 5, records[:3]
@@ -168,8 +175,8 @@ def test_multi_mnist_run_learns_on_drawn_digits(tmp_path, drawn_mnist):
 
 def test_every_training_flag_is_in_one_help_group():
   """`--help` groups cannot fall behind the flags: each training flag is shown exactly once."""
-  defined = {f.name for module in ("experiments.train", "experiments.common")
-             for f in flags.FLAGS.get_flags_for_module(module)}
+  modules = ("experiments.train", "experiments.common", "experiments.runtime")
+  defined = {f.name for module in modules for f in flags.FLAGS.get_flags_for_module(module)}
   shown = [name for _, names in cli_help.TRAIN_GROUPS for name in cli_help._expand(names)]
   assert len(shown) == len(set(shown)), sorted(n for n in shown if shown.count(n) > 1)
   assert set(shown) == defined, (sorted(defined - set(shown)), sorted(set(shown) - defined))

@@ -11,8 +11,9 @@ what is ours:
 * **Bounded compilation [ours].** The max and min configurations are fixed, so they run on the
   static, sliced path (their real cost). The K - 2 random ones run on the masked path
   (`DynamicWidths`: arrays drawn inside jit, full-width compute with the surplus channels
-  zeroed), unrolled in the program (a `jax.vmap` over them batched the convolution gradients,
-  about 1.25x slower on CPU: `benchmarks/method_speed.py`). The compiled step is therefore ONE
+  zeroed), unrolled in the program on CPU (a `jax.vmap` over them batched the convolution
+  gradients, about 1.25x slower there: `benchmarks/method_speed.py`) and vmapped on
+  accelerators (`execution.choices().passes`). The compiled step is therefore ONE
   program whatever configurations are drawn; its size grows linearly with K, its number does
   not. The price is compute: each
   random SubNet costs a full-width pass instead of its own. With the default choices and K = 4 a
@@ -76,6 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dymu_jax import execution
 from dymu_jax import files as files_lib
 from dymu_jax import losses
 from dymu_jax import tasks as tasks_lib
@@ -352,9 +354,7 @@ class ECMTMethod:
       sampled = self.sandwich(rng)
       random_widths = DynamicWidths(sampled.encoder[2:], sampled.decoders[2:],
                                     self.width_choices)
-      subnets += [terms(DynamicWidths(random_widths.encoder[i], random_widths.decoders[i],
-                                      self.width_choices))
-                  for i in range(self.num_subnets - 2)]
+      subnets.append(execution.map_stacked(terms, random_widths))  # (K - 2,) per term
     stacked = {k: jnp.concatenate([jnp.reshape(s[k], (-1,)) for s in subnets])
                for k in subnets[0]}  # (K - 1,) per term
 
@@ -785,7 +785,7 @@ def cached_cost_table(model: MultiTaskNet, image_shape: Sequence[int],
   choices = _sorted_choices(choices or model.width_choices or WIDTH_CHOICES)
   signature = model_signature(model, image_shape, choices)
   on_disk = None
-  if path is not None and os.path.exists(path):
+  if path is not None and files_lib.exists(path):
     try:
       on_disk = CostTable.load(path)
     except (files_lib.DamagedFile, KeyError, TypeError, ValueError) as error:

@@ -80,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dymu_jax import execution
 from dymu_jax import files as files_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods.static import weighted_task_loss
@@ -628,9 +629,11 @@ class GradSplitMethod:
 
     Gradients are routed (activation mode) or masked (weight mode) by `matrix`: one M (T, T)
     for every split module, or one M_k per split module (K, T, T; order of `split_modules`).
-    The T backward passes are unrolled (one `jax.grad` per task): their forward passes are
-    the same computation, which XLA merges into one, and unbatched convolution gradients run
-    about twice as fast on CPU as the batched ones a `vmap` over tasks makes.
+    The T backward passes run as `execution.choices().passes` says. Unrolled (one
+    `jax.grad` per task, the CPU default): their forward passes are the same computation,
+    which XLA merges into one, and unbatched convolution gradients run about twice as fast on
+    CPU as the batched ones a `vmap` over tasks makes. Vmapped (the accelerator default): one
+    batched program; the forward stays unbatched where the routing columns do not enter it.
     """
     num_tasks = self.num_tasks
     route = self.mode == "activation"
@@ -647,9 +650,11 @@ class GradSplitMethod:
       return grads, losses, new_state
 
     onehots = jnp.eye(num_tasks, dtype=jnp.float32)
-    per_task = [one_task(matrices[:, :, t], onehots[t]) for t in range(num_tasks)]
-    grads = jax.tree.map(lambda *g: jnp.stack(g), *[g for g, _, _ in per_task])
-    _, losses, new_state = per_task[0]
+    # Every task's pass computes the same losses and model state (only its cotangent and
+    # routing columns differ): keep task 0's.
+    grads, losses, new_state = execution.map_stacked(
+        one_task, jnp.moveaxis(matrices, 2, 0), onehots)
+    losses, new_state = jax.tree.map(lambda a: a[0], (losses, new_state))
     if not route:
       index = {name: k for k, name in enumerate(modules)}
       flat, treedef = jax.tree_util.tree_flatten_with_path(self.split_params(grads))
@@ -769,7 +774,7 @@ class GradSplitMethod:
                    step: int | None = None, plot: bool = True) -> list[str]:
     """Writes `gradsplit_routing.json` (and the heat maps `gradsplit_routing.png`) to
     `directory`; returns the paths written."""
-    os.makedirs(directory, exist_ok=True)
+    files_lib.makedirs(directory)  # a local folder or a URI (files.run_path)
     record = self.routing_record(variables, step)
     paths = [os.path.join(directory, ROUTING_FILE)]
     files_lib.write_json(paths[0], record, indent=1)

@@ -43,8 +43,11 @@ The module also holds the 2x2 max pool (`max_pool_2x2`) and the batch-norm norma
 (`batch_normalize`) of `models/layers.py`, each with the plain version's values and a faster
 gradient.
 
-`with plain():` (read while tracing) or the environment variable `DYMU_JAX_PLAIN_OPS=1` (read at
-import) turns every rewrite off, e.g. to compare against the plain versions.
+The rewrites are on where `dymu_jax.execution` says so: by default on the CPU backend only (on
+GPU and TPU the native ops are the usual winners), overridable with `--execution` /
+`DYMU_JAX_EXECUTION` ("fast_ops=on|off"). `with plain():` (read while tracing) or the
+environment variable `DYMU_JAX_PLAIN_OPS=1` (read at import) turns every rewrite off whatever
+the backend, e.g. to compare against the plain versions.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dymu_jax import execution
 
 LOWERINGS = ("auto", "xla", "toeplitz", "dense")
 # At most this many input channels take the Toeplitz lowering under "auto". Measured on an
@@ -84,20 +89,25 @@ TOEPLITZ_INPUT_GRAD_MIN_TAPS = 25
 TOEPLITZ_SPLIT_WEIGHT_GRAD_ROWS = 20000
 
 _ENV_VAR = "DYMU_JAX_PLAIN_OPS"
-_plain = os.environ.get(_ENV_VAR, "0").strip().lower() not in ("", "0", "false", "no")
+# None: follow `execution.choices()`; True/False: forced by `plain` or the environment variable.
+_plain: bool | None = (
+    True if os.environ.get(_ENV_VAR, "0").strip().lower() not in ("", "0", "false", "no")
+    else None)
 
-Pads = tuple[tuple[int, int], tuple[int, int]]
+
+def _is_plain() -> bool:
+  return not execution.choices().fast_ops if _plain is None else _plain
 
 
 def enabled() -> bool:
-  """Whether the rewrites of this module are on (they are unless `plain` or the env var)."""
-  return not _plain
+  """Whether the rewrites of this module are on now (backend choice, `plain`, env var)."""
+  return not _is_plain()
 
 
 @contextlib.contextmanager
 def plain(active: bool = True) -> Iterator[None]:
   """Within the block, every op here traces as its plain version (`lax` conv, `jnp.max` pool,
-  autodiff batch norm); `plain(False)` turns the rewrites back on.
+  autodiff batch norm); `plain(False)` turns the rewrites on whatever the backend.
 
   Read while tracing: a function jitted before entering the block keeps what it compiled.
   """
@@ -305,7 +315,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int] = (1, 1)
     pads = tuple(tuple(p) for p in padding)
   pads = tuple((int(a), int(b)) for a, b in pads)
   if lowering == "auto":
-    lowering = "xla" if _plain else choose_lowering(x.shape, kernel.shape, strides, pads,
+    lowering = "xla" if _is_plain() else choose_lowering(x.shape, kernel.shape, strides, pads,
                                                      dilation, groups)
   if lowering == "xla":
     return _xla_conv(x, kernel, strides, pads, dilation, groups)
@@ -334,7 +344,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   counts from x and the output, where `jnp.max`'s rule writes a float mask and reduces the
   counts in the forward pass and reads them back.
   """
-  if _plain:
+  if _is_plain():
     return jnp.max(_pool_windows(x), axis=(2, 4))
   return _max_pool_2x2(x)
 
@@ -409,7 +419,7 @@ def batch_normalize(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array,
   elementwise pass, where autodiff of the plain computation makes XLA run several more passes
   over the activation. It equals that autodiff gradient up to float32 rounding.
   """
-  if _plain:
+  if _is_plain():
     return _plain_batch_normalize(x, epsilon)
   return _batch_normalize(x, epsilon)
 

@@ -6,7 +6,13 @@ output channels to the requested `out_channels` (METHODS.md section 2, "a slimme
 first k channels of the full kernel"). Running a slimmed layer therefore equals running a layer
 whose variables were physically cut to the first k channels, which is what export relies on.
 
-Layout is NHWC, kernels HWIO (as `flax.linen.Conv`), float32. Variable names follow Flax
+Layout is NHWC, kernels HWIO (as `flax.linen.Conv`). Variables are float32. Mixed precision
+follows the activations: a bfloat16 (or float16) input makes a convolution or dense layer cast
+its kernel and bias and compute in that dtype (XLA accumulates in float32), and batch norm
+computes its statistics and normalisation in float32 and hands back the input's dtype; every
+other input computes in float32. So casting the images once (`train.step`'s `compute_dtype`)
+runs the network in bfloat16 while parameters, gradients and running statistics stay float32.
+Variable names follow Flax
 (`kernel`, `bias`; `scale`, `bias`, and `mean`, `var` in "batch_stats"), so the cost counter
 (`models/cost.py`, which intercepts these three classes) and the PyTorch importer
 (`models/pretrained.py`) can rely on them.
@@ -86,8 +92,16 @@ def _full_in_features(module: nn.Module, in_features: int | None, x: jax.Array,
   return x.shape[-1]
 
 
-def _channel_mask(count: jax.Array, size: int) -> jax.Array:
-  return (jnp.arange(size) < count).astype(jnp.float32)
+def _channel_mask(count: jax.Array, size: int, dtype=jnp.float32) -> jax.Array:
+  return (jnp.arange(size) < count).astype(dtype)
+
+
+LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+
+
+def compute_dtype(x: jax.Array):
+  """The dtype a layer computes in for input `x`: its own if low precision, else float32."""
+  return x.dtype if any(x.dtype == d for d in LOW_PRECISION) else jnp.float32
 
 
 def _check_width(layer: str, name: str, width: int, full: int):
@@ -179,18 +193,19 @@ class SlimConv(nn.Module):
       kernel = kernel[:, :, :cin // self.groups, :cout]
       group_count = self.groups
     _check_fits(self.name, x.shape, (kh, kw), _pair(self.dilation), _padding(self.padding))
+    dtype = compute_dtype(x)
     # fast_ops picks a CPU-friendly lowering with lax.conv_general_dilated's results.
     y = fast_ops.conv2d(
-        x.astype(jnp.float32), kernel,
+        x.astype(dtype), kernel.astype(dtype),
         strides=_pair(self.strides),
         padding=_padding(self.padding),
         dilation=_pair(self.dilation),
         groups=group_count)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-      y = y + bias[:cout]
+      y = y + bias[:cout].astype(dtype)
     if dynamic:
-      y = y * _channel_mask(out_channels, cout)
+      y = y * _channel_mask(out_channels, cout, dtype)
     return y
 
 
@@ -223,12 +238,13 @@ class SlimDense(nn.Module):
     cout = self.features if out_channels is None or dynamic else out_channels
     _check_width("SlimDense", self.name, cout, self.features)
     kernel = self.param("kernel", self.kernel_init, (full_in, self.features), jnp.float32)
-    y = jnp.dot(x.astype(jnp.float32), kernel[:cin, :cout])
+    dtype = compute_dtype(x)
+    y = jnp.dot(x.astype(dtype), kernel[:cin, :cout].astype(dtype))
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-      y = y + bias[:cout]
+      y = y + bias[:cout].astype(dtype)
     if dynamic:
-      y = y * _channel_mask(out_channels, cout)
+      y = y * _channel_mask(out_channels, cout, dtype)
     return y
 
 
@@ -283,6 +299,7 @@ class SlimBatchNorm(nn.Module):
       raise ValueError(
           f"SlimBatchNorm {self.name!r} was told width {width} but its input has {c} channels.")
     mask = _channel_mask(width, c) if dynamic else None
+    out_dtype = compute_dtype(x)  # statistics and normalisation in float32 whatever the input
     x = x.astype(jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((full,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((full,), jnp.float32))
@@ -316,7 +333,7 @@ class SlimBatchNorm(nn.Module):
       y = y + self.param("bias", nn.initializers.zeros, (full,), jnp.float32)[:c]
     if dynamic:
       y = y * mask
-    return y
+    return y.astype(out_dtype)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

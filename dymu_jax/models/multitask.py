@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import backbones
+from dymu_jax.models import layers
 from dymu_jax.models.decoders import DenseHead, MLPHead
 from dymu_jax.models.widths import WIDTH_CHOICES, DynamicWidths, WidthConfig, channels
 
@@ -37,7 +38,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def normalise_images(images: jax.Array, pixel_mean=None, pixel_std=None) -> jax.Array:
   """Per-channel normalisation of [0, 1] images; None takes the ImageNet statistics for
-  3-channel images and 0.5 / 0.5 otherwise [ours]."""
+  3-channel images and 0.5 / 0.5 otherwise [ours]. Computed in float32; bfloat16 images come
+  back in bfloat16 (mixed precision, see `models.layers`)."""
   c = images.shape[-1]
   mean = pixel_mean if pixel_mean is not None else (
       IMAGENET_MEAN if c == 3 else (0.5,) * c)
@@ -46,8 +48,9 @@ def normalise_images(images: jax.Array, pixel_mean=None, pixel_std=None) -> jax.
     raise ValueError(
         f"pixel_mean {tuple(mean)} and pixel_std {tuple(std)} need one value per image "
         f"channel ({c}).")
-  return (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
+  normalised = (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
       std, jnp.float32)
+  return normalised.astype(layers.compute_dtype(images))
 
 
 def kwargs_tuple(kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:

@@ -325,15 +325,14 @@ def save_network(directory: str | os.PathLike, model: MultiTaskNet, variables: P
       "extra": _jsonable_extra(dict(extra or {}), ""),
   }
   text = json.dumps(record, indent=2, allow_nan=False) + "\n"
-  os.makedirs(directory, exist_ok=True)
-  files_lib.atomic_write(os.path.join(directory, VARIABLES_FILE), data)
-  files_lib.atomic_write(os.path.join(directory, NETWORK_FILE), text)
+  folder = files_lib.makedirs(directory)  # any epath filesystem (gs://...)
+  files_lib.atomic_write(folder / VARIABLES_FILE, data)
+  files_lib.atomic_write(folder / NETWORK_FILE, text)
 
 
 def _read_record(path: str) -> dict:
   try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
+    record = json.loads(files_lib.read_bytes(path).decode("utf-8"))
   except json.JSONDecodeError as e:
     raise SavedNetworkError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column "
                             f"{e.colno}).") from None
@@ -378,12 +377,12 @@ def load_network(directory: str | os.PathLike) -> tuple[MultiTaskNet, PyTree, di
       with unknown or missing keys or unknown task kinds.
   """
   directory = os.fspath(directory)
-  if not os.path.isdir(directory):
+  if not files_lib.is_dir(directory):
     raise SavedNetworkError(f"No saved network at {directory}: the folder does not exist.")
-  json_path = os.path.join(directory, NETWORK_FILE)
+  json_path = os.path.join(directory, NETWORK_FILE)  # also gs://bucket/export/network.json
   vars_path = os.path.join(directory, VARIABLES_FILE)
   for path in (json_path, vars_path):
-    if not os.path.isfile(path):
+    if not files_lib.is_file(path):
       raise SavedNetworkError(f"The saved network in {directory} is incomplete: {path} is "
                               f"missing.")
   record = _read_record(json_path)
@@ -392,8 +391,7 @@ def load_network(directory: str | os.PathLike) -> tuple[MultiTaskNet, PyTree, di
   except ValueError as e:
     raise SavedNetworkError(f"{json_path} holds an invalid network definition: {e}") from None
   image_shape = tuple(record["image_shape"])
-  with open(vars_path, "rb") as f:
-    data = f.read()
+  data = files_lib.read_bytes(vars_path)
   if hashlib.sha256(data).hexdigest() != record["variables"]["sha256"]:
     raise SavedNetworkError(f"{vars_path} does not match the SHA-256 recorded in {json_path} "
                             f"(corrupt, or replaced after saving).")

@@ -14,16 +14,17 @@ arrays do not match their checksums (flipped bytes) is reported in one sentence 
 and the file, and the next older step is used; training moves such steps aside to
 `<workdir>/checkpoints_damaged/` so that the run rewrites them. Checkpoints written before
 checksums existed are restored unverified.
+
+The workdir may be on any filesystem `etils.epath` knows (`gs://bucket/run`...): orbax takes
+epath paths, and the checks here read through `dymu_jax.files`.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 from typing import Any, Callable, Mapping
 
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dymu_jax import files as files_lib
 from dymu_jax.train import parallel as parallel_lib
 from dymu_jax.train import state as state_lib
 
@@ -55,7 +57,12 @@ class NoIntactCheckpoint(FileNotFoundError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-  return os.path.join(os.path.abspath(os.fspath(workdir)), SUBDIR)
+  """`<workdir>/checkpoints`: an absolute local path, or a URI (gs://bucket/run/checkpoints)."""
+  return os.fspath(files_lib.run_path(workdir) / SUBDIR)
+
+
+def has_checkpoint_dir(workdir: str | os.PathLike) -> bool:
+  return files_lib.is_dir(checkpoint_dir(workdir))
 
 
 def _report(line: str) -> None:
@@ -249,11 +256,11 @@ class Checkpointer:
   # -- damage detection ------------------------------------------------------------------------
 
   def _step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return os.fspath(files_lib.run_path(self.directory) / str(step))
 
   def _missing_item(self, step: int) -> str | None:
     for item in (STATE, METADATA):
-      if not os.path.isdir(os.path.join(self._step_dir(step), item)):
+      if not files_lib.is_dir(files_lib.run_path(self._step_dir(step)) / item):
         return item
     return None
 
@@ -279,17 +286,16 @@ class Checkpointer:
   def _check_state_files(self, step: int) -> None:
     """Names the file when one of the state's JSON files (tree, shardings, array metadata) is
     missing or does not parse: orbax's own errors often name none."""
-    folder = os.path.join(self._step_dir(step), STATE)
+    step_dir = files_lib.run_path(self._step_dir(step))
     for name in _STATE_JSON_FILES:
-      paths = sorted(glob.glob(os.path.join(folder, name)))
+      paths = sorted((step_dir / STATE).glob(name), key=os.fspath)
       if not paths and name in _REQUIRED_STATE_FILES:
         raise DamagedCheckpoint(step, f"{STATE}/{name}", "the file is missing")
       for path in paths:
         try:
-          with open(path, "rb") as f:
-            json.loads(f.read().decode("utf-8"))
+          json.loads(files_lib.read_bytes(path).decode("utf-8"))
         except (OSError, ValueError) as error:
-          raise DamagedCheckpoint(step, os.path.relpath(path, self._step_dir(step)),
+          raise DamagedCheckpoint(step, os.fspath(path.relative_to(step_dir)),
                                   f"{type(error).__name__}: {_first_line(error)}") from error
 
   def _damage(self, step: int, item: str, error: BaseException) -> DamagedCheckpoint:
@@ -312,13 +318,12 @@ class Checkpointer:
     return DamagedCheckpoint(step, where, reason)
 
   def _move_aside(self, steps: list[int], report: Callable[[str], None]) -> None:
-    target_root = os.path.join(os.path.dirname(self.directory), DAMAGED_SUBDIR)
-    os.makedirs(target_root, exist_ok=True)
+    target_root = files_lib.makedirs(files_lib.run_path(self.directory).parent / DAMAGED_SUBDIR)
     for step in steps:
-      target, k = os.path.join(target_root, str(step)), 1
-      while os.path.exists(target):
-        target, k = os.path.join(target_root, f"{step}.{k}"), k + 1
-      shutil.move(self._step_dir(step), target)
+      target, k = target_root / str(step), 1
+      while target.exists():
+        target, k = target_root / f"{step}.{k}", k + 1
+      files_lib.move_dir(self._step_dir(step), target)
       report(f"Moved damaged checkpoint {step} to {target}; training writes that step again.")
     self.manager.reload()
 
@@ -391,7 +396,7 @@ def restore_latest(workdir: str | os.PathLike, abstract_state: PyTree
   `parallel.Parallel.abstract_state`); restore replicated on the mesh, then
   `Parallel.place_state` puts the state into the step's layout for either mode.
   """
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not has_checkpoint_dir(workdir):
     return None
   with Checkpointer(workdir, async_save=False) as checkpointer:
     restored = checkpointer.restore_intact(abstract_state)

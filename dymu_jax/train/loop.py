@@ -11,13 +11,16 @@ host only at log, evaluation and checkpoint boundaries; the final evaluation and
 
 Outputs under `workdir`: `metrics.jsonl` (one JSON object per line, `"split"` "train" or
 "eval"), TensorBoard event files (`tensorboardX`, a dependency; `torch.utils.tensorboard`
-also works), and `checkpoints/`. The run's first lines name these paths.
+also works), and `checkpoints/`. The run's first lines name these paths. The workdir may be
+on any filesystem `etils.epath` knows (`gs://bucket/run`); everything goes through
+`dymu_jax.files`, and event files through an epath writer registered with tensorboardX.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -28,12 +31,14 @@ import chex
 import jax
 import numpy as np
 
+from dymu_jax import execution
 from dymu_jax import files as files_lib
 from dymu_jax.data import base as data_lib
 from dymu_jax.train import checkpoint as checkpoint_lib
 from dymu_jax.train import optim
 from dymu_jax.train import parallel as parallel_lib
 from dymu_jax.train import state as state_lib
+from dymu_jax.train import step as step_lib
 
 PyTree = Any
 METRICS_FILE = "metrics.jsonl"
@@ -58,6 +63,9 @@ class TrainConfig:
     parallel: "mesh" (jit over a device mesh) or "pmap".
     prefetch: batches read and placed on the devices ahead of the step (0: none).
     progress: show a tqdm progress bar (process 0 only).
+    compute_dtype: "float32", or "bfloat16" for mixed precision (bfloat16 activations in the
+      train step; parameters, optimizer state, batch-norm statistics, losses and evaluation
+      in float32; see `step.make_train_step`).
   """
 
   steps: int = 1000
@@ -81,6 +89,7 @@ class TrainConfig:
   parallel: str = "mesh"
   prefetch: int = 2
   progress: bool = True
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
@@ -91,6 +100,7 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.{name} must be >= 0 (0 = default), got "
                          f"{getattr(self, name)}.")
     parallel_lib.check_mode(self.parallel)
+    step_lib.check_compute_dtype(self.compute_dtype)
 
   def make_optimizer(self):
     return optim.make_optimizer(
@@ -115,7 +125,8 @@ class TrainResult:
     eval_metrics: the final evaluation, control label -> task -> metric -> value.
     resumed_from: the checkpoint step the run resumed from, or None.
     step_compiles: XLA compilations triggered by train-step calls of this run (1 when the
-      step compiled once; 0 when nothing was left to run).
+      step compiled once; 0 when nothing was left to run or the program came from JAX's
+      persistent compilation cache).
     seconds: wall time of `train`.
   """
 
@@ -136,16 +147,71 @@ def _finite_or_none(value):
   return value if math.isfinite(value) else None
 
 
+class _EpathRecordWriter:
+  """A tensorboardX record file on any epath filesystem: buffered, and written whole at each
+  flush (as tensorboardX's own gs:// and s3:// writers do: objects cannot be appended to)."""
+
+  def __init__(self, path: str):
+    self.path = files_lib.run_path(path)
+    self.buffer = io.BytesIO()
+    self.written = -1
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    if self.buffer.tell() != self.written:
+      self.path.write_bytes(self.buffer.getvalue())
+      self.written = self.buffer.tell()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathRecordWriterFactory:
+
+  def open(self, path: str) -> _EpathRecordWriter:
+    return _EpathRecordWriter(path)
+
+  def directory_check(self, path: str) -> None:
+    files_lib.makedirs(files_lib.run_path(path))
+
+
+class _NoTensorBoard(Exception):
+  """Why a non-local workdir gets no event files (shown in the run's first lines)."""
+
+
+_NO_BACKEND = "not written (no tensorboardX or torch; pip install tensorboardX)"
+
+
 def _tensorboard_writer(logdir: str):
-  """A TensorBoard SummaryWriter when a backend is importable, else None."""
+  """A TensorBoard SummaryWriter when a backend is importable, else None.
+
+  Raises:
+    _NoTensorBoard: `logdir` is not local, and no writer can go there.
+  """
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
   except ImportError:
+    if not files_lib.is_local(logdir):
+      raise _NoTensorBoard("not written (a non-local workdir needs tensorboardX; pip install "
+                           "tensorboardX)") from None
     try:
       from torch.utils.tensorboard import SummaryWriter  # pylint: disable=g-import-not-at-top
     except ImportError:
       return None
-  return SummaryWriter(logdir)
+    return SummaryWriter(logdir)
+  scheme = files_lib.scheme(logdir)
+  if scheme is None:
+    return SummaryWriter(logdir)
+  # Event files of a URI workdir go through epath, like every other run file.
+  record_writer.register_writer_factory(scheme, _EpathRecordWriterFactory())
+  try:
+    return SummaryWriter(logdir)
+  except Exception as error:  # pylint: disable=broad-except
+    raise _NoTensorBoard(f"not written ({logdir} refused them: {type(error).__name__}: "
+                         f"{error})") from None
 
 
 class MetricWriter:
@@ -153,14 +219,18 @@ class MetricWriter:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self._tb = _tensorboard_writer(workdir) if enabled else None
+    self.path = files_lib.run_path(workdir) / METRICS_FILE
+    self._tb, self._tb_note = None, _NO_BACKEND
+    if enabled:
+      try:
+        self._tb = _tensorboard_writer(os.fspath(self.path.parent))
+      except _NoTensorBoard as why:  # a remote workdir: one line in `describe`, no crash
+        self._tb_note = str(why)
 
   def describe(self, checkpoint_dir: str, start: int, steps: int) -> str:
     """The run's first lines: where metrics, event files and checkpoints go."""
-    events = (os.path.dirname(self.path) + " (tensorboard --logdir there)"
-              if self._tb is not None else
-              "not written (no tensorboardX or torch; pip install tensorboardX)")
+    events = (f"{self.path.parent} (tensorboard --logdir there)" if self._tb is not None
+              else self._tb_note)
     begin = (f"resuming at step {start} of {steps}" if start else f"training {steps} steps")
     return (f"{begin}\n  metrics: {self.path}\n  TensorBoard event files: {events}\n"
             f"  checkpoints: {checkpoint_dir}")
@@ -169,20 +239,19 @@ class MetricWriter:
     """Drops unreadable lines (a partial last line after a kill) and the records of steps after
     `step` (written after the checkpoint a resumed run continues from: those steps run again,
     so the file keeps one record per step). Returns how many lines were dropped."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not files_lib.exists(self.path):
       return 0
     kept, dropped = [], 0
-    with open(self.path, encoding="utf-8", errors="replace") as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          record = None
-        if (not line.endswith("\n") or not isinstance(record, dict)
-            or record.get("step", 0) > step):
-          dropped += 1
-          continue
-        kept.append(line)
+    for line in io.StringIO(files_lib.read_text(self.path)):
+      try:
+        record = json.loads(line)
+      except ValueError:
+        record = None
+      if (not line.endswith("\n") or not isinstance(record, dict)
+          or record.get("step", 0) > step):
+        dropped += 1
+        continue
+      kept.append(line)
     if dropped:
       files_lib.atomic_write(self.path, "".join(kept))
     return dropped
@@ -192,17 +261,30 @@ class MetricWriter:
       return
     record = {"step": step, "split": split, **extra,
               **{k: _finite_or_none(v) for k, v in scalars.items()}}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    files_lib.append_text(self.path, json.dumps(record) + "\n")
     if self._tb is not None:
       prefix = split if "label" not in extra else f"{split}/{extra['label']}"
-      for k, v in scalars.items():
-        self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
-      self._tb.flush()
+      try:
+        for k, v in scalars.items():
+          self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
+        self._tb.flush()
+      except Exception as error:  # pylint: disable=broad-except
+        self._tensorboard_failed(error)
+
+  def _tensorboard_failed(self, error: Exception) -> None:
+    """A remote filesystem that refuses event files: one line, and metrics.jsonl goes on."""
+    if files_lib.is_local(self.path):
+      raise error
+    print(f"TensorBoard event files in {self.path.parent} stopped ({type(error).__name__}: "
+          f"{error}); metrics go on to {METRICS_FILE}", flush=True)
+    self._tb = None
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except Exception as error:  # pylint: disable=broad-except
+        self._tensorboard_failed(error)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,8 +427,7 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
     FloatingPointError: a loss became non-finite; the message names the step and the task.
   """
   started = time.time()
-  workdir = os.path.abspath(os.fspath(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = os.fspath(files_lib.makedirs(files_lib.run_path(workdir)))
   is_chief = jax.process_index() == 0
 
   # -- devices -------------------------------------------------------------------------------
@@ -390,7 +471,7 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
     del canonical  # the step donates its input state
 
     # -- compiled step, evaluation, writers --------------------------------------------------
-    train_step = par.compile_step(method, optimizer, tasks)
+    train_step = par.compile_step(method, optimizer, tasks, compute_dtype=config.compute_dtype)
     evaluator = None
     if eval_source is not None:
       evaluator = Evaluator(method, par, eval_source,
@@ -398,6 +479,8 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
     writer = MetricWriter(workdir, enabled=is_chief)
     if is_chief:
       print(writer.describe(checkpointer.directory, start, config.steps), flush=True)
+      print(f"  execution: {jax.default_backend()}, {execution.choices().describe()}, "
+            f"{config.compute_dtype}", flush=True)
       dropped = writer.truncate_after(start)
       if dropped:
         print(f"  {METRICS_FILE}: dropped {dropped} line(s) written after step {start} or cut "
@@ -478,8 +561,9 @@ def _check_seed(directory: str, seed: int, step: int, metadata: Mapping[str, Any
   """Refuses to resume checkpoint `step` of another seed's run."""
   saved_seed = metadata.get("seed")
   if saved_seed != seed:
-    raise ValueError(f"{os.path.dirname(directory)} holds a run with seed {saved_seed}, not "
-                     f"{seed}; resume with the same seed or use a new workdir.")
+    raise ValueError(f"{files_lib.run_path(directory).parent} holds a run with seed "
+                     f"{saved_seed}, not {seed}; resume with the same seed or use a new "
+                     f"workdir.")
 
 
 def _print_above_progress(line: str) -> None:

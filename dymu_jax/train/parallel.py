@@ -179,9 +179,14 @@ class Parallel:
 
   # -- the step --------------------------------------------------------------------------------
 
-  def compile_step(self, method, optimizer, tasks=None) -> Callable:
-    """The compiled `fn(state, batch) -> (state, metrics)`; the input state is donated."""
-    train_step = step_lib.make_train_step(method, optimizer, tasks, axis_name=self.axis_name)
+  def compile_step(self, method, optimizer, tasks=None,
+                   compute_dtype: str = "float32") -> Callable:
+    """The compiled `fn(state, batch) -> (state, metrics)`; the input state is donated.
+
+    `compute_dtype`: see `step.make_train_step` ("bfloat16": mixed precision).
+    """
+    train_step = step_lib.make_train_step(method, optimizer, tasks, axis_name=self.axis_name,
+                                          compute_dtype=compute_dtype)
     if self.mode == "mesh":
       return jax.jit(train_step, in_shardings=(self.replicated, self.batch_sharding),
                      out_shardings=(self.replicated, self.replicated), donate_argnums=0)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dymu_jax import execution
 from dymu_jax.train import state as state_lib
 
 PyTree = Any
@@ -39,7 +40,8 @@ def _tree_where(condition, new, old):
 
 def make_train_step(method, optimizer: optax.GradientTransformation,
                     tasks: Sequence[Any] | None = None, *,
-                    axis_name: str | None = None) -> TrainStepFn:
+                    axis_name: str | None = None,
+                    compute_dtype: str = "float32") -> TrainStepFn:
   """The train step of `method` (see `dymu_jax.methods.base.Method.loss`).
 
   Args:
@@ -51,12 +53,16 @@ def make_train_step(method, optimizer: optax.GradientTransformation,
     axis_name: set under `jax.pmap` (mode "pmap"): gradients, losses and metrics are averaged
       over this axis, so every device applies the same update. None under `jax.jit` on a mesh,
       where the loss already sees the global batch.
+    compute_dtype: "float32" or "bfloat16" (mixed precision): the batch's images are cast to
+      it, so the network's activations run in it (`models.layers`), while parameters,
+      gradients, optimizer state, batch-norm statistics and losses stay float32.
 
   Returns:
     `fn(state, batch) -> (new_state, metrics)`; metrics hold "loss", "loss/<task>" for every
     task, "grad_norm" (global norm of the averaged gradient) and every other scalar aux.
   """
   tasks = tuple(method.tasks if tasks is None else tasks)
+  dtype = check_compute_dtype(compute_dtype)
   grad_fn = getattr(method, "loss_and_grad", None)
   if grad_fn is None:
     grad_fn = jax.value_and_grad(method.loss, has_aux=True)
@@ -64,6 +70,7 @@ def make_train_step(method, optimizer: optax.GradientTransformation,
   def train_step(state: state_lib.TrainState, batch):
     # One key per step, the same on every device: a method draws e.g. one preference per batch.
     rng = jax.random.fold_in(state.rng, state.step)
+    batch = cast_inputs(batch, dtype)
     (loss, (aux, new_model_state)), grads = grad_fn(
         state.params, state.model_state, batch, rng, state.step)
     # A method's own `loss_and_grad` must hand back one gradient per parameter (trace time).
@@ -108,6 +115,25 @@ def make_train_step(method, optimizer: optax.GradientTransformation,
   return train_step
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+INPUT_KEYS = ("image",)  # the batch entries the network reads (labels stay as they are)
+
+
+def check_compute_dtype(name: str):
+  """The jnp dtype of a `compute_dtype` name; ValueError naming what is allowed."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype {name!r} is not one of {', '.join(COMPUTE_DTYPES)}.")
+  return jnp.dtype(name)
+
+
+def cast_inputs(batch: Mapping[str, Any], dtype) -> Mapping[str, Any]:
+  """The batch with its floating network inputs cast to `dtype` (a no-op for float32)."""
+  if dtype == jnp.float32:
+    return batch
+  return {k: (v.astype(dtype) if k in INPUT_KEYS and jnp.issubdtype(v.dtype, jnp.floating)
+              else v) for k, v in batch.items()}
+
+
 def per_task_losses_and_grads(loss_per_task_fn: Callable[..., Any], params: PyTree, *args,
                               has_aux: bool = False, **kwargs):
   """Every task's loss and its gradient with respect to `params`, from one forward pass.
@@ -122,9 +148,11 @@ def per_task_losses_and_grads(loss_per_task_fn: Callable[..., Any], params: PyTr
   Returns:
     `(losses (T,), grads)` where every leaf of `grads` has a leading task axis of size T and
     `grads[t] = grad(losses[t])`; `(losses, grads, aux)` with `has_aux`. The T backward passes
-    are T calls of one VJP (one forward pass) with one-hot cotangents, unrolled: a `vmap` over
-    the cotangents makes XLA batch the convolution gradients, which ran the per-task backward
-    about 1.8x slower on CPU (`benchmarks/method_speed.py`, ResNet-small PCGrad step).
+    are T calls of one VJP (one forward pass) with one-hot cotangents, unrolled or vmapped as
+    `execution.choices().passes` says: unrolled on CPU, where a `vmap` over the
+    cotangents makes XLA batch the convolution gradients, which ran the per-task backward
+    about 1.8x slower (`benchmarks/method_speed.py`, ResNet-small PCGrad step); vmapped on
+    accelerators.
   """
   fn = lambda p: loss_per_task_fn(p, *args, **kwargs)
   if has_aux:
@@ -135,6 +163,5 @@ def per_task_losses_and_grads(loss_per_task_fn: Callable[..., Any], params: PyTr
     raise ValueError(f"loss_per_task_fn must return a vector of T task losses, got shape "
                      f"{jnp.shape(losses)}.")
   cotangents = jnp.eye(losses.shape[0], dtype=losses.dtype)
-  per_task = [vjp_fn(cotangent)[0] for cotangent in cotangents]
-  grads = jax.tree.map(lambda *g: jnp.stack(g), *per_task)
+  grads = execution.map_stacked(lambda cotangent: vjp_fn(cotangent)[0], cotangents)
   return (losses, grads, aux) if has_aux else (losses, grads)
