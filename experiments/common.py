@@ -96,12 +96,16 @@ require_number("test_fraction", 0, 1, open_lower=True, open_upper=True)
 flags.DEFINE_string("task_spec", "",
                     "For --dataset=arrays: a JSON file or 'name:kind[:outputs],...' giving the "
                     "kind of each label array.")
+flags.DEFINE_bool("standardise_inputs", True,
+                  "For --dataset=arrays with feature vectors (an 'inputs' array of shape (N, D)): "
+                  "standardise each feature with the training split's mean and std.")
 flags.DEFINE_bool("augment", False,
                   "Random flip and scale-crop that keep dense labels aligned (dense datasets).")
 
 # --- model ---
 flags.DEFINE_string("backbone", "resnet_small",
-                    "Encoder: lenet, resnet_small, resnet18, resnet34 or mobilenet_v2.")
+                    "Encoder: lenet, resnet_small, resnet18, resnet34, mobilenet_v2 (images) or "
+                    "mlp (feature vectors).")
 flags.DEFINE_integer("head_width", 0,
                      "Hidden width of every task decoder; 0 takes the backbone's default.",
                      lower_bound=0)
@@ -122,7 +126,8 @@ def data_config(values: Mapping[str, Any] | None = None) -> data_lib.DataConfig:
   return data_lib.DataConfig(
       name=v["dataset"], data_dir=v["data_dir"], seed=v["data_seed"],
       image_size=v["image_size"], num_train=v["num_train"], num_test=v["num_test"],
-      test_fraction=v["test_fraction"], task_spec=v["task_spec"])
+      test_fraction=v["test_fraction"], task_spec=v["task_spec"],
+      standardise_inputs=v.get("standardise_inputs", True))  # .get: runs saved before it
 
 
 def load_sources(values: Mapping[str, Any] | None = None):
@@ -150,7 +155,10 @@ def check_data_fits(train_source, batch_size: int, values: Mapping[str, Any] | N
     raise ValueError(f"The training split of {train_source.name} has {len(train_source)} "
                      f"example(s), fewer than one batch of --batch_size={batch_size}; lower "
                      f"--batch_size or give the dataset more examples.")
-  height, width = train_source.image_shape[:2]
+  shape = tuple(train_source.image_shape)
+  if len(shape) != 3:  # feature vectors (D,): no pixels; the network checks the input kind
+    return
+  height, width = shape[:2]
   backbone = v["backbone"]
   options = parse_options(v.get("backbone_options") or [], "--backbone_options")
   minimum = models.backbones.min_image_size(backbone, options)

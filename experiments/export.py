@@ -91,6 +91,9 @@ def export() -> str:
       "widths": {"encoder": list(config.encoder), "decoders": list(config.decoders)},
       "macs": macs, "supernet_macs": table.full_macs, "macs_fraction": macs / table.full_macs,
   }
+  stats = getattr(run.test_source, "input_stats", None)
+  if stats:  # feature vectors: a user standardises inputs with the training split's statistics
+    info["input_stats"] = {k: np.asarray(v).tolist() for k, v in stats.items()}
   serialize.save_network(output_dir, sub, sub_variables, extra=info, image_shape=image_shape)
   print(f"exported SubNet encoder {config.encoder} decoders {dict(zip(names, config.decoders))}"
         f": {macs:,} MACs per example ({macs / table.full_macs:.3f} of the SuperNet) to "

@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import numpy as np
 
 from dymu_jax import files as files_lib
 from experiments import cli_help
@@ -157,8 +158,12 @@ def run_single() -> train_lib.TrainResult:
                train_source.name, len(train_source), len(test_source), workdir)
   workdir_guard.check_resume_flags(workdir, common.flag_values(),
                                    allow=FLAGS.allow_changed_flags)
+  metadata = {"flags": common.flag_values()}
+  if getattr(train_source, "input_stats", None):  # feature vectors: the standardisation used
+    metadata["input_stats"] = {k: np.asarray(v).tolist()
+                               for k, v in train_source.input_stats.items()}
   result = train_lib.train(method, train_source, test_source, config, workdir,
-                           run_metadata={"flags": common.flag_values()}, augment=augment)
+                           run_metadata=metadata, augment=augment)
   summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "steps": config.steps,
              "seconds": round(result.seconds, 1), "eval": result.eval_metrics}
   files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)

@@ -10,6 +10,7 @@ import pytest
 
 from dymu_jax.data import DataConfig, DatasetError, load
 from dymu_jax.data import images as images_lib
+from dymu_jax.data.base import split_indices
 
 N, SIDE = 20, 8
 
@@ -210,6 +211,99 @@ def test_float_class_labels_are_refused(tmp_path):
   path = _write(tmp_path, digit=np.arange(N) * 0.5)
   with pytest.raises(DatasetError, match="labels of task 'digit' must be integers, got float64"):
     load(_config(path, "digit:classification"), "train")
+
+
+# --------------------------------------------------------------------------------------------
+# Feature vectors (tabular data): the "inputs" array.
+
+FEATURES = 5
+
+
+def _write_vectors(tmp_path, name="table.npz", **overrides):
+  rng = np.random.default_rng(1)
+  arrays = {"inputs": rng.normal(size=(N, FEATURES)) * [1, 10, 100, 0.1, 1] + [0, 5, -50, 2, 1],
+            "price": rng.normal(size=N).astype(np.float32),
+            "kind": np.arange(N) % 3}
+  arrays["inputs"][:, 4] = 7.0  # a constant feature
+  arrays.update(overrides)
+  path = tmp_path / name
+  np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+  return path
+
+
+VECTOR_SPEC = "price:regression,kind:classification"
+
+
+def test_vectors_are_standardised_with_the_training_statistics(tmp_path):
+  path = _write_vectors(tmp_path)
+  raw = np.load(path)["inputs"]
+  train, test = (load(_config(path, VECTOR_SPEC), s) for s in ("train", "test"))
+  assert (len(train), len(test)) == (16, 4) and train.image_shape == (FEATURES,)
+  batch = train.get(np.arange(3))
+  assert batch["image"].shape == (3, FEATURES) and batch["image"].dtype == np.float32
+  assert batch["kind"].dtype == np.int32 and batch["price"].shape == (3,)
+  inputs = train.get(np.arange(len(train)))["image"]
+  np.testing.assert_allclose(inputs[:, :4].mean(axis=0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(inputs[:, :4].std(axis=0), 1.0, atol=1e-5)
+  np.testing.assert_array_equal(inputs[:, 4], 0.0)  # constant: centred, std taken as 1
+  # The test split uses the training split's statistics, recorded on both sources.
+  stats = train.input_stats
+  assert stats["mean"].shape == stats["std"].shape == (FEATURES,) and stats["std"][4] == 1.0
+  for name in stats:
+    np.testing.assert_array_equal(test.input_stats[name], stats[name])
+  train_rows, test_rows = split_indices(N, 0.2, 0)  # the file has no split array
+  np.testing.assert_allclose(stats["mean"][:4], raw[train_rows, :4].mean(axis=0), rtol=1e-5)
+  np.testing.assert_allclose(test.get(np.arange(len(test)))["image"],
+                             (raw[test_rows] - stats["mean"]) / stats["std"], atol=1e-4)
+  # The statistics survive task selection, and num_train changes which rows they come from.
+  assert train.with_tasks("price").input_stats is train.input_stats
+  fewer = load(_config(path, VECTOR_SPEC, num_train=6), "test").input_stats
+  assert not np.allclose(fewer["mean"], stats["mean"])
+
+
+def test_standardisation_can_be_turned_off_and_spec_can_name_the_key(tmp_path):
+  path = _write_vectors(tmp_path, inputs=None, features=np.arange(N * 2).reshape(N, 2))
+  spec = tmp_path / "spec.json"
+  spec.write_text(json.dumps({"inputs": "features", "tasks": [
+      {"name": "price", "kind": "regression"}]}))
+  source = load(_config(path, str(spec), standardise_inputs=False), "train")
+  assert source.input_stats is None
+  batch = source.get(np.arange(2))["image"]
+  assert batch.dtype == np.float32 and batch.max() > 1  # integers as they are: no /255
+  assert float(batch[1, 1] - batch[1, 0]) == 1.0
+
+
+def test_vector_files_that_cannot_work_stop_with_one_sentence(tmp_path):
+  path = _write_vectors(tmp_path, mask=np.zeros((N, 4, 4), np.uint8))
+  with pytest.raises(DatasetError, match=r"task 'mask' is segmentation, a per-pixel kind, but .* "
+                     r"holds feature vectors \(20, 5\); only classification and regression"):
+    load(_config(path, "mask:segmentation"), "train")
+  with pytest.raises(DatasetError, match=r"image_size=8 resizes images, but .* holds feature "
+                     r"vectors 'inputs'; leave image_size at 0"):
+    load(_config(path, VECTOR_SPEC, image_size=8), "train")
+  both = _write_vectors(tmp_path, name="both.npz", images=np.zeros((N, 4, 4), np.uint8))
+  with pytest.raises(DatasetError, match=r"holds both images 'images' and feature vectors "
+                     r"'inputs'; name the one to use"):
+    load(_config(both, VECTOR_SPEC), "train")
+  flat = _write(tmp_path, name="flat.npz", images=np.zeros((N, 12), np.float32))
+  with pytest.raises(DatasetError, match=r"images 'images' in .* have shape \(20, 12\), which is "
+                     r"feature vectors \(N, D\); store them under 'inputs'"):
+    load(_config(flat, "digit:classification"), "train")
+  for bad, message in ((np.zeros((N, 2, 2)), r"must have shape \(N, D\) with D >= 1"),
+                       (np.array([["a"] * 3] * N), r"must be numbers"),
+                       (np.full((N, 2), np.nan), r"2 of 40|NaN")):
+    with pytest.raises(DatasetError, match=message):
+      load(_config(_write_vectors(tmp_path, name="bad.npz", inputs=bad), VECTOR_SPEC), "train")
+  with pytest.raises(DatasetError, match="'inputs' cannot be a task name"):
+    load(_config(_write_vectors(tmp_path), "inputs:regression"), "train")
+
+
+def test_augment_passes_vectors_through(tmp_path):
+  from dymu_jax.data import augment as augment_lib  # pylint: disable=import-outside-toplevel
+  source = load(_config(_write_vectors(tmp_path), VECTOR_SPEC), "train")
+  batch = source.get(np.arange(4))
+  out = augment_lib.make_augment(source.tasks)(batch, np.random.default_rng(0))
+  np.testing.assert_array_equal(out["image"], batch["image"])
 
 
 # --------------------------------------------------------------------------------------------

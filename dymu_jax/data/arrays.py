@@ -1,9 +1,16 @@
-"""Bring your own multi-task data: images and named label arrays in one `.npz` file.
+"""Bring your own multi-task data: images or feature vectors, and named label arrays, in one `.npz`.
 
 `config.data_dir` is an `.npz` file, or a folder holding exactly one. It holds
 
 * the images under the key `images` (or `image`, or `x`; the JSON spec may name another key):
   uint8 (0..255) or float (0..1) of shape (N, H, W) or (N, H, W, C);
+* or, instead, feature vectors (tabular data) under the key `inputs` (the JSON spec may name
+  another key with "inputs"): numbers of shape (N, D). They reach the models under the same
+  batch key "image" as images, as float32 (B, D), for a vector backbone (`--backbone=mlp`);
+  only classification and regression tasks fit them, and `config.image_size` must stay 0.
+  With `config.standardise_inputs` (the default) every feature is standardised with the mean
+  and standard deviation of the training split (after `num_train`), the same statistics for
+  both splits (a constant feature keeps std 1); the source's `input_stats` holds them;
 * one label array per task, under the task's name, laid out as in `dymu_jax.tasks`:
   classification (N,) integers, regression (N,) or (N, 1), segmentation (N, H, W) integers
   (255 = ignore), depth / edges / saliency (N, H, W) or (N, H, W, 1), normals (N, H, W, 3);
@@ -15,8 +22,8 @@ Other keys are ignored. `config.task_spec` says which label arrays are tasks and
 * a JSON file `{"tasks": [{"name": "digit", "kind": "classification", "num_outputs": 10}, ...],
   "images": "x"}` ("num_outputs" may be left out: classification and segmentation take the
   largest label + 1, 255 not counted, over the whole file; other kinds take 1, normals 3;
-  "loss_type", "label_scale" and "pos_weight" pass through to `tasks.Task`; "images" is
-  optional);
+  "loss_type", "label_scale" and "pos_weight" pass through to `tasks.Task`; "images", or
+  "inputs" for feature vectors, is optional);
 * or inline: `"digit:classification:10,age:regression,mask:segmentation"`.
 
 `config.num_train` / `config.num_test` keep a seeded random subset (0 keeps all);
@@ -39,9 +46,10 @@ from dymu_jax.data.base import (ArraySource, DataConfig, DatasetError, check_fin
 
 NAME = "arrays"
 IMAGE_KEYS = ("images", "image", "x")
+INPUTS_KEY = "inputs"
 SPLIT_KEY = "split"
-LAYOUT = ("one .npz file with an image array (key 'images', 'image' or 'x') and one label "
-          "array per task")
+LAYOUT = ("one .npz file with an image array (key 'images', 'image' or 'x') or feature "
+          "vectors (key 'inputs') and one label array per task")
 SPEC_HELP = ("a JSON file {\"tasks\": [{\"name\": ..., \"kind\": ...}, ...]} or "
              "\"name:kind[:outputs],...\"")
 _TASK_FIELDS = {"name", "kind", "num_outputs", "loss_type", "label_scale", "pos_weight"}
@@ -54,35 +62,96 @@ def load(config: DataConfig, split: str) -> ArraySource:
   """The `split` of the user's `.npz` file, with the tasks of `config.task_spec`."""
   check_split(NAME, split)
   path = find_npz(config.data_dir)
-  spec, image_key = parse_task_spec(config.task_spec)
+  spec, image_key, inputs_key = parse_task_spec(config.task_spec)
   data = read_npz(path)
-  image_key = image_key or next((k for k in IMAGE_KEYS if k in data), None)
-  if image_key not in data:
-    wanted = repr(image_key) if image_key else " or ".join(repr(k) for k in IMAGE_KEYS)
-    raise DatasetError(f"{NAME}: {path!r} has no image array {wanted}; it holds "
-                       f"{_keys(data)}.")
-  images = _check_images(path, image_key, data[image_key])
+  key, vectors = _input_key(path, data, image_key, inputs_key)
+  if vectors:
+    if config.image_size > 0:
+      raise DatasetError(f"{NAME}: image_size={config.image_size} resizes images, but {path!r} "
+                         f"holds feature vectors {key!r}; leave image_size at 0.")
+    images = _check_inputs(path, key, data[key])
+  else:
+    images = _check_images(path, key, data[key])
   tasks = []
   labels = {}
   for entry in spec:
     if entry["name"] not in data:
       raise DatasetError(f"{NAME}: the task spec names task {entry['name']!r} but {path!r} has "
                          f"no such array; it holds {_keys(data)}.")
-    label = _check_label_shape(path, entry, data[entry["name"]], images.shape)
+    label = _check_label_shape(path, entry, data[entry["name"]], images.shape, vectors)
     check_finite(NAME, path, label, f"labels {entry['name']!r}")
     tasks.append(_make_task(entry, label))
     labels[entry["name"]] = label
-  keep = _split(path, data, len(images), config, split)
-  wanted = config.num_train if split == "train" else config.num_test
-  keep = subsample(keep, wanted, config.seed)
+  keep = _kept(path, data, len(images), config, split)
+  stats = None
+  if vectors and config.standardise_inputs:
+    train_keep = keep if split == "train" else _kept(path, data, len(images), config, "train")
+    stats = input_statistics(images[train_keep])
   images = images[keep]
   labels = {name: label[keep] for name, label in labels.items()}
+  if stats is not None:
+    images = standardise(images, stats)
   if config.image_size > 0:
     images = images_lib.resize_images(images, config.image_size)
     for task in tasks:
       if task.is_dense:
         labels[task.name] = images_lib.resize_labels(labels[task.name], config.image_size)
-  return ArraySource(NAME, split, images, labels, tasks)
+  return ArraySource(NAME, split, images, labels, tasks, input_stats=stats)
+
+
+def _kept(path: str, data, n: int, config: DataConfig, split: str) -> np.ndarray:
+  """Indices of the examples of `split`, after its `num_train` / `num_test` subset."""
+  keep = _split(path, data, n, config, split)
+  wanted = config.num_train if split == "train" else config.num_test
+  return subsample(keep, wanted, config.seed)
+
+
+def input_statistics(inputs: np.ndarray) -> dict[str, np.ndarray]:
+  """Per-feature mean and standard deviation (float32, (D,)) of feature vectors (N, D).
+
+  Computed in float64. A feature that does not vary (std 0, or a single example) gets std 1,
+  so it becomes 0 instead of NaN.
+  """
+  values = np.asarray(inputs, np.float64)
+  if not len(values):
+    raise DatasetError(f"{NAME}: the training split is empty, so there are no examples to "
+                       f"standardise the feature vectors with.")
+  mean = values.mean(axis=0)
+  std = values.std(axis=0)
+  std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+  return {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
+
+
+def standardise(inputs: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+  """Feature vectors standardised with `stats` (from `input_statistics`), as float32."""
+  values = (np.asarray(inputs, np.float64) - stats["mean"]) / stats["std"]
+  return values.astype(np.float32)
+
+
+def _input_key(path: str, data, image_key: str | None, inputs_key: str | None
+               ) -> tuple[str, bool]:
+  """(key of the input array, whether it holds feature vectors) of the file and its spec."""
+  if image_key and inputs_key:
+    raise DatasetError(f"{NAME}: the task spec names both images {image_key!r} and feature "
+                       f"vectors {inputs_key!r}; name one of them.")
+  if inputs_key or image_key:
+    key = inputs_key or image_key
+    if key not in data:
+      what = "feature vectors" if inputs_key else "image array"
+      raise DatasetError(f"{NAME}: {path!r} has no {what} {key!r}; it holds {_keys(data)}.")
+    return key, bool(inputs_key)
+  found_image = next((k for k in IMAGE_KEYS if k in data), None)
+  if found_image and INPUTS_KEY in data:
+    raise DatasetError(f"{NAME}: {path!r} holds both images {found_image!r} and feature "
+                       f"vectors {INPUTS_KEY!r}; name the one to use with \"images\" or "
+                       f"\"inputs\" in a JSON task spec.")
+  if INPUTS_KEY in data:
+    return INPUTS_KEY, True
+  if found_image is None:
+    wanted = " or ".join(repr(k) for k in IMAGE_KEYS)
+    raise DatasetError(f"{NAME}: {path!r} has no image array {wanted}; it holds {_keys(data)} "
+                       f"(feature vectors (N, D) would be {INPUTS_KEY!r}).")
+  return found_image, False
 
 
 def subsample(indices: np.ndarray, wanted: int, seed: int) -> np.ndarray:
@@ -137,15 +206,16 @@ def _keys(data) -> str:
 # Task spec.
 
 
-def parse_task_spec(task_spec: str) -> tuple[list[dict], str | None]:
-  """Task entries (dicts with at least name and kind) and the image key of a task spec."""
+def parse_task_spec(task_spec: str) -> tuple[list[dict], str | None, str | None]:
+  """Task entries (dicts with at least name and kind), and the image key and the feature-vector
+  key of a task spec (None where it names none)."""
   task_spec = (task_spec or "").strip()
   if not task_spec:
     raise DatasetError(f"{NAME} needs a task spec: pass --task_spec= with {SPEC_HELP}.")
   if task_spec.endswith(".json") or os.path.isfile(task_spec):
-    entries, image_key = _read_json_spec(task_spec)
+    entries, image_key, inputs_key = _read_json_spec(task_spec)
   else:
-    entries, image_key = _parse_inline_spec(task_spec), None
+    entries, image_key, inputs_key = _parse_inline_spec(task_spec), None, None
   if not entries:
     raise DatasetError(f"{NAME}: the task spec {task_spec!r} names no task; give {SPEC_HELP}.")
   names = [e["name"] for e in entries]
@@ -155,13 +225,14 @@ def parse_task_spec(task_spec: str) -> tuple[list[dict], str | None]:
                          f"allowed kinds are {', '.join(tasks_lib.KINDS)}.")
     if names.count(entry["name"]) > 1:
       raise DatasetError(f"{NAME}: task {entry['name']!r} appears twice in the task spec.")
-    if entry["name"] in (SPLIT_KEY, image_key, *IMAGE_KEYS) or entry["name"].startswith("_"):
+    if (entry["name"] in (SPLIT_KEY, image_key, inputs_key, INPUTS_KEY, *IMAGE_KEYS)
+        or entry["name"].startswith("_")):
       raise DatasetError(f"{NAME}: {entry['name']!r} cannot be a task name; it is reserved "
-                         f"for images, the split or batch metadata.")
-  return entries, image_key
+                         f"for images, feature vectors, the split or batch metadata.")
+  return entries, image_key, inputs_key
 
 
-def _read_json_spec(path: str) -> tuple[list[dict], str | None]:
+def _read_json_spec(path: str) -> tuple[list[dict], str | None, str | None]:
   try:
     with open(path) as f:
       spec = json.load(f)
@@ -180,11 +251,14 @@ def _read_json_spec(path: str) -> tuple[list[dict], str | None]:
       raise DatasetError(f"{NAME}: task {entry['name']!r} in {path!r} has unknown fields "
                          f"{sorted(unknown)}; allowed fields are {sorted(_TASK_FIELDS)}.")
     entries.append(dict(entry))
-  image_key = spec.get("images")
-  if image_key is not None and not isinstance(image_key, str):
-    raise DatasetError(f"{NAME}: \"images\" in {path!r} must be the key of the image array, "
-                       f"got {image_key!r}.")
-  return entries, image_key
+  keys = []
+  for field, what in (("images", "the image array"), ("inputs", "the feature vectors")):
+    key = spec.get(field)
+    if key is not None and not isinstance(key, str):
+      raise DatasetError(f"{NAME}: \"{field}\" in {path!r} must be the key of {what}, got "
+                         f"{key!r}.")
+    keys.append(key)
+  return entries, keys[0], keys[1]
 
 
 def _parse_inline_spec(task_spec: str) -> list[dict]:
@@ -236,6 +310,10 @@ def _infer_classes(name: str, label: np.ndarray) -> int:
 
 
 def _check_images(path: str, key: str, images: np.ndarray) -> np.ndarray:
+  if images.ndim == 2:
+    raise DatasetError(f"{NAME}: images {key!r} in {path!r} have shape {images.shape}, which is "
+                       f"feature vectors (N, D); store them under {INPUTS_KEY!r} (or name them "
+                       f"with \"inputs\" in a JSON task spec).")
   if images.ndim not in (3, 4):
     raise DatasetError(f"{NAME}: images {key!r} in {path!r} must have shape (N, H, W) or "
                        f"(N, H, W, C), got {images.shape}.")
@@ -253,25 +331,43 @@ def _check_images(path: str, key: str, images: np.ndarray) -> np.ndarray:
   return images
 
 
-def _check_label_shape(path: str, entry: dict, label: np.ndarray, image_shape) -> np.ndarray:
+def _check_inputs(path: str, key: str, inputs: np.ndarray) -> np.ndarray:
+  """Feature vectors (N, D) as float32, or one sentence on what was expected."""
+  if inputs.ndim != 2 or not inputs.shape[1]:
+    raise DatasetError(f"{NAME}: feature vectors {key!r} in {path!r} must have shape (N, D) "
+                       f"with D >= 1, got {inputs.shape}; store images under 'images' instead.")
+  if inputs.dtype.kind not in "biuf":
+    raise DatasetError(f"{NAME}: feature vectors {key!r} in {path!r} must be numbers (bool, "
+                       f"integer or float), got {inputs.dtype}; encode text columns first.")
+  check_finite(NAME, path, inputs, f"feature vectors {key!r}")
+  return inputs.astype(np.float32)
+
+
+def _check_label_shape(path: str, entry: dict, label: np.ndarray, image_shape,
+                       vectors: bool = False) -> np.ndarray:
   """The label array in its batch layout, or one sentence on what shape was expected."""
   name, kind = entry["name"], entry["kind"]
-  n, height, width = image_shape[:3]
+  if vectors and kind not in (tasks_lib.CLASSIFICATION, tasks_lib.REGRESSION):
+    raise DatasetError(f"{NAME}: task {name!r} is {kind}, a per-pixel kind, but {path!r} holds "
+                       f"feature vectors {tuple(image_shape)}; only classification and "
+                       f"regression tasks fit them.")
+  n = image_shape[0]
   if kind in (tasks_lib.CLASSIFICATION, tasks_lib.REGRESSION):
     if kind == tasks_lib.REGRESSION and label.ndim == 2 and label.shape[1] == 1:
       label = label[:, 0]
     expected = (n,)
   elif kind == tasks_lib.SEGMENTATION:
-    expected = (n, height, width)
+    expected = (n, *image_shape[1:3])
   elif kind == tasks_lib.NORMALS:
-    expected = (n, height, width, 3)
+    expected = (n, *image_shape[1:3], 3)
   else:  # depth, edges, saliency: one channel, stored with or without its axis
     if label.ndim == 3:
       label = label[..., None]
-    expected = (n, height, width, 1)
+    expected = (n, *image_shape[1:3], 1)
   if label.shape != expected:
+    over = "feature vectors" if vectors else "images"
     raise DatasetError(f"{NAME}: labels {name!r} in {path!r} have shape {label.shape}, but a "
-                       f"{kind} task over images {tuple(image_shape)} needs {expected}.")
+                       f"{kind} task over {over} {tuple(image_shape)} needs {expected}.")
   return label
 
 

@@ -12,7 +12,9 @@ so a label pixel is the source pixel nearest to where the image pixel samples. W
 example is smaller than H x W the rest is padding: 0 in the image and each label map's "no
 label" value (255 for segmentation, 0 for depth, normals, edges and saliency), so padded pixels
 are ignored by the losses and metrics. Flipping negates the x component of surface normals.
-Classification and regression labels and metadata keys ("_valid"...) pass through unchanged.
+Classification and regression labels and metadata keys ("_valid"...) pass through unchanged,
+and so do batches of feature vectors (B, D) (the arrays source's "inputs"): they have no pixels
+to move, so the whole batch comes back as it is.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ def make_augment(tasks: Sequence[tasks_lib.Task], *, flip: bool | float = True,
 
   def augment(batch: base.Batch, rng: np.random.Generator) -> base.Batch:
     image = np.asarray(batch["image"])
+    if image.ndim == 2:  # feature vectors: no geometry to augment
+      return batch
     if image.ndim != 4:
       raise ValueError(f"augment needs images of shape (B, H, W, C), got {image.shape}.")
     n, height, width = image.shape[:3]

@@ -18,7 +18,10 @@ import numpy as np
 
 from dymu_jax import tasks as tasks_lib
 
-Batch = dict  # {"image": float32 (B, H, W, C) in [0, 1], "<task>": labels, ...}
+# {"image": float32 (B, H, W, C) in [0, 1], or (B, D) feature vectors, "<task>": labels, ...}.
+# Feature vectors (from the arrays source's "inputs") travel under the same key, so every
+# method reads them as it reads images; the backbone decides which it takes.
+Batch = dict
 # Batch keys starting with "_" carry metadata (for example "_valid", the padding mask of an
 # evaluation batch); they are never labels.
 VALID_KEY = "_valid"
@@ -45,6 +48,9 @@ class DataConfig:
       0 takes the dataset's default (all, for read datasets).
     test_fraction: held-out fraction where the dataset has no official split.
     task_spec: for "arrays": a JSON file or "name:kind[:outputs],..." giving each task's kind.
+    standardise_inputs: for "arrays" with feature vectors: subtract each feature's mean and
+      divide by its standard deviation, both over the training split (on by default; images
+      are never standardised here).
   """
 
   name: str = "synthetic"
@@ -55,6 +61,7 @@ class DataConfig:
   num_test: int = 0
   test_fraction: float = 0.2
   task_spec: str = ""
+  standardise_inputs: bool = True
 
 
 def check_split(dataset: str, split: str) -> None:
@@ -71,12 +78,15 @@ def limit(source_len: int, wanted: int) -> int:
 class DataSource:
   """Random-access examples of one split with their task specs.
 
-  Subclasses set `name`, `split`, `tasks` and implement `__len__` and `get`.
+  Subclasses set `name`, `split`, `tasks` and implement `__len__` and `get`. Sources of feature
+  vectors that were standardised set `input_stats` to {"mean": (D,), "std": (D,)} float32 (the
+  training split's), so that a run can save them with its model; None otherwise.
   """
 
   name: str = ""
   split: str = ""
   tasks: tuple[tasks_lib.Task, ...] = ()
+  input_stats: dict[str, np.ndarray] | None = None
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -105,6 +115,7 @@ class TaskSubset(DataSource):
   def __init__(self, parent: DataSource, tasks: tuple[tasks_lib.Task, ...]):
     self.parent, self.tasks = parent, tasks
     self.name, self.split = parent.name, parent.split
+    self.input_stats = parent.input_stats
 
   def __len__(self):
     return len(self.parent)
@@ -125,6 +136,7 @@ class IndexSubset(DataSource):
       raise ValueError(f"Subset indices must be a 1-D array within [0, {len(parent)}).")
     self.parent, self.indices = parent, indices
     self.name, self.split, self.tasks = parent.name, parent.split, parent.tasks
+    self.input_stats = parent.input_stats
 
   def __len__(self):
     return int(self.indices.shape[0])
@@ -148,18 +160,27 @@ def holdout_split(source: DataSource, count: int, seed: int
 
 
 class ArraySource(DataSource):
-  """Examples held in memory: images (uint8 or float) plus one label array per task."""
+  """Examples held in memory: images (uint8 or float) or feature vectors (N, D), plus one label
+  array per task.
+
+  Feature vectors are stored as float32 and batched as they are (no [0, 1] scaling);
+  `input_stats` records how they were standardised, if they were.
+  """
 
   def __init__(self, name: str, split: str, images: np.ndarray,
-               labels: Mapping[str, np.ndarray], tasks: Sequence[tasks_lib.Task]):
+               labels: Mapping[str, np.ndarray], tasks: Sequence[tasks_lib.Task], *,
+               input_stats: Mapping[str, np.ndarray] | None = None):
     self.name, self.split, self.tasks = name, split, tuple(tasks)
     if images.ndim == 3:  # grey images without a channel axis
       images = images[..., None]
-    if images.ndim != 4:
+    if images.ndim == 2:  # feature vectors
+      images = np.asarray(images, np.float32)
+    elif images.ndim != 4:
       raise DatasetError(
-          f"{name} {split}: images must have shape (N, H, W, C) or (N, H, W), got "
-          f"{images.shape}.")
+          f"{name} {split}: images must have shape (N, H, W, C) or (N, H, W), or feature "
+          f"vectors (N, D), got {images.shape}.")
     self.images = images
+    self.input_stats = dict(input_stats) if input_stats is not None else None
     self.labels = {}
     for task in self.tasks:
       if task.name not in labels:

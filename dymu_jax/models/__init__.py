@@ -26,8 +26,9 @@ def build_multitask(tasks: Sequence[tasks_lib.Task], backbone: str = "resnet_sma
   Args:
     tasks: the tasks, in decoder order.
     backbone: one of `BACKBONES` ("lenet", "resnet_small", "resnet18", "resnet34",
-      "mobilenet_v2").
-    backbone_kwargs: options of the backbone class (e.g. {"output_stride": 8}).
+      "mobilenet_v2" for images; "mlp" for feature vectors (B, D)).
+    backbone_kwargs: options of the backbone class (e.g. {"output_stride": 8}, or
+      {"hidden": (128, 64)} for the MLP).
     **options: other `MultiTaskNet` attributes (head_width, atrous_rates, ...).
   """
   backbones.get_backbone(backbone)  # Unknown name: one sentence listing the names.

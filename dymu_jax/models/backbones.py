@@ -1,11 +1,11 @@
-"""Slimmable encoders: LeNet, ResNet (small, 18, 34) and MobileNetV2.
+"""Slimmable encoders: LeNet, ResNet (small, 18, 34), MobileNetV2, and an MLP for vectors.
 
 Every backbone is a Linen module with
 
 * `num_stages` and `stage_channels` (the full output width of every stage),
 * `__call__(x, *, widths, train) -> list of stage outputs`, where `widths` holds one multiplier
   per stage (None: full width) and every layer of stage s keeps `channels(full, widths[s])` of
-  its channels (METHODS.md section 2 [ours]); the image input never slims,
+  its channels (METHODS.md section 2 [ours]); the input (image or vector) never slims,
 * `sliced(widths)`: the same backbone whose FULL widths are those slimmed widths. Running it on
   variables cut with `layers.slice_variables` equals running this one slimmed (export).
 
@@ -44,17 +44,26 @@ MobileNetV2 (`block{i}` carries torchvision's `features.{i}` index, i = 1..17):
 LeNet (the PHN Multi-MNIST target network, no torch checkpoint): conv1, conv2 [, bn1, bn2],
 fc [, bn_fc].
 
+MLP (feature vectors, e.g. tabular data; no torch twin): dense{i} [, bn{i}] per hidden layer.
+
+Inputs (`input_kind`): the convolutional backbones take images (B, H, W, C); `MLP` takes
+feature vectors (B, D) (it flattens any rank after the batch axis). `MultiTaskNet` checks the
+batch against the backbone's kind (`check_input_kind`) and stops with one sentence naming the
+shape and the backbones that fit.
+
 Smallest images (`min_image_size`): the ResNets and MobileNetV2 pad every convolution and pool,
 so any image of at least 1 px runs (below the output stride the last stages see 1x1 maps);
 LeNet's valid convolutions and 2x2 pools need 20 px with its default 9x9 and 5x5 kernels. Each
-backbone checks its input against it before its first layer, in one sentence.
+backbone checks its input against it before its first layer, in one sentence. The MLP takes no
+images: its `min_image_size` is 1, so image-size checks pass and `check_input_kind` refuses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+import numbers
+from typing import Any, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -65,6 +74,8 @@ from dymu_jax.models.widths import CHANNEL_DIVISOR, DynamicMultiplier, channels
 
 # The smallest image side of the backbones whose every convolution and pool is padded.
 PADDED_MIN_IMAGE_SIZE = 1
+# What a backbone takes (`input_kind`): images (B, H, W, C) or feature vectors (B, D).
+IMAGES, VECTORS = "images", "vectors"
 
 
 def check_image_size(owner: str, minimum: int, shape: Sequence[int]) -> None:
@@ -568,6 +579,95 @@ class LeNet(nn.Module):
     return outputs
 
 
+# He initialisation on fan-in for the ReLU layers of the MLP (LeCun's default halves the
+# variance at every layer).
+mlp_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+
+class MLP(nn.Module):
+  """Slimmable multi-layer perceptron for feature vectors (tabular data) [ours].
+
+  Every hidden layer is one stage: a dense layer [, batch norm] and a ReLU, keeping
+  `channels(hidden[s], widths[s], channel_divisor)` units. The input is flattened to (B, D)
+  (any rank after the batch axis) and never slims; the first layer's full input width is D,
+  taken from the input at initialisation. Stage outputs are (B, units) vectors, which the MLP
+  heads read without pooling. Inputs are expected standardised (the arrays source does it).
+
+  Attributes:
+    hidden: full width of each hidden layer (one stage each); an int is one layer. Through the
+      CLI, quote the tuple: `--backbone_options='"hidden=(128,64)",batch_norm=true'`.
+    batch_norm: batch norm between each dense layer and its ReLU; the dense layers then have
+      no bias.
+    channel_divisor: slimmed unit counts are multiples of this (`widths.channels`).
+    bn_momentum, bn_axis_name: passed to every `SlimBatchNorm` (with `batch_norm`).
+  """
+
+  hidden: tuple[int, ...] = (256, 256)
+  batch_norm: bool = False
+  channel_divisor: int = CHANNEL_DIVISOR
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+
+  input_kind: ClassVar[str] = VECTORS
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.stage_channels)
+
+  @property
+  def min_image_size(self) -> int:
+    """No images: 1, so that image-size checks pass and `check_input_kind` says why not."""
+    return PADDED_MIN_IMAGE_SIZE
+
+  @property
+  def stage_channels(self) -> tuple[int, ...]:
+    hidden = ((self.hidden,) if isinstance(self.hidden, numbers.Integral)
+              else tuple(self.hidden))
+    whole = lambda h: isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1
+    if not hidden or not all(whole(h) for h in hidden):
+      raise ValueError(f"{type(self).__name__} got hidden={self.hidden!r}; give the width of "
+                       f"each hidden layer as positive whole numbers, e.g. (256, 256).")
+    return tuple(int(h) for h in hidden)
+
+  def stage_modules(self) -> tuple[tuple[str, ...], ...]:
+    """Submodule names per stage (for GradSplit)."""
+    return tuple((f"dense{i + 1}",) + ((f"bn{i + 1}",) if self.batch_norm else ())
+                 for i in range(self.num_stages))
+
+  def sliced_kwargs(self, widths: Sequence[float]) -> dict[str, Any]:
+    """Attribute overrides whose full widths are this network slimmed by `widths`."""
+    widths = stage_multipliers(widths, self.num_stages, type(self).__name__)
+    return {"hidden": tuple(channels(c, m, self.channel_divisor)
+                            for c, m in zip(self.stage_channels, widths))}
+
+  def sliced(self, widths: Sequence[float]) -> MLP:
+    """This backbone with the slimmed widths as its full widths."""
+    return self.clone(parent=None, **self.sliced_kwargs(widths))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, widths: Sequence[float] | None = None,
+               train: bool = False) -> list[jax.Array]:
+    owner = type(self).__name__
+    hidden = self.stage_channels
+    if x.ndim < 2 or not all(x.shape[1:]):
+      raise ValueError(f"{owner} needs inputs of shape (B, D) with D >= 1, got "
+                       f"{tuple(x.shape)}.")
+    widths = stage_multipliers(widths, self.num_stages, owner)
+    x = x.reshape(x.shape[0], -1)
+    outputs, in_features = [], None
+    for i, (features, multiplier) in enumerate(zip(hidden, widths)):
+      width = channels(features, multiplier, self.channel_divisor)
+      x = layers.SlimDense(features, use_bias=not self.batch_norm, in_features=in_features,
+                           kernel_init=mlp_kernel_init, name=f"dense{i + 1}")(x, width)
+      if self.batch_norm:
+        x = SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
+                          features=features, name=f"bn{i + 1}")(x, train, width)
+      x = nn.relu(x)
+      outputs.append(x)
+      in_features = features
+    return outputs
+
+
 def lenet_min_image_size(kernel_sizes: Sequence[int]) -> int:
   """The smallest input side of valid k x k convolutions, each followed by a 2x2 pool, whose
   last pool keeps at least 1 px (going backwards: a pool needs twice its output, a
@@ -584,6 +684,7 @@ REGISTRY: dict[str, type[nn.Module]] = {
     "resnet18": ResNet18,
     "resnet34": ResNet34,
     "mobilenet_v2": MobileNetV2,
+    "mlp": MLP,
 }
 
 
@@ -602,3 +703,40 @@ def min_image_size(name: str, options: dict[str, Any] | None = None) -> int:
   kwargs = {k: tuple(v) if isinstance(v, list) else v
             for k, v in (options or {}).items() if k in fields}
   return cls(**kwargs).min_image_size
+
+
+def input_kind(backbone: str | type[nn.Module] | nn.Module) -> str:
+  """What a backbone (a registered name, class or module) takes: `IMAGES` or `VECTORS`."""
+  cls = get_backbone(backbone) if isinstance(backbone, str) else backbone
+  cls = cls if isinstance(cls, type) else type(cls)
+  return getattr(cls, "input_kind", IMAGES)
+
+
+def backbones_for(kind: str) -> tuple[str, ...]:
+  """The registered backbone names that take `kind` (`IMAGES` or `VECTORS`)."""
+  return tuple(name for name, cls in REGISTRY.items() if input_kind(cls) == kind)
+
+
+def _either(names: Sequence[str]) -> str:
+  names = list(names)
+  return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_input_kind(owner: str, backbone: str, shape: Sequence[int]) -> None:
+  """Stops with one sentence when inputs of `shape` do not fit backbone `backbone`: image
+  backbones take (B, H, W, C) images, vector backbones (B, D) feature vectors (any rank but
+  the image rank 4, flattened). Without it, vectors would fail deep inside a convolution and
+  images would be flattened into an MLP by accident."""
+  shape = tuple(int(d) for d in shape)
+  if input_kind(backbone) == VECTORS:
+    if len(shape) >= 2 and len(shape) != 4:
+      return
+    got = f"images of shape {shape}" if len(shape) == 4 else f"inputs of shape {shape}"
+    raise ValueError(f"{owner} with backbone {backbone!r} expects feature vectors of shape "
+                     f"(B, D), got {got}; images fit backbone {_either(backbones_for(IMAGES))}.")
+  if len(shape) == 4:
+    return
+  got = f"feature vectors of shape {shape}" if len(shape) == 2 else f"{shape}"
+  raise ValueError(f"{owner} with backbone {backbone!r} expects images of shape (B, H, W, C), "
+                   f"got {got}; feature vectors (B, D) fit backbone "
+                   f"{_either(backbones_for(VECTORS))}.")

@@ -99,6 +99,9 @@ class DenseHead(nn.Module):
 class MLPHead(nn.Module):
   """Classification / regression head: global average pool (for maps), hidden ReLU layers, output.
 
+  Encoder outputs that are already vectors (B, C) (LeNet's dense stage, the MLP backbone) are
+  read as they are; only (B, H, W, C) maps are pooled.
+
   Attributes:
     num_outputs: output units (classes, or 1 for regression); never slims.
     hidden_features: full width of every hidden layer.

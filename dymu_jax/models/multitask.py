@@ -12,6 +12,11 @@ call argument:
 The masked path (`DynamicWidths`, arrays, not static) runs every configuration in one compiled
 program at full-width cost; its predictions equal the static path's.
 
+Inputs follow the backbone (`backbones.input_kind`): images (B, H, W, C) in [0, 1], normalised
+inside (`pixel_mean`, `pixel_std`), or, for the MLP, feature vectors (B, D), used as given (the
+arrays source standardises them with training-split statistics). Both come from the batch key
+"image". A mismatch stops with one sentence naming the shape and the backbones that fit.
+
 Predictions are a dict task name -> array with the layouts of `dymu_jax.tasks`. Variables:
 `params/encoder/...` (names in `backbones`), `params/head_<task name>/...`. A single-task
 network is a `MultiTaskNet` with one task.
@@ -39,7 +44,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def normalise_images(images: jax.Array, pixel_mean=None, pixel_std=None) -> jax.Array:
   """Per-channel normalisation of [0, 1] images; None takes the ImageNet statistics for
   3-channel images and 0.5 / 0.5 otherwise [ours]. Computed in float32; bfloat16 images come
-  back in bfloat16 (mixed precision, see `models.layers`)."""
+  back in bfloat16 (mixed precision, see `models.layers`). Feature vectors (any rank but 4)
+  are no pixels: they come back as given (standardised by the data source)."""
+  if images.ndim != 4:
+    if pixel_mean is not None or pixel_std is not None:
+      raise ValueError(
+          f"pixel_mean and pixel_std normalise images, but the inputs have shape "
+          f"{tuple(images.shape)}; feature vectors are standardised by the data source, so "
+          f"leave them unset.")
+    return images
   c = images.shape[-1]
   mean = pixel_mean if pixel_mean is not None else (
       IMAGENET_MEAN if c == 3 else (0.5,) * c)
@@ -158,10 +171,11 @@ class MultiTaskNet(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, widths: WidthConfig | DynamicWidths | None = None,
                train: bool = False, return_features: bool = False):
-    """Predictions for images (B, H, W, C) in [0, 1].
+    """Predictions for images (B, H, W, C) in [0, 1], or feature vectors (B, D) for the MLP.
 
     Args:
-      images: float images in [0, 1], NHWC.
+      images: float images in [0, 1], NHWC; or, for a vector backbone (`backbones.input_kind`),
+        float feature vectors (B, D), used as given.
       widths: the SubNet to run: a static `WidthConfig` (sliced compute), `DynamicWidths`
         (masked full-width compute, encoder features zero beyond the slimmed widths), or None
         (the full network).
@@ -173,9 +187,7 @@ class MultiTaskNet(nn.Module):
     """
     if not self.tasks:
       raise ValueError("MultiTaskNet needs at least one task.")
-    if images.ndim != 4:
-      raise ValueError(
-          f"MultiTaskNet expects images of shape (B, H, W, C), got {tuple(images.shape)}.")
+    backbones.check_input_kind("MultiTaskNet", self.backbone, images.shape)
     if widths is None:
       widths = self.full_widths()
     if isinstance(widths, WidthConfig):

@@ -302,7 +302,8 @@ def save_network(directory: str | os.PathLike, model: MultiTaskNet, variables: P
       them at `image_shape`.
     extra: JSON-able metadata kept next to the definition (widths, MACs, preference, budget,
       source workdir...).
-    image_shape: (H, W, C) of the images the network was built for.
+    image_shape: (H, W, C) of the images the network was built for, or (D,) for feature
+      vectors (an MLP backbone).
 
   Raises:
     ValueError: variables that do not fit the network at `image_shape`, or a definition or
@@ -310,8 +311,9 @@ def save_network(directory: str | os.PathLike, model: MultiTaskNet, variables: P
   """
   directory = os.fspath(directory)
   image_shape = tuple(int(d) for d in image_shape)
-  if len(image_shape) != 3 or min(image_shape) < 1:
-    raise ValueError(f"image_shape must be (H, W, C) with positive sizes, got {image_shape}.")
+  if len(image_shape) not in (1, 3) or min(image_shape) < 1:
+    raise ValueError(f"image_shape must be (H, W, C) for images or (D,) for feature vectors, "
+                     f"with positive sizes, got {image_shape}.")
   definition = network_to_json(model)
   mismatch = _shape_mismatch(variables, _variable_shapes(model, image_shape))
   if mismatch:
@@ -351,10 +353,10 @@ def _read_record(path: str) -> dict:
                             f"key(s) [{', '.join(unknown)}]; it needs exactly "
                             f"{', '.join(_TOP_KEYS)}.")
   shape, files = record["image_shape"], record["variables"]
-  if not (isinstance(shape, list) and len(shape) == 3 and all(
+  if not (isinstance(shape, list) and len(shape) in (1, 3) and all(
       isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
-    raise SavedNetworkError(f"{path} has image_shape {shape!r}; it must be [H, W, C] of "
-                            f"positive ints.")
+    raise SavedNetworkError(f"{path} has image_shape {shape!r}; it must be [H, W, C] (images) "
+                            f"or [D] (feature vectors) of positive ints.")
   if not (isinstance(files, dict) and set(files) == {"file", "sha256"}
           and files["file"] == VARIABLES_FILE and isinstance(files["sha256"], str)):
     raise SavedNetworkError(f"{path} has variables {files!r}; it must be {{\"file\": "
