@@ -2,7 +2,12 @@
 
 Layouts of predictions and labels are the batch contract of `dymu_jax.tasks`. Every loss is a
 mean over the valid samples or pixels of its batch; a batch with nothing valid (all labels
-ignored, no depth, no normals) contributes 0 and a zero gradient.
+ignored or missing, no depth, no normals) contributes 0 and a zero gradient.
+
+Missing labels (the convention of `dymu_jax.tasks`): a regression label that is NaN and a
+classification label equal to `IGNORE_LABEL` (255) are left out of the mean. A missing label
+is replaced by a finite value with `jnp.where` before any arithmetic, so a NaN label never
+reaches a loss or a gradient (NaN * 0 is NaN, so masking after the fact would not do).
 
 This module dispatches on `task.kind` strings and never imports `dymu_jax.tasks`, which imports
 it.
@@ -33,13 +38,33 @@ def _safe_mean(total, count):
   return total / jnp.maximum(count, 1.0)
 
 
+def example_present(task, label):
+  """(B,) bool: which examples of a batch carry a label of `task` (jit-friendly).
+
+  Regression: not NaN; classification: not `IGNORE_LABEL`; segmentation, depth and normals: at
+  least one valid pixel; edges and saliency: always. Use it to weight per-example losses (a
+  mean of per-example losses must count only these examples).
+  """
+  label = jnp.asarray(label)
+  flat = label.reshape((label.shape[0], -1))
+  if task.kind == "regression":
+    return ~jnp.any(jnp.isnan(flat.astype(jnp.float32)), axis=1)
+  if task.kind in ("classification", "segmentation"):
+    return jnp.any(flat.astype(jnp.int32) != IGNORE_LABEL, axis=1)
+  if task.kind == "depth":
+    return jnp.any(flat > 0, axis=1)
+  if task.kind == "normals":
+    return jnp.any(flat != 0, axis=1)
+  return jnp.ones((label.shape[0],), bool)
+
+
 def cross_entropy(logits, labels, ignore_label: int = IGNORE_LABEL):
   """Softmax cross-entropy, mean over the labels that are not `ignore_label`.
 
   Args:
     logits: float (..., C).
-    labels: int (...), in [0, C) or `ignore_label` (for classification 255 also means "this
-      example has no label for this task", as in CIFAR-100-MTL).
+    labels: int (...), in [0, C) or `ignore_label` (for classification 255 means "this
+      example has no label for this task", as in CIFAR-100-MTL and the arrays source's masks).
     ignore_label: the label value to skip.
 
   Returns:
@@ -56,15 +81,22 @@ def cross_entropy(logits, labels, ignore_label: int = IGNORE_LABEL):
 
 
 def regression_loss(prediction, label, label_scale: float = 1.0, loss_type: str = "l1"):
-  """L1 ("l1") or squared ("l2") error between prediction[..., 0] and label / label_scale."""
+  """L1 ("l1") or squared ("l2") error between prediction[..., 0] and label / label_scale.
+
+  The mean runs over the labels that are not NaN (NaN = no label); 0, with a zero gradient,
+  when every label of the batch is missing.
+  """
+  if loss_type not in ("l1", "l2"):
+    raise ValueError(f"Unknown regression loss_type {loss_type!r}; allowed: '', 'l1', 'l2'.")
   prediction = jnp.asarray(prediction, jnp.float32)[..., 0]
-  target = jnp.asarray(label, jnp.float32) / label_scale
-  diff = prediction - target
-  if loss_type == "l1":
-    return jnp.mean(jnp.abs(diff))
-  if loss_type == "l2":
-    return jnp.mean(jnp.square(diff))
-  raise ValueError(f"Unknown regression loss_type {loss_type!r}; allowed: '', 'l1', 'l2'.")
+  label = jnp.asarray(label, jnp.float32)
+  present = ~jnp.isnan(label)
+  # Finite targets first: a NaN label must not enter the difference (its gradient would be
+  # NaN * 0 = NaN even where the mask drops it).
+  target = jnp.where(present, label, 0.0) / label_scale
+  diff = jnp.where(present, prediction - target, 0.0)
+  per_example = jnp.abs(diff) if loss_type == "l1" else jnp.square(diff)
+  return _safe_mean(jnp.sum(per_example), jnp.sum(present))
 
 
 def depth_l1(prediction, label):
@@ -157,8 +189,8 @@ def task_loss(task, prediction, label):
   """Scalar loss of one batch for `task` (a `dymu_jax.tasks.Task`), dispatched on its kind.
 
   Defaults ("" loss_type): cross-entropy for classification and segmentation (ignore 255), L1
-  on label / label_scale for regression, L1 over valid pixels for depth, L1 on unit vectors for
-  normals, balanced BCE for edges and saliency.
+  on label / label_scale for regression (NaN labels skipped), L1 over valid pixels for depth,
+  L1 on unit vectors for normals, balanced BCE for edges and saliency.
   """
   kind = task.kind
   loss_type = _resolve(task)

@@ -9,7 +9,7 @@ Label and prediction layouts (the batch contract, one entry per task name):
 | kind           | label (per batch)                       | prediction                  |
 |----------------|-----------------------------------------|-----------------------------|
 | classification | int32 (B,), in [0, num_outputs); 255 = no label | logits (B, num_outputs) |
-| regression     | float32 (B,)                            | (B, 1)                      |
+| regression     | float32 (B,); NaN = no label            | (B, 1)                      |
 | segmentation   | int32 (B, H, W), 255 = ignore           | logits (B, H, W, classes)   |
 | depth          | float32 (B, H, W, 1), 0 = no depth      | (B, H, W, 1)                |
 | normals        | float32 (B, H, W, 3), unit or 0 = none  | (B, H, W, 3), normalised in the loss |
@@ -17,12 +17,31 @@ Label and prediction layouts (the batch contract, one entry per task name):
 | saliency       | float32 (B, H, W, 1) in [0, 1]          | logits (B, H, W, 1)         |
 
 Images are float32 (B, H, W, C) in [0, 1].
+
+Missing labels (not every example needs every label). A label that is missing is marked in the
+label itself, so a batch needs no separate mask:
+
+* regression: NaN (infinity is never allowed);
+* classification: `IGNORE_LABEL` (255), the same value that segmentation ignores;
+* dense kinds keep their pixel conventions: segmentation 255, depth 0, normals the zero vector
+  (a whole example without that label is a map of those values); edges and saliency have no
+  missing value, so every example must carry them.
+
+`missing_value(kind)` gives that value and `label_present(task, labels)` marks the examples
+that carry a label. Losses average over the present labels only (a batch in which a task has
+no label at all contributes a loss of 0 and a zero gradient, and a NaN label never reaches a
+gradient); metrics pool their sums and counts over the present labels of the whole set and
+report NaN for a task with no present label at all (`TaskMetric.labelled` gives the count, so a
+report can say so). Loaders translate their own ways of marking a missing label (for the
+arrays source: a `<task>_mask` array or a `task_id` per example) into these values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Mapping, Sequence
+
+import numpy as np
 
 from dymu_jax import losses
 from dymu_jax.metrics import tasks as task_metrics
@@ -38,7 +57,7 @@ SALIENCY = "saliency"
 KINDS = (CLASSIFICATION, REGRESSION, SEGMENTATION, DEPTH, NORMALS, EDGES, SALIENCY)
 # Kinds whose labels are per-pixel maps (decoded by a dense head).
 DENSE_KINDS = frozenset({SEGMENTATION, DEPTH, NORMALS, EDGES, SALIENCY})
-IGNORE_LABEL = 255
+IGNORE_LABEL = losses.IGNORE_LABEL  # a class or pixel without a label (255)
 
 
 class UnknownTaskError(ValueError):
@@ -99,6 +118,36 @@ class Task:
   def primary_metric(self) -> str:
     """The metric reported in tables and used for Delta_m."""
     return task_metrics.metric_for(self).primary
+
+
+def missing_value(kind: str):
+  """The label value that marks a missing label of `kind` (see the module docstring): NaN for
+  regression, 255 for classification and segmentation, 0 for depth and normals, None for edges
+  and saliency (which have none)."""
+  if kind == REGRESSION:
+    return float("nan")
+  if kind in (CLASSIFICATION, SEGMENTATION):
+    return IGNORE_LABEL
+  if kind in (DEPTH, NORMALS):
+    return 0
+  return None
+
+
+def label_present(task: Task, labels) -> np.ndarray:
+  """(N,) bool: which examples of the labels (N, ...) of `task` carry a label (for a dense
+  task: at least one labelled pixel). Host-side numpy, for loaders and reports."""
+  labels = np.asarray(labels)
+  n = labels.shape[0]
+  flat = labels.reshape(n, int(np.prod(labels.shape[1:], dtype=np.int64)))
+  if task.kind == REGRESSION:
+    return ~np.isnan(flat).any(axis=1)
+  if task.kind in (CLASSIFICATION, SEGMENTATION):
+    return (flat != IGNORE_LABEL).any(axis=1)
+  if task.kind == DEPTH:
+    return (flat > 0).any(axis=1)
+  if task.kind == NORMALS:
+    return (flat != 0).any(axis=1)
+  return np.ones((n,), bool)
 
 
 def classification(name: str, num_classes: int) -> Task:

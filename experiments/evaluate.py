@@ -570,9 +570,13 @@ def evaluate_fixed(run: runs.TrainedRun) -> dict:
     higher = {n: ecmt.primary_metrics([t], per_task)[n][1]
               for t, n in zip(run.method.tasks, metric_names)}
     out["reference"] = name
-    out["delta_m"] = pareto.delta_m({n: per_task[n][m] for n, m in metric_names.items()},
-                                    {n: reference[n][m] for n, m in metric_names.items()},
-                                    higher)
+    out["delta_m"], left_out = pareto.delta_m_terms(
+        {n: per_task[n][m] for n, m in metric_names.items()},
+        {n: reference[n][m] for n, m in metric_names.items()}, higher)
+    if left_out:  # a zero or missing single-task metric: no relative change to average
+      out["delta_m_left_out"] = left_out
+      print(f"Delta_m leaves out task(s) {', '.join(map(str, left_out))}: their single-task "
+            f"metric is 0 or their metrics are not finite (pareto.delta_m_terms).", flush=True)
   if getattr(run.method, "model", None) is not None:
     out["cost"] = training_cost(run)
   if isinstance(run.method, gradsplit.GradSplitMethod):
@@ -595,9 +599,11 @@ def _accumulate(tasks, predictions, batch, states):
     # Each example's loss, as ECMT's sweep measures them (a dense task's: its per-image mean).
     per_example = jax.vmap(lambda p, y, task=task: losses_lib.task_loss(task, p[None], y[None]))(
         predictions[task.name], batch[task.name])
+    # Examples without this task's label (missing labels) count in neither sum.
+    weight = valid * losses_lib.example_present(task, batch[task.name]).astype(np.float32)
     total, count = states["loss"][task.name]
-    loss_states[task.name] = (total + jax.numpy.sum(per_example * valid),
-                              count + jax.numpy.sum(valid))
+    loss_states[task.name] = (total + jax.numpy.sum(per_example * weight),
+                              count + jax.numpy.sum(weight))
   return {"metrics": metric_states, "loss": loss_states}
 
 
@@ -637,7 +643,8 @@ def _run_batches(update, tasks, batches) -> dict:
   states = jax.device_get(states)
   results = metrics_lib.compute_all(states["metrics"], tasks)
   for name, (total, count) in states["loss"].items():
-    results[name]["loss"] = float(total) / max(float(count), 1.0)
+    # NaN: no labelled example of this task (its metrics are NaN too).
+    results[name]["loss"] = float(total) / float(count) if count else float("nan")
   return results
 
 
@@ -1235,6 +1242,9 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines.append(f"| {label} | {task} | {shown} |")
     if "delta_m" in results:
       lines += ["", f"Delta_m against {results['reference']}: {results['delta_m']:.2f}%"]
+      if results.get("delta_m_left_out"):
+        lines.append(f"(left out: {', '.join(map(str, results['delta_m_left_out']))}, whose "
+                     f"single-task metric is 0 or whose metrics are not finite)")
     lines += _cost_markdown(results.get("cost"))
     lines += _routing_markdown(results.get("routing"))
     return "\n".join(lines) + "\n"

@@ -422,10 +422,10 @@ def test_nan_pixels_in_an_npz(capsys, tmp_path):
 
 def test_nan_float_labels_in_an_npz(tmp_path):
   ages = np.linspace(1, 80, 40)
-  ages[5] = np.nan
+  ages[5] = np.inf  # NaN marks a missing regression label; infinity is refused
   path = write_npz(tmp_path / "ages.npz", uint8_images(40), labels=ages)
-  with pytest.raises(DatasetError, match=r"labels 'digit' in '.*ages.npz' has 1 NaN or "
-                                         r"infinite value\(s\) out of 40"):
+  with pytest.raises(DatasetError, match=r"labels 'digit' in '.*ages.npz' has 1 infinite "
+                                         r"value\(s\) out of 40 \(NaN marks a missing label"):
     load(DataConfig(name="arrays", data_dir=str(path), task_spec="digit:regression"), "train")
 
 

@@ -148,6 +148,30 @@ def test_labels_out_of_range(tmp_path):
     load(_config(_write(tmp_path), "digit:classification:3", test_fraction=0.05), "train")
 
 
+def test_label_masks_and_task_id_mark_missing_labels(tmp_path):
+  """A 0 in `<task>_mask` and the tasks an example's `task_id` does not name become the kind's
+  missing value: NaN (regression), 255 (classification, segmentation), 0 (depth)."""
+  keep = np.arange(N) % 4 != 1
+  age = _arrays()["age"].copy()
+  age[2] = np.nan  # NaN in a regression label is a missing label, not bad data
+  path = _write(tmp_path, age=age, digit_mask=keep.astype(np.uint8), mask_mask=keep,
+                depth_mask=keep)
+  spec = "digit:classification,age:regression,mask:segmentation,depth:depth"
+  source = load(_config(path, spec, test_fraction=0.05), "train")
+  rows = split_indices(N, 0.05, 0)[0]
+  gone = ~keep[rows]
+  assert np.all(source.labels["digit"][gone] == 255)
+  np.testing.assert_array_equal(source.labels["digit"][~gone], _arrays()["digit"][rows][~gone])
+  np.testing.assert_array_equal(np.isnan(source.labels["age"]), rows == 2)
+  assert np.all(source.labels["mask"][gone] == 255) and np.all(source.labels["depth"][gone] == 0)
+  assert {t.name: t.num_outputs for t in source.tasks}["digit"] == 7
+  path = _write(tmp_path, "ids.npz", task_id=np.array(["digit", "age"] * (N // 2)))
+  source = load(_config(path, "digit:classification,age:regression", test_fraction=0.05),
+                "train")
+  np.testing.assert_array_equal(source.labels["digit"] == 255, rows % 2 == 1)
+  np.testing.assert_array_equal(np.isnan(source.labels["age"]), rows % 2 == 0)
+
+
 def test_missing_image_array(tmp_path):
   with pytest.raises(DatasetError, match=r"has no image array 'images' or 'image' or 'x'; it "
                      r"holds 'digit'"):

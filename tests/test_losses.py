@@ -99,6 +99,19 @@ def test_regression_divides_labels_by_label_scale():
   np.testing.assert_allclose(l2.loss(prediction, label), 0.5)
 
 
+def test_regression_nan_labels_are_missing_with_finite_gradient():
+  prediction = np.array([[1.0], [2.0], [5.0]], np.float32)
+  label = np.array([10.0, np.nan, 30.0], np.float32)  # scaled targets 1 and 3; one missing
+  for loss_type, expected in (("l1", (0.0 + 2.0) / 2), ("l2", (0.0 + 4.0) / 2)):
+    task = tasks.Task("age", tasks.REGRESSION, 1, loss_type=loss_type, label_scale=10.0)
+    np.testing.assert_allclose(task.loss(prediction, label), expected, rtol=1e-6)
+    grad = jax.grad(lambda p, task=task: task.loss(p, label))(prediction)
+    assert np.all(np.isfinite(grad)) and float(grad[1, 0]) == 0.0
+    none = np.full((3,), np.nan, np.float32)
+    loss, grad = jax.value_and_grad(lambda p, task=task: task.loss(p, none))(prediction)
+    assert float(loss) == 0.0 and not np.any(np.asarray(grad))
+
+
 def test_unknown_loss_type_names_allowed_values():
   task = tasks.Task("age", tasks.REGRESSION, 1, loss_type="huber")
   with pytest.raises(ValueError, match=r"unknown loss_type 'huber'; allowed: '', 'l1', 'l2'"):

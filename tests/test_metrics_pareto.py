@@ -164,11 +164,20 @@ def test_delta_m_by_hand():
   assert pareto.delta_m(single, single, directions) == 0.0
 
 
+def test_delta_m_leaves_out_tasks_without_a_relative_change():
+  # b's single-task MAE is 0 and c has no labelled test example (NaN): the mean covers a only.
+  metrics = {"a": 0.55, "b": 0.1, "c": float("nan")}
+  single = {"a": 0.5, "b": 0.0, "c": 2.0}
+  value, excluded = pareto.delta_m_terms(metrics, single, {"a": True, "b": False, "c": False})
+  assert value == pytest.approx(10.0) and excluded == ["b", "c"]
+  assert pareto.delta_m(metrics, single, {"a": True, "b": False, "c": False}) == value
+  value, excluded = pareto.delta_m_terms([0.4], [0.0], [True])
+  assert math.isnan(value) and excluded == [0]
+
+
 def test_delta_m_validates_inputs():
   with pytest.raises(ValueError, match=r"single_task_metrics must give a value for exactly"):
     pareto.delta_m({"seg": 0.4}, {"depth": 0.4}, {"seg": True})
-  with pytest.raises(ValueError, match="single-task metrics must be non-zero"):
-    pareto.delta_m([0.4], [0.0], [True])
   with pytest.raises(ValueError, match="single_task_metrics has 1 values but metrics has 2"):
     pareto.delta_m([0.4, 0.5], [0.4], [True, True])
 

@@ -96,6 +96,35 @@ def test_regression_mae_rmse_in_label_units():
   np.testing.assert_allclose(values["rmse"], math.sqrt((4 + 25) / 2), rtol=1e-6)
 
 
+def test_regression_nan_labels_are_missing_and_pool_over_batches():
+  task = tasks.regression("age", 10.0)
+  first = (np.array([[1.0], [2.5]], np.float32), np.array([12.0, np.nan], np.float32))
+  second = (np.array([[3.0], [0.0], [4.0]], np.float32),
+            np.array([np.nan, 5.0, 41.0], np.float32))
+  errors = np.array([-2.0, -5.0, -1.0])  # 3 labelled examples over 2 batches
+  values = _run(task, first, second)
+  np.testing.assert_allclose(values["mae"], np.abs(errors).mean(), rtol=1e-6)
+  np.testing.assert_allclose(values["rmse"], math.sqrt(np.square(errors).mean()), rtol=1e-6)
+  metric = task.metric()
+  state = metric.update(metric.update(metric.init(), *first), *second)
+  assert metric.labelled(state) == 3
+
+
+def test_labelled_counts_what_each_metric_pools():
+  rng = np.random.default_rng(0)
+  for task in ALL_TASKS:
+    metric = task.metric()
+    assert metric.labelled(metric.init()) == 0, task
+  metric = tasks.segmentation("seg", 4).metric()
+  label = np.array([0, 255, 1, 3]).reshape(1, 2, 2)
+  state = metric.update(metric.init(), rng.normal(size=(1, 2, 2, 4)), label)
+  assert metric.labelled(state) == 3  # pixels
+  metric = tasks.edges().metric()
+  state = metric.update(metric.init(), np.zeros((2, 2, 2, 1)), np.zeros((2, 2, 2, 1)),
+                        np.array([True, False]))
+  assert metric.labelled(state) == 1  # images
+
+
 def test_miou_by_hand_with_class_absent_from_the_set():
   # Four classes; class 3 is neither labelled nor predicted, so it does not count.
   label = np.array([0, 0, 1, 1, 1, 255, 0]).reshape(1, 1, 7)
@@ -110,6 +139,7 @@ def test_miou_by_hand_with_class_absent_from_the_set():
 def test_no_valid_data_gives_nan_without_warnings():
   empty = {
       "digit": (_one_hot_logits([0, 1], 3), np.array([255, 255])),
+      "age": (np.ones((2, 1), np.float32), np.full((2,), np.nan, np.float32)),
       "seg": (np.zeros((1, 2, 2, 4), np.float32), np.full((1, 2, 2), 255)),
       "depth": (np.ones((1, 2, 2, 1), np.float32), np.zeros((1, 2, 2, 1), np.float32)),
       "normals": (np.ones((1, 2, 2, 3), np.float32), np.zeros((1, 2, 2, 3), np.float32)),

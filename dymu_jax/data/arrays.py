@@ -17,6 +17,27 @@
 * optionally `split`: (N,) of "train"/"test" (or 0 = train, 1 = test) choosing each example's
   split; without it the split is `split_indices(N, config.test_fraction, config.seed)`.
 
+Missing labels (not every example needs every label; the convention of `dymu_jax.tasks`):
+
+* in the label arrays themselves: NaN in a regression label, 255 in a classification label
+  (and the dense kinds' own conventions: 255 in segmentation, 0 in depth, zero normals). NaN is
+  refused everywhere else (images, feature vectors, classification and dense labels), and
+  infinity everywhere;
+* optionally `<task>_mask`: (N,) bool or 0/1, 1 where the example carries that task's label;
+  a 0 turns the label into the kind's missing value (NaN for regression, 255 for
+  classification and segmentation, 0 for depth and normals), whatever the array held there;
+* optionally `task_id`: (N,) integers in [0, T), T being the number of tasks of the spec in
+  spec order, or strings naming a task of the spec: one task per example (the layout of
+  multi-task regression with one group per row). Each example keeps only the label of its
+  task; every other task's label becomes missing. It combines with the masks (a label is kept
+  only where both keep it). The ids always refer to the whole spec, also when a run selects
+  some of its tasks.
+
+Edges and saliency have no missing value, so a mask or `task_id` that would take their label
+away is refused. A task with no label at all in the training split is refused with one
+sentence when that split is loaded (a test split may lack a task: its metrics are then NaN).
+Classification with a mask or `task_id` needs fewer than 256 classes (255 marks "no label").
+
 Other keys are ignored. `config.task_spec` says which label arrays are tasks and of what kind:
 
 * a JSON file `{"tasks": [{"name": "digit", "kind": "classification", "num_outputs": 10}, ...],
@@ -48,6 +69,8 @@ NAME = "arrays"
 IMAGE_KEYS = ("images", "image", "x")
 INPUTS_KEY = "inputs"
 SPLIT_KEY = "split"
+TASK_ID_KEY = "task_id"
+MASK_SUFFIX = "_mask"
 LAYOUT = ("one .npz file with an image array (key 'images', 'image' or 'x') or feature "
           "vectors (key 'inputs') and one label array per task")
 SPEC_HELP = ("a JSON file {\"tasks\": [{\"name\": ..., \"kind\": ...}, ...]} or "
@@ -72,17 +95,25 @@ def load(config: DataConfig, split: str) -> ArraySource:
     images = _check_inputs(path, key, data[key])
   else:
     images = _check_images(path, key, data[key])
-  tasks = []
   labels = {}
   for entry in spec:
     if entry["name"] not in data:
       raise DatasetError(f"{NAME}: the task spec names task {entry['name']!r} but {path!r} has "
                          f"no such array; it holds {_keys(data)}.")
     label = _check_label_shape(path, entry, data[entry["name"]], images.shape, vectors)
-    check_finite(NAME, path, label, f"labels {entry['name']!r}")
-    tasks.append(_make_task(entry, label))
+    _check_label_values(path, entry, label)
     labels[entry["name"]] = label
+  labels, marked = _apply_missing(path, data, spec, labels, len(images))
+  tasks = [_make_task(entry, labels[entry["name"]]) for entry in spec]
+  for task in tasks:
+    if (task.name in marked and task.kind in (tasks_lib.CLASSIFICATION, tasks_lib.SEGMENTATION)
+        and task.num_outputs > tasks_lib.IGNORE_LABEL):
+      raise DatasetError(f"{NAME}: task {task.name!r} has {task.num_outputs} classes, so "
+                         f"{tasks_lib.IGNORE_LABEL} is one of them and cannot mark the labels "
+                         f"that {task.name + MASK_SUFFIX!r} or {TASK_ID_KEY!r} leave out.")
   keep = _kept(path, data, len(images), config, split)
+  if split == "train":
+    _check_every_task_labelled(path, tasks, labels, keep)
   stats = None
   if vectors and config.standardise_inputs:
     train_keep = keep if split == "train" else _kept(path, data, len(images), config, "train")
@@ -225,10 +256,14 @@ def parse_task_spec(task_spec: str) -> tuple[list[dict], str | None, str | None]
                          f"allowed kinds are {', '.join(tasks_lib.KINDS)}.")
     if names.count(entry["name"]) > 1:
       raise DatasetError(f"{NAME}: task {entry['name']!r} appears twice in the task spec.")
-    if (entry["name"] in (SPLIT_KEY, image_key, inputs_key, INPUTS_KEY, *IMAGE_KEYS)
-        or entry["name"].startswith("_")):
+    if (entry["name"] in (SPLIT_KEY, TASK_ID_KEY, image_key, inputs_key, INPUTS_KEY,
+                          *IMAGE_KEYS) or entry["name"].startswith("_")):
       raise DatasetError(f"{NAME}: {entry['name']!r} cannot be a task name; it is reserved "
-                         f"for images, feature vectors, the split or batch metadata.")
+                         f"for images, feature vectors, the split, task ids or batch metadata.")
+    if (entry["name"].endswith(MASK_SUFFIX)
+        and entry["name"][:-len(MASK_SUFFIX)] in names):
+      raise DatasetError(f"{NAME}: {entry['name']!r} cannot be a task name; it is the "
+                         f"label mask of task {entry['name'][:-len(MASK_SUFFIX)]!r}.")
   return entries, image_key, inputs_key
 
 
@@ -369,6 +404,127 @@ def _check_label_shape(path: str, entry: dict, label: np.ndarray, image_shape,
     raise DatasetError(f"{NAME}: labels {name!r} in {path!r} have shape {label.shape}, but a "
                        f"{kind} task over {over} {tuple(image_shape)} needs {expected}.")
   return label
+
+
+# --------------------------------------------------------------------------------------------
+# Missing labels: NaN / 255 in the labels, `<task>_mask` arrays and `task_id`.
+
+
+def _check_label_values(path: str, entry: dict, label: np.ndarray) -> None:
+  """NaN only in regression labels (a missing label); infinity nowhere."""
+  what = f"labels {entry['name']!r}"
+  if entry["kind"] == tasks_lib.REGRESSION:
+    check_finite(NAME, path, label, what, allow_nan=True)
+  elif (entry["kind"] == tasks_lib.CLASSIFICATION and label.dtype.kind in "fc"
+        and np.isnan(label).any()):
+    raise DatasetError(f"{NAME}: {what} in {path!r} hold NaN; classification labels must be "
+                       f"integers, with {tasks_lib.IGNORE_LABEL} (or a 0 in "
+                       f"{entry['name'] + MASK_SUFFIX!r}) marking a missing label.")
+  else:
+    check_finite(NAME, path, label, what)
+
+
+def _apply_missing(path: str, data, spec: list[dict], labels: dict[str, np.ndarray], n: int
+                   ) -> tuple[dict[str, np.ndarray], set[str]]:
+  """The labels with what `<task>_mask` and `task_id` leave out set to the kind's missing
+  value, and the names of the tasks that lost a label that way."""
+  present = {}
+  for entry in spec:
+    key = entry["name"] + MASK_SUFFIX
+    if key in data:
+      present[entry["name"]] = _read_mask(path, key, data[key], n)
+  if TASK_ID_KEY in data:
+    ids = _read_task_ids(path, data[TASK_ID_KEY], [e["name"] for e in spec], n)
+    for index, entry in enumerate(spec):
+      own = ids == index
+      present[entry["name"]] = own & present.get(entry["name"], True)
+  out, marked = dict(labels), set()
+  for entry in spec:
+    keep = present.get(entry["name"])
+    if keep is None or keep.all():
+      continue
+    out[entry["name"]] = _mark_missing(path, entry, labels[entry["name"]], ~keep)
+    marked.add(entry["name"])
+  return out, marked
+
+
+def _read_mask(path: str, key: str, mask: np.ndarray, n: int) -> np.ndarray:
+  """(N,) bool from a `<task>_mask` array of bools or 0/1, or one sentence."""
+  mask = np.asarray(mask)
+  if mask.ndim == 2 and mask.shape[1] == 1:
+    mask = mask[:, 0]
+  if mask.shape != (n,):
+    raise DatasetError(f"{NAME}: {key!r} in {path!r} has shape {mask.shape}, expected ({n},) "
+                       f"to match the examples.")
+  if mask.dtype == np.bool_:
+    return mask
+  if mask.dtype.kind not in "biuf" or not np.isin(mask, (0, 1)).all():
+    raise DatasetError(f"{NAME}: {key!r} in {path!r} must hold booleans or 0/1 (1 = the example "
+                       f"carries that label).")
+  return mask == 1
+
+
+def _read_task_ids(path: str, ids: np.ndarray, names: list[str], n: int) -> np.ndarray:
+  """(N,) int task index in [0, T) from `task_id` (ints in spec order or task names)."""
+  ids = np.asarray(ids)
+  if ids.ndim == 2 and ids.shape[1] == 1:
+    ids = ids[:, 0]
+  if ids.shape != (n,):
+    raise DatasetError(f"{NAME}: {TASK_ID_KEY!r} in {path!r} has shape {ids.shape}, expected "
+                       f"({n},) to match the examples.")
+  if ids.dtype.kind in "US":
+    ids = ids.astype(str)
+    known = np.isin(ids, names)
+    if not known.all():
+      raise DatasetError(f"{NAME}: {TASK_ID_KEY!r} in {path!r} names tasks "
+                         f"{np.unique(ids[~known])[:5].tolist()} that the task spec does not "
+                         f"have; it has {', '.join(names)}.")
+    order = np.argsort(names)
+    return order[np.searchsorted(np.asarray(names)[order], ids)]
+  if ids.dtype.kind not in "iu":
+    raise DatasetError(f"{NAME}: {TASK_ID_KEY!r} in {path!r} must hold integers in "
+                       f"[0, {len(names)}) (the tasks of the spec in order) or task names, got "
+                       f"{ids.dtype}.")
+  if ids.size and (ids.min() < 0 or ids.max() >= len(names)):
+    raise DatasetError(f"{NAME}: {TASK_ID_KEY!r} in {path!r} ranges over [{ids.min()}, "
+                       f"{ids.max()}] but must lie in [0, {len(names) - 1}]: the index of a task "
+                       f"of the spec ({', '.join(names)}).")
+  return ids.astype(np.int64)
+
+
+def _mark_missing(path: str, entry: dict, label: np.ndarray, missing: np.ndarray
+                  ) -> np.ndarray:
+  """A copy of `label` with the examples `missing` set to the kind's missing value."""
+  name, kind = entry["name"], entry["kind"]
+  value = tasks_lib.missing_value(kind)
+  if value is None:
+    raise DatasetError(f"{NAME}: task {name!r} is {kind}, which has no missing-label value, "
+                       f"but {name + MASK_SUFFIX!r} or {TASK_ID_KEY!r} leaves "
+                       f"{int(missing.sum())} example(s) without it; every example needs it.")
+  if kind == tasks_lib.REGRESSION:
+    label = label.astype(np.promote_types(label.dtype, np.float32))
+  elif kind in (tasks_lib.CLASSIFICATION, tasks_lib.SEGMENTATION):
+    if not np.issubdtype(label.dtype, np.integer):
+      raise DatasetError(f"{NAME}: labels of task {name!r} must be integers, got "
+                         f"{label.dtype}.")
+    if np.iinfo(label.dtype).max < value:
+      label = label.astype(np.int32)
+    else:
+      label = label.copy()
+  else:
+    label = label.copy()
+  label[missing] = value
+  return label
+
+
+def _check_every_task_labelled(path: str, tasks: list[tasks_lib.Task],
+                               labels: dict[str, np.ndarray], keep: np.ndarray) -> None:
+  """One sentence when a task has no label at all among the training examples `keep`."""
+  for task in tasks:
+    if not tasks_lib.label_present(task, labels[task.name][keep]).any():
+      raise DatasetError(f"{NAME}: task {task.name!r} has no label in the {len(keep)} training "
+                         f"examples of {path!r} (every one is missing), so it cannot be "
+                         f"trained; give it labels or leave it out of the task spec.")
 
 
 def _split(path: str, data, n: int, config: DataConfig, split: str) -> np.ndarray:

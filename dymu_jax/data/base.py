@@ -222,18 +222,28 @@ def cast_label(task: tasks_lib.Task, label: np.ndarray) -> np.ndarray:
   return label
 
 
-def check_finite(dataset: str, path: str, values: np.ndarray, what: str = "") -> None:
+def check_finite(dataset: str, path: str, values: np.ndarray, what: str = "", *,
+                 allow_nan: bool = False) -> None:
   """Stops with one sentence naming the file (and `what` in it) when float `values` hold NaN or
   infinity: bad data, which training would otherwise report as a divergence. One vectorised
-  pass; integer arrays cannot hold either."""
+  pass; integer arrays cannot hold either.
+
+  `allow_nan=True` (regression labels, where NaN marks a missing label) refuses infinities
+  only.
+  """
   values = np.asarray(values)
   if values.dtype.kind not in "fc" or not values.size:
     return
-  bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+  if allow_nan:
+    bad = int(np.count_nonzero(np.isinf(values)))
+    what_bad, hint = "infinite", " (NaN marks a missing label; infinity is not allowed)"
+  else:
+    bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+    what_bad, hint = "NaN or infinite", ""
   if bad:
     where = f"{what} in {path!r}" if what else repr(path)
-    raise DatasetError(f"{dataset}: {where} has {bad:,} NaN or infinite value(s) out of "
-                       f"{values.size:,}; fix or remove those examples.")
+    raise DatasetError(f"{dataset}: {where} has {bad:,} {what_bad} value(s) out of "
+                       f"{values.size:,}{hint}; fix or remove those examples.")
 
 
 def check_labels(dataset: str, task: tasks_lib.Task, label: np.ndarray) -> None:
@@ -248,6 +258,11 @@ def check_labels(dataset: str, task: tasks_lib.Task, label: np.ndarray) -> None:
           f"{dataset}: labels of task {task.name!r} range over [{values.min()}, {values.max()}]"
           f" but must lie in [0, {task.num_outputs - 1}] (or {tasks_lib.IGNORE_LABEL} for "
           f"'no label').")
+  elif task.kind == tasks_lib.REGRESSION:
+    # NaN marks a missing regression label (see `dymu_jax.tasks`); infinity is bad data.
+    if label.size and np.issubdtype(label.dtype, np.inexact) and np.isinf(label).any():
+      raise DatasetError(f"{dataset}: labels of task {task.name!r} contain infinity (only NaN "
+                         f"may mark a missing regression label).")
   elif label.size and not np.all(np.isfinite(label)):
     raise DatasetError(f"{dataset}: labels of task {task.name!r} contain NaN or infinity.")
 

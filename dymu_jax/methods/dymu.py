@@ -88,6 +88,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from dymu_jax import losses as losses_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import base as data_lib
 from dymu_jax.models import branched
@@ -708,22 +709,28 @@ def anchor_task_losses(net: BranchedNet, anchor_variables: PyTree,
   dropped. Use `1 / loss` as the DYMU task weights [ours].
   """
   run = jax.jit(lambda v, x: net.apply_tree(v, x, net.separate_tree()))
-  totals, count = np.zeros(net.num_tasks), 0
+  # Per task: a batch's mean loss is over its labelled examples, so it weighs by their number.
+  totals, counts = np.zeros(net.num_tasks), np.zeros(net.num_tasks)
   for batch in batches:
     batch = dict(batch)
     if data_lib.VALID_KEY in batch:
       keep = np.asarray(batch.pop(data_lib.VALID_KEY), bool)
       batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
-    size = int(np.shape(batch["image"])[0])
-    if not size:
+    if not int(np.shape(batch["image"])[0]):
       continue
     predictions = run(anchor_variables, jnp.asarray(batch["image"], jnp.float32))
-    totals += size * np.array([float(t.loss(predictions[t.name], jnp.asarray(batch[t.name])))
-                               for t in net.tasks])
-    count += size
-  if not count:
+    for i, t in enumerate(net.tasks):
+      present = float(np.sum(np.asarray(losses_lib.example_present(t, batch[t.name]))))
+      if present:
+        totals[i] += present * float(t.loss(predictions[t.name], jnp.asarray(batch[t.name])))
+        counts[i] += present
+  if not counts.any():
     raise ValueError("anchor_task_losses needs at least one non-empty batch.")
-  return tuple(float(x) for x in totals / count)
+  missing = [t.name for t, c in zip(net.tasks, counts) if not c]
+  if missing:
+    raise ValueError(f"anchor_task_losses found no labelled example of task(s) "
+                     f"{', '.join(missing)} in the batches, so their losses are undefined.")
+  return tuple(float(x) for x in totals / counts)
 
 
 def task_weights_from_losses(losses: Sequence[float], normalise: bool = True

@@ -1036,8 +1036,10 @@ def _masked_metric_update(model: MultiTaskNet, tasks: tuple[tasks_lib.Task, ...]
   for task in tasks:
     per_example = jax.vmap(lambda p, y, task=task: losses.task_loss(task, p[None], y[None]))(
         predictions[task.name], batch[task.name])
+    # Examples without this task's label (missing labels) count in neither sum.
+    weight = valid * losses.example_present(task, batch[task.name]).astype(jnp.float32)
     total, count = states["loss"][task.name]
-    loss_states[task.name] = (total + jnp.sum(per_example * valid), count + jnp.sum(valid))
+    loss_states[task.name] = (total + jnp.sum(per_example * weight), count + jnp.sum(weight))
   return {"metrics": metric_states, "loss": loss_states}
 
 
@@ -1086,7 +1088,8 @@ def masked_evaluate(method: ECMTMethod, variables: PyTree, config: WidthConfig,
   states = jax.device_get(states)
   results = metrics_lib.compute_all(states["metrics"], tasks)
   for name, (total, count) in states["loss"].items():
-    results[name]["loss"] = float(total) / max(float(count), 1.0)
+    # NaN: no labelled example of this task (its metrics are NaN too).
+    results[name]["loss"] = float(total) / float(count) if count else float("nan")
   return results
 
 

@@ -315,7 +315,22 @@ def delta_m(metrics, single_task_metrics, higher_is_better) -> float:
     higher_is_better: mapping task -> bool (or a sequence in the same order).
 
   Returns:
-    Delta_m in percent; positive means better than the single-task models on average.
+    Delta_m in percent; positive means better than the single-task models on average. Tasks
+    without a relative change are left out of the mean (see `delta_m_terms`); NaN when no task
+    has one.
+  """
+  return delta_m_terms(metrics, single_task_metrics, higher_is_better)[0]
+
+
+def delta_m_terms(metrics, single_task_metrics, higher_is_better
+                  ) -> tuple[float, list[str | int]]:
+  """(Delta_m, the tasks left out of it): the rule for references that cannot be divided by.
+
+  A task whose single-task metric is 0 (e.g. an MAE of 0 on a task with a constant label) or
+  whose metric or reference is not finite (NaN: no labelled test example) has no relative
+  change; it is left out of the mean and named in the second value (task names, or indices for
+  sequences), so a report can say which tasks Delta_m covers. With every task left out, Delta_m
+  is NaN. Same arguments as `delta_m`.
   """
   if isinstance(metrics, Mapping):
     names = list(metrics)
@@ -333,14 +348,16 @@ def delta_m(metrics, single_task_metrics, higher_is_better) -> float:
     if single.shape != values.shape:
       raise ValueError(f"single_task_metrics has {single.size} values but metrics has "
                        f"{values.size}.")
+    names = list(range(values.size))
   if values.size == 0:
     raise ValueError("delta_m needs at least one task.")
   signs = _signs(flags, values.size)
-  if not (np.all(np.isfinite(values)) and np.all(np.isfinite(single))):
-    raise ValueError(f"metrics must be finite, got {values.tolist()} and {single.tolist()}.")
-  if np.any(single == 0):
-    raise ValueError(f"single-task metrics must be non-zero to divide by, got {single.tolist()}.")
-  return float(np.mean(signs * (values - single) / single * 100.0))
+  usable = np.isfinite(values) & np.isfinite(single) & (single != 0)
+  excluded = [n for n, ok in zip(names, usable) if not ok]
+  if not np.any(usable):
+    return float("nan"), excluded
+  terms = signs[usable] * (values[usable] - single[usable]) / single[usable] * 100.0
+  return float(np.mean(terms)), excluded
 
 
 # ----------------------------------------------------------------------------------------------

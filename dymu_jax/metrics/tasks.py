@@ -19,12 +19,21 @@ sums of errors are float32 inside jit.
 Every `compute` returns NaN for a metric that has no valid data at all (for example a set in
 which every pixel is ignored), and never divides by zero.
 
+Missing labels (the convention of `dymu_jax.tasks`: NaN for regression, 255 for
+classification) are left out: accuracy, mae and rmse are sums over the present labels of the
+whole set divided by their count (not a mean of batch means). A task with no present label in
+the whole evaluation keeps its metric names, with the value NaN; `labelled(state)` (and
+`labelled_all`) give the number of labelled examples (pixels for segmentation, depth and
+normals; images for edges and saliency) that each metric was computed over, so a report can
+say "no labels" instead of showing a bare NaN.
+
 Metrics per task kind (METHODS.md section 4; the primary metric first):
 
 | kind           | metrics                                                                    |
 |----------------|----------------------------------------------------------------------------|
-| classification | accuracy (labels 255 ignored)                                              |
-| regression     | mae, rmse, in the label's units (prediction * label_scale vs label)        |
+| classification | accuracy (labels 255 = missing, not counted)                               |
+| regression     | mae, rmse, in the label's units (prediction * label_scale vs label), over  |
+|                | the labels that are not NaN (NaN = missing)                                |
 | segmentation   | miou (pooled confusion matrix, ignore 255), pixel_accuracy                 |
 | depth          | rmse, mae over pixels with depth > 0, pooled over the set                  |
 | normals        | mean_angle, median_angle, rmse_angle (degrees), within_11_25/22_5/30 (%)   |
@@ -56,7 +65,7 @@ from dymu_jax import losses
 
 State = dict[str, Any]
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = losses.IGNORE_LABEL  # 255: a class or pixel without a label
 NUM_THRESHOLDS = 99  # thresholds 0.01 ... 0.99 for edges and saliency
 _NUM_PROB_BINS = NUM_THRESHOLDS + 1
 ANGLE_BIN_DEGREES = 0.1
@@ -161,6 +170,14 @@ class TaskMetric:
     host = {name: np.asarray(value, np.float64) for name, value in state.items()}
     return self._compute(host)
 
+  _COUNT_KEY = "count"
+
+  def labelled(self, state: State) -> int:
+    """How many labelled items the metrics of `state` pool: examples for classification and
+    regression (missing labels and padding not counted), pixels for segmentation, depth and
+    normals, images for edges and saliency. 0 means every metric of `compute` is NaN."""
+    return int(np.sum(np.asarray(state[self._COUNT_KEY], np.int64)))
+
 
 # One compiled program per (metric, shapes) also outside jit: op-by-op dispatch of the many
 # small reductions is far slower. Inside an outer jit this simply inlines.
@@ -171,7 +188,7 @@ def _update(metric: TaskMetric, state: State, prediction, label, mask) -> State:
 
 
 class ClassificationMetric(TaskMetric):
-  """accuracy over examples whose label is not 255."""
+  """accuracy over examples whose label is not 255 (255 = no label)."""
 
   higher_is_better = (("accuracy", True),)
   primary = "accuracy"
@@ -191,7 +208,8 @@ class ClassificationMetric(TaskMetric):
 
 
 class RegressionMetric(TaskMetric):
-  """mae and rmse in the label's units: prediction[..., 0] * label_scale vs label."""
+  """mae and rmse in the label's units: prediction[..., 0] * label_scale vs label, over the
+  examples whose label is not NaN (NaN = no label)."""
 
   higher_is_better = (("mae", False), ("rmse", False))
   primary = "mae"
@@ -202,10 +220,12 @@ class RegressionMetric(TaskMetric):
 
   def _batch_stats(self, prediction, label, mask):
     value = prediction.astype(jnp.float32)[..., 0] * self.task.label_scale
-    error = jnp.where(mask, value - label.astype(jnp.float32), 0.0)
+    label = label.astype(jnp.float32)
+    counted = mask & ~jnp.isnan(label)
+    error = jnp.where(counted, value - jnp.where(counted, label, 0.0), 0.0)
     return {"abs_error": jnp.sum(jnp.abs(error)),
             "squared_error": jnp.sum(jnp.square(error)),
-            "count": jnp.sum(mask, dtype=jnp.int32)}
+            "count": jnp.sum(counted, dtype=jnp.int32)}
 
   def _compute(self, state):
     mse = _ratio(state["squared_error"], state["count"])
@@ -222,6 +242,7 @@ class SegmentationMetric(TaskMetric):
 
   higher_is_better = (("miou", True), ("pixel_accuracy", True))
   primary = "miou"
+  _COUNT_KEY = "confusion"
 
   def _spec(self):
     classes = self.task.num_outputs
@@ -336,6 +357,7 @@ class EdgesMetric(TaskMetric):
 
   higher_is_better = (("odsf", True), ("loss", False))
   primary = "odsf"
+  _COUNT_KEY = "images"
 
   def _spec(self):
     return {"positive_hist": ((_NUM_PROB_BINS,), np.int64),
@@ -379,6 +401,7 @@ class SaliencyMetric(TaskMetric):
 
   higher_is_better = (("maxf", True),)
   primary = "maxf"
+  _COUNT_KEY = "images"
 
   def _spec(self):
     return {"precision": ((NUM_THRESHOLDS,), np.float64),
@@ -469,3 +492,9 @@ def merge_all(a: Mapping[str, State], b: Mapping[str, State],
 def compute_all(states: Mapping[str, State], tasks: Sequence) -> dict[str, dict[str, float]]:
   """{task name: {metric name: value}} on host."""
   return {task.name: metric_for(task).compute(states[task.name]) for task in tasks}
+
+
+def labelled_all(states: Mapping[str, State], tasks: Sequence) -> dict[str, int]:
+  """{task name: number of labelled items its metrics pool} (see `TaskMetric.labelled`); a 0
+  marks a task whose metrics are NaN because the set holds none of its labels."""
+  return {task.name: metric_for(task).labelled(states[task.name]) for task in tasks}
