@@ -427,3 +427,20 @@ def test_static_training_on_one_task_per_example_lowers_the_loss(tmp_path):
   after = evaluate(params)
   print(f"sum of {GROUPS} task losses {before:.2f} -> {after:.2f}")
   assert np.isfinite(after) and after < 0.6 * before, (before, after)
+
+
+def test_many_tasks_are_summarised_in_one_log_line():
+  from dymu_jax.train import loop
+  tasks = ([tasks_lib.regression(f"s{i:03d}") for i in range(9)]
+           + [tasks_lib.classification("kind", 3)])
+  per_task = {f"s{i:03d}": {"mae": float(i), "rmse": float(i) + 1} for i in range(9)}
+  per_task["s004"] = {"mae": float("nan"), "rmse": float("nan")}  # no labelled test example
+  per_task["kind"] = {"accuracy": 0.75}
+  line = loop.describe_eval(per_task, tasks)
+  # mae over s000..s008 without s004: mean 4.0 (0+1+2+3+5+6+7+8 = 32, / 8), median 4.0,
+  # worst (highest) 8 at s008.
+  assert line == ("10 tasks; mae over 8 tasks: mean=4, median=4, worst=8 (s008); accuracy "
+                  "over 1 tasks: mean=0.75, median=0.75, worst=0.75 (kind); 1 task(s) without "
+                  "a labelled example (s004); every task in metrics.jsonl"), line
+  few = {name: per_task[name] for name in ("s001", "kind")}
+  assert loop.describe_eval(few, tasks) == "s001: mae=1, rmse=2  kind: accuracy=0.75"

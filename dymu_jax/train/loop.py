@@ -377,6 +377,42 @@ class Evaluator:
     return results
 
 
+# With more tasks than this, an evaluation's log line summarises instead of listing every task.
+MAX_TASKS_LISTED = 8
+
+
+def describe_eval(per_task: Mapping[str, Mapping[str, float]], tasks: Sequence[Any]) -> str:
+  """One log line of an evaluation: every task's metrics, or, for more than
+  `MAX_TASKS_LISTED` tasks (a hundred-task regression set would print a page), each primary
+  metric's mean, median and worst task, and the tasks without a labelled example. Every value
+  still goes to metrics.jsonl and the event files."""
+  if len(per_task) <= MAX_TASKS_LISTED:
+    return "  ".join(f"{task}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                     for task, values in per_task.items())
+  groups: dict[tuple[str, bool], list[tuple[float, str]]] = {}
+  unlabelled = []
+  for task in tasks:
+    if task.name not in per_task:
+      continue
+    metric = task.metric()
+    value = per_task[task.name].get(metric.primary)
+    if value is None or not math.isfinite(value):
+      unlabelled.append(task.name)
+      continue
+    higher = dict(metric.higher_is_better)[metric.primary]
+    groups.setdefault((metric.primary, higher), []).append((float(value), task.name))
+  parts = []
+  for (name, higher), values in groups.items():
+    numbers = np.array([v for v, _ in values])
+    worst = min(values) if higher else max(values)
+    parts.append(f"{name} over {len(values)} tasks: mean={numbers.mean():.4g}, "
+                 f"median={np.median(numbers):.4g}, worst={worst[0]:.4g} ({worst[1]})")
+  if unlabelled:
+    shown = ", ".join(unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
+    parts.append(f"{len(unlabelled)} task(s) without a labelled example ({shown})")
+  return f"{len(per_task)} tasks; " + "; ".join(parts) + "; every task in metrics.jsonl"
+
+
 def flatten_eval(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
   """{task: {metric: v}} -> {"task/metric": v}."""
   return {f"{task}/{name}": value for task, values in per_task.items()
@@ -492,9 +528,7 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
       for label, per_task in results.items():
         writer.write(step, "eval", flatten_eval(per_task), label=label)
         if is_chief:
-          shown = "  ".join(f"{task}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                            for task, values in per_task.items())
-          _print_above_progress(f"eval @ step {step} [{label}] {shown}")
+          _print_above_progress(f"eval @ step {step} [{label}] {describe_eval(per_task, tasks)}")
       return results
 
     def check_guard(state):
