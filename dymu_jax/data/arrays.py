@@ -448,14 +448,20 @@ def _apply_missing(path: str, data, spec: list[dict], labels: dict[str, np.ndarr
   return out, marked
 
 
+def _column(path: str, key: str, values: np.ndarray, n: int) -> np.ndarray:
+  """A per-example array of shape (N,) (or (N, 1), flattened), or one sentence."""
+  values = np.asarray(values)
+  if values.ndim == 2 and values.shape[1] == 1:
+    values = values[:, 0]
+  if values.shape != (n,):
+    raise DatasetError(f"{NAME}: {key!r} in {path!r} has shape {values.shape}, expected ({n},) "
+                       f"to match the examples.")
+  return values
+
+
 def _read_mask(path: str, key: str, mask: np.ndarray, n: int) -> np.ndarray:
   """(N,) bool from a `<task>_mask` array of bools or 0/1, or one sentence."""
-  mask = np.asarray(mask)
-  if mask.ndim == 2 and mask.shape[1] == 1:
-    mask = mask[:, 0]
-  if mask.shape != (n,):
-    raise DatasetError(f"{NAME}: {key!r} in {path!r} has shape {mask.shape}, expected ({n},) "
-                       f"to match the examples.")
+  mask = _column(path, key, mask, n)
   if mask.dtype == np.bool_:
     return mask
   if mask.dtype.kind not in "biuf" or not np.isin(mask, (0, 1)).all():
@@ -466,12 +472,7 @@ def _read_mask(path: str, key: str, mask: np.ndarray, n: int) -> np.ndarray:
 
 def _read_task_ids(path: str, ids: np.ndarray, names: list[str], n: int) -> np.ndarray:
   """(N,) int task index in [0, T) from `task_id` (ints in spec order or task names)."""
-  ids = np.asarray(ids)
-  if ids.ndim == 2 and ids.shape[1] == 1:
-    ids = ids[:, 0]
-  if ids.shape != (n,):
-    raise DatasetError(f"{NAME}: {TASK_ID_KEY!r} in {path!r} has shape {ids.shape}, expected "
-                       f"({n},) to match the examples.")
+  ids = _column(path, TASK_ID_KEY, ids, n)
   if ids.dtype.kind in "US":
     ids = ids.astype(str)
     known = np.isin(ids, names)
