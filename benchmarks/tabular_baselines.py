@@ -9,7 +9,7 @@ The data (`make_table`, written to an `.npz` in `--workdir_root` and read back t
 `--rows` rows of `--features` Gaussian features whose scales span 1e-2 to 1e2 (so unscaled
 inputs would hurt), and three regression targets of known structure on the unscaled features
 z: `linear` = z @ w, `wave` = sin(z @ a) + 0.5 (z @ b)^2 / d, `interact` = z0 z1 + tanh(z2 z3)
-+ 0.5 |z4|, each plus 0.1 Gaussian noise.
++ 0.5 |z4|, each plus 0.1 Gaussian noise, then times its `--target_scales` entry.
 
 Models (test-split mean absolute error per target, and its mean over targets):
 
@@ -17,7 +17,8 @@ Models (test-split mean absolute error per target, and its mean over targets):
   `--ridge_alpha`), the linear baseline a tabular user would try first;
 * `plain JAX MLP`: hidden layers `--hidden` (ReLU) shared by the targets, a `--head_width`
   ReLU layer and one output per target, L1 loss summed over targets, Adam at
-  `--learning_rate`, `--steps` steps of `--batch_size` drawn from per-epoch permutations;
+  `--learning_rate`, `--steps` steps of `--batch_size` drawn from per-epoch permutations,
+  on the targets standardised as the library does (`--standardise_targets`, on by default);
 * `library static MLP`: `methods.build("static", ..., backbone "mlp")` trained by
   `dymu_jax.train.train` with the same sizes, loss, optimiser, steps and batch size.
 """
@@ -50,14 +51,23 @@ _HEAD = flags.DEFINE_integer("head_width", 64, "Hidden width of each task head."
 _RIDGE_ALPHA = flags.DEFINE_float("ridge_alpha", 1.0, "Ridge penalty.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Training seeds (the data stays the same).",
                               lower_bound=1)
+_TARGET_SCALES = flags.DEFINE_list(
+    "target_scales", ["1", "1", "1"], "Multipliers of the three targets (linear, wave, "
+    "interact), e.g. 1000,1,0.01 for targets in very different units.")
+_STANDARDISE_TARGETS = flags.DEFINE_bool(
+    "standardise_targets", True, "Train both MLPs on targets standardised with the training "
+    "split's mean and std (the library's default for feature vectors); MAE stays in the "
+    "targets' units.")
 _WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "", "Where the table and the library's "
                                     "runs go; empty = a temporary folder.")
 
 TARGETS = ("linear", "wave", "interact")
 
 
-def make_table(rows: int, features: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """Feature vectors (rows, features) on scales 1e-2..1e2 and the three targets."""
+def make_table(rows: int, features: int, seed: int = 0,
+               target_scales=(1.0, 1.0, 1.0)) -> dict[str, np.ndarray]:
+  """Feature vectors (rows, features) on scales 1e-2..1e2 and the three targets (each times
+  its entry of `target_scales`)."""
   rng = np.random.default_rng(seed)
   z = rng.normal(size=(rows, features))
   scales = np.logspace(-2, 2, features)
@@ -70,7 +80,8 @@ def make_table(rows: int, features: int, seed: int = 0) -> dict[str, np.ndarray]
                   + noise(),
   }
   return {"inputs": (z * scales).astype(np.float32),
-          **{k: v.astype(np.float32) for k, v in targets.items()}}
+          **{k: (v * scale).astype(np.float32)
+             for (k, v), scale in zip(targets.items(), target_scales)}}
 
 
 def ridge_mae(train, test, alpha: float) -> dict[str, float]:
@@ -108,9 +119,13 @@ def plain_mlp_mae(train, test, seed: int, hidden, head_width: int, steps: int, b
       out[t] = (jax.nn.relu(x @ h["w"] + h["b"]) @ o["w"] + o["b"])[:, 0]
     return out
 
+  # The targets in the units the library trains in: (label - label_offset) / label_scale,
+  # the training split's mean and std with --standardise_targets (the default), else 0 and 1.
+  units = {t.name: (t.label_offset, t.label_scale) for t in train.tasks}
+
   def loss(params, x, y):
     pred = predict(params, x)
-    return sum(jnp.mean(jnp.abs(pred[t] - y[t])) for t in TARGETS)
+    return sum(jnp.mean(jnp.abs(pred[t] - (y[t] - units[t][0]) / units[t][1])) for t in TARGETS)
 
   tx = optax.adam(lr)
   opt_state = tx.init(params)
@@ -131,7 +146,8 @@ def plain_mlp_mae(train, test, seed: int, hidden, head_width: int, steps: int, b
     params, opt_state = step(params, opt_state, train.images[idx],
                              {t: train.labels[t][idx] for t in TARGETS})
   pred = jax.jit(predict)(params, test.images)
-  return {t: float(np.mean(np.abs(np.asarray(pred[t]) - test.labels[t]))) for t in TARGETS}
+  return {t: float(np.mean(np.abs(np.asarray(pred[t]) * units[t][1] + units[t][0]
+                                 - test.labels[t]))) for t in TARGETS}
 
 
 def library_mae(train, test, seed: int, hidden, head_width: int, steps: int, batch: int,
@@ -161,14 +177,20 @@ def main(argv):
   root = _WORKDIR_ROOT.value or tempfile.mkdtemp(prefix="tabular_")
   os.makedirs(root, exist_ok=True)
   path = os.path.join(root, "table.npz")
-  np.savez(path, **make_table(_ROWS.value, _FEATURES.value))
+  scales = [float(x) for x in _TARGET_SCALES.value]
+  if len(scales) != len(TARGETS):
+    raise app.UsageError(f"--target_scales needs {len(TARGETS)} numbers (one per target: "
+                         f"{', '.join(TARGETS)}), got {_TARGET_SCALES.value}.")
+  np.savez(path, **make_table(_ROWS.value, _FEATURES.value, target_scales=scales))
   config = data_lib.DataConfig(name="arrays", data_dir=path,
-                               task_spec=",".join(f"{t}:regression" for t in TARGETS))
+                               task_spec=",".join(f"{t}:regression" for t in TARGETS),
+                               standardise_targets=_STANDARDISE_TARGETS.value)
   train, test = data_lib.load(config, "train"), data_lib.load(config, "test")
   hidden = [int(h) for h in _HIDDEN.value]
   print(f"{len(train)} train / {len(test)} test rows, {_FEATURES.value} features; MLP "
         f"{hidden} + heads of {_HEAD.value}, {_STEPS.value} steps of {_BATCH.value}, Adam "
-        f"{_LR.value:g}, L1 loss", flush=True)
+        f"{_LR.value:g}, L1 loss on "
+        f"{'standardised' if _STANDARDISE_TARGETS.value else 'raw'} targets", flush=True)
   results = {"ridge": [ridge_mae(train, test, _RIDGE_ALPHA.value)],
              "plain JAX MLP": [], "library static MLP": []}
   for seed in range(_SEEDS.value):

@@ -80,8 +80,10 @@ def cross_entropy(logits, labels, ignore_label: int = IGNORE_LABEL):
   return _safe_mean(total, jnp.sum(valid))
 
 
-def regression_loss(prediction, label, label_scale: float = 1.0, loss_type: str = "l1"):
-  """L1 ("l1") or squared ("l2") error between prediction[..., 0] and label / label_scale.
+def regression_loss(prediction, label, label_scale: float = 1.0, loss_type: str = "l1",
+                    label_offset: float = 0.0):
+  """L1 ("l1") or squared ("l2") error between prediction[..., 0] and
+  (label - label_offset) / label_scale.
 
   The mean runs over the labels that are not NaN (NaN = no label); 0, with a zero gradient,
   when every label of the batch is missing.
@@ -93,7 +95,7 @@ def regression_loss(prediction, label, label_scale: float = 1.0, loss_type: str 
   present = ~jnp.isnan(label)
   # Finite targets first: a NaN label must not enter the difference (its gradient would be
   # NaN * 0 = NaN even where the mask drops it).
-  target = jnp.where(present, label, 0.0) / label_scale
+  target = (jnp.where(present, label, label_offset) - label_offset) / label_scale
   diff = jnp.where(present, prediction - target, 0.0)
   per_example = jnp.abs(diff) if loss_type == "l1" else jnp.square(diff)
   return _safe_mean(jnp.sum(per_example), jnp.sum(present))
@@ -189,15 +191,15 @@ def task_loss(task, prediction, label):
   """Scalar loss of one batch for `task` (a `dymu_jax.tasks.Task`), dispatched on its kind.
 
   Defaults ("" loss_type): cross-entropy for classification and segmentation (ignore 255), L1
-  on label / label_scale for regression (NaN labels skipped), L1 over valid pixels for depth,
-  L1 on unit vectors for normals, balanced BCE for edges and saliency.
+  on (label - label_offset) / label_scale for regression (NaN labels skipped), L1 over valid
+  pixels for depth, L1 on unit vectors for normals, balanced BCE for edges and saliency.
   """
   kind = task.kind
   loss_type = _resolve(task)
   if kind in ("classification", "segmentation"):
     return cross_entropy(prediction, label)
   if kind == "regression":
-    return regression_loss(prediction, label, task.label_scale, loss_type)
+    return regression_loss(prediction, label, task.label_scale, loss_type, task.label_offset)
   if kind == "depth":
     return depth_l1(prediction, label)
   if kind == "normals":

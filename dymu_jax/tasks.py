@@ -9,7 +9,7 @@ Label and prediction layouts (the batch contract, one entry per task name):
 | kind           | label (per batch)                       | prediction                  |
 |----------------|-----------------------------------------|-----------------------------|
 | classification | int32 (B,), in [0, num_outputs); 255 = no label | logits (B, num_outputs) |
-| regression     | float32 (B,); NaN = no label            | (B, 1)                      |
+| regression     | float32 (B,); NaN = no label            | (B, 1), standardised units  |
 | segmentation   | int32 (B, H, W), 255 = ignore           | logits (B, H, W, classes)   |
 | depth          | float32 (B, H, W, 1), 0 = no depth      | (B, H, W, 1)                |
 | normals        | float32 (B, H, W, 3), unit or 0 = none  | (B, H, W, 3), normalised in the loss |
@@ -76,8 +76,12 @@ class Task:
     loss_type: variant of the kind's loss; "" takes the default (see `losses.task_loss`).
     pos_weight: for edges and saliency, a fixed weight of positive pixels in the balanced BCE;
       None balances each batch by its own label frequencies.
-    label_scale: regression targets are divided by this inside the loss (predictions live in
-      the scaled space; `predict` multiplies back), so ages in years do not dwarf other losses.
+    label_scale, label_offset: used by regression only. The loss compares the prediction with
+      (label - label_offset) / label_scale, so the network predicts in those units; metrics
+      (and `label_units`) map a prediction back with prediction * label_scale + label_offset.
+      A scale alone keeps ages in years from dwarfing other losses (UTKFace: 10); both together
+      standardise a target (the arrays source sets them to the training split's mean and std
+      when feature vectors come with `standardise_targets`).
   """
 
   name: str
@@ -86,6 +90,7 @@ class Task:
   loss_type: str = ""
   pos_weight: float | None = None
   label_scale: float = 1.0
+  label_offset: float = 0.0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -96,6 +101,10 @@ class Task:
       raise ValueError(f"Task {self.name!r} needs num_outputs >= 1, got {self.num_outputs}.")
     if self.kind == NORMALS and self.num_outputs != 3:
       raise ValueError(f"Normals task {self.name!r} must have 3 outputs, got {self.num_outputs}.")
+    if not (np.isfinite(self.label_scale) and self.label_scale > 0
+            and np.isfinite(self.label_offset)):
+      raise ValueError(f"Task {self.name!r} needs a finite label_scale > 0 and a finite "
+                       f"label_offset, got {self.label_scale!r} and {self.label_offset!r}.")
 
   @property
   def is_dense(self) -> bool:
@@ -104,6 +113,13 @@ class Task:
   def loss(self, prediction, label):
     """Scalar loss of one batch (mean over valid samples or pixels)."""
     return losses.task_loss(self, prediction, label)
+
+  def label_units(self, prediction):
+    """A regression prediction (..., 1) of the network in the label's own units
+    (prediction * label_scale + label_offset); any other kind's prediction as given."""
+    if self.kind != REGRESSION:
+      return prediction
+    return prediction * self.label_scale + self.label_offset
 
   def metric(self) -> task_metrics.TaskMetric:
     """A fresh accumulating metric for this task (see `dymu_jax.metrics.tasks`)."""
@@ -154,8 +170,8 @@ def classification(name: str, num_classes: int) -> Task:
   return Task(name, CLASSIFICATION, num_classes)
 
 
-def regression(name: str, label_scale: float = 1.0) -> Task:
-  return Task(name, REGRESSION, 1, label_scale=label_scale)
+def regression(name: str, label_scale: float = 1.0, label_offset: float = 0.0) -> Task:
+  return Task(name, REGRESSION, 1, label_scale=label_scale, label_offset=label_offset)
 
 
 def segmentation(name: str, num_classes: int) -> Task:

@@ -26,6 +26,7 @@ from dymu_jax import files as files_lib
 from dymu_jax import methods as methods_lib
 from dymu_jax import models
 from dymu_jax.models import branched
+from dymu_jax.train import loop as train_loop
 
 
 def require_number(name: str, lower: float | None = None, upper: float | None = None, *,
@@ -99,6 +100,10 @@ flags.DEFINE_string("task_spec", "",
 flags.DEFINE_bool("standardise_inputs", True,
                   "For --dataset=arrays with feature vectors (an 'inputs' array of shape (N, D)): "
                   "standardise each feature with the training split's mean and std.")
+flags.DEFINE_bool("standardise_targets", True,
+                  "For --dataset=arrays with feature vectors: train each regression task on its "
+                  "labels standardised with the training split's mean and std (losses in those "
+                  "units); predictions and metrics stay in the labels' own units.")
 flags.DEFINE_bool("augment", False,
                   "Random flip and scale-crop that keep dense labels aligned (dense datasets).")
 
@@ -127,7 +132,8 @@ def data_config(values: Mapping[str, Any] | None = None) -> data_lib.DataConfig:
       name=v["dataset"], data_dir=v["data_dir"], seed=v["data_seed"],
       image_size=v["image_size"], num_train=v["num_train"], num_test=v["num_test"],
       test_fraction=v["test_fraction"], task_spec=v["task_spec"],
-      standardise_inputs=v.get("standardise_inputs", True))  # .get: runs saved before it
+      standardise_inputs=v.get("standardise_inputs", True),  # .get: runs saved before them
+      standardise_targets=v.get("standardise_targets", False))
 
 
 def load_sources(values: Mapping[str, Any] | None = None):
@@ -534,7 +540,8 @@ def dymu_model_options(values: Mapping[str, Any] | None = None) -> dict:
   backbone_options = parse_options(v.get("backbone_options") or [], "--backbone_options")
   if backbone_options:
     blocks = {"lenet": branched.lenet_blocks,
-              "resnet_small": branched.resnet_small_blocks}[backbone]
+              "resnet_small": branched.resnet_small_blocks,
+              "mlp": branched.mlp_blocks}[backbone]
     known = set(inspect.signature(blocks).parameters) - {"bn_momentum", "bn_axis_name"}
     unknown = sorted(set(backbone_options) - known)
     if unknown:
@@ -653,10 +660,18 @@ def check_task_weights(values: Mapping[str, Any] | None = None) -> None:
                      f"task, in that order.")
 
 
-def format_eval(eval_metrics: dict, tasks) -> str:
-  """The final evaluation as a small text table: one line per control and task."""
+def format_eval(eval_metrics: dict, tasks, labelled: dict | None = None) -> str:
+  """The final evaluation as a small text table: one line per control and task, or, for more
+  than `loop.MAX_TASKS_LISTED` tasks, one summary line per control (`loop.describe_eval`:
+  mean, median and worst of each primary metric; the tasks without a labelled example, from
+  `labelled` = {control label: {task: count}} when given)."""
   lines = []
   for label, per_task in eval_metrics.items():
+    if len(tasks) > train_loop.MAX_TASKS_LISTED:
+      prefix = f"[{label}] " if label else ""
+      lines.append(prefix + train_loop.describe_eval(
+          per_task, tasks, (labelled or {}).get(label)))
+      continue
     for task in tasks:
       values = per_task.get(task.name, {})
       shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())

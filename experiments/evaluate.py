@@ -4,7 +4,8 @@ r"""Evaluate a trained run: the controllability sweep, its measures, a report an
         --reference_workdir=workdirs/utkface_single_task
 
 The run is rebuilt from its newest checkpoint and the flags saved with it. Results go to
-`<workdir>/eval/` (or `--output_dir`): `results.json`, `report.md` and PNG plots.
+`<workdir>/eval/` (or `--output_dir`): `results.json`, `report.md` and PNG plots, and for the
+fixed-control methods (below) `per_task.csv`.
 
 Preferences of every sweep (ECMT, DYMU, PHN, PHN-BN), `--preference_grid` (`preference_grid`):
   * `rays` (the default [ours]): for 2 tasks the `--num_preferences` (25) evaluation rays of PHN's
@@ -71,13 +72,22 @@ controls: per-task metrics, Delta_m against `--reference_workdir`, and the cost 
 gradient cosines and the conflict frequencies, the fraction of warm-up steps with a negative
 cosine; the same pooled over every split parameter for reference) is written to
 `<workdir>/gradsplit_routing.json` (with heat maps per module in a PNG next to it and in the
-output folder) and shown in the report.
+output folder) and shown in the report. Every task's metrics and its number of labelled test
+examples (pixels for segmentation, depth and normals; images for edges and saliency) also go
+to `per_task.csv` (columns controls, when a method has several, task, kind, labelled, one
+column per metric name, note); with more than 8 tasks (`loop.MAX_TASKS_LISTED`) the report and
+the printout give a summary instead of one row per task: each primary metric's mean, median
+and worst task (`loop.summarise_eval`), the labelled test examples per task and the tasks
+without any. A task with no labelled test example (its metrics are NaN) reads "no labelled
+test examples" in the report and in the CSV's note, its metric cells left empty.
 """
 
 from __future__ import annotations
 
 import collections
+import csv
 import functools
+import io
 import json
 import os
 import time
@@ -94,6 +104,7 @@ from experiments import runs
 from dymu_jax import data as data_lib
 from dymu_jax.data import base as data_base
 from dymu_jax import train as train_lib
+from dymu_jax.train import loop as loop_lib
 from dymu_jax import losses as losses_lib
 from dymu_jax.methods import dymu
 from dymu_jax.methods import ecmt
@@ -561,8 +572,17 @@ def evaluate_fixed(run: runs.TrainedRun) -> dict:
     test_source = _Limited(test_source, FLAGS.max_test_examples)
   evaluator = train_lib.Evaluator(run.method, par, test_source, _eval_batch_size())
   results = evaluator(run.variables)
+  tasks = tuple(run.method.tasks)
   out = {"method": run.method.name, "workdir": run.workdir, "step": run.step,
-         "tasks": [t.name for t in run.method.tasks], "eval": results}
+         "tasks": [t.name for t in tasks], "kinds": {t.name: t.kind for t in tasks},
+         "eval": results, "labelled": evaluator.labelled,
+         "summary": {label: loop_lib.summarise_eval(per_task, tasks, evaluator.labelled[label])
+                     for label, per_task in results.items()}}
+  for label, counts in evaluator.labelled.items():
+    unlabelled = [name for name, count in counts.items() if not count]
+    if unlabelled:
+      print(f"[{label}] {len(unlabelled)} task(s) with no labelled test examples (metrics NaN): "
+            f"{', '.join(unlabelled[:10])}{', ...' if len(unlabelled) > 10 else ''}", flush=True)
   reference, name = _reference(run, run.method.tasks)
   if reference is not None:
     metric_names = {t.name: ecmt.metrics_lib.metric_for(t).primary for t in run.method.tasks}
@@ -1012,7 +1032,7 @@ def sweep_markdown(results: dict, plots: list[str]) -> str:
   lines = [f"# Evaluation of {results['workdir']}", "",
            f"Method `{results['method']}`" + (f" (stage {results['stage']})"
                                                if results.get("stage") else "") +
-           f", checkpoint step {results['step']}, tasks {', '.join(names)}. "
+           f", checkpoint step {results['step']}, tasks {_task_names(names)}. "
            f"{_grid_text(results)} per sweep; {_hv_text(results)}."]
   if results["method"] == "dymu":
     lines[-1] += (" Variants: `weight` = with the weight hypernetwork's batch-norm shifts, "
@@ -1228,18 +1248,113 @@ def _routing_markdown(routing: dict | None) -> list[str]:
     lines += ["", f"![routing]({routing['heatmap']})"]
   return lines
 
+
+NO_LABELS = "no labelled test examples"
+PER_TASK_FILE = "per_task.csv"
+
+
+def _task_names(names) -> str:
+  """The tasks of a report's first line: every name, or the first and last few of many."""
+  names = list(names)
+  if len(names) <= loop_lib.MAX_TASKS_LISTED:
+    return ", ".join(names)
+  return f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])} ({len(names)} tasks)"
+
+
+def _labelled(results: dict, label: str, task: str):
+  """The labelled test examples of a task (None in results written before they were kept)."""
+  return ((results.get("labelled") or {}).get(label) or {}).get(task)
+
+
+def per_task_table(results: dict) -> list[list]:
+  """The rows of `per_task.csv` of a fixed-control evaluation, header first.
+
+  Columns: "controls" (only when the method was evaluated at several controls), "task", "kind",
+  "labelled" (labelled test examples; pixels for segmentation, depth and normals, images for
+  edges and saliency), one column per metric name (in order of first appearance; empty where a
+  task has no such metric) and "note" ("no labelled test examples" where the count is 0, whose
+  metric cells are left empty instead of NaN).
+  """
+  evals = results["eval"]
+  several = len(evals) > 1
+  kinds = results.get("kinds") or {}
+  metric_names = list(dict.fromkeys(m for per_task in evals.values()
+                                    for values in per_task.values() for m in values))
+  header = (["controls"] if several else []) + ["task", "kind", "labelled", *metric_names,
+                                                "note"]
+  rows = [header]
+  for label, per_task in evals.items():
+    for task, values in per_task.items():
+      count = _labelled(results, label, task)
+      none = count == 0
+      cells = [label] if several else []
+      cells += [task, kinds.get(task, ""), "" if count is None else int(count)]
+      cells += ["" if none or m not in values else repr(float(values[m])) for m in metric_names]
+      cells.append(NO_LABELS if none else "")
+      rows.append(cells)
+  return rows
+
+
+def write_per_task_csv(results: dict, folder) -> str:
+  """Writes `per_task.csv` (`per_task_table`) into `folder`; returns its path."""
+  text = io.StringIO()
+  csv.writer(text, lineterminator="\n").writerows(per_task_table(results))
+  path = files_lib.run_path(folder) / PER_TASK_FILE
+  files_lib.atomic_write(path, text.getvalue())
+  return os.fspath(path)
+
+
+def _fixed_metrics_markdown(results: dict) -> list[str]:
+  """The task metrics of a fixed-control evaluation: one row per task, or, with more than
+  `loop.MAX_TASKS_LISTED` tasks, a summary per control setting (every task in per_task.csv)."""
+  lines = []
+  summaries = results.get("summary")
+  if len(results["tasks"]) <= loop_lib.MAX_TASKS_LISTED or not summaries:
+    lines += ["| controls | task | labelled test examples | metrics |", "|---|---|---|---|"]
+    for label, per_task in results["eval"].items():
+      for task, values in per_task.items():
+        count = _labelled(results, label, task)
+        shown = (NO_LABELS if count == 0 else
+                 ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+        lines.append(f"| {label} | {task} | {_fmt(count)} | {shown} |")
+    return lines + ["", f"Every task's metrics and labelled test examples: `{PER_TASK_FILE}`."]
+  for label in results["eval"]:
+    summary = summaries[label]
+    lines += [f"{summary['tasks']} tasks at controls `{label}`; every task's metrics and "
+              f"labelled test examples in `{PER_TASK_FILE}`.", "",
+              "| primary metric | tasks | mean | median | worst (task) |", "|---|---|---|---|---|"]
+    for group in summary["primary_metrics"]:
+      better = "higher" if group["higher_is_better"] else "lower"
+      lines.append(f"| {group['metric']} ({better} is better) | {group['tasks']} | "
+                   f"{_fmt(group['mean'])} | {_fmt(group['median'])} | "
+                   f"{_fmt(group['worst'])} ({group['worst_task']}) |")
+    counts = summary.get("labelled")
+    notes = []
+    if counts:
+      notes.append(f"Labelled test examples per task: {counts['total']:,} in all, min "
+                   f"{counts['min']:,}, median {_fmt(counts['median'])}, max {counts['max']:,}.")
+    unlabelled = summary["unlabelled"]
+    if unlabelled:
+      shown = ", ".join(unlabelled[:20]) + (", ..." if len(unlabelled) > 20 else "")
+      notes.append(f"{len(unlabelled)} task(s) with {NO_LABELS} (left out of the summary): "
+                   f"{shown}.")
+    if summary.get("not_finite"):
+      notes.append(f"{len(summary['not_finite'])} task(s) whose primary metric is not finite "
+                   f"(left out of the summary): {', '.join(summary['not_finite'][:20])}.")
+    lines += ([""] + notes if notes else []) + [""]
+  while lines and not lines[-1]:
+    lines.pop()
+  return lines
+
+
 def markdown(results: dict, plots: list[str]) -> str:
   if "sweeps" in results:  # DYMU, PHN, PHN-BN
     return sweep_markdown(results, plots)
   lines = [f"# Evaluation of {results['workdir']}", "",
            f"Method `{results['method']}`, checkpoint step {results['step']}, tasks "
-           f"{', '.join(results['tasks'])}.", ""]
+           f"{_task_names(results['tasks'])}.", ""]
   if results["method"] != "ecmt":
-    lines += ["| controls | task | metrics |", "|---|---|---|"]
-    for label, per_task in results["eval"].items():
-      for task, values in per_task.items():
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-        lines.append(f"| {label} | {task} | {shown} |")
+    lines += _fixed_metrics_markdown(results)
     if "delta_m" in results:
       lines += ["", f"Delta_m against {results['reference']}: {results['delta_m']:.2f}%"]
       if results.get("delta_m_left_out"):
@@ -1378,11 +1493,16 @@ def run_evaluation() -> dict:
     plots = [results["routing"]["heatmap"]]
   results["plots"] = plots
   folder = files_lib.run_path(output_dir)
+  written = ["results.json", "report.md"]
+  if "eval" in results:  # the fixed-control methods: every task's row in per_task.csv
+    results["per_task_file"] = PER_TASK_FILE
+    write_per_task_csv(results, folder)
+    written.append(PER_TASK_FILE)
   files_lib.write_json(folder / "results.json", results, indent=1)
   report = markdown(results, plots)
   files_lib.atomic_write(folder / "report.md", report)
   print(report)
-  print(f"wrote {output_dir}/results.json, report.md and {len(plots)} plot(s) in "
+  print(f"wrote {output_dir}/{', '.join(written)} and {len(plots)} plot(s) in "
         f"{results['seconds']:.0f} s")
   return results
 

@@ -162,6 +162,10 @@ def run_single() -> train_lib.TrainResult:
   if getattr(train_source, "input_stats", None):  # feature vectors: the standardisation used
     metadata["input_stats"] = {k: np.asarray(v).tolist()
                                for k, v in train_source.input_stats.items()}
+  scaled = {t.name: {"offset": t.label_offset, "scale": t.label_scale}
+            for t in train_source.tasks if t.label_offset != 0.0 or t.label_scale != 1.0}
+  if scaled:  # regression predicted in (label - offset) / scale; Task.label_units maps back
+    metadata["regression_label_units"] = scaled
   result = train_lib.train(method, train_source, test_source, config, workdir,
                            run_metadata=metadata, augment=augment)
   summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "steps": config.steps,
@@ -172,7 +176,7 @@ def run_single() -> train_lib.TrainResult:
   if save_routing is not None and jax.process_index() == 0:
     for path in save_routing(result.state.variables, workdir, step=config.steps):
       print(f"wrote {path}")
-  print(common.format_eval(result.eval_metrics, train_source.tasks))
+  print(common.format_eval(result.eval_metrics, train_source.tasks, result.eval_labelled))
   print(f"wall time {result.seconds:.1f} s; results in {workdir}")
   return result
 
@@ -318,7 +322,7 @@ def run_dymu() -> train_lib.TrainResult:
     if is_chief:
       files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)
     summaries[stage] = {**summary, "workdir": workdir}
-    print(common.format_eval(result.eval_metrics, train_source.tasks))
+    print(common.format_eval(result.eval_metrics, train_source.tasks, result.eval_labelled))
     if stage == "anchor" and is_chief:
       # Whether sharing can work on this anchor: on held-out examples (else the test set).
       report_source = validation_source if validation_source is not None else test_source

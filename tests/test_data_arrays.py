@@ -356,3 +356,57 @@ def test_resize_labels_nearest_by_hand():
   assert images_lib.resize_labels(labels, (2, 8))[0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
   # 30 -> 13 samples input (6 + 0.5) * 30 / 13 = 15 exactly for output 6 (floats say 14.99..).
   assert images_lib.nearest_indices(30, 13)[6] == 15
+
+
+def test_regression_targets_of_vectors_are_standardised_with_training_statistics(tmp_path):
+  """With feature vectors, each regression task trains on (label - mean) / std of its labelled
+  training examples: the same Task on both splits, labels untouched, a spec's own scale kept,
+  and nothing changed when the option is off or the inputs are images."""
+  rng = np.random.default_rng(3)
+  price = rng.normal(50.0, 20.0, N).astype(np.float32)
+  price[[0, 5]] = np.nan  # missing labels do not enter the statistics
+  path = _write_vectors(tmp_path, price=price, size=rng.normal(size=N).astype(np.float32) * 0)
+  spec = "price:regression,size:regression,kind:classification"
+  train, test = (load(_config(path, spec), s) for s in ("train", "test"))
+  assert train.tasks == test.tasks
+  by_name = {t.name: t for t in train.tasks}
+  train_rows, _ = split_indices(N, 0.2, 0)
+  labelled = price[train_rows][~np.isnan(price[train_rows])].astype(np.float64)
+  assert by_name["price"].label_offset == pytest.approx(labelled.mean(), rel=1e-6)
+  assert by_name["price"].label_scale == pytest.approx(labelled.std(), rel=1e-6)
+  assert (by_name["size"].label_offset, by_name["size"].label_scale) == (0.0, 1.0)  # constant
+  assert (by_name["kind"].label_offset, by_name["kind"].label_scale) == (0.0, 1.0)
+  np.testing.assert_array_equal(train.get(np.arange(len(train)))["price"], price[train_rows])
+  # Off: the tasks are as the spec says; a spec's own scale is kept when on.
+  off = load(_config(path, spec, standardise_targets=False), "train")
+  assert all((t.label_offset, t.label_scale) == (0.0, 1.0) for t in off.tasks)
+  json_spec = tmp_path / "spec.json"
+  json_spec.write_text(json.dumps({"tasks": [
+      {"name": "price", "kind": "regression", "label_scale": 10.0},
+      {"name": "kind", "kind": "classification"}]}))
+  kept = load(_config(path, str(json_spec)), "train").tasks[0]
+  assert (kept.label_offset, kept.label_scale) == (0.0, 10.0)
+  # Images are never standardised (targets neither).
+  image_path = _write(tmp_path, name="images.npz")
+  image_tasks = load(_config(image_path, "age:regression"), "train").tasks
+  assert (image_tasks[0].label_offset, image_tasks[0].label_scale) == (0.0, 1.0)
+
+
+def test_standardised_regression_loss_and_metric_by_hand():
+  """The loss compares the prediction with (label - offset) / scale; the metric maps the
+  prediction back with prediction * scale + offset (so MAE is in the label's units)."""
+  import jax.numpy as jnp
+  from dymu_jax import tasks as tasks_lib
+  task = tasks_lib.regression("y", label_scale=4.0, label_offset=10.0)
+  prediction = jnp.asarray([[0.5], [-1.0], [2.0]])
+  label = jnp.asarray([14.0, np.nan, 2.0])
+  # standardised labels 1.0, -, -2.0 -> |0.5 - 1| + |2 - (-2)| over 2 labelled examples
+  assert float(task.loss(prediction, label)) == pytest.approx((0.5 + 4.0) / 2)
+  metric = task.metric()
+  # label units 12.0, 18.0 vs 14.0, 2.0 -> errors 2, 16
+  result = metric.compute(metric.update(metric.init(), prediction, label))
+  assert result["mae"] == pytest.approx(9.0) and result["rmse"] == pytest.approx(
+      np.sqrt((4 + 256) / 2))
+  np.testing.assert_allclose(task.label_units(prediction)[:, 0], [12.0, 6.0, 18.0])
+  with pytest.raises(ValueError, match="finite label_scale > 0"):
+    tasks_lib.regression("y", label_scale=0.0)

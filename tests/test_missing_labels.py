@@ -444,3 +444,72 @@ def test_many_tasks_are_summarised_in_one_log_line():
                   "a labelled example (s004); every task in metrics.jsonl"), line
   few = {name: per_task[name] for name in ("s001", "kind")}
   assert loop.describe_eval(few, tasks) == "s001: mae=1, rmse=2  kind: accuracy=0.75"
+
+
+# ---------------------------------------------------------------------------- no labelled test example
+
+
+def test_evaluator_counts_labelled_examples_and_reports_a_task_without_any(tmp_path):
+  """A task whose test labels are all missing: its metrics are NaN, `Evaluator.labelled` says
+  0, and the log line, evaluate's report and per_task.csv say so instead of a bare NaN."""
+  from dymu_jax.train import loop, parallel as parallel_lib
+  from experiments import evaluate
+  a = np.random.default_rng(0).normal(size=N)
+  a[8:] = NAN  # the 4 test rows
+  c = np.arange(N) % 3
+  c[10] = 255  # one test row without a class
+  path, _ = _table(tmp_path, a=a, c=c)
+  train, test = _both(path)
+  method = methods.build("static", train.tasks, model_options=OPTIONS)
+  variables = method.init(jax.random.PRNGKey(0), train.get(np.arange(2)))
+  evaluator = loop.Evaluator(method, parallel_lib.Parallel("mesh"), test, 4)
+  results = evaluator(variables)
+  per_task = results["default"]
+  assert evaluator.labelled == {"default": {"a": 0, "b": 4, "c": 3}}
+  assert all(math.isnan(v) for v in per_task["a"].values())
+  assert all(math.isfinite(v) for v in per_task["b"].values())
+  line = loop.describe_eval(per_task, method.tasks, evaluator.labelled["default"])
+  assert line.startswith("a: no labelled example  b: mae="), line
+  assert "nan" not in line
+
+  run = {"method": "static", "workdir": "w", "step": 1, "tasks": ["a", "b", "c"],
+         "kinds": {t.name: t.kind for t in method.tasks}, "eval": results,
+         "labelled": evaluator.labelled,
+         "summary": {"default": loop.summarise_eval(per_task, method.tasks,
+                                                    evaluator.labelled["default"])}}
+  report = evaluate.markdown(run, [])
+  assert "| controls | task | labelled test examples | metrics |" in report
+  assert "| default | a | 0 | no labelled test examples |" in report
+  assert "| default | b | 4 | mae=" in report and "| default | c | 3 | accuracy=" in report
+  assert "nan" not in report.lower()
+  evaluate.write_per_task_csv(run, tmp_path)
+  lines = (tmp_path / evaluate.PER_TASK_FILE).read_text().splitlines()
+  assert lines[0] == "task,kind,labelled,mae,rmse,accuracy,note"
+  assert lines[1] == "a,regression,0,,,,no labelled test examples"
+  b = lines[2].split(",")
+  assert b[:3] == ["b", "regression", "4"] and float(b[3]) == per_task["b"]["mae"]
+  assert b[5:] == ["", ""]
+  assert lines[3] == f"c,classification,3,,,{per_task['c']['accuracy']!r},"
+
+
+def test_summaries_tell_unlabelled_from_non_finite_tasks():
+  from dymu_jax.train import loop
+  tasks = [tasks_lib.regression(f"t{i}") for i in range(10)]
+  per_task = {t.name: {"mae": float(i), "rmse": float(i)} for i, t in enumerate(tasks)}
+  per_task["t3"] = {"mae": NAN, "rmse": NAN}  # no labelled example
+  per_task["t7"] = {"mae": float("inf"), "rmse": float("inf")}  # labelled, diverged
+  labelled = {t.name: 5 for t in tasks}
+  labelled["t3"] = 0
+  summary = loop.summarise_eval(per_task, tasks, labelled)
+  assert summary["unlabelled"] == ["t3"] and summary["not_finite"] == ["t7"]
+  assert summary["labelled"] == {"total": 45, "min": 0, "median": 5.0, "max": 5}
+  (mae,) = summary["primary_metrics"]
+  # 0, 1, 2, 4, 5, 6, 8, 9: mean 35 / 8, median (4 + 5) / 2, worst (highest) 9.
+  assert mae == {"metric": "mae", "higher_is_better": False, "tasks": 8, "mean": 4.375,
+                 "median": 4.5, "worst": 9.0, "worst_task": "t9"}
+  line = loop.describe_eval(per_task, tasks, labelled)
+  assert line == ("10 tasks; mae over 8 tasks: mean=4.375, median=4.5, worst=9 (t9); 1 task(s) with "
+                  "a non-finite metric (t7); 1 task(s) without a labelled example (t3); every "
+                  "task in metrics.jsonl"), line
+  # Without counts, both are taken for tasks without a labelled example (the former line).
+  assert loop.summarise_eval(per_task, tasks)["unlabelled"] == ["t3", "t7"]

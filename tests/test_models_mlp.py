@@ -7,6 +7,7 @@ fast on a shared CPU; variables are mostly numpy fills of the shapes `init` give
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -325,8 +326,8 @@ def test_cli_refuses_images_for_the_mlp_in_one_sentence(tmp_path):
 @pytest.mark.parametrize("name", ["single_task", "ecmt", "gradsplit", "pcgrad", "phn",
                                   "phn_bn"])
 def test_every_method_steps_on_the_mlp(name):
-  """Each method that builds a `MultiTaskNet` (or PHN's target network) trains on vectors;
-  DYMU's branched streams have no MLP blocks yet."""
+  """Each method that builds a `MultiTaskNet` (or PHN's target network) trains on vectors
+  (DYMU's branched MLP streams: tests/test_dymu_mlp.py)."""
   from dymu_jax.train import state as state_lib
   from dymu_jax.train import step as step_lib
   tasks = (tasks_lib.regression("a"), tasks_lib.regression("b"),
@@ -350,3 +351,59 @@ def test_every_method_steps_on_the_mlp(name):
   assert np.all(np.isfinite(losses)), losses
   if not name.startswith("phn"):  # PHN draws a preference ray per step: its loss is not monotone
     assert losses[-1] < losses[0], losses
+
+
+def test_standardised_targets_train_in_their_units_and_round_trip_through_export(tmp_path):
+  """A regression target in large units (mean 5000, std about 1000) trains on its standardised
+  labels; the evaluator's MAE is in the label's units; an exported network, fed the raw
+  feature vectors standardised with its saved input statistics and mapped back with
+  `Task.label_units`, gives the same MAE."""
+  path = write_tabular(tmp_path / "raw.npz")
+  arrays = dict(np.load(path))
+  arrays["linear"] = (arrays["linear"] * 1000.0 + 5000.0).astype(np.float32)
+  path = tmp_path / "table.npz"
+  np.savez(path, **arrays)
+  config = data.DataConfig(name="arrays", data_dir=str(path), task_spec=TASK_SPEC)
+  source, test = data.load(config, "train"), data.load(config, "test")
+  linear = source.tasks[0]
+  labels = source.get(np.arange(len(source)))["linear"].astype(np.float64)
+  assert linear.label_offset == pytest.approx(labels.mean(), rel=1e-6)
+  assert linear.label_scale == pytest.approx(labels.std(), rel=1e-6)
+  method = methods.build("static", source.tasks, model_options={
+      "backbone": "mlp", "head_width": 32, "backbone_kwargs": {"hidden": (64, 64)}})
+  batches = data.Batcher(source, 64, seed=0)
+  variables = method.init(jax.random.PRNGKey(0), batches.batch(0))
+  params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+  optimizer = optax.adam(3e-3)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state, state, batch):
+    (_, (aux, state)), grads = jax.value_and_grad(method.loss, has_aux=True)(
+        params, state, batch, None, 0)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, state, aux["loss/linear"]
+
+  first = None
+  for s in range(150):
+    params, opt_state, state, loss = step(params, opt_state, state, batches.batch(s))
+    first = float(loss) if first is None else first
+  assert first < 3.0, first  # standardised units: the raw L1 would be about 5000
+  variables = {"params": params, **state}
+  whole = test.get(np.arange(len(test)))
+  predictions = method.model.apply(variables, whole["image"])
+  metric = linear.metric()
+  mae = metric.compute(metric.update(metric.init(), predictions["linear"], whole["linear"]))["mae"]
+  assert mae < 0.5 * linear.label_scale, mae  # learned, in the label's units
+  serialize.save_network(tmp_path / "export", method.model, variables,
+                         {"input_stats": {k: v.tolist() for k, v in source.input_stats.items()}},
+                         image_shape=source.image_shape)
+  loaded, loaded_variables, extra = serialize.load_network(tmp_path / "export")
+  assert loaded.tasks == source.tasks  # offset and scale ride in the network definition
+  raw = data.load(dataclasses.replace(config, standardise_inputs=False), "test")
+  raw_inputs = raw.get(np.arange(len(raw)))["image"]
+  inputs = (raw_inputs - np.asarray(extra["input_stats"]["mean"], np.float32)) / np.asarray(
+      extra["input_stats"]["std"], np.float32)
+  exported = loaded.tasks[0].label_units(loaded.apply(loaded_variables, inputs)["linear"])
+  np.testing.assert_allclose(np.mean(np.abs(np.asarray(exported)[:, 0] - whole["linear"])), mae,
+                             rtol=1e-4)

@@ -67,6 +67,8 @@ def test_evaluations_per_control_in_metrics_jsonl(short_run):
   # 70 test examples in batches of 32: the padded third batch must not count twice.
   assert round(final["default"]["third"]["accuracy"] * 70) == pytest.approx(
       final["default"]["third"]["accuracy"] * 70, abs=1e-6)
+  # Every test example carries both labels (`Evaluator.labelled`; padding not counted).
+  assert result.eval_labelled == {label: {"third": 70, "brightness": 70} for label in final}
 
 
 def test_train_step_compiled_once(short_run):
@@ -177,8 +179,8 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path, monkeypatch):
   assert _records(tmp_path) == [
       {"step": 3, "split": "train", "loss": 0.5, "loss/a": None},  # NaN is written as null
       {"step": 4, "split": "eval", "label": "default", "a/accuracy": 0.25}]
-  assert scalars[0] == ("train/loss", 0.5, 3)
-  assert scalars[2:] == [("eval/default/a/accuracy", 0.25, 4), "closed"]
+  assert scalars[0] == ("train/loss", 0.5, 3)  # NaN stays out of TensorBoard (a gap)
+  assert scalars[1:] == [("eval/default/a/accuracy", 0.25, 4), "closed"]
   silent = loop.MetricWriter(str(tmp_path / "other"), enabled=False)  # processes other than 0
   silent.write(1, "train", {"loss": 1.0})
   assert not (tmp_path / "other").exists()

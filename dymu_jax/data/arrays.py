@@ -10,7 +10,12 @@
   only classification and regression tasks fit them, and `config.image_size` must stay 0.
   With `config.standardise_inputs` (the default) every feature is standardised with the mean
   and standard deviation of the training split (after `num_train`), the same statistics for
-  both splits (a constant feature keeps std 1); the source's `input_stats` holds them;
+  both splits (a constant feature keeps std 1); the source's `input_stats` holds them. With
+  `config.standardise_targets` (the default) each regression task is also trained on its
+  labels standardised with the training split's mean and std (over its labelled examples):
+  they become the task's `label_offset` and `label_scale`, so losses are in standardised units
+  while metrics, exports (`Task.label_units`) and the labels themselves stay in the label's
+  units. A task whose spec sets "label_scale" or "label_offset" keeps those instead;
 * one label array per task, under the task's name, laid out as in `dymu_jax.tasks`:
   classification (N,) integers, regression (N,) or (N, 1), segmentation (N, H, W) integers
   (255 = ignore), depth / edges / saliency (N, H, W) or (N, H, W, 1), normals (N, H, W, 3);
@@ -43,7 +48,8 @@ Other keys are ignored. `config.task_spec` says which label arrays are tasks and
 * a JSON file `{"tasks": [{"name": "digit", "kind": "classification", "num_outputs": 10}, ...],
   "images": "x"}` ("num_outputs" may be left out: classification and segmentation take the
   largest label + 1, 255 not counted, over the whole file; other kinds take 1, normals 3;
-  "loss_type", "label_scale" and "pos_weight" pass through to `tasks.Task`; "images", or
+  "loss_type", "label_scale", "label_offset" and "pos_weight" pass through to `tasks.Task`;
+  "images", or
   "inputs" for feature vectors, is optional);
 * or inline: `"digit:classification:10,age:regression,mask:segmentation"`.
 
@@ -54,6 +60,7 @@ Other keys are ignored. `config.task_spec` says which label arrays are tasks and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -75,7 +82,8 @@ LAYOUT = ("one .npz file with an image array (key 'images', 'image' or 'x') or f
           "vectors (key 'inputs') and one label array per task")
 SPEC_HELP = ("a JSON file {\"tasks\": [{\"name\": ..., \"kind\": ...}, ...]} or "
              "\"name:kind[:outputs],...\"")
-_TASK_FIELDS = {"name", "kind", "num_outputs", "loss_type", "label_scale", "pos_weight"}
+_TASK_FIELDS = {"name", "kind", "num_outputs", "loss_type", "label_scale", "label_offset",
+                "pos_weight"}
 # Kinds whose num_outputs is fixed by the kind.
 _FIXED_OUTPUTS = {tasks_lib.REGRESSION: 1, tasks_lib.DEPTH: 1, tasks_lib.EDGES: 1,
                   tasks_lib.SALIENCY: 1, tasks_lib.NORMALS: 3}
@@ -115,9 +123,14 @@ def load(config: DataConfig, split: str) -> ArraySource:
   if split == "train":
     _check_every_task_labelled(path, tasks, labels, keep)
   stats = None
+  train_keep = keep if split == "train" else _kept(path, data, len(images), config, "train")
   if vectors and config.standardise_inputs:
-    train_keep = keep if split == "train" else _kept(path, data, len(images), config, "train")
     stats = input_statistics(images[train_keep])
+  if vectors and config.standardise_targets:
+    fixed = {e["name"] for e in spec if "label_scale" in e or "label_offset" in e}
+    tasks = [standardised_target(task, labels[task.name][train_keep])
+             if task.kind == tasks_lib.REGRESSION and task.name not in fixed else task
+             for task in tasks]
   images = images[keep]
   labels = {name: label[keep] for name, label in labels.items()}
   if stats is not None:
@@ -151,6 +164,18 @@ def input_statistics(inputs: np.ndarray) -> dict[str, np.ndarray]:
   std = values.std(axis=0)
   std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
   return {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
+
+
+def standardised_target(task: tasks_lib.Task, train_labels: np.ndarray) -> tasks_lib.Task:
+  """`task` (regression) with label_offset and label_scale the mean and standard deviation of
+  its labelled training examples (NaN = no label), rounded to float32 so both splits and a
+  reloaded run agree exactly; a constant target keeps scale 1."""
+  values = np.asarray(train_labels, np.float64).reshape(len(train_labels), -1)[:, 0]
+  values = values[~np.isnan(values)]
+  mean = float(np.float32(values.mean())) if len(values) else 0.0
+  std = float(values.std()) if len(values) else 0.0
+  scale = float(np.float32(std)) if std > 1e-12 * max(1.0, abs(mean)) else 1.0
+  return dataclasses.replace(task, label_offset=mean, label_scale=scale)
 
 
 def standardise(inputs: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
@@ -325,7 +350,8 @@ def _make_task(entry: dict, label: np.ndarray) -> tasks_lib.Task:
     return tasks_lib.Task(entry["name"], kind, int(outputs),
                           loss_type=entry.get("loss_type", ""),
                           pos_weight=entry.get("pos_weight"),
-                          label_scale=float(entry.get("label_scale", 1.0)))
+                          label_scale=float(entry.get("label_scale", 1.0)),
+                          label_offset=float(entry.get("label_offset", 0.0)))
   except (TypeError, ValueError) as error:
     raise DatasetError(f"{NAME}: bad task spec entry {entry!r} ({error}).") from None
 

@@ -51,6 +51,10 @@ class DataConfig:
     standardise_inputs: for "arrays" with feature vectors: subtract each feature's mean and
       divide by its standard deviation, both over the training split (on by default; images
       are never standardised here).
+    standardise_targets: for "arrays" with feature vectors: train each regression task on its
+      labels standardised with the training split's mean and std (the task's label_offset and
+      label_scale; losses in those units, metrics and `Task.label_units` in the label's own),
+      on by default; a task whose spec sets label_scale or label_offset keeps them.
   """
 
   name: str = "synthetic"
@@ -62,6 +66,7 @@ class DataConfig:
   test_fraction: float = 0.2
   task_spec: str = ""
   standardise_inputs: bool = True
+  standardise_targets: bool = True
 
 
 def check_split(dataset: str, split: str) -> None:

@@ -4,7 +4,8 @@ METHODS.md section 1, "Task affinity" [known: RSA on the frozen anchor; ours: K,
 similarity and the normalisation]:
 
 1. Run the K images (K = 128 [ours]) through every stream of the anchor (the separate tree) and
-   keep each block's output.
+   keep each block's output. On the "mlp" stack the examples are feature vectors (K, D) and the
+   block outputs (K, units) vectors; everything below is the same.
 2. For stream i and layer l, the K x K representation similarity matrix S^l_i is the Pearson
    correlation between the flattened features of every pair of images [ours].
 3. D^l(i, j) = ||S^l_i - S^l_j||_F; each row of D^l is divided by its maximum, so it lies in
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dymu_jax.models import backbones
 from dymu_jax.models.branched import BranchedNet
 
 PyTree = Any
@@ -113,7 +115,8 @@ def task_affinity(net: BranchedNet, anchor_variables: PyTree, images,
   Args:
     net: the branched network.
     anchor_variables: its trained (frozen) variables.
-    images: float images (>= num_images, H, W, C) in [0, 1], e.g. training images.
+    images: float images (>= num_images, H, W, C) in [0, 1], e.g. training images; for the
+      "mlp" stack, feature vectors (>= num_images, D).
     num_images: K.
     batch_size: images per forward pass.
     normalisation: "row" or "pair" (see `rsa_affinity`).
@@ -123,9 +126,12 @@ def task_affinity(net: BranchedNet, anchor_variables: PyTree, images,
   """
   _check_normalisation(normalisation)
   images = np.asarray(images)
-  if images.ndim != 4 or images.shape[0] < num_images:
-    raise ValueError(f"task_affinity needs at least num_images={num_images} images of shape "
-                     f"(H, W, C), got an array of shape {images.shape}.")
+  vectors = net.input_kind == backbones.VECTORS
+  rank_ok = images.ndim >= 2 and images.ndim != 4 if vectors else images.ndim == 4
+  if not rank_ok or images.shape[0] < num_images:
+    what = "feature vectors of shape (D,)" if vectors else "images of shape (H, W, C)"
+    raise ValueError(f"task_affinity needs at least num_images={num_images} {what}, got an "
+                     f"array of shape {images.shape}.")
   images = images[:num_images].astype(np.float32)
   tree = net.separate_tree()
   run = jax.jit(lambda v, x: net.apply_tree(v, x, tree, return_features=True)[1])

@@ -846,7 +846,7 @@ def build(tasks: Sequence[tasks_lib.Task], *, model_options: Mapping[str, Any] |
   Args:
     tasks: the tasks.
     model_options: keyword arguments of `branched.build_branched` among `MODEL_OPTIONS`
-      (backbone "lenet" or "resnet_small", backbone_kwargs, head_width, ...).
+      (backbone "lenet", "resnet_small" or "mlp", backbone_kwargs, head_width, ...).
     task_weights: w_i (e.g. `task_weights_from_losses(anchor_task_losses(...))`).
     axis_name: the pmap axis batch norms pool over (anchor stage under --parallel=pmap).
     **options: `DymuMethod` fields among `OPTIONS`.

@@ -32,8 +32,8 @@ Metrics per task kind (METHODS.md section 4; the primary metric first):
 | kind           | metrics                                                                    |
 |----------------|----------------------------------------------------------------------------|
 | classification | accuracy (labels 255 = missing, not counted)                               |
-| regression     | mae, rmse, in the label's units (prediction * label_scale vs label), over  |
-|                | the labels that are not NaN (NaN = missing)                                |
+| regression     | mae, rmse, in the label's units (prediction * label_scale + label_offset   |
+|                | vs label), over the labels that are not NaN (NaN = missing)                |
 | segmentation   | miou (pooled confusion matrix, ignore 255), pixel_accuracy                 |
 | depth          | rmse, mae over pixels with depth > 0, pooled over the set                  |
 | normals        | mean_angle, median_angle, rmse_angle (degrees), within_11_25/22_5/30 (%)   |
@@ -208,8 +208,8 @@ class ClassificationMetric(TaskMetric):
 
 
 class RegressionMetric(TaskMetric):
-  """mae and rmse in the label's units: prediction[..., 0] * label_scale vs label, over the
-  examples whose label is not NaN (NaN = no label)."""
+  """mae and rmse in the label's units: prediction[..., 0] * label_scale + label_offset vs
+  label, over the examples whose label is not NaN (NaN = no label)."""
 
   higher_is_better = (("mae", False), ("rmse", False))
   primary = "mae"
@@ -219,7 +219,7 @@ class RegressionMetric(TaskMetric):
             "count": ((), np.int64)}
 
   def _batch_stats(self, prediction, label, mask):
-    value = prediction.astype(jnp.float32)[..., 0] * self.task.label_scale
+    value = self.task.label_units(prediction.astype(jnp.float32)[..., 0])
     label = label.astype(jnp.float32)
     counted = mask & ~jnp.isnan(label)
     error = jnp.where(counted, value - jnp.where(counted, label, 0.0), 0.0)

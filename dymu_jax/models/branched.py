@@ -13,6 +13,11 @@ so there are L parent choices per child stream, matching the edge hypernetwork's
 N x N logits. `Tree.separate` (parents[l][j] = j) is the anchor itself; `Tree.shared` sends every
 child to one stream (a fully shared trunk, then N decoders).
 
+Inputs follow the block stack (`BranchedNet.input_kind`): images (B, H, W, C) in [0, 1],
+normalised inside (`pixel_mean`, `pixel_std`), or, for the "mlp" stack, feature vectors (B, D),
+used as given (the arrays source standardises them with training-split statistics), as
+`models.multitask` does. "Images" below means either.
+
 JAX shape [ours]: block parameters of the N streams are stacked on a leading axis of size N,
 and a layer maps stacked inputs to stacked outputs, `Y[l + 1] = vmap(block_{l + 1})(params_{l +
 1}, X[l + 1])` in meaning. It is computed as one block call per stream, stacked (`_run_layer`):
@@ -38,21 +43,27 @@ Block stacks (`build_branched`):
 * "resnet_small" (UTKFace): stage 1 = 3x3 stem + BasicBlocks (16 ch), stages 2-4 = BasicBlocks
   (32, 64, 128 ch, stride 2), the ResNet-small of `backbones`; decoders are MLP heads with global
   pooling (L = 4).
+* "mlp" (tabular data, feature vectors): one `MLPBlock` per hidden layer, dense + BN + ReLU
+  (256, 256 units by default; He initialisation, as the `backbones.MLP` encoder); decoders are
+  MLP heads with one hidden layer (L = number of hidden layers).
 
-Batch norm sits in every block so that the weight hypernetwork has scales and biases to shift
-(`batch_norm_shift_template`, `apply_batch_norm_shifts`); with `head_batch_norm` the decoders'
-hidden layers have batch norm too (the paper's DeepLab decoders do), and are shifted as well.
+Batch norm sits in every block (unless the stack's option `batch_norm` is off) so that the
+weight hypernetwork has scales and biases to shift (`batch_norm_shift_template`,
+`apply_batch_norm_shifts`); with `head_batch_norm` the decoders' hidden layers have batch norm
+too (the paper's DeepLab decoders do), and are shifted as well.
 
 Cost (`tree_cost`): parameters and MACs of the used nodes and the decoders (per example, the
 conventions of `models.cost`), and their fraction of the full anchor (the separate tree). All
-streams share one architecture, so a node's cost depends on its layer only.
+streams share one architecture, so a node's cost depends on its layer only. The input shape is
+one example's: (H, W, C) of an image, or (D,) of a feature vector.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+import numbers
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -69,7 +80,7 @@ from dymu_jax.models.layers import SlimBatchNorm, SlimConv, SlimDense
 from dymu_jax.models.multitask import normalise_images
 
 PyTree = Any
-BACKBONES = ("lenet", "resnet_small")
+BACKBONES = ("lenet", "resnet_small", "mlp")
 # How the N streams' block weights start (`BranchedNet.init`).
 STREAM_INITS = ("independent", "shared")
 # Rows of a parent distribution may be off the simplex by this much (float32 sums).
@@ -206,27 +217,42 @@ class ConvPoolBlock(nn.Module):
 
 
 class DenseBlock(nn.Module):
-  """Flatten + dense [+ BN] + ReLU (LeNet's fully connected stage).
+  """Flatten + dense [+ BN] + ReLU (LeNet's fully connected stage; one hidden layer of the
+  "mlp" stack).
 
   Attributes:
     features: output units.
     batch_norm: batch norm after the dense layer (then it has no bias).
+    in_features: input width after flattening (None: inferred at initialisation).
+    kernel_init: initialiser of the dense kernel (LeCun's, as `SlimDense`; `MLPBlock` takes
+      He's, `backbones.mlp_kernel_init`).
     bn_momentum, bn_axis_name: passed to `SlimBatchNorm`.
   """
 
   features: int
   batch_norm: bool = True
+  in_features: int | None = None
+  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
   bn_momentum: float = 0.9
   bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.reshape(x.shape[0], -1)
-    y = SlimDense(self.features, use_bias=not self.batch_norm, name="dense")(x)
+    y = SlimDense(self.features, use_bias=not self.batch_norm, in_features=self.in_features,
+                  kernel_init=self.kernel_init, name="dense")(x)
     if self.batch_norm:
       y = SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
                         features=self.features, name="bn")(y, train)
     return nn.relu(y)
+
+
+class MLPBlock(DenseBlock):
+  """One hidden layer of the "mlp" stack on feature vectors: a `DenseBlock` He-initialised like
+  the `backbones.MLP` encoder (its own class so that `BranchedNet` knows its inputs are vectors,
+  not images; a LeNet without convolutions stays an image network)."""
+
+  kernel_init: Callable[..., jax.Array] = backbones.mlp_kernel_init
 
 
 class ResNetStage(nn.Module):
@@ -321,6 +347,7 @@ class BranchedNet:
     heads: one decoder module per task, `head(x, train=...) -> prediction`.
     pixel_mean, pixel_std: per-channel normalisation of the [0, 1] images; None takes the
       ImageNet statistics for 3-channel images and 0.5 / 0.5 otherwise (as `MultiTaskNet`).
+      Feature vectors are used as given: leave them unset.
   """
 
   tasks: tuple[tasks_lib.Task, ...]
@@ -350,9 +377,24 @@ class BranchedNet:
     return len(self.tasks)
 
   @property
+  def stack(self) -> str:
+    """Which block stack this is: "lenet", "resnet_small" or "mlp" (names of `BACKBONES`)."""
+    if isinstance(self.blocks[0], MLPBlock):
+      return "mlp"
+    if any(isinstance(b, ConvPoolBlock) for b in self.blocks):
+      return "lenet"
+    return "resnet_small"
+
+  @property
+  def input_kind(self) -> str:
+    """`backbones.VECTORS` for the "mlp" stack (feature vectors), else `backbones.IMAGES`."""
+    return backbones.input_kind(self.stack)
+
+  @property
   def min_image_size(self) -> int:
     """The smallest image side the block stack accepts: LeNet's valid convolutions and pools
-    need 20 px with their default kernels; the padded ResNet stages any size."""
+    need 20 px with their default kernels; the padded ResNet stages any size; the "mlp" stack
+    takes no images, 1 (as `backbones.MLP`), so that image-size checks pass."""
     kernels = [b.kernel_size for b in self.blocks if isinstance(b, ConvPoolBlock)]
     return (backbones.lenet_min_image_size(kernels) if kernels
             else backbones.PADDED_MIN_IMAGE_SIZE)
@@ -366,11 +408,14 @@ class BranchedNet:
   # -- helpers ---------------------------------------------------------------------------------
 
   def _normalise(self, images: jax.Array) -> jax.Array:
+    """Images normalised per channel; feature vectors (the "mlp" stack) as given."""
+    stack = self.stack
+    if self.input_kind == backbones.VECTORS:
+      backbones.check_input_kind("BranchedNet", stack, images.shape)
+      return normalise_images(images, self.pixel_mean, self.pixel_std)  # raises on pixel stats
     if images.ndim != 4:
       raise ValueError(f"BranchedNet expects images of shape (B, H, W, C), got "
                        f"{tuple(images.shape)}.")
-    stack = ("lenet" if any(isinstance(b, ConvPoolBlock) for b in self.blocks)
-             else "resnet_small")
     backbones.check_image_size(f"BranchedNet ({stack} blocks)", self.min_image_size,
                                images.shape)
     return normalise_images(images, self.pixel_mean, self.pixel_std)
@@ -439,11 +484,11 @@ class BranchedNet:
   # -- initialisation --------------------------------------------------------------------------
 
   def init(self, rng: jax.Array, images: jax.Array, stream_init: str = "independent") -> dict:
-    """Variables for images (B, H, W, C).
+    """Variables for images (B, H, W, C) (feature vectors (B, D) for the "mlp" stack).
 
     Args:
       rng: the key.
-      images: example images (only their shape is read).
+      images: example images or feature vectors (only their shape is read).
       stream_init: "independent", each stream draws its own initial block weights; or
         "shared", every stream starts from one draw, as when the streams fine-tune one
         pretrained backbone, so that channel k means the same thing in every stream at the
@@ -482,7 +527,7 @@ class BranchedNet:
 
     Args:
       variables: the network's variables (see the module docstring).
-      images: float images (B, H, W, C) in [0, 1].
+      images: float images (B, H, W, C) in [0, 1], or feature vectors (B, D) ("mlp").
       nu: parent distributions (L, N, N); `nu[l][j]` weighs the parents of node (l + 1, j)
         (of decoder j for l = L - 1). Rows are used as given (no check inside jit).
       train: batch statistics in batch norm; the updated statistics are returned.
@@ -518,7 +563,7 @@ class BranchedNet:
 
     Args:
       variables: the network's variables.
-      images: float images (B, H, W, C) in [0, 1].
+      images: float images (B, H, W, C) in [0, 1], or feature vectors (B, D) ("mlp").
       tree: the `Tree` to run.
       train: batch statistics in batch norm; the statistics of the used nodes are updated and
         returned (the other nodes keep theirs).
@@ -569,12 +614,14 @@ class BranchedNet:
   # -- cost ------------------------------------------------------------------------------------
 
   def layer_input_shapes(self, image_shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-    """The per-example input shape of every block layer and of the decoders (L + 1 shapes)."""
+    """The per-example input shape of every block layer and of the decoders (L + 1 shapes);
+    `image_shape` is (H, W, C), or (D,) for feature vectors."""
     return _layer_input_shapes(self, tuple(int(d) for d in image_shape))
 
   def node_costs(self, image_shape: Sequence[int], exclude_padding: bool = False
                  ) -> tuple[tuple[cost_lib.Cost, ...], tuple[cost_lib.Cost, ...]]:
-    """(cost of one node of each block layer, cost of each decoder), per example."""
+    """(cost of one node of each block layer, cost of each decoder), per example, for inputs
+    of one example's shape (H, W, C) or (D,)."""
     return _node_costs(self, tuple(int(d) for d in image_shape), exclude_padding)
 
   def tree_cost(self, tree: Tree, image_shape: Sequence[int],
@@ -583,7 +630,7 @@ class BranchedNet:
 
     Args:
       tree: the tree to cost.
-      image_shape: (H, W, C) of one image.
+      image_shape: (H, W, C) of one image, or (D,) of one feature vector ("mlp").
       exclude_padding: count only convolution taps that read real input (XLA's convention,
         for cross-checks against `cost.xla_cost`).
     """
@@ -735,8 +782,30 @@ def resnet_small_blocks(stage_channels: Sequence[int] = (16, 32, 64, 128),
   return tuple(blocks)
 
 
-# Decoder defaults per backbone [ours]: PHN's linear heads on LeNet, one hidden layer on ResNet.
-DEFAULT_HEAD_HIDDEN_LAYERS = {"lenet": 0, "resnet_small": 1}
+def mlp_blocks(hidden: int | Sequence[int] = (256, 256), batch_norm: bool = True,
+               bn_momentum: float = 0.9, bn_axis_name: str | None = None
+               ) -> tuple[nn.Module, ...]:
+  """The MLP for feature vectors (`backbones.MLP`) as blocks: one `MLPBlock` per hidden layer,
+  dense [+ BN] + ReLU, He-initialised like the MLP encoder; an int `hidden` is one layer. Batch
+  norm is on by default (unlike the encoder's) so that the weight hypernetwork has scales and
+  biases to shift in every block."""
+  widths = (hidden,) if isinstance(hidden, numbers.Integral) else tuple(hidden)
+  whole = lambda h: isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1
+  if not widths or not all(whole(h) for h in widths):
+    raise ValueError(f"mlp_blocks got hidden={hidden!r}; give the width of each hidden layer "
+                     f"as positive whole numbers, e.g. (256, 256).")
+  blocks, in_features = [], None
+  for features in widths:
+    blocks.append(MLPBlock(features=int(features), batch_norm=bool(batch_norm),
+                           in_features=in_features, bn_momentum=bn_momentum,
+                           bn_axis_name=bn_axis_name))
+    in_features = int(features)
+  return tuple(blocks)
+
+
+# Decoder defaults per backbone [ours]: PHN's linear heads on LeNet, one hidden layer on ResNet
+# and on the MLP (so that --head_batch_norm gives the decoders batch norms to shift).
+DEFAULT_HEAD_HIDDEN_LAYERS = {"lenet": 0, "resnet_small": 1, "mlp": 1}
 
 
 def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
@@ -746,21 +815,24 @@ def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
                    bn_momentum: float = 0.9, bn_axis_name: str | None = None,
                    pixel_mean: Sequence[float] | None = None,
                    pixel_std: Sequence[float] | None = None) -> BranchedNet:
-  """A `BranchedNet` for `tasks` on the "lenet" or "resnet_small" block stack.
+  """A `BranchedNet` for `tasks` on the "lenet", "resnet_small" or "mlp" block stack.
 
   Args:
     tasks: the tasks (one stream and one decoder each). Dense tasks are not supported.
-    backbone: "lenet" (`lenet_blocks`) or "resnet_small" (`resnet_small_blocks`).
+    backbone: "lenet" (`lenet_blocks`), "resnet_small" (`resnet_small_blocks`) or "mlp"
+      (`mlp_blocks`, feature vectors).
     backbone_kwargs: options of the block stack (lenet: conv_channels, kernel_sizes,
-      fc_features, batch_norm; resnet_small: stage_channels, stage_sizes).
+      fc_features, batch_norm; resnet_small: stage_channels, stage_sizes; mlp: hidden,
+      batch_norm).
     head_width: hidden width of the decoders (when they have hidden layers).
-    head_hidden_layers: hidden layers of each decoder; None: 0 for lenet, 1 for resnet_small.
+    head_hidden_layers: hidden layers of each decoder; None: 0 for lenet, 1 for resnet_small
+      and mlp.
     head_batch_norm: batch norm in the decoders' hidden layers, so that the DYMU weight
       hypernetwork has task-specific scales and biases to shift after a cross-task edge into a
       decoder (needs hidden layers).
-    in_channels: image channels (resnet_small's stem; default 3).
+    in_channels: image channels (resnet_small's stem; default 3; unused by lenet and mlp).
     bn_momentum, bn_axis_name: passed to every batch norm.
-    pixel_mean, pixel_std: image normalisation (see `BranchedNet`).
+    pixel_mean, pixel_std: image normalisation (see `BranchedNet`); not for mlp.
   """
   tasks = tuple(tasks)
   if backbone not in BACKBONES:
@@ -773,6 +845,12 @@ def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
   options = dict(backbone_kwargs or {})
   if backbone == "lenet":
     blocks = lenet_blocks(**options, bn_momentum=bn_momentum, bn_axis_name=bn_axis_name)
+    in_features = blocks[-1].features
+  elif backbone == "mlp":
+    if pixel_mean is not None or pixel_std is not None:
+      raise ValueError("pixel_mean and pixel_std normalise images, but the mlp streams read "
+                       "feature vectors, standardised by the data source; leave them unset.")
+    blocks = mlp_blocks(**options, bn_momentum=bn_momentum, bn_axis_name=bn_axis_name)
     in_features = blocks[-1].features
   else:
     options.setdefault("in_channels", in_channels or 3)

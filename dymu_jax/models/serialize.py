@@ -7,6 +7,7 @@ folder that needs nothing else to be run again (no SuperNet, no checkpoint, no f
                extra={"widths": config, "macs": table.macs(config), "budget": 0.5})
   net, variables, extra = load_network("export/b50")
   predictions = net.apply(variables, images)
+  ages = net.tasks[0].label_units(predictions["age"])  # regression back in the label's units
 
 The folder holds two files:
 
@@ -54,6 +55,8 @@ VARIABLES_FILE = "variables.msgpack"
 
 # The fields of a stored task, in `tasks_lib.Task` order.
 TASK_KEYS = tuple(f.name for f in dataclasses.fields(tasks_lib.Task))
+# Task fields added after version 1 was first written: a stored task without them takes these.
+OPTIONAL_TASK_FIELDS = {"label_offset": 0.0}
 # Keys of `network_to_json`'s record besides "version" and "tasks".
 NETWORK_FIELDS = ("backbone", "backbone_kwargs", "head_width", "head_widths",
                   "head_hidden_layers", "head_batch_norm", "atrous_rates", "image_pooling",
@@ -177,6 +180,7 @@ def _task_from_json(entry, index: int) -> tasks_lib.Task:
   if not isinstance(entry, dict):
     raise ValueError(f"Task {index} must be an object with keys {', '.join(TASK_KEYS)}, got "
                      f"{entry!r}.")
+  entry = {**OPTIONAL_TASK_FIELDS, **entry}
   missing = [k for k in TASK_KEYS if k not in entry]
   unknown = sorted(set(entry) - set(TASK_KEYS))
   if missing or unknown:
@@ -188,12 +192,13 @@ def _task_from_json(entry, index: int) -> tasks_lib.Task:
     raise ValueError(f"Task {index} needs a string name and kind and an int num_outputs, got "
                      f"{name!r}, {kind!r} and {outputs!r}.")
   if not isinstance(entry["loss_type"], str) or not _is_number(entry["label_scale"]) or not (
+      _is_number(entry["label_offset"])) or not (
       entry["pos_weight"] is None or _is_number(entry["pos_weight"])):
-    raise ValueError(f"Task {name!r} needs a string loss_type, a number label_scale and a "
-                     f"number or null pos_weight.")
+    raise ValueError(f"Task {name!r} needs a string loss_type, numbers label_scale and "
+                     f"label_offset and a number or null pos_weight.")
   # Task checks the kind itself: an unknown kind is one sentence listing the allowed kinds.
   return tasks_lib.Task(name, kind, outputs, entry["loss_type"], entry["pos_weight"],
-                        float(entry["label_scale"]))
+                        float(entry["label_scale"]), float(entry["label_offset"]))
 
 
 def network_from_json(record: Mapping[str, Any]) -> MultiTaskNet:

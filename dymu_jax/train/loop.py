@@ -128,6 +128,8 @@ class TrainResult:
       step compiled once; 0 when nothing was left to run or the program came from JAX's
       persistent compilation cache).
     seconds: wall time of `train`.
+    eval_labelled: labelled examples per task of the final evaluation, control label -> task
+      -> count (`Evaluator.labelled`; 0: no labelled example, its metrics NaN).
   """
 
   state: state_lib.TrainState
@@ -136,6 +138,7 @@ class TrainResult:
   resumed_from: int | None
   step_compiles: int
   seconds: float
+  eval_labelled: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +269,8 @@ class MetricWriter:
       prefix = split if "label" not in extra else f"{split}/{extra['label']}"
       try:
         for k, v in scalars.items():
-          self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
+          if math.isfinite(float(v)):  # NaN (a task without labels) stays a gap, as in jsonl
+            self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
         self._tb.flush()
       except Exception as error:  # pylint: disable=broad-except
         self._tensorboard_failed(error)
@@ -326,6 +330,11 @@ class Evaluator:
   Prediction and metric update are one jit-compiled function per control setting (controls
   are static: they may choose a network's shape), run on the mesh with the batch sharded.
   Inside, `predict` sees the controls as a dict whose lists and arrays became tuples.
+
+  After each call, `labelled` holds {control label: {task: count}}: how many labelled items
+  (examples for classification and regression, pixels for segmentation, depth and normals,
+  images for edges and saliency; `TaskMetric.labelled`) each task's metrics pooled. A 0 is a
+  task without any labelled example in the split, whose metrics are NaN.
   """
 
   def __init__(self, method, parallel: parallel_lib.Parallel, source: data_lib.DataSource,
@@ -338,6 +347,8 @@ class Evaluator:
                        f"task(s) {', '.join(missing)}.")
     parallel.check_batch_size(batch_size, "evaluation batch size")
     self.metrics = {t.name: t.metric() for t in self.tasks}
+    # control label -> task name -> labelled items of the last call (`TaskMetric.labelled`).
+    self.labelled: dict[str, dict[str, int]] = {}
     rep = parallel.replicated
     self._update = jax.jit(self._update_fn, static_argnums=0,
                            in_shardings=(rep, rep, parallel.batch_sharding), out_shardings=rep)
@@ -361,7 +372,7 @@ class Evaluator:
     controls_list = list(self.method.eval_controls() if controls_list is None else
                          controls_list)
     keep = {"image", data_lib.VALID_KEY, *self.metrics}
-    results = {}
+    results, labelled = {}, {}
     for controls in controls_list:
       frozen = _freeze(controls)
       states = self._init_states()
@@ -372,8 +383,11 @@ class Evaluator:
       for batch in data_lib.prefetch(batches, 2):
         states = self._update(frozen, variables, states, batch)
       host = parallel_lib.to_host(states)
-      results[control_label(controls)] = {
-          name: metric.compute(host[name]) for name, metric in self.metrics.items()}
+      label = control_label(controls)
+      results[label] = {name: metric.compute(host[name]) for name, metric in self.metrics.items()}
+      labelled[label] = {name: metric.labelled(host[name])
+                         for name, metric in self.metrics.items()}
+    self.labelled = labelled
     return results
 
 
@@ -381,35 +395,84 @@ class Evaluator:
 MAX_TASKS_LISTED = 8
 
 
-def describe_eval(per_task: Mapping[str, Mapping[str, float]], tasks: Sequence[Any]) -> str:
-  """One log line of an evaluation: every task's metrics, or, for more than
-  `MAX_TASKS_LISTED` tasks (a hundred-task regression set would print a page), each primary
-  metric's mean, median and worst task, and the tasks without a labelled example. Every value
-  still goes to metrics.jsonl and the event files."""
-  if len(per_task) <= MAX_TASKS_LISTED:
-    return "  ".join(f"{task}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                     for task, values in per_task.items())
+def summarise_eval(per_task: Mapping[str, Mapping[str, float]], tasks: Sequence[Any],
+                   labelled: Mapping[str, int] | None = None) -> dict:
+  """The summary of an evaluation over many tasks, as plain (JSON-able) values.
+
+  Args:
+    per_task: {task: {metric: value}} of one control setting.
+    tasks: the tasks (their metric names which is primary, and which way is better); tasks
+      missing from `per_task` are skipped.
+    labelled: {task: labelled items} (`Evaluator.labelled`); None infers "no labelled example"
+      from a non-finite primary metric.
+
+  Returns:
+    {"tasks": number of tasks, "primary_metrics": [{"metric", "higher_is_better", "tasks",
+    "mean", "median", "worst", "worst_task"}, ...] (one entry per primary metric, over the tasks
+    where it is finite, in task order of first appearance), "unlabelled": [tasks without a
+    labelled example], "not_finite": [labelled tasks whose primary metric is NaN or infinite],
+    "labelled": {"total", "min", "median", "max"} over the tasks (None without `labelled`)}.
+  """
   groups: dict[tuple[str, bool], list[tuple[float, str]]] = {}
-  unlabelled = []
+  unlabelled, not_finite, counts = [], [], []
   for task in tasks:
     if task.name not in per_task:
       continue
     metric = task.metric()
     value = per_task[task.name].get(metric.primary)
-    if value is None or not math.isfinite(value):
+    count = None if labelled is None else labelled.get(task.name)
+    if count is not None:
+      counts.append(int(count))
+    if count == 0 or (count is None and (value is None or not math.isfinite(value))):
       unlabelled.append(task.name)
+      continue
+    if value is None or not math.isfinite(value):
+      not_finite.append(task.name)
       continue
     higher = dict(metric.higher_is_better)[metric.primary]
     groups.setdefault((metric.primary, higher), []).append((float(value), task.name))
-  parts = []
+  primary = []
   for (name, higher), values in groups.items():
     numbers = np.array([v for v, _ in values])
     worst = min(values) if higher else max(values)
-    parts.append(f"{name} over {len(values)} tasks: mean={numbers.mean():.4g}, "
-                 f"median={np.median(numbers):.4g}, worst={worst[0]:.4g} ({worst[1]})")
-  if unlabelled:
-    shown = ", ".join(unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
-    parts.append(f"{len(unlabelled)} task(s) without a labelled example ({shown})")
+    primary.append({"metric": name, "higher_is_better": higher, "tasks": len(values),
+                    "mean": float(numbers.mean()), "median": float(np.median(numbers)),
+                    "worst": worst[0], "worst_task": worst[1]})
+  totals = None
+  if counts:
+    totals = {"total": int(np.sum(counts)), "min": int(np.min(counts)),
+              "median": float(np.median(counts)), "max": int(np.max(counts))}
+  return {"tasks": len(per_task), "primary_metrics": primary, "unlabelled": unlabelled,
+          "not_finite": not_finite, "labelled": totals}
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+  return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def describe_eval(per_task: Mapping[str, Mapping[str, float]], tasks: Sequence[Any],
+                  labelled: Mapping[str, int] | None = None) -> str:
+  """One log line of an evaluation: every task's metrics ("no labelled example" for a task
+  whose `labelled` count is 0), or, for more than `MAX_TASKS_LISTED` tasks (a hundred-task
+  regression set would print a page), each primary metric's mean, median and worst task, and
+  the tasks without a labelled example (`summarise_eval`). Every value still goes to
+  metrics.jsonl and the event files."""
+  if len(per_task) <= MAX_TASKS_LISTED:
+    def shown(task, values):
+      if labelled is not None and labelled.get(task) == 0:
+        return "no labelled example"
+      return ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+    return "  ".join(f"{task}: {shown(task, values)}" for task, values in per_task.items())
+  summary = summarise_eval(per_task, tasks, labelled)
+  parts = [f"{g['metric']} over {g['tasks']} tasks: mean={g['mean']:.4g}, "
+           f"median={g['median']:.4g}, worst={g['worst']:.4g} ({g['worst_task']})"
+           for g in summary["primary_metrics"]]
+  if summary["not_finite"]:
+    parts.append(f"{len(summary['not_finite'])} task(s) with a non-finite metric "
+                 f"({_some(summary['not_finite'])})")
+  if summary["unlabelled"]:
+    parts.append(f"{len(summary['unlabelled'])} task(s) without a labelled example "
+                 f"({_some(summary['unlabelled'])})")
   return f"{len(per_task)} tasks; " + "; ".join(parts) + "; every task in metrics.jsonl"
 
 
@@ -528,7 +591,8 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
       for label, per_task in results.items():
         writer.write(step, "eval", flatten_eval(per_task), label=label)
         if is_chief:
-          _print_above_progress(f"eval @ step {step} [{label}] {describe_eval(per_task, tasks)}")
+          line = describe_eval(per_task, tasks, evaluator.labelled.get(label))
+          _print_above_progress(f"eval @ step {step} [{label}] {line}")
       return results
 
     def check_guard(state):
@@ -588,7 +652,8 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
       writer.close()
   return TrainResult(state=canonical, train_metrics=train_metrics, eval_metrics=eval_metrics,
                      resumed_from=resumed_from, step_compiles=compiles.count,
-                     seconds=time.time() - started)
+                     seconds=time.time() - started,
+                     eval_labelled=dict(evaluator.labelled) if evaluator is not None else {})
 
 
 def _check_seed(directory: str, seed: int, step: int, metadata: Mapping[str, Any]) -> None:

@@ -9,7 +9,10 @@ model code). Each process feeds only its own slice of the batch
 Mode "pmap": `jax.pmap` with axis name `AXIS_NAME` ("batch") over the same devices, each
 process feeding its own; the step averages gradients and metrics with `lax.pmean`, and a
 method must pool its batch statistics over the same axis name, so build it with
-`axis_name=method_axis_name("pmap")`.
+`axis_name=method_axis_name("pmap")`. With missing labels the two modes differ: a task's loss
+is the mean over its labelled examples, which the mesh mode takes over the global batch while
+the pmap mode averages the devices' own means (a device with one labelled example weighs as
+much as one with fifty); use the mesh mode for sparse labels.
 
 Both modes keep the same *canonical* state for checkpoints: one copy replicated on the mesh.
 """
