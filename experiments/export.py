@@ -13,6 +13,11 @@ else:
     from dymu_jax.models import serialize
     model, variables, info = serialize.load_network("exported/utk_half")
     predictions = model.apply(variables, images)          # images (B, H, W, C) in [0, 1]
+    age = model.tasks[0].label_units(predictions["age"])  # regression in the label's units
+
+A tabular run's network takes raw feature vectors (B, D): it standardises them itself with the
+training split's statistics (also in `info["input_stats"]`), and regression tasks carry the
+targets' standardisation (`Task.label_offset`, `label_scale`; `label_units` maps back).
 
 `--budget` is a fraction of the SuperNet's MACs (0 < b <= 1) or, above 1, MACs per example.
 `--workdir` and `--output_dir` may be on any `etils.epath` filesystem (gs://bucket/run).
@@ -20,6 +25,7 @@ else:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -92,8 +98,10 @@ def export() -> str:
       "macs": macs, "supernet_macs": table.full_macs, "macs_fraction": macs / table.full_macs,
   }
   stats = getattr(run.test_source, "input_stats", None)
-  if stats:  # feature vectors: a user standardises inputs with the training split's statistics
+  if stats:  # feature vectors: the network standardises raw rows with the training statistics
     info["input_stats"] = {k: np.asarray(v).tolist() for k, v in stats.items()}
+    sub = dataclasses.replace(sub, pixel_mean=tuple(float(v) for v in stats["mean"]),
+                              pixel_std=tuple(float(v) for v in stats["std"]))
   serialize.save_network(output_dir, sub, sub_variables, extra=info, image_shape=image_shape)
   print(f"exported SubNet encoder {config.encoder} decoders {dict(zip(names, config.decoders))}"
         f": {macs:,} MACs per example ({macs / table.full_macs:.3f} of the SuperNet) to "

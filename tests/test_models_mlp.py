@@ -187,8 +187,9 @@ def test_inputs_that_do_not_fit_the_backbone_stop_with_one_sentence():
   with pytest.raises(ValueError, match=r"Task 'seg' is dense .* backbone 'mlp' ends in a flat "
                      r"vector"):
     init(build_multitask((tasks_lib.segmentation("seg", 3),), "mlp"), jnp.zeros((2, D)))
-  with pytest.raises(ValueError, match=r"pixel_mean and pixel_std normalise images, but the "
-                     r"inputs have shape \(2, 6\)"):
+  with pytest.raises(ValueError, match=r"pixel_mean and pixel_std of a network on inputs of "
+                     r"shape \(2, 6\) must both hold one value per feature .* \(6\), or be "
+                     r"unset \(inputs used as given\); got 1 and 1\."):
     init(build_multitask(tasks, "mlp", pixel_mean=(0.5,), pixel_std=(0.5,)), jnp.zeros((2, D)))
   with pytest.raises(ValueError, match=r"MLP got hidden=\(64, 0\); give the width of each "
                      r"hidden layer as positive whole numbers"):
@@ -355,9 +356,9 @@ def test_every_method_steps_on_the_mlp(name):
 
 def test_standardised_targets_train_in_their_units_and_round_trip_through_export(tmp_path):
   """A regression target in large units (mean 5000, std about 1000) trains on its standardised
-  labels; the evaluator's MAE is in the label's units; an exported network, fed the raw
-  feature vectors standardised with its saved input statistics and mapped back with
-  `Task.label_units`, gives the same MAE."""
+  labels; the evaluator's MAE is in the label's units; an exported network that carries the
+  input statistics, fed the raw feature vectors and mapped back with `Task.label_units`, gives
+  the same MAE."""
   path = write_tabular(tmp_path / "raw.npz")
   arrays = dict(np.load(path))
   arrays["linear"] = (arrays["linear"] * 1000.0 + 5000.0).astype(np.float32)
@@ -395,15 +396,16 @@ def test_standardised_targets_train_in_their_units_and_round_trip_through_export
   metric = linear.metric()
   mae = metric.compute(metric.update(metric.init(), predictions["linear"], whole["linear"]))["mae"]
   assert mae < 0.5 * linear.label_scale, mae  # learned, in the label's units
-  serialize.save_network(tmp_path / "export", method.model, variables,
-                         {"input_stats": {k: v.tolist() for k, v in source.input_stats.items()}},
+  # As `experiments.export` does: the input statistics become the network's own.
+  stats = source.input_stats
+  network = dataclasses.replace(method.model, pixel_mean=tuple(map(float, stats["mean"])),
+                                pixel_std=tuple(map(float, stats["std"])))
+  serialize.save_network(tmp_path / "export", network, variables,
                          image_shape=source.image_shape)
-  loaded, loaded_variables, extra = serialize.load_network(tmp_path / "export")
+  loaded, loaded_variables, _ = serialize.load_network(tmp_path / "export")
   assert loaded.tasks == source.tasks  # offset and scale ride in the network definition
   raw = data.load(dataclasses.replace(config, standardise_inputs=False), "test")
-  raw_inputs = raw.get(np.arange(len(raw)))["image"]
-  inputs = (raw_inputs - np.asarray(extra["input_stats"]["mean"], np.float32)) / np.asarray(
-      extra["input_stats"]["std"], np.float32)
-  exported = loaded.tasks[0].label_units(loaded.apply(loaded_variables, inputs)["linear"])
+  raw_inputs = raw.get(np.arange(len(raw)))["image"]  # the user's rows, in their own units
+  exported = loaded.tasks[0].label_units(loaded.apply(loaded_variables, raw_inputs)["linear"])
   np.testing.assert_allclose(np.mean(np.abs(np.asarray(exported)[:, 0] - whole["linear"])), mae,
                              rtol=1e-4)

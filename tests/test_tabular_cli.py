@@ -17,6 +17,7 @@ minutes on a shared 2-core CPU; most of that is compiling (the 100 heads above a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -151,11 +152,20 @@ def test_ecmt_searches_and_exports_a_tabular_subnet(table, tmp_path):
   assert info["preference"] == pytest.approx({"linear": 0.6, "wave": 0.2, "sign": 0.2})
   stats = {k: np.asarray(v, np.float32) for k, v in info["input_stats"].items()}
   assert stats["mean"].shape == stats["std"].shape == (D,)
-  rows = np.load(table)["inputs"][:5]  # raw units: standardise as the run did
-  predictions = jax.jit(model.apply)(variables, (rows - stats["mean"]) / stats["std"])
+  # The exported network takes raw rows: it standardises them itself with the run's statistics.
+  rows = np.load(table)["inputs"][:5].astype(np.float32)
+  np.testing.assert_allclose(model.pixel_mean, stats["mean"], rtol=1e-6)
+  predictions = jax.jit(model.apply)(variables, rows)
   assert {k: v.shape for k, v in predictions.items()} == {"linear": (5, 1), "wave": (5, 1),
                                                           "sign": (5, 2)}
   assert all(np.all(np.isfinite(v)) for v in predictions.values())
+  bare = dataclasses.replace(model, pixel_mean=None, pixel_std=None)  # inputs used as given
+  expected = jax.jit(bare.apply)(variables, (rows - stats["mean"]) / stats["std"])
+  for name in predictions:
+    np.testing.assert_allclose(predictions[name], expected[name], rtol=1e-4, atol=1e-5)
+  # Regression tasks carry the targets' standardisation (training split mean and std).
+  linear = model.tasks[0]
+  assert linear.name == "linear" and linear.label_scale != 1.0 and linear.label_offset != 0.0
 
 
 # ---------------------------------------------------------------------------- 100 tasks

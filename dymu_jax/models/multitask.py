@@ -14,7 +14,8 @@ program at full-width cost; its predictions equal the static path's.
 
 Inputs follow the backbone (`backbones.input_kind`): images (B, H, W, C) in [0, 1], normalised
 inside (`pixel_mean`, `pixel_std`), or, for the MLP, feature vectors (B, D), used as given (the
-arrays source standardises them with training-split statistics). Both come from the batch key
+arrays source standardises them with training-split statistics; an export sets `pixel_mean` and
+`pixel_std` to those statistics, one per feature, so it takes raw rows). Both come from the batch key
 "image". A mismatch stops with one sentence naming the shape and the backbones that fit.
 
 Predictions are a dict task name -> array with the layouts of `dymu_jax.tasks`. Variables:
@@ -44,15 +45,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def normalise_images(images: jax.Array, pixel_mean=None, pixel_std=None) -> jax.Array:
   """Per-channel normalisation of [0, 1] images; None takes the ImageNet statistics for
   3-channel images and 0.5 / 0.5 otherwise [ours]. Computed in float32; bfloat16 images come
-  back in bfloat16 (mixed precision, see `models.layers`). Feature vectors (any rank but 4)
-  are no pixels: they come back as given (standardised by the data source)."""
+  back in bfloat16 (mixed precision, see `models.layers`).
+
+  Feature vectors (B, D) come back as given (the data source standardised them), unless
+  `pixel_mean` and `pixel_std` hold one value per feature: then they are standardised here,
+  (x - mean) / std. That is how an exported tabular network carries the training split's
+  statistics, so that it takes raw feature vectors. Other ranks are returned as given."""
   if images.ndim != 4:
-    if pixel_mean is not None or pixel_std is not None:
+    if pixel_mean is None and pixel_std is None:
+      return images
+    d = images.shape[-1]
+    if images.ndim != 2 or pixel_mean is None or pixel_std is None or (
+        len(pixel_mean) != d or len(pixel_std) != d):
       raise ValueError(
-          f"pixel_mean and pixel_std normalise images, but the inputs have shape "
-          f"{tuple(images.shape)}; feature vectors are standardised by the data source, so "
-          f"leave them unset.")
-    return images
+          f"pixel_mean and pixel_std of a network on inputs of shape {tuple(images.shape)} "
+          f"must both hold one value per feature of (B, D) feature vectors ({d}), or be unset "
+          f"(inputs used as given); got {len(pixel_mean or ())} and {len(pixel_std or ())}.")
   c = images.shape[-1]
   mean = pixel_mean if pixel_mean is not None else (
       IMAGENET_MEAN if c == 3 else (0.5,) * c)
