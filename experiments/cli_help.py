@@ -43,7 +43,8 @@ RUNTIME_GROUP = ("Execution and compilation cache", runtime.NAMES)
 
 TRAIN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Data", ("dataset", "data_dir", "tasks", "task_spec", "num_train", "num_test",
-              "test_fraction", "image_size", "data_seed", "standardise_inputs", "augment")),
+              "test_fraction", "image_size", "data_seed", "standardise_inputs",
+              "standardise_targets", "augment")),
     ("Model", ("backbone", "head_width", "head_batch_norm", "backbone_options")),
     ("Method", ("method", "task_weights")),
     ("Training", ("workdir", "steps", "batch_size", "seed", "optimizer", "learning_rate",
