@@ -139,6 +139,17 @@ def run() -> train_lib.TrainResult:
     return run_dymu() if FLAGS.method == "dymu" else run_single()
 
 
+def _augment(train_source):
+  """The training augmentation of --augment (dense datasets only), or None."""
+  if not FLAGS.augment:
+    return None
+  if not any(t.is_dense for t in train_source.tasks):
+    # A flip would swap Multi-MNIST's left and right digits: only dense labels move along.
+    raise ValueError(f"--augment applies to datasets with per-pixel tasks; {FLAGS.dataset!r} "
+                     f"has none, so drop --augment.")
+  return augment_lib.make_augment(train_source.tasks)
+
+
 def run_single() -> train_lib.TrainResult:
   """Trains every method but DYMU in --workdir."""
   config = train_config()
@@ -146,13 +157,7 @@ def run_single() -> train_lib.TrainResult:
   method = common.build_method(tasks=train_source.tasks,
                                axis_name=train_lib.method_axis_name(FLAGS.parallel))
   common.check_data_fits(train_source, FLAGS.batch_size)
-  augment = None
-  if FLAGS.augment:
-    if not any(t.is_dense for t in train_source.tasks):
-      # A flip would swap Multi-MNIST's left and right digits: only dense labels move along.
-      raise ValueError(f"--augment applies to datasets with per-pixel tasks; {FLAGS.dataset!r} "
-                       f"has none, so drop --augment.")
-    augment = augment_lib.make_augment(train_source.tasks)
+  augment = _augment(train_source)
   workdir = common.ensure_workdir(FLAGS.workdir)
   logging.info("Training %s on %r (%d train, %d test examples) in %s", FLAGS.method,
                train_source.name, len(train_source), len(test_source), workdir)
@@ -183,16 +188,6 @@ def run_single() -> train_lib.TrainResult:
 
 # ----------------------------------------------------------------------------------------------
 # DYMU: three stages (METHODS.md section 1).
-
-
-def _augment(train_source):
-  """The training augmentation of --augment (dense datasets only), or None."""
-  if not FLAGS.augment:
-    return None
-  if not any(t.is_dense for t in train_source.tasks):
-    raise ValueError(f"--augment applies to datasets with per-pixel tasks; {FLAGS.dataset!r} "
-                     f"has none, so drop --augment.")
-  return augment_lib.make_augment(train_source.tasks)
 
 
 def _dymu_plan() -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 
@@ -122,6 +123,19 @@ def test_bad_flags_stop_with_one_sentence(tmp_path, args, message):
   lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and message in lines[0], result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_augment_without_per_pixel_tasks_stops_with_one_sentence(tmp_path):
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "digits.npz", images=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8),
+           digit=np.arange(40) % 10)
+  result = run_cli("--dataset=arrays", f"--data_dir={tmp_path / 'digits.npz'}",
+                   "--task_spec=digit:classification", "--augment", "--batch_size=8",
+                   f"--workdir={tmp_path / 'w'}", timeout=120)
+  assert result.returncode == 2, result.stderr
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and ("--augment applies to datasets with per-pixel tasks; 'arrays' "
+                              "has none, so drop --augment.") in lines[0], result.stderr
 
 
 def test_missing_workdir_is_a_usage_error():
