@@ -171,10 +171,13 @@ def run_single() -> train_lib.TrainResult:
             for t in train_source.tasks if t.label_offset != 0.0 or t.label_scale != 1.0}
   if scaled:  # regression predicted in (label - offset) / scale; Task.label_units maps back
     metadata["regression_label_units"] = scaled
+  # A finished run re-run keeps its training time: the no-op resume is not the run's cost.
+  finished = _finished_summary(workdir, config.steps)
   result = train_lib.train(method, train_source, test_source, config, workdir,
                            run_metadata=metadata, augment=augment)
+  seconds = finished["seconds"] if finished and "seconds" in finished else result.seconds
   summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "steps": config.steps,
-             "seconds": round(result.seconds, 1), "eval": result.eval_metrics}
+             "seconds": round(seconds, 1), "eval": result.eval_metrics}
   files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)
   # Methods with a learned structure write it next to the run (gradsplit: routing + heat map).
   save_routing = getattr(method, "save_routing", None)
@@ -182,7 +185,10 @@ def run_single() -> train_lib.TrainResult:
     for path in save_routing(result.state.variables, workdir, step=config.steps):
       print(f"wrote {path}")
   print(common.format_eval(result.eval_metrics, train_source.tasks, result.eval_labelled))
-  print(f"wall time {result.seconds:.1f} s; results in {workdir}")
+  if finished:
+    print(f"already trained ({config.steps} steps, {seconds:.1f} s); results in {workdir}")
+  else:
+    print(f"wall time {result.seconds:.1f} s; results in {workdir}")
   return result
 
 

@@ -167,6 +167,12 @@ def test_short_run_learns(tmp_path, compute_dtype):
   per_task = next(iter(summary["eval"].values()))
   assert set(per_task) == {"segmentation", "depth", "normals", "edges"}
   assert "miou" in per_task["segmentation"]
+  if compute_dtype == "float32":
+    # Re-running a finished run is a no-op that keeps the run's own training time.
+    again = run_cli(*result.args[3:], timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"already trained (60 steps, {summary['seconds']:.1f} s)" in again.stdout
+    assert json.load(open(workdir / "summary.json"))["seconds"] == summary["seconds"]
 
 
 def test_multi_mnist_run_learns_on_drawn_digits(tmp_path, drawn_mnist):
