@@ -191,21 +191,6 @@ def _eval_batch_size() -> int:
   return FLAGS.eval_batch_size or 256
 
 
-def _subset(source: data_base.DataSource, count: int, seed: int, offset: int = 0):
-  """`count` examples of `source` after `offset` in a seeded permutation, as one batch dict."""
-  order = np.random.default_rng(seed).permutation(len(source))
-  index = np.sort(order[offset:offset + count])
-  if not len(index):
-    raise ValueError(f"{source.name} {source.split} has {len(source)} examples: too few for "
-                     f"{count} held-out images after {offset}.")
-  return source.get(index)
-
-
-def _batches_of(batch: dict, size: int) -> list[dict]:
-  n = len(next(iter(batch.values())))
-  return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
-
-
 class _Limited(data_base.DataSource):
   """The first `count` examples of a source."""
 
@@ -296,59 +281,6 @@ def _points_inside(losses, reference) -> int:
   return int(np.sum(np.all(np.asarray(losses) < np.asarray(reference), axis=1)))
 
 
-def held_out_images(run, table) -> tuple[list, list, str]:
-  """(calibration image batches, labelled scoring batches, cache signature) from the training
-  split: `--calibration_examples` then `--score_examples` of a permutation seeded by the run's
-  seed, so the test split stays unseen."""
-  seed = run.config.seed
-  size = _eval_batch_size()
-  n = len(run.train_source)
-  # Small training sets: at most half for calibration, the rest for scoring.
-  num_calibration = max(1, min(FLAGS.calibration_examples, n // 2))
-  num_score = max(1, min(FLAGS.score_examples, n - num_calibration))
-  calib_batch = _subset(run.train_source, num_calibration, seed)
-  calibration = [b["image"] for b in _batches_of(calib_batch, size)]
-  if len(calibration) > 1 and len(calibration[-1]) < size:
-    # Equal batch sizes (each batch counts once in the statistics): drop a short last batch.
-    calibration = calibration[:-1]
-  score_batch = _subset(run.train_source, num_score, seed, offset=num_calibration)
-  score_batch[data_base.VALID_KEY] = np.ones(len(score_batch["image"]), bool)
-  validation = _batches_of(score_batch, size)
-  signature = (f"{table.signature}|step={run.step}|calibration={num_calibration}|"
-               f"score={num_score}|seed={seed}|batch={size}")
-  return calibration, validation, signature
-
-
-def cached_encoder_scores(run, calibration, validation, signature) -> dict:
-  """`ecmt.score_encoders` of the run, cached in `<workdir>/encoder_scores.json` for this
-  checkpoint and these held-out images."""
-  path = files_lib.run_path(run.workdir) / "encoder_scores.json"
-  if files_lib.is_file(path):
-    try:
-      record = files_lib.read_json(path)
-      if record.get("signature") == signature:
-        return {tuple(e): float(s) for e, s in record["scores"]}
-    except (files_lib.DamagedFile, AttributeError, KeyError, TypeError, ValueError) as error:
-      print(f"{error if isinstance(error, files_lib.DamagedFile) else f'{path} is damaged'}; "
-            f"scoring again.", flush=True)
-  method = run.method
-  started = time.time()
-  total = len(ecmt.encoder_configs(method.num_stages, method.width_choices))
-  count = sum(len(b["image"]) for b in validation)
-  print(f"scoring {total} encoder configurations on {count} held-out training images "
-        f"(once; cached in {path})...", flush=True)
-
-  def progress(done, count):
-    if done % max(count // 8, 1) == 0 or done == count:
-      print(f"  {done}/{count} encoders scored ({time.time() - started:.0f} s)", flush=True)
-
-  scores = ecmt.score_encoders(method, run.variables, calibration, validation,
-                               progress=progress)
-  files_lib.write_json(path, {"signature": signature,
-                              "scores": [[list(e), s] for e, s in scores.items()]}, indent=None)
-  return scores
-
-
 def _reference(run, tasks) -> tuple[dict, str]:
   """The reference metrics {task: {metric: value}} and their name."""
   if not FLAGS.reference_workdir:
@@ -383,15 +315,14 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
   tasks = tuple(method.tasks)
   names = [t.name for t in tasks]
   image_shape = tuple(run.test_source.image_shape)
-  table = ecmt.cached_cost_table(method.model, image_shape, method.width_choices,
-                                 path=files_lib.run_path(run.workdir) / "cost_table.json")
+  # Held-out training images: calibration, then scoring (the test split stays unseen).
+  held_out = runs.held_out(run, FLAGS.calibration_examples, FLAGS.score_examples,
+                           _eval_batch_size())
+  prepared = method.prepare(run.variables, held_out, cache_dir=run.workdir)
+  table, scores, calibration = prepared.cost_table, prepared.scores, prepared.calibration
   full, smallest = table.full_macs, table.smallest_macs
   print(f"SuperNet {full:,} MACs/example; smallest SubNet {smallest:,} "
         f"({smallest / full:.3f} of it)", flush=True)
-
-  # Held-out training images: calibration, then scoring (the test split stays unseen).
-  calibration, validation, signature = held_out_images(run, table)
-  scores = cached_encoder_scores(run, calibration, validation, signature)
 
   test_source = run.test_source
   if FLAGS.max_test_examples and FLAGS.max_test_examples < len(test_source):

@@ -91,6 +91,8 @@ from jax.flatten_util import ravel_pytree
 from dymu_jax import losses as losses_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import base as data_lib
+from dymu_jax.methods import base
+from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import branched
 from dymu_jax.models.branched import BranchedNet, Tree, TreeCost
 
@@ -359,7 +361,7 @@ def _is_traced(tree: PyTree) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class DymuMethod:
+class DymuMethod(base.MethodBase):
   """DYMU on a `BranchedNet` (module docstring); one instance per training stage.
 
   Attributes:
@@ -630,6 +632,54 @@ class DymuMethod:
   def controller(self, variables: Mapping[str, PyTree]) -> DymuController:
     """The inference controller of trained variables (stage "edge" or "weight")."""
     return DymuController(self, variables)
+
+  def control_space(self) -> base.ControlSpace:
+    """A preference and a resource c once the edge hypernetwork is trained; none before."""
+    if self.stage in ("pretrain", "anchor"):
+      return base.ControlSpace()
+    return base.ControlSpace(("preference", "resource"))
+
+  def deploy(self, variables, controls=None, prepared=None, *, image_shape) -> base.Deployed:
+    """The argmax tree of h(r, c) on the anchor with g(r, c)'s batch-norm shifts (stage
+    "weight"), only its nodes computed; the anchor's separate streams (stage "anchor") or the
+    trunk (stage "pretrain") before. A missing preference is uniform, a missing resource 0."""
+    del prepared
+    controls = self.control_space().check(controls)
+    image_shape = tuple(int(d) for d in image_shape)
+    anchor, _, _ = self.parts(variables)
+    if self.stage in ("pretrain", "anchor"):
+      tree = self.net.shared_tree(0) if self.stage == "pretrain" else self.net.separate_tree()
+      adapted, controls = anchor, {}
+    else:
+      r = check_preference(controls.get("preference", np.full(self.num_tasks,
+                                                              1.0 / self.num_tasks)),
+                           self.num_tasks)
+      c = check_resource(controls.get("resource", 0.0))
+      tree, adapted = self.controller(variables).predict(r, c)
+      controls = {"preference": tuple(float(x) for x in r), "resource": float(c)}
+    cost = self.net.tree_cost(tree, image_shape)
+    info = {"tree": [list(p) for p in tree.parents], "anchor_macs": cost.full_macs,
+            "macs_fraction": cost.macs_fraction}
+    return base.Deployed(TreeNetwork(self.net, tree), adapted, image_shape, controls,
+                         key=tree, info=info, known_cost=cost_lib.Cost(cost.macs, cost.params))
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeNetwork:
+  """A fixed tree of a `BranchedNet` as a network: `apply(variables, images)` computes only the
+  tree's nodes (variables: the anchor's, possibly with batch-norm shifts)."""
+
+  net: BranchedNet
+  tree: Tree
+
+  @property
+  def tasks(self) -> tuple[tasks_lib.Task, ...]:
+    return self.net.tasks
+
+  def apply(self, variables, images, train: bool = False) -> dict[str, jax.Array]:
+    if train:
+      raise ValueError("A deployed DYMU tree runs in evaluation mode only (train=False).")
+    return apply_tree(self.net, variables, images, self.tree)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

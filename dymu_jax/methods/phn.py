@@ -42,6 +42,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from dymu_jax import tasks as tasks_lib
+from dymu_jax.methods import base
 from dymu_jax.methods import dymu
 from dymu_jax.models import branched
 
@@ -143,7 +144,7 @@ def _offsets_and_scales(template: PyTree, bn_paths: Sequence[tuple[str, ...]]):
 
 
 @dataclasses.dataclass(frozen=True)
-class PHNMethod:
+class PHNMethod(base.MethodBase):
   """PHN ("all") or PHN-BN ("bn") on one shared network (module docstring).
 
   Attributes:
@@ -274,6 +275,28 @@ class PHNMethod:
   def eval_controls(self):
     """The uniform preference."""
     return [{"preference": tuple([1.0 / self.num_tasks] * self.num_tasks)}]
+
+  def control_space(self) -> base.ControlSpace:
+    return base.ControlSpace(("preference",))
+
+  def deploy(self, variables, controls=None, prepared=None, *, image_shape) -> base.Deployed:
+    """The shared network with the weights generated for the preference (default uniform)."""
+    del prepared
+    controls = self.control_space().check(controls)
+    r = dymu.check_preference(controls.get("preference", np.full(self.num_tasks,
+                                                                 1.0 / self.num_tasks)),
+                              self.num_tasks)
+    image_shape = tuple(int(d) for d in image_shape)
+    state = {k: v for k, v in variables.items() if k != "params"}
+    network = _generate(self, variables["params"], image_shape, jnp.asarray(r, jnp.float32))
+    preference = tuple(float(x) for x in r)
+    return base.Deployed(self.model, {"params": network, **state}, image_shape,
+                         {"preference": preference}, key=(self.name, preference))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _generate(method: PHNMethod, params, image_shape: tuple[int, ...], preference):
+  return method.network_params(params, image_shape, preference)
 
 
 @functools.lru_cache(maxsize=64)
