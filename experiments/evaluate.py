@@ -7,11 +7,12 @@ The run is rebuilt from its newest checkpoint and the flags saved with it. Resul
 `<workdir>/eval/` (or `--output_dir`): `results.json`, `report.md` and PNG plots, and for the
 fixed-control methods (below) `per_task.csv`.
 
-Preferences of every sweep (ECMT, DYMU, PHN, PHN-BN), `--preference_grid` (`preference_grid`):
+Preferences of every sweep (ECMT, DYMU, PHN, PHN-BN), `--preference_grid`
+(`controls.preference_grid`):
   * `rays` (the default [ours]): for 2 tasks the `--num_preferences` (25) evaluation rays of PHN's
-    Multi-MNIST code (`pareto.phn_rays`: angles evenly spaced in [0.1, pi/2 - 0.1], r = (cos,
+    Multi-MNIST code (`controls.phn_rays`: angles evenly spaced in [0.1, pi/2 - 0.1], r = (cos,
     sin) / (cos + sin); no corner preference), for more tasks the Das-Dennis grid below;
-  * `das_dennis`: `pareto.das_dennis` with the fewest divisions giving at least
+  * `das_dennis`: `controls.das_dennis` with the fewest divisions giving at least
     `--num_preferences` points (corners and edges of the simplex included);
   * `random`: `--num_preferences` drawn uniformly from the simplex (Dirichlet(1), seeded by
     `--preference_seed`), the only sweep before this flag (`--preference_grid=random
@@ -97,6 +98,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from dymu_jax import controls
 from dymu_jax import files as files_lib
 from experiments import cli_help
 from experiments import common
@@ -116,8 +118,6 @@ from dymu_jax.models.branched import BranchedNet, Tree
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models.widths import WidthConfig
 
-# --preference_grid choices (`preference_grid`); "rays" is the default [ours].
-PREFERENCE_GRIDS = ("rays", "das_dennis", "random")
 # The default hypervolume reference of a 2-task Multi-MNIST run, in test cross-entropy per digit
 # (issue 22); other runs default to a point just worse than every loss of their sweeps.
 MULTI_MNIST_HV_REFERENCE = (2.0, 2.0)
@@ -131,7 +131,7 @@ flags.DEFINE_string("reference_workdir", None,
                     "of the normalised metrics (default: the run's own SuperNet).")
 flags.DEFINE_list("budgets", ["0.25", "0.5", "0.75", "1.0"],
                   "ECMT: budgets as fractions of the SuperNet's MACs.")
-flags.DEFINE_enum("preference_grid", "rays", list(PREFERENCE_GRIDS),
+flags.DEFINE_enum("preference_grid", "rays", list(controls.PREFERENCE_GRIDS),
                   "The preferences of every sweep (ECMT, DYMU, PHN, PHN-BN). 'rays': for 2 "
                   "tasks PHN's evaluation rays (--num_preferences angles evenly spaced in "
                   "[0.1, pi/2 - 0.1], r = (cos, sin) / (cos + sin)), for more tasks the "
@@ -209,52 +209,10 @@ class _Limited(data_base.DataSource):
 # ECMT.
 
 
-def preference_sweep(num: int, num_tasks: int, seed: int) -> np.ndarray:
-  """(num, T) preferences drawn uniformly from the simplex (Dirichlet with all ones)."""
-  if num < 2:
-    raise ValueError(f"--num_preferences must be at least 2 for rank correlations, got {num}.")
-  return np.random.default_rng(seed).dirichlet(np.ones(num_tasks), size=num)
-
-
-def preference_grid(grid: str, num: int, num_tasks: int, seed: int) -> tuple[np.ndarray, dict]:
-  """The preferences of a sweep, (n, T), and a record of how they were made (for the report).
-
-  grid: "rays" (2 tasks: `pareto.phn_rays(num)`, PHN's evaluation rays; more tasks: as
-  "das_dennis"), "das_dennis" (`pareto.das_dennis` with the fewest divisions giving at least
-  `num` points, so n >= num) or "random" (`preference_sweep(num, num_tasks, seed)`, unchanged).
-  """
-  if num < 2:
-    raise ValueError(f"--num_preferences must be at least 2 for rank correlations, got {num}.")
-  record = {"grid": grid, "requested": int(num), "divisions": None, "seed": None}
-  if grid == "random":
-    prefs = preference_sweep(num, num_tasks, seed)
-    record["seed"] = int(seed)
-    record["description"] = f"drawn uniformly from the simplex (Dirichlet(1), seed {seed})"
-  elif grid == "rays" and num_tasks == 2:
-    prefs = pareto.phn_rays(num)
-    record["description"] = (
-        f"PHN's evaluation rays: angles evenly spaced in [{pareto.PHN_RAY_MIN_ANGLE:g}, "
-        f"pi/2 - {pareto.PHN_RAY_MIN_ANGLE:g}], r = (cos, sin) / (cos + sin)")
-  elif grid in ("rays", "das_dennis"):
-    if num_tasks < 2:
-      raise ValueError(f"--preference_grid={grid} needs at least 2 tasks, got {num_tasks}; use "
-                       "--preference_grid=random.")
-    divisions = pareto.das_dennis_divisions(num_tasks, num)
-    prefs = pareto.das_dennis(num_tasks, divisions)
-    record["divisions"] = divisions
-    record["description"] = (f"the Das-Dennis grid of the simplex, {divisions} "
-                             f"division{'s' if divisions != 1 else ''} (corners included)")
-  else:
-    raise ValueError(f"--preference_grid must be one of {', '.join(PREFERENCE_GRIDS)}, got "
-                     f"{grid!r}.")
-  record["num_preferences"] = int(len(prefs))
-  return prefs, record
-
-
 def _sweep_preferences(num_tasks: int) -> tuple[np.ndarray, dict]:
-  """The flags' preference sweep (`preference_grid`)."""
-  return preference_grid(FLAGS.preference_grid, FLAGS.num_preferences, num_tasks,
-                         FLAGS.preference_seed)
+  """The flags' preference sweep (`controls.preference_grid`)."""
+  return controls.preference_grid(FLAGS.preference_grid, FLAGS.num_preferences, num_tasks,
+                                  FLAGS.preference_seed)
 
 
 def hv_reference_point(losses, num_tasks: int, dataset: str | None) -> tuple[np.ndarray, str]:

@@ -25,8 +25,11 @@ A tabular run's network takes raw feature vectors (B, D): it standardises them i
 training split's statistics (also in `info["input_stats"]`), and regression tasks carry the
 targets' standardisation (`Task.label_offset`, `label_scale`; `label_units` maps back).
 
-Not exported yet (the saved-network format holds one multi-task network): single-task runs
-(N networks) and DYMU trees; `experiments.evaluate` measures them.
+DYMU (`--preference --resource`, stages edge and weight) exports the argmax tree of h(r, c) on
+the anchor's streams with g(r, c)'s batch-norm shifts applied (`network.json` holds the tree;
+the loaded network computes only the tree's nodes); an anchor-stage folder exports its
+separate streams. Not exported yet: single-task runs (N networks in one folder); the saved
+format holds one network.
 
 `--budget` is a fraction of the SuperNet's MACs (0 < b <= 1) or, above 1, MACs per example.
 `--workdir` and `--output_dir` may be on any `etils.epath` filesystem (gs://bucket/run).
@@ -34,7 +37,6 @@ Not exported yet (the saved-network format holds one multi-task network): single
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -98,7 +100,8 @@ def export() -> str:
     raise app.UsageError("--workdir is required: the folder of a trained run.")
   if FLAGS.output_dir:  # an output folder that cannot be written stops before the search
     common.ensure_workdir(FLAGS.output_dir, "--output_dir")
-  run = runs.load_run(FLAGS.workdir, data_dir=FLAGS.data_dir)
+  # A `--dymu_stage=all` folder: its newest trained stage.
+  run = runs.load_run(runs.resolve_workdir(FLAGS.workdir), data_dir=FLAGS.data_dir)
   method = run.method.replace_options(**{
       name: FLAGS[name].value for name in run.method.DEPLOY_OPTIONS
       if name in FLAGS and FLAGS[name].present})
@@ -120,10 +123,7 @@ def export() -> str:
   stats = getattr(run.test_source, "input_stats", None)
   if stats:  # feature vectors: the network standardises raw rows with the training statistics
     info["input_stats"] = {k: np.asarray(v).tolist() for k, v in stats.items()}
-    network = dataclasses.replace(deployed.network,
-                                  pixel_mean=tuple(float(v) for v in stats["mean"]),
-                                  pixel_std=tuple(float(v) for v in stats["std"]))
-    deployed = dataclasses.replace(deployed, network=network)
+    deployed = deployed.with_input_normalisation(stats["mean"], stats["std"])
   output_dir = FLAGS.output_dir or os.fspath(
       files_lib.run_path(run.workdir) / "export" / _label(deployed.controls))
   deployed.export(output_dir, extra=info)

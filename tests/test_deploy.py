@@ -6,6 +6,7 @@ Networks are tiny LeNets on 16 px digits; variables are filled by numpy (nothing
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,7 +18,7 @@ from dymu_jax import methods
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import base as data_base
 from dymu_jax.methods import base, dymu
-from dymu_jax.models import serialize
+from dymu_jax.models import branched, serialize
 
 import random_variables as test_variables
 import test_methods_dymu as dymu_tests
@@ -128,7 +129,9 @@ def test_controls_a_method_does_not_take_are_refused_in_one_sentence():
   method, variables = setup("phn")
   with pytest.raises(ValueError, match=r"takes the controls preference; budget cannot be set"):
     method.deploy(variables, {"budget": 0.5}, image_shape=SHAPE)
-  with pytest.raises(ValueError, match="must lie on the simplex"):
+  with pytest.raises(ValueError, match=r"^The preference \(0.9, 0.9\) is not on the simplex: "
+                                       r"entries must be >= 0 and sum to 1 "
+                                       r"\(they sum to 1.8\)\.$"):
     method.deploy(variables, {"preference": (0.9, 0.9)}, image_shape=SHAPE)
   method, variables = setup("ecmt")
   with pytest.raises(ValueError, match="needs held-out training images"):
@@ -150,7 +153,7 @@ def test_ecmt_deploy_options_change_the_search():
     method.replace_options(decoder_reserve=2.0)
 
 
-def test_dymu_deploys_the_tree_with_shifted_batch_norms():
+def test_dymu_deploys_and_exports_the_tree_with_shifted_batch_norms(tmp_path):
   """The weight stage's deployed tree is the controller's, computes only its nodes, and costs
   what `BranchedNet.tree_cost` counts; the anchor stage deploys its separate streams."""
   method, variables = dymu_tests.trained("weight")
@@ -160,6 +163,9 @@ def test_dymu_deploys_the_tree_with_shifted_batch_norms():
   deployed = method.deploy(variables, controls, image_shape=dymu_tests.SHAPE)
   tree, _ = method.controller(variables).predict(np.array((0.8, 0.2)), 1.0)
   assert deployed.key == tree
+  # The preference is recorded as the float32 values the hypernetworks read.
+  assert deployed.controls == {"preference": tuple(float(x) for x in np.float32([0.8, 0.2])),
+                               "resource": 1.0}
   expected = method.predict(variables, images, controls)
   got = deployed.apply(images)
   for task in DIGITS:
@@ -167,11 +173,24 @@ def test_dymu_deploys_the_tree_with_shifted_batch_norms():
   cost = method.net.tree_cost(tree, dymu_tests.SHAPE)
   assert (deployed.cost().macs, deployed.cost().params) == (cost.macs, cost.params)
   assert deployed.info["tree"] == [list(p) for p in tree.parents]
-  assert not deployed.exportable
+  # Exported: the tree and the shifted anchor load back without the method and predict the same.
+  network, loaded, info = serialize.load_network(deployed.export(tmp_path / "tree"))
+  assert isinstance(network, branched.TreeNetwork) and network.tree == tree
+  assert network.net == method.net
+  reloaded = network.apply(loaded, images)
+  for task in DIGITS:
+    np.testing.assert_allclose(reloaded[task.name], got[task.name], rtol=1e-5, atol=1e-5)
+  assert info["controls"] == {"preference": list(deployed.controls["preference"]),
+                              "resource": 1.0}
+  assert (info["macs"], info["params"]) == (cost.macs, cost.params)
+  # A BranchedNet built by hand (no build_branched options) cannot be described for export.
+  bare = base.Deployed(branched.TreeNetwork(dataclasses.replace(method.net, build_options=()),
+                                            tree), deployed.variables, dymu_tests.SHAPE)
+  assert not bare.exportable
   with pytest.raises(ValueError, match="A deployed TreeNetwork cannot be exported yet"):
-    deployed.export("unused")
+    bare.export(tmp_path / "bare")
   anchor_method, anchor_variables = dymu_tests.anchor()
   assert anchor_method.control_space().names == ()
   anchor = anchor_method.deploy(anchor_variables, image_shape=dymu_tests.SHAPE)
   assert anchor.key == anchor_method.net.separate_tree()
-  assert isinstance(anchor.network, dymu.TreeNetwork)
+  assert isinstance(anchor.network, branched.TreeNetwork)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from dymu_jax import tasks as tasks_lib
+from dymu_jax.models import branched
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import serialize
 from dymu_jax.models.multitask import MultiTaskNet
@@ -177,7 +178,25 @@ class Deployed:
 
   @property
   def exportable(self) -> bool:
+    """Whether `export` can write the network: a `MultiTaskNet`, or a DYMU tree whose
+    `BranchedNet` came from `branched.build_branched`."""
+    if isinstance(self.network, branched.TreeNetwork):
+      return bool(self.network.net.build_options)
     return isinstance(self.network, MultiTaskNet)
+
+  def with_input_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> Deployed:
+    """The same deployment whose network standardises its inputs itself with (mean, std) per
+    channel or feature (a tabular run's training statistics), so that it takes raw rows."""
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    network = self.network
+    if isinstance(network, branched.TreeNetwork):
+      net = dataclasses.replace(network.net, pixel_mean=mean, pixel_std=std)
+      network = branched.TreeNetwork(net, network.tree)
+    elif isinstance(network, MultiTaskNet):
+      network = dataclasses.replace(network, pixel_mean=mean, pixel_std=std)
+    else:
+      raise ValueError(f"A {type(network).__name__} has no input normalisation to set.")
+    return dataclasses.replace(self, network=network)
 
   def export(self, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None
              ) -> str:
@@ -187,7 +206,8 @@ class Deployed:
     """
     if not self.exportable:
       raise ValueError(f"A deployed {type(self.network).__name__} cannot be exported yet: the "
-                       f"saved-network format holds one multi-task network (MultiTaskNet).")
+                       f"saved-network format holds one multi-task network (a MultiTaskNet, "
+                       f"or a DYMU tree of a BranchedNet made by build_branched).")
     cost = self.cost()
     record = {**dict(self.info), "controls": _jsonable_controls(self.controls),
               "macs": int(cost.macs), "params": int(cost.params), **dict(extra or {})}

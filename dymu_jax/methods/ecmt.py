@@ -55,7 +55,8 @@ what is ours:
   must leave `decoder_reserve` of the decoders' MACs span free, and each decoder is capped at
   `r_t / max(r)` of its full extra MACs (`preference_cap`); without them the encoder tends to
   take the whole budget, and on datasets whose decoders are cheap (classification heads) every
-  decoder ends at full width whatever the preference.
+  decoder ends at full width whatever the preference. The preference is checked, in float64
+  and renormalised to sum 1, by `dymu_jax.controls.check_preference`.
 
 `predict(variables, images, controls)` runs the static sliced path for `{"widths": WidthConfig}`,
 `{"encoder": (...), "decoders": (...)}` or `{"preference": r, "budget": b}` (resolved by the
@@ -78,6 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dymu_jax import controls as controls_lib
 from dymu_jax import execution
 from dymu_jax import files as files_lib
 from dymu_jax import losses
@@ -93,8 +95,6 @@ from dymu_jax.models.widths import (WIDTH_CHOICES, DynamicWidths, WidthConfig, c
 
 PyTree = Any
 KD_MODES = ("ci_kd", "mutual", "none")
-# Preferences may be off the simplex by this much (float32 sums, typed decimals).
-SIMPLEX_TOLERANCE = 1e-5
 # Fraction of the decoders' MACs span the search keeps free for the preference [ours].
 DECODER_RESERVE = 0.5
 
@@ -483,8 +483,8 @@ class ECMTMethod(base.MethodBase):
     if prepared is None:
       raise ValueError("ECMT's deploy needs `prepare(variables, held_out)`'s result.")
     names = [t.name for t in self.tasks]
-    preference = check_preference(controls.get("preference", np.full(len(names), 1 / len(names))),
-                                  names)
+    preference = controls_lib.check_preference(
+        controls.get("preference", np.full(len(names), 1 / len(names))), names)
     budget = controls.get("budget", 1.0)
     config = self.search(preference, budget, prepared)
     recalibrated = self.recalibrate(variables, config, prepared)
@@ -890,24 +890,6 @@ def cached_cost_table(model: MultiTaskNet, image_shape: Sequence[int],
 # The search.
 
 
-def check_preference(preference, task_names: Sequence[str]) -> np.ndarray:
-  """The preference as float64 (T,) on the simplex, or one ValueError sentence."""
-  try:
-    r = np.asarray(preference, np.float64).reshape(-1)
-  except (TypeError, ValueError):
-    raise ValueError(f"The preference must be {len(task_names)} numbers, one per task "
-                     f"({', '.join(task_names)}), got {preference!r}.") from None
-  if r.shape[0] != len(task_names):
-    raise ValueError(f"The preference has {r.shape[0]} entries {tuple(r.tolist())} but there "
-                     f"are {len(task_names)} tasks ({', '.join(task_names)}).")
-  if not np.all(np.isfinite(r)) or np.any(r < -SIMPLEX_TOLERANCE) or (
-      abs(r.sum() - 1.0) > SIMPLEX_TOLERANCE):
-    raise ValueError(f"The preference {tuple(r.tolist())} is not on the simplex: entries must "
-                     f"be >= 0 and sum to 1.")
-  r = np.clip(r, 0.0, None)
-  return r / r.sum()
-
-
 def budget_macs(budget, cost_table: CostTable) -> int:
   """A budget as MACs: an int is MACs, a float in (0, 1] a fraction of the SuperNet's MACs."""
   full = cost_table.full_macs
@@ -988,7 +970,7 @@ def _too_small(budget, macs: int, smallest: int, full: int, what: str) -> ValueE
 def allocate_decoders(preference, budget, encoder: Sequence[float], *,
                       cost_table: CostTable, preference_cap: bool = True) -> tuple[float, ...]:
   """Decoder multipliers for a fixed encoder configuration (the inner step of `search`)."""
-  r = check_preference(preference, cost_table.task_names)
+  r = controls_lib.check_preference(preference, cost_table.task_names)
   macs = budget_macs(budget, cost_table)
   e = cost_table.encoder_index(encoder)
   smallest = int(cost_table.encoder_macs[e] + cost_table.decoder_macs[e, :, 0].sum())
@@ -1035,7 +1017,7 @@ def search(preference, budget, *, cost_table: CostTable,
     ValueError: a preference of the wrong length or off the simplex, a malformed budget, or a
       budget below the smallest configuration's MACs (one sentence each).
   """
-  r = check_preference(preference, cost_table.task_names)
+  r = controls_lib.check_preference(preference, cost_table.task_names)
   macs = budget_macs(budget, cost_table)
   smallest = cost_table.smallest_macs
   if macs < smallest:

@@ -18,10 +18,11 @@ batch-norm parameters, so a fresh hypernetwork generates weights of the usual in
 In "bn" mode the output head starts at zero (scales 1, biases 0: the usual batch-norm start).
 
 Training [known]: linear scalarisation `sum_i r_i w_i L_i` with one preference per batch,
-r ~ Dirichlet(alpha 1_N), alpha = 0.2. Batch norm [ours]: batch statistics in training, one set
-of running statistics shared by all preferences.
+r ~ Dirichlet(alpha 1_N), alpha = 0.2 (`controls.sample_controls`). Batch norm [ours]: batch
+statistics in training, one set of running statistics shared by all preferences.
 
-Controls: `{"preference": r}`; None takes the uniform preference.
+Controls: `{"preference": r}` (checked by `controls.check_preference`); None takes the uniform
+preference.
 
 Variables: "all": `{"params": {"hypernet": ...}, "batch_stats": ...}`; "bn": `{"params":
 {"hypernet": ..., "network": <the network's params without batch-norm scales and biases>},
@@ -41,9 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from dymu_jax import controls as controls_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import base
-from dymu_jax.methods import dymu
 from dymu_jax.models import branched
 
 PyTree = Any
@@ -246,7 +247,7 @@ class PHNMethod(base.MethodBase):
   def loss(self, params, model_state, batch, rng, step):
     """Linear scalarisation for one preference per batch: sum_i r_i w_i L_i."""
     del step
-    r, _ = dymu.sample_controls(rng, self.num_tasks, self.dirichlet_alpha)
+    r, _ = controls_lib.sample_controls(rng, self.num_tasks, self.dirichlet_alpha)
     images = batch["image"]
     network = self.network_params(params, images.shape[1:], r)
     predictions, new_state = self.model.apply({"params": network, **model_state}, images,
@@ -264,7 +265,8 @@ class PHNMethod(base.MethodBase):
       if set(controls) != {"preference"}:
         raise ValueError(f"PHN controls must be {{'preference': r}}, got keys "
                          f"{sorted(controls)}.")
-      r = dymu.check_preference(controls["preference"], self.num_tasks)
+      r = controls_lib.check_preference(controls["preference"], self.num_tasks).astype(
+          np.float32)
     else:
       r = np.full((self.num_tasks,), 1.0 / self.num_tasks, np.float32)
     params = variables["params"]
@@ -283,9 +285,9 @@ class PHNMethod(base.MethodBase):
     """The shared network with the weights generated for the preference (default uniform)."""
     del prepared
     controls = self.control_space().check(controls)
-    r = dymu.check_preference(controls.get("preference", np.full(self.num_tasks,
-                                                                 1.0 / self.num_tasks)),
-                              self.num_tasks)
+    r = controls_lib.check_preference(
+        controls.get("preference", np.full(self.num_tasks, 1.0 / self.num_tasks)),
+        self.num_tasks).astype(np.float32)
     image_shape = tuple(int(d) for d in image_shape)
     state = {k: v for k, v in variables.items() if k != "params"}
     network = _generate(self, variables["params"], image_shape, jnp.asarray(r, jnp.float32))
