@@ -35,6 +35,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from dymu_jax import controls
 from dymu_jax import data as data_lib
 from dymu_jax import methods as methods_lib
 from dymu_jax.methods import ecmt
@@ -151,7 +152,7 @@ def main(argv):
   method = methods_lib.build("ecmt", tasks, model_options=model_options)
   model = method.model
   preference = parse_preference(_PREFERENCE.value, len(tasks))
-  ecmt.check_preference(preference, [t.name for t in tasks])  # one sentence if off the simplex
+  controls.check_preference(preference, [t.name for t in tasks])  # one sentence if off the simplex
 
   # Real test images when there are enough (latency does not depend on them).
   images = np.asarray(source.get(np.arange(min(len(source), _BATCH.value)))["image"],

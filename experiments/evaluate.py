@@ -7,11 +7,12 @@ The run is rebuilt from its newest checkpoint and the flags saved with it. Resul
 `<workdir>/eval/` (or `--output_dir`): `results.json`, `report.md` and PNG plots, and for the
 fixed-control methods (below) `per_task.csv`.
 
-Preferences of every sweep (ECMT, DYMU, PHN, PHN-BN), `--preference_grid` (`preference_grid`):
+Preferences of every sweep (ECMT, DYMU, PHN, PHN-BN), `--preference_grid`
+(`controls.preference_grid`):
   * `rays` (the default [ours]): for 2 tasks the `--num_preferences` (25) evaluation rays of PHN's
-    Multi-MNIST code (`pareto.phn_rays`: angles evenly spaced in [0.1, pi/2 - 0.1], r = (cos,
+    Multi-MNIST code (`controls.phn_rays`: angles evenly spaced in [0.1, pi/2 - 0.1], r = (cos,
     sin) / (cos + sin); no corner preference), for more tasks the Das-Dennis grid below;
-  * `das_dennis`: `pareto.das_dennis` with the fewest divisions giving at least
+  * `das_dennis`: `controls.das_dennis` with the fewest divisions giving at least
     `--num_preferences` points (corners and edges of the simplex included);
   * `random`: `--num_preferences` drawn uniformly from the simplex (Dirichlet(1), seeded by
     `--preference_seed`), the only sweep before this flag (`--preference_grid=random
@@ -97,6 +98,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from dymu_jax import controls
 from dymu_jax import files as files_lib
 from experiments import cli_help
 from experiments import common
@@ -116,8 +118,6 @@ from dymu_jax.models.branched import BranchedNet, Tree
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models.widths import WidthConfig
 
-# --preference_grid choices (`preference_grid`); "rays" is the default [ours].
-PREFERENCE_GRIDS = ("rays", "das_dennis", "random")
 # The default hypervolume reference of a 2-task Multi-MNIST run, in test cross-entropy per digit
 # (issue 22); other runs default to a point just worse than every loss of their sweeps.
 MULTI_MNIST_HV_REFERENCE = (2.0, 2.0)
@@ -131,7 +131,7 @@ flags.DEFINE_string("reference_workdir", None,
                     "of the normalised metrics (default: the run's own SuperNet).")
 flags.DEFINE_list("budgets", ["0.25", "0.5", "0.75", "1.0"],
                   "ECMT: budgets as fractions of the SuperNet's MACs.")
-flags.DEFINE_enum("preference_grid", "rays", list(PREFERENCE_GRIDS),
+flags.DEFINE_enum("preference_grid", "rays", list(controls.PREFERENCE_GRIDS),
                   "The preferences of every sweep (ECMT, DYMU, PHN, PHN-BN). 'rays': for 2 "
                   "tasks PHN's evaluation rays (--num_preferences angles evenly spaced in "
                   "[0.1, pi/2 - 0.1], r = (cos, sin) / (cos + sin)), for more tasks the "
@@ -191,21 +191,6 @@ def _eval_batch_size() -> int:
   return FLAGS.eval_batch_size or 256
 
 
-def _subset(source: data_base.DataSource, count: int, seed: int, offset: int = 0):
-  """`count` examples of `source` after `offset` in a seeded permutation, as one batch dict."""
-  order = np.random.default_rng(seed).permutation(len(source))
-  index = np.sort(order[offset:offset + count])
-  if not len(index):
-    raise ValueError(f"{source.name} {source.split} has {len(source)} examples: too few for "
-                     f"{count} held-out images after {offset}.")
-  return source.get(index)
-
-
-def _batches_of(batch: dict, size: int) -> list[dict]:
-  n = len(next(iter(batch.values())))
-  return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
-
-
 class _Limited(data_base.DataSource):
   """The first `count` examples of a source."""
 
@@ -224,52 +209,10 @@ class _Limited(data_base.DataSource):
 # ECMT.
 
 
-def preference_sweep(num: int, num_tasks: int, seed: int) -> np.ndarray:
-  """(num, T) preferences drawn uniformly from the simplex (Dirichlet with all ones)."""
-  if num < 2:
-    raise ValueError(f"--num_preferences must be at least 2 for rank correlations, got {num}.")
-  return np.random.default_rng(seed).dirichlet(np.ones(num_tasks), size=num)
-
-
-def preference_grid(grid: str, num: int, num_tasks: int, seed: int) -> tuple[np.ndarray, dict]:
-  """The preferences of a sweep, (n, T), and a record of how they were made (for the report).
-
-  grid: "rays" (2 tasks: `pareto.phn_rays(num)`, PHN's evaluation rays; more tasks: as
-  "das_dennis"), "das_dennis" (`pareto.das_dennis` with the fewest divisions giving at least
-  `num` points, so n >= num) or "random" (`preference_sweep(num, num_tasks, seed)`, unchanged).
-  """
-  if num < 2:
-    raise ValueError(f"--num_preferences must be at least 2 for rank correlations, got {num}.")
-  record = {"grid": grid, "requested": int(num), "divisions": None, "seed": None}
-  if grid == "random":
-    prefs = preference_sweep(num, num_tasks, seed)
-    record["seed"] = int(seed)
-    record["description"] = f"drawn uniformly from the simplex (Dirichlet(1), seed {seed})"
-  elif grid == "rays" and num_tasks == 2:
-    prefs = pareto.phn_rays(num)
-    record["description"] = (
-        f"PHN's evaluation rays: angles evenly spaced in [{pareto.PHN_RAY_MIN_ANGLE:g}, "
-        f"pi/2 - {pareto.PHN_RAY_MIN_ANGLE:g}], r = (cos, sin) / (cos + sin)")
-  elif grid in ("rays", "das_dennis"):
-    if num_tasks < 2:
-      raise ValueError(f"--preference_grid={grid} needs at least 2 tasks, got {num_tasks}; use "
-                       "--preference_grid=random.")
-    divisions = pareto.das_dennis_divisions(num_tasks, num)
-    prefs = pareto.das_dennis(num_tasks, divisions)
-    record["divisions"] = divisions
-    record["description"] = (f"the Das-Dennis grid of the simplex, {divisions} "
-                             f"division{'s' if divisions != 1 else ''} (corners included)")
-  else:
-    raise ValueError(f"--preference_grid must be one of {', '.join(PREFERENCE_GRIDS)}, got "
-                     f"{grid!r}.")
-  record["num_preferences"] = int(len(prefs))
-  return prefs, record
-
-
 def _sweep_preferences(num_tasks: int) -> tuple[np.ndarray, dict]:
-  """The flags' preference sweep (`preference_grid`)."""
-  return preference_grid(FLAGS.preference_grid, FLAGS.num_preferences, num_tasks,
-                         FLAGS.preference_seed)
+  """The flags' preference sweep (`controls.preference_grid`)."""
+  return controls.preference_grid(FLAGS.preference_grid, FLAGS.num_preferences, num_tasks,
+                                  FLAGS.preference_seed)
 
 
 def hv_reference_point(losses, num_tasks: int, dataset: str | None) -> tuple[np.ndarray, str]:
@@ -294,59 +237,6 @@ def hv_reference_point(losses, num_tasks: int, dataset: str | None) -> tuple[np.
 def _points_inside(losses, reference) -> int:
   """How many loss vectors strictly dominate the reference (the ones that add volume)."""
   return int(np.sum(np.all(np.asarray(losses) < np.asarray(reference), axis=1)))
-
-
-def held_out_images(run, table) -> tuple[list, list, str]:
-  """(calibration image batches, labelled scoring batches, cache signature) from the training
-  split: `--calibration_examples` then `--score_examples` of a permutation seeded by the run's
-  seed, so the test split stays unseen."""
-  seed = run.config.seed
-  size = _eval_batch_size()
-  n = len(run.train_source)
-  # Small training sets: at most half for calibration, the rest for scoring.
-  num_calibration = max(1, min(FLAGS.calibration_examples, n // 2))
-  num_score = max(1, min(FLAGS.score_examples, n - num_calibration))
-  calib_batch = _subset(run.train_source, num_calibration, seed)
-  calibration = [b["image"] for b in _batches_of(calib_batch, size)]
-  if len(calibration) > 1 and len(calibration[-1]) < size:
-    # Equal batch sizes (each batch counts once in the statistics): drop a short last batch.
-    calibration = calibration[:-1]
-  score_batch = _subset(run.train_source, num_score, seed, offset=num_calibration)
-  score_batch[data_base.VALID_KEY] = np.ones(len(score_batch["image"]), bool)
-  validation = _batches_of(score_batch, size)
-  signature = (f"{table.signature}|step={run.step}|calibration={num_calibration}|"
-               f"score={num_score}|seed={seed}|batch={size}")
-  return calibration, validation, signature
-
-
-def cached_encoder_scores(run, calibration, validation, signature) -> dict:
-  """`ecmt.score_encoders` of the run, cached in `<workdir>/encoder_scores.json` for this
-  checkpoint and these held-out images."""
-  path = files_lib.run_path(run.workdir) / "encoder_scores.json"
-  if files_lib.is_file(path):
-    try:
-      record = files_lib.read_json(path)
-      if record.get("signature") == signature:
-        return {tuple(e): float(s) for e, s in record["scores"]}
-    except (files_lib.DamagedFile, AttributeError, KeyError, TypeError, ValueError) as error:
-      print(f"{error if isinstance(error, files_lib.DamagedFile) else f'{path} is damaged'}; "
-            f"scoring again.", flush=True)
-  method = run.method
-  started = time.time()
-  total = len(ecmt.encoder_configs(method.num_stages, method.width_choices))
-  count = sum(len(b["image"]) for b in validation)
-  print(f"scoring {total} encoder configurations on {count} held-out training images "
-        f"(once; cached in {path})...", flush=True)
-
-  def progress(done, count):
-    if done % max(count // 8, 1) == 0 or done == count:
-      print(f"  {done}/{count} encoders scored ({time.time() - started:.0f} s)", flush=True)
-
-  scores = ecmt.score_encoders(method, run.variables, calibration, validation,
-                               progress=progress)
-  files_lib.write_json(path, {"signature": signature,
-                              "scores": [[list(e), s] for e, s in scores.items()]}, indent=None)
-  return scores
 
 
 def _reference(run, tasks) -> tuple[dict, str]:
@@ -383,15 +273,14 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
   tasks = tuple(method.tasks)
   names = [t.name for t in tasks]
   image_shape = tuple(run.test_source.image_shape)
-  table = ecmt.cached_cost_table(method.model, image_shape, method.width_choices,
-                                 path=files_lib.run_path(run.workdir) / "cost_table.json")
+  # Held-out training images: calibration, then scoring (the test split stays unseen).
+  held_out = runs.held_out(run, FLAGS.calibration_examples, FLAGS.score_examples,
+                           _eval_batch_size())
+  prepared = method.prepare(run.variables, held_out, cache_dir=run.workdir)
+  table, scores, calibration = prepared.cost_table, prepared.scores, prepared.calibration
   full, smallest = table.full_macs, table.smallest_macs
   print(f"SuperNet {full:,} MACs/example; smallest SubNet {smallest:,} "
         f"({smallest / full:.3f} of it)", flush=True)
-
-  # Held-out training images: calibration, then scoring (the test split stays unseen).
-  calibration, validation, signature = held_out_images(run, table)
-  scores = cached_encoder_scores(run, calibration, validation, signature)
 
   test_source = run.test_source
   if FLAGS.max_test_examples and FLAGS.max_test_examples < len(test_source):

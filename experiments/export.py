@@ -1,14 +1,20 @@
-r"""Export the SubNet of an ECMT run for a preference and a budget as a standalone network.
+r"""Export the network a trained run deploys for the controls you set, as a standalone network.
 
     python -m experiments.export --workdir=workdirs/utkface_ecmt \
         --preference=0.6,0.2,0.2 --budget=0.5 --output_dir=exported/utk_half
+    python -m experiments.export --workdir=workdirs/mm_phn_s0 --preference=0.3,0.7
+    python -m experiments.export --workdir=workdirs/utkface_static
 
-The search picks the width configuration (with the run's cached encoder scores, computed by
-`python -m experiments.evaluate` or here when missing), the SubNet's batch norms are
+The run's method deploys its network for the controls it takes (`Method.control_space`):
+none for static, PCGrad and GradSplit (their trained, hard-shared network); `--preference`
+for PHN and PHN-BN (the network generated for it); `--preference` and `--budget` for ECMT (the
+search picks the width configuration with the run's cached encoder scores, computed by
+`python -m experiments.evaluate` or here when missing; the SubNet's batch norms are
 recalibrated on `--calibration_examples` training images, and its variables are physically
-sliced to those widths. The folder then holds `network.json` (the network's definition, its
-widths, MACs, the preference and budget) and `variables.msgpack`; loading it needs nothing
-else:
+sliced to those widths). A control the method does not take stops with one sentence; a
+missing one takes the method's default (uniform preference, budget 1.0). The folder then holds
+`network.json` (the network's definition, the controls, MACs and parameters, the method's
+facts such as ECMT's widths) and `variables.msgpack`; loading it needs nothing else:
 
     from dymu_jax.models import serialize
     model, variables, info = serialize.load_network("exported/utk_half")
@@ -19,13 +25,18 @@ A tabular run's network takes raw feature vectors (B, D): it standardises them i
 training split's statistics (also in `info["input_stats"]`), and regression tasks carry the
 targets' standardisation (`Task.label_offset`, `label_scale`; `label_units` maps back).
 
+DYMU (`--preference --resource`, stages edge and weight) exports the argmax tree of h(r, c) on
+the anchor's streams with g(r, c)'s batch-norm shifts applied (`network.json` holds the tree;
+the loaded network computes only the tree's nodes); an anchor-stage folder exports its
+separate streams. Not exported yet: single-task runs (N networks in one folder); the saved
+format holds one network.
+
 `--budget` is a fraction of the SuperNet's MACs (0 < b <= 1) or, above 1, MACs per example.
 `--workdir` and `--output_dir` may be on any `etils.epath` filesystem (gs://bucket/run).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -38,15 +49,15 @@ from experiments import cli_help
 from experiments import common
 from experiments import evaluate
 from experiments import runs
-from dymu_jax.methods import ecmt
-from dymu_jax.models import serialize
 
 flags.DEFINE_list("preference", [], "Task preference, one number per task in task order, "
-                  "summing to 1; empty = uniform.")
-flags.DEFINE_float("budget", 1.0, "Budget: a fraction of the SuperNet's MACs in (0, 1], or "
-                   "MACs per example when above 1.")
+                  "summing to 1; empty = uniform (methods steered by a preference).")
+flags.DEFINE_float("budget", None, "ECMT-style budget: a fraction of the full network's MACs "
+                   "in (0, 1], or MACs per example when above 1; unset = 1.0.")
+flags.DEFINE_float("resource", None, "DYMU-style resource c in [0, 1] (larger: more sharing); "
+                   "unset = 0.")
 flags.register_validator(
-    "budget", lambda b: math.isfinite(b) and (0 < b <= 1 or (b > 1 and b == int(b))),
+    "budget", lambda b: b is None or (math.isfinite(b) and (0 < b <= 1 or (b > 1 and b == int(b)))),
     message="must be a fraction of the SuperNet's MACs in (0, 1] or a whole number of MACs "
             "per example above 1")
 
@@ -54,58 +65,72 @@ FLAGS = flags.FLAGS
 
 
 def _budget(value: float):
-  if value > 1.0:
-    if value != int(value):
-      raise ValueError(f"--budget above 1 is MACs per example and must be a whole number, got "
-                       f"{value}.")
-    return int(value)
-  return float(value)
+  return int(value) if value > 1.0 else float(value)
+
+
+def _controls(method) -> dict:
+  """The controls the flags set, refusing one the method does not take."""
+  given = {}
+  if FLAGS.preference:
+    given["preference"] = common.parse_floats(FLAGS.preference, "--preference")
+  if FLAGS.budget is not None:
+    given["budget"] = _budget(FLAGS.budget)
+  if FLAGS.resource is not None:
+    given["resource"] = float(FLAGS.resource)
+  names = method.control_space().names
+  extra = [name for name in given if name not in names]
+  if extra:
+    takes = ", ".join(f"--{n}" for n in names) if names else "no controls (its network is fixed)"
+    raise ValueError(f"--{extra[0]} does not steer a {method.name!r} run, which takes "
+                     f"{takes}; drop it.")
+  return given
+
+
+def _label(controls: dict) -> str:
+  parts = []
+  for name, value in controls.items():
+    text = ("_".join(f"{x:.3g}" for x in value) if isinstance(value, (tuple, list))
+            else f"{value:g}")
+    parts.append(f"{name[:4] if name == 'preference' else name}={text}")
+  return "_".join(parts) or "network"
 
 
 def export() -> str:
   if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required: the folder of a trained ECMT run.")
+    raise app.UsageError("--workdir is required: the folder of a trained run.")
   if FLAGS.output_dir:  # an output folder that cannot be written stops before the search
     common.ensure_workdir(FLAGS.output_dir, "--output_dir")
-  run = runs.load_run(FLAGS.workdir, data_dir=FLAGS.data_dir)
-  method = run.method
-  if method.name != "ecmt":
-    raise ValueError(f"{run.workdir} holds a {method.name!r} run; export slices ECMT SuperNets "
-                     f"(train with --method=ecmt).")
-  names = [t.name for t in method.tasks]
-  preference = common.parse_floats(FLAGS.preference, "--preference")
-  if preference is None:
-    preference = tuple(np.full(len(names), 1.0 / len(names)))
-  preference = ecmt.check_preference(preference, names)
-  budget = _budget(FLAGS.budget)
+  # A `--dymu_stage=all` folder: its newest trained stage.
+  run = runs.load_run(runs.resolve_workdir(FLAGS.workdir), data_dir=FLAGS.data_dir)
+  method = run.method.replace_options(**{
+      name: FLAGS[name].value for name in run.method.DEPLOY_OPTIONS
+      if name in FLAGS and FLAGS[name].present})
+  controls = _controls(method)
   image_shape = tuple(run.test_source.image_shape)
-  table = ecmt.cached_cost_table(method.model, image_shape, method.width_choices,
-                                 path=files_lib.run_path(run.workdir) / "cost_table.json")
-  calibration, validation, signature = evaluate.held_out_images(run, table)
-  scores = evaluate.cached_encoder_scores(run, calibration, validation, signature)
-  config = ecmt.search(preference, budget, cost_table=table, scores=scores,
-                       decoder_reserve=FLAGS.decoder_reserve)
-  variables = ecmt.recalibrate_bn(method, run.variables, config, calibration)
-  sub, sub_variables = ecmt.slice_subnet(method.model, variables, config, image_shape)
-  output_dir = FLAGS.output_dir or os.fspath(
-      files_lib.run_path(run.workdir) / "export" /
-      ("pref=" + "_".join(f"{x:.3g}" for x in preference) + f"_budget={budget:g}"))
-  macs = table.macs(config)
-  info = {
-      "source_workdir": run.workdir, "checkpoint_step": run.step,
-      "preference": dict(zip(names, (float(x) for x in preference))), "budget": budget,
-      "widths": {"encoder": list(config.encoder), "decoders": list(config.decoders)},
-      "macs": macs, "supernet_macs": table.full_macs, "macs_fraction": macs / table.full_macs,
-  }
+  held_out = runs.held_out(run, FLAGS.calibration_examples, FLAGS.score_examples,
+                           FLAGS.eval_batch_size or 256)
+  prepared = method.prepare(run.variables, held_out, cache_dir=run.workdir)
+  deployed = method.deploy(run.variables, controls, prepared, image_shape=image_shape)
+  if not deployed.exportable:
+    raise ValueError(f"{run.workdir} holds a {method.name!r} run, whose deployed network "
+                     f"({type(deployed.network).__name__}) cannot be exported yet; "
+                     f"`experiments.evaluate` measures it.")
+  names = [t.name for t in method.tasks]
+  info = {"source_workdir": run.workdir, "checkpoint_step": run.step, "method": method.name}
+  for name, value in deployed.controls.items():
+    info[name] = (dict(zip(names, (float(x) for x in value))) if name == "preference"
+                  else value)
   stats = getattr(run.test_source, "input_stats", None)
   if stats:  # feature vectors: the network standardises raw rows with the training statistics
     info["input_stats"] = {k: np.asarray(v).tolist() for k, v in stats.items()}
-    sub = dataclasses.replace(sub, pixel_mean=tuple(float(v) for v in stats["mean"]),
-                              pixel_std=tuple(float(v) for v in stats["std"]))
-  serialize.save_network(output_dir, sub, sub_variables, extra=info, image_shape=image_shape)
-  print(f"exported SubNet encoder {config.encoder} decoders {dict(zip(names, config.decoders))}"
-        f": {macs:,} MACs per example ({macs / table.full_macs:.3f} of the SuperNet) to "
-        f"{output_dir}")
+    deployed = deployed.with_input_normalisation(stats["mean"], stats["std"])
+  output_dir = FLAGS.output_dir or os.fspath(
+      files_lib.run_path(run.workdir) / "export" / _label(deployed.controls))
+  deployed.export(output_dir, extra=info)
+  cost = deployed.cost()
+  described = ", ".join(f"{k} {v}" for k, v in deployed.info.items() if k == "widths")
+  print(f"exported the {method.name} network{' (' + described + ')' if described else ''}: "
+        f"{cost.macs:,} MACs per example, {cost.params:,} parameters, to {output_dir}")
   return output_dir
 
 
@@ -119,8 +144,9 @@ def main(argv):
 
 EXPORT_GROUPS = (
     ("Run", ("workdir", "data_dir", "output_dir")),
-    ("Steering", ("preference", "budget")),
-    ("ECMT search", ("calibration_examples", "score_examples", "decoder_reserve")),
+    ("Steering", ("preference", "budget", "resource")),
+    ("Held-out images and search", ("calibration_examples", "score_examples",
+                                    "eval_batch_size", "decoder_reserve")),
     ("Errors", ("traceback",)),
     cli_help.RUNTIME_GROUP,
 )

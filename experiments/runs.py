@@ -22,6 +22,7 @@ from dymu_jax import data as data_lib
 from dymu_jax.metrics import tasks as metrics_lib
 from dymu_jax.data import base as data_base
 from dymu_jax.methods import affinity as affinity_lib
+from dymu_jax.methods import base as methods_base
 from dymu_jax.methods import dymu
 from dymu_jax import train as train_lib
 from dymu_jax.train import checkpoint as checkpoint_lib
@@ -68,6 +69,44 @@ class TrainedRun:
   train_source: data_lib.DataSource
   test_source: data_lib.DataSource
   variables: Any
+
+
+def _subset(source: data_base.DataSource, count: int, seed: int, offset: int = 0) -> dict:
+  """`count` examples of `source` after `offset` in a seeded permutation, as one batch dict."""
+  order = np.random.default_rng(seed).permutation(len(source))
+  index = np.sort(order[offset:offset + count])
+  if not len(index):
+    raise ValueError(f"{source.name} {source.split} has {len(source)} examples: too few for "
+                     f"{count} held-out images after {offset}.")
+  return source.get(index)
+
+
+def _batches_of(batch: dict, size: int) -> list[dict]:
+  n = len(next(iter(batch.values())))
+  return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def held_out(run: TrainedRun, calibration_examples: int, score_examples: int,
+             batch_size: int) -> methods_base.HeldOut:
+  """Held-out training images for a method's `prepare`: `calibration_examples` then
+  `score_examples` of a permutation of the training split seeded by the run's seed (the test
+  split stays unseen), in batches of `batch_size`; small training sets give at most half to
+  calibration and the rest to scoring."""
+  seed = run.config.seed
+  n = len(run.train_source)
+  num_calibration = max(1, min(calibration_examples, n // 2))
+  num_score = max(1, min(score_examples, n - num_calibration))
+  calibration = [b["image"] for b in
+                 _batches_of(_subset(run.train_source, num_calibration, seed), batch_size)]
+  if len(calibration) > 1 and len(calibration[-1]) < batch_size:
+    # Equal batch sizes (each batch counts once in the statistics): drop a short last batch.
+    calibration = calibration[:-1]
+  scoring = _subset(run.train_source, num_score, seed, offset=num_calibration)
+  scoring[data_base.VALID_KEY] = np.ones(len(scoring["image"]), bool)
+  signature = (f"step={run.step}|calibration={num_calibration}|score={num_score}|seed={seed}|"
+               f"batch={batch_size}")
+  return methods_base.HeldOut(tuple(calibration), tuple(_batches_of(scoring, batch_size)),
+                              signature)
 
 
 def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:

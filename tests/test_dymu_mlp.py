@@ -11,6 +11,7 @@ short on a shared CPU; variables are numpy fills of the shapes `init` gives.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -25,7 +26,7 @@ import pytest
 
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import affinity
-from dymu_jax.models import backbones, branched, cost
+from dymu_jax.models import backbones, branched, cost, serialize
 from dymu_jax.models.branched import Tree
 
 import random_variables as test_variables
@@ -230,3 +231,30 @@ def test_cli_trains_and_evaluates_dymu_on_a_tabular_file(tmp_path):
     for point in sweep["points"]:
       assert 0 < point["macs_fraction"] <= 1
       assert set(point["metrics"]) == {"linear", "wave", "sign"}
+
+  # Export the tree for (r, c): a standalone network that takes raw rows and computes only the
+  # tree's nodes; the anchor stage exports its separate streams.
+  out = tmp_path / "tree"
+  result = run_cli("export", f"--workdir={workdir}", "--preference=0.6,0.2,0.2",
+                   "--resource=1", "--eval_batch_size=16", f"--output_dir={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "exported the dymu network: " in result.stdout
+  network, variables, info = serialize.load_network(out)
+  assert isinstance(network, branched.TreeNetwork)
+  assert info["resource"] == 1.0 and info["tree"] == [list(p) for p in network.tree.parents]
+  assert 0 < info["macs_fraction"] <= 1 and info["method"] == "dymu"
+  rows = np.load(path)["inputs"][:4].astype(np.float32)
+  predictions = network.apply(variables, rows)
+  assert {k: v.shape for k, v in predictions.items()} == {"linear": (4, 1), "wave": (4, 1),
+                                                          "sign": (4, 2)}
+  stats = {k: np.asarray(v, np.float32) for k, v in info["input_stats"].items()}
+  bare = branched.TreeNetwork(dataclasses.replace(network.net, pixel_mean=None,
+                                                  pixel_std=None), network.tree)
+  expected = bare.apply(variables, (rows - stats["mean"]) / stats["std"])
+  for name in predictions:
+    np.testing.assert_allclose(predictions[name], expected[name], rtol=1e-4, atol=1e-5)
+  result = run_cli("export", f"--workdir={workdir / 'anchor'}", f"--output_dir={out}_anchor",
+                   "--eval_batch_size=16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  network, _, _ = serialize.load_network(f"{out}_anchor")
+  assert network.tree == network.net.separate_tree()

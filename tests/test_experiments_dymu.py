@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from dymu_jax import controls as controls_lib
 from dymu_jax.metrics import pareto
 from experiments import runs
 from experiments import train
@@ -133,8 +134,8 @@ def test_evaluate_sweeps_both_resources_with_and_without_weight_hypernet(dymu_ru
   assert results["cost_band"] == {"min_macs_fraction": 0.0, "max_macs_fraction": 0.6}
   for sweep in sweeps.values():
     assert len(sweep["points"]) == 4 and np.asarray(sweep["losses"]).shape == (4, 2)
-    np.testing.assert_allclose([p["preference"] for p in sweep["points"]], pareto.phn_rays(4),
-                               rtol=1e-6)
+    np.testing.assert_allclose([p["preference"] for p in sweep["points"]],
+                               controls_lib.phn_rays(4), rtol=1e-6)
     assert sweep["hypervolume"] == pytest.approx(pareto.hypervolume(sweep["losses"], [2, 2]))
     assert np.isfinite(sweep["uniformity"])
     assert 1 <= sweep["distinct_trees"] <= 4 and np.isfinite(sweep["delta_m"])

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+from dymu_jax import controls
 from dymu_jax.methods import ecmt
 from dymu_jax.metrics import pareto
 from dymu_jax.models import serialize
@@ -96,7 +97,7 @@ def test_evaluate_writes_the_sweep_and_its_measures(workdir, evaluation):
   grid = results["preference_grid"]
   assert grid["grid"] == "rays" and grid["divisions"] == 1 and grid["num_preferences"] == 4
   np.testing.assert_allclose([p["preference"] for p in results["budgets"][0]["points"]],
-                             pareto.das_dennis(4, 1))
+                             controls.das_dennis(4, 1))
   assert results["preference_cap"] is True
   assert "preference cap on" in report and "Das-Dennis grid" in report
   losses = np.concatenate([row["losses"] for row in results["budgets"]])
@@ -147,30 +148,6 @@ def test_ecmt_search_takes_the_preference_cap_flag(monkeypatch):
   source = open(evaluate.__file__).read()
   body = source[source.index("def evaluate_ecmt"):source.index("def training_cost")]
   assert "ecmt.search(" not in body  # no search bypasses the flag
-
-
-def test_preference_grids():
-  from experiments import evaluate  # pylint: disable=g-import-not-at-top
-  # random: the former sweep, point for point.
-  prefs, record = evaluate.preference_grid("random", 20, 3, 7)
-  np.testing.assert_array_equal(prefs, np.random.default_rng(7).dirichlet(np.ones(3), size=20))
-  np.testing.assert_array_equal(evaluate.preference_sweep(20, 3, 7), prefs)
-  assert record["num_preferences"] == 20 and record["seed"] == 7
-  # rays, 2 tasks: PHN's 25 evaluation rays.
-  prefs, record = evaluate.preference_grid("rays", 25, 2, 0)
-  np.testing.assert_array_equal(prefs, pareto.phn_rays(25))
-  assert record["num_preferences"] == 25 and record["divisions"] is None
-  # rays with more tasks and das_dennis: the smallest Das-Dennis grid with enough points.
-  for grid in ("rays", "das_dennis"):
-    prefs, record = evaluate.preference_grid(grid, 25, 3, 0)
-    np.testing.assert_array_equal(prefs, pareto.das_dennis(3, 6))
-    assert record["divisions"] == 6 and record["num_preferences"] == 28
-  prefs, _ = evaluate.preference_grid("das_dennis", 5, 2, 0)
-  np.testing.assert_allclose(prefs[:, 0], np.linspace(0, 1, 5))  # corners included
-  with pytest.raises(ValueError, match="at least 2 for rank correlations"):
-    evaluate.preference_grid("rays", 1, 2, 0)
-  with pytest.raises(ValueError, match="--preference_grid must be one of"):
-    evaluate.preference_grid("grid", 5, 2, 0)
 
 
 def test_cost_band_and_anchor_ratio_helpers():

@@ -416,7 +416,9 @@ def test_search_and_budget_messages(lenet_table):
   with pytest.raises(ValueError, match=rf"^The budget of 0\.01 of the SuperNet's "
                                        rf"{table.full_macs:,} MACs \([\d,]+ MACs\) {below}"):
     ecmt.search((0.5, 0.5), 0.01, cost_table=table)
-  with pytest.raises(ValueError, match=r"preference \(0\.5, 0\.6\) is not on the simplex"):
+  with pytest.raises(ValueError, match=r"^The preference \(0\.5, 0\.6\) is not on the simplex: "
+                                       r"entries must be >= 0 and sum to 1 "
+                                       r"\(they sum to 1\.1\)\.$"):
     ecmt.search((0.5, 0.6), 1.0, cost_table=table)
   with pytest.raises(ValueError, match=r"preference \(1\.2, -0\.2\) is not on the simplex"):
     ecmt.search((1.2, -0.2), 1.0, cost_table=table)

@@ -146,8 +146,13 @@ def test_scalarised_loss_trains_the_hypernet(mode):
 def test_phn_controls_and_options():
   method, variables = phn_setup("all")
   images = digits_batch(0)["image"]
-  with pytest.raises(ValueError, match=r"The preference \(0.5, 0.6\) must lie on the simplex"):
+  with pytest.raises(ValueError, match=r"^The preference \(0.5, 0.6\) is not on the simplex: "
+                                       r"entries must be >= 0 and sum to 1 "
+                                       r"\(they sum to 1.1\)\.$"):
     method.predict(variables, images, {"preference": (0.5, 0.6)})
+  with pytest.raises(ValueError, match=r"^The preference has 3 entries \(0.2, 0.3, 0.5\) but "
+                                       r"there are 2 tasks\.$"):
+    method.predict(variables, images, {"preference": (0.2, 0.3, 0.5)})
   with pytest.raises(ValueError, match="PHN controls must be"):
     method.predict(variables, images, {"preference": (0.5, 0.5), "resource": 0.5})
   assert method.eval_controls() == [{"preference": (0.5, 0.5)}]

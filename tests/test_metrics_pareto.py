@@ -9,6 +9,7 @@ import pytest
 from pymoo.indicators.hv import HV
 from scipy import stats
 
+from dymu_jax import controls
 from dymu_jax.metrics import pareto
 
 
@@ -89,12 +90,19 @@ def test_uniformity_by_hand():
 
 
 def test_uniformity_validates_inputs():
-  with pytest.raises(ValueError, match=r"preference \[0.7, 0.7\] is not on the simplex"):
+  # controls.check_preferences: one tolerance and one message for every preference check.
+  with pytest.raises(ValueError, match=r"^The preference \(0.7, 0.7\) is not on the simplex: "
+                                       r"entries must be >= 0 and sum to 1 \(they sum to 1.4\)\.$"):
     pareto.uniformity([1.0, 1.0], [0.7, 0.7])
-  with pytest.raises(ValueError, match="preference .* is not on the simplex"):
-    pareto.uniformity([1.0, 1.0], [1.5, -0.5])
-  with pytest.raises(ValueError, match="preferences have 3 entries per vector but there are 2"):
+  with pytest.raises(ValueError, match=r"preference \(1.5, -0.5\) is not on the simplex"):
+    pareto.uniformity([[1.0, 1.0], [1.0, 1.0]], [[0.5, 0.5], [1.5, -0.5]])
+  with pytest.raises(ValueError, match=r"^The preference has 3 entries \(0.2, 0.3, 0.5\) but "
+                                       r"there are 2 tasks\.$"):
     pareto.uniformity([1.0, 1.0], [0.2, 0.3, 0.5])
+  # Within controls.SIMPLEX_TOLERANCE (1e-5) of the simplex is fine; just past it is not.
+  assert pareto.uniformity([1.0, 1.0], [0.5, 0.500009]) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match=r"they sum to 1.000011"):
+    pareto.uniformity([1.0, 1.0], [0.5, 0.500011])
   with pytest.raises(ValueError, match=r"losses of shape \(2, 2\) and preferences of shape"):
     pareto.uniformity([[1.0, 1.0], [1.0, 2.0]], [[0.5, 0.5]] * 3)
   with pytest.raises(ValueError, match="losses must be >= 0"):
@@ -111,7 +119,7 @@ def test_uniformity_is_finite_at_corner_preferences():
   np.testing.assert_allclose(pareto.uniformity_per_point([[0.0, 1.0], [0.0, 0.0]],
                                                          [[1.0, 0.0], [0.5, 0.5]]),
                              [corner, 1.0])
-  grid = pareto.das_dennis(3, 4)
+  grid = controls.das_dennis(3, 4)
   losses = np.random.default_rng(0).uniform(0.1, 3.0, grid.shape)
   values = pareto.uniformity_per_point(losses, grid)
   assert np.all(np.isfinite(values)) and np.all(values <= 1 + 1e-12)
@@ -210,60 +218,3 @@ def test_cost_band_hypervolume_validates_inputs():
     pareto.cost_band_hypervolume([[1, 1]], [0.5], [3, 3], 0.4, 0.6)
   with pytest.raises(ValueError, match="reference must have shape"):
     pareto.cost_band_hypervolume([[1, 1]], [0.5], [3, 3, 3], 0.1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Preference grids.
-
-
-def test_phn_rays_are_the_authors_25_rays():
-  rays = pareto.phn_rays(25)
-  assert rays.shape == (25, 2)
-  np.testing.assert_allclose(rays.sum(axis=1), 1.0)
-  # Endpoints: (cos 0.1, sin 0.1) / (cos 0.1 + sin 0.1) and its mirror; the middle is uniform.
-  first = np.array([math.cos(0.1), math.sin(0.1)]) / (math.cos(0.1) + math.sin(0.1))
-  np.testing.assert_allclose(rays[0], first)
-  np.testing.assert_allclose(rays[-1], first[::-1])
-  np.testing.assert_allclose(rays[12], [0.5, 0.5])
-  assert rays.min() > 0.09  # no corner preference
-  # Evenly spaced in angle: theta = arctan(r_2 / r_1) steps by (pi/2 - 0.2) / 24.
-  angles = np.arctan2(rays[:, 1], rays[:, 0])
-  np.testing.assert_allclose(angles[[0, -1]], [0.1, math.pi / 2 - 0.1])
-  np.testing.assert_allclose(np.diff(angles), (math.pi / 2 - 0.2) / 24)
-  # r_1 falls monotonically from the first task's end to the second's.
-  assert np.all(np.diff(rays[:, 0]) < 0)
-
-
-def test_das_dennis_by_hand():
-  np.testing.assert_allclose(pareto.das_dennis(2, 4), [[0, 1], [0.25, 0.75], [0.5, 0.5],
-                                                       [0.75, 0.25], [1, 0]])
-  np.testing.assert_allclose(pareto.das_dennis(3, 2), [[0, 0, 1], [0, 0.5, 0.5], [0, 1, 0],
-                                                       [0.5, 0, 0.5], [0.5, 0.5, 0],
-                                                       [1, 0, 0]])
-  np.testing.assert_allclose(pareto.das_dennis(4, 1), [[0, 0, 0, 1], [0, 0, 1, 0],
-                                                       [0, 1, 0, 0], [1, 0, 0, 0]])
-  np.testing.assert_allclose(pareto.das_dennis(1, 3), [[1.0]])
-  with pytest.raises(ValueError, match="at least 1 division"):
-    pareto.das_dennis(3, 0)
-
-
-@pytest.mark.parametrize("num_tasks, divisions", [(2, 1), (2, 24), (3, 6), (4, 4), (5, 3)])
-def test_das_dennis_matches_pymoo(num_tasks, divisions):
-  from pymoo.util.ref_dirs import get_reference_directions
-  expected = get_reference_directions("das-dennis", num_tasks, n_partitions=divisions)
-  got = pareto.das_dennis(num_tasks, divisions)
-  assert got.shape == expected.shape == (math.comb(divisions + num_tasks - 1, num_tasks - 1),
-                                         num_tasks)
-  np.testing.assert_allclose(got, expected, atol=1e-12)  # the same points in the same order
-
-
-def test_das_dennis_divisions_is_the_smallest_grid_with_enough_points():
-  assert pareto.das_dennis_divisions(2, 25) == 24  # 25 points
-  assert pareto.das_dennis_divisions(3, 25) == 6  # C(7, 2) = 21 < 25 <= C(8, 2) = 28
-  assert pareto.das_dennis_divisions(4, 4) == 1  # the 4 corners
-  assert pareto.das_dennis_divisions(4, 5) == 2  # 10 points
-  for tasks, at_least in [(3, 10), (3, 11), (5, 40)]:
-    h = pareto.das_dennis_divisions(tasks, at_least)
-    assert len(pareto.das_dennis(tasks, h)) >= at_least > len(pareto.das_dennis(tasks, h - 1))
-  with pytest.raises(ValueError, match="at least 2 tasks"):
-    pareto.das_dennis_divisions(1, 3)

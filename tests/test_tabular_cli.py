@@ -77,6 +77,35 @@ def table(tmp_path_factory):
   return write_tabular(tmp_path_factory.mktemp("tabular") / "table.npz")
 
 
+def check_export(table, workdir, method, tmp_path):
+  """`experiments.export` through the method's deployment: a preference for PHN, nothing for
+  a fixed network; a control the method does not take, or a single-task run (N networks),
+  stops with one sentence."""
+  out = tmp_path / f"{method}_export"
+  steer = ["--preference=0.6,0.2,0.2"] if method.startswith("phn") else []
+  result = cli("export", f"--workdir={workdir}", *steer, f"--output_dir={out}")
+  if method == "single_task":
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "whose deployed network (SingleTaskNets) cannot be exported yet" in result.stderr
+    return
+  check_ran(result)
+  assert f"exported the {method} network: " in result.stdout
+  model, variables, info = serialize.load_network(out)
+  assert info["method"] == method and info["macs"] > 0
+  if method.startswith("phn"):
+    assert info["preference"] == pytest.approx({"linear": 0.6, "wave": 0.2, "sign": 0.2})
+  rows = np.load(table)["inputs"][:4].astype(np.float32)  # raw rows: standardised inside
+  predictions = jax.jit(model.apply)(variables, rows)
+  assert {k: v.shape for k, v in predictions.items()} == {"linear": (4, 1), "wave": (4, 1),
+                                                          "sign": (4, 2)}
+  assert all(np.all(np.isfinite(v)) for v in predictions.values())
+  wrong = "--budget=0.5" if method.startswith("phn") else "--preference=0.5,0.25,0.25"
+  result = cli("export", f"--workdir={workdir}", wrong, f"--output_dir={out}_wrong")
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+  assert f"does not steer a '{method}' run, which takes " in errors[0], errors
+
+
 # ---------------------------------------------------------------------------- every method
 
 @pytest.mark.parametrize("method", ["single_task", "gradsplit", "pcgrad", "phn", "phn_bn"])
@@ -98,6 +127,7 @@ def test_every_method_trains_and_evaluates_tabular_data_through_the_cli(table, t
   result = check_ran(cli("evaluate", f"--workdir={workdir}", *SWEEP, "--eval_batch_size=32"))
   results = json.load(open(workdir / "eval" / "results.json"))
   assert results["method"] == method and results["tasks"] == list(TASKS)
+  check_export(table, workdir, method, tmp_path)
   assert (workdir / "eval" / "report.md").is_file()
   if method.startswith("phn"):
     (sweep,) = results["sweeps"]

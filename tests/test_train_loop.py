@@ -83,6 +83,7 @@ def test_checkpoints_hold_state_and_run_record(short_run):
     metadata = ckpt.metadata()
   assert metadata["step"] == STEPS and metadata["seed"] == 1
   assert metadata["run"] == {"flags": {"dataset": "toy"}}
+  assert 0 < metadata["train_seconds"] <= result.seconds  # the time up to the last checkpoint
   assert metadata["config"]["parallel"] == "mesh" and metadata["config"]["steps"] == STEPS
   state, _ = checkpoint_lib.restore_latest(workdir, checkpoint_lib.abstract_like(result.state))
   chex.assert_trees_all_equal(parallel_lib.to_host(state.params),
@@ -94,6 +95,10 @@ def test_finished_run_resumes_without_training(short_run):
   again = train_lib.train(toy_method.ToyMethod(), toy_method.make_source(), None, _config(),
                           workdir)
   assert again.resumed_from == STEPS and again.step_compiles == 0
+  with checkpoint_lib.Checkpointer(workdir) as ckpt:
+    saved_seconds = ckpt.metadata()["train_seconds"]
+  # A resumed run's time includes that of the processes before it (up to its checkpoint).
+  assert again.seconds >= saved_seconds
   chex.assert_trees_all_equal(parallel_lib.to_host(again.state.params),
                parallel_lib.to_host(result.state.params))
   with pytest.raises(ValueError, match="holds a run with seed 1, not 2; resume with the same "

@@ -1,8 +1,15 @@
-"""The interface between a method and the training engine / evaluator.
+"""The interface between a method and the training engine, the evaluator and the exporter.
 
 A method owns its model(s), its training loss, its sampling of controls and the controls a user
-may set after training. The engine (`dymu_jax.train`) and `experiments/evaluate.py` speak only
-this interface, so a new method is one new module under `dymu_jax.methods`.
+may set after training. The protocol has two halves:
+
+* training (`init`, `loss`, `predict`, `eval_controls`): the engine (`dymu_jax.train`) speaks
+  only these, so a new method is one new module under `dymu_jax.methods`;
+* deployment (`control_space`, `prepare`, `deploy`): steer a trained model with the controls a
+  user sets after training and get a `Deployed` network, with its cost, that runs on its own and
+  exports to a folder `models.serialize.load_network` reads without the method.
+  `MethodBase` gives the defaults of a method with one fixed network (no controls, nothing to
+  prepare, `deploy` returns `model` with the trained variables), so simple methods add nothing.
 
 Variables follow Flax: `{"params": ..., <other collections, e.g. "batch_stats">: ...}`. The
 engine differentiates with respect to `params` only; every other collection is the "model
@@ -11,14 +18,24 @@ state" that the loss returns updated.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Sequence
+import dataclasses
+import os
+from typing import Any, Hashable, Mapping, Protocol, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from dymu_jax import tasks as tasks_lib
+from dymu_jax.models import branched
+from dymu_jax.models import cost as cost_lib
+from dymu_jax.models import serialize
+from dymu_jax.models.multitask import MultiTaskNet
 
 PyTree = Any
 Controls = Mapping[str, Any] | None  # e.g. {"preference": (0.7, 0.3), "budget": 0.5}
+
+# The controls a user may set after training, in the order a control space lists them.
+CONTROL_NAMES = ("preference", "budget", "resource")
 
 
 class Method(Protocol):
@@ -51,3 +68,202 @@ class Method(Protocol):
 
   def eval_controls(self) -> Sequence[Controls]:
     """The controls the training loop evaluates at each evaluation (default: `[None]`)."""
+
+  # Deployment half (defaults for a fixed network in `MethodBase`).
+
+  def control_space(self) -> ControlSpace:
+    """The controls a user may set after training."""
+
+  def prepare(self, variables: PyTree, held_out: HeldOut | None = None,
+              cache_dir: str | os.PathLike | None = None) -> Any:
+    """One-off work on held-out training images that `deploy` needs (ECMT: its cost table and
+    encoder scores), cached in `cache_dir` when given; None when there is nothing to do."""
+
+  def deploy(self, variables: PyTree, controls: Controls = None, prepared: Any = None, *,
+             image_shape: Sequence[int]) -> Deployed:
+    """The network steered by `controls` (missing ones take the method's defaults), with
+    its variables and cost; `Deployed.export` writes it as a standalone network."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The deployment half.
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlSpace:
+  """The controls a method accepts after training.
+
+  Attributes:
+    names: a subset of `CONTROL_NAMES`, in that order: () for a fixed network; ("preference",)
+      for PHN; ("preference", "budget") for ECMT (budget: a fraction of the full network's MACs
+      in (0, 1], or MACs per example above 1); ("preference", "resource") for DYMU (resource c
+      in [0, 1], larger is more frugal).
+  """
+
+  names: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    names = tuple(self.names)
+    unknown = [n for n in names if n not in CONTROL_NAMES]
+    if unknown or list(names) != [n for n in CONTROL_NAMES if n in names]:
+      raise ValueError(f"A control space lists controls among {', '.join(CONTROL_NAMES)} in "
+                       f"that order, got {', '.join(names) or 'none'}.")
+    object.__setattr__(self, "names", names)
+
+  def check(self, controls: Controls) -> dict[str, Any]:
+    """`controls` as a dict, refusing a control the method does not take (None: {})."""
+    controls = dict(controls or {})
+    extra = sorted(set(controls) - set(self.names))
+    if extra:
+      allowed = ", ".join(self.names) if self.names else "none (its network is fixed)"
+      raise ValueError(f"This method takes the controls {allowed}; {', '.join(extra)} "
+                       f"cannot be set.")
+    return controls
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+  """Held-out training images a method's `prepare` may use (never test images).
+
+  Attributes:
+    calibration: image batches (arrays (B, H, W, C) or (B, D)) of equal size, e.g. for batch-norm
+      recalibration.
+    validation: labelled batches (dicts with "image", the task labels and `data.VALID_KEY`),
+      e.g. for scoring configurations.
+    signature: a string that identifies these images (sizes, seed, batch size), part of any
+      cache key built on them.
+  """
+
+  calibration: tuple[Any, ...]
+  validation: tuple[Mapping[str, Any], ...]
+  signature: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Deployed:
+  """One steered network: runs on its own, knows its cost, exports to a folder.
+
+  Attributes:
+    network: `network.apply(variables, images, train=False) -> {task: output}`: a Linen module
+      (a `MultiTaskNet` exports) or another network with that `apply` (DYMU's tree).
+    variables: its variables.
+    image_shape: (H, W, C) of its input images, or (D,) for feature vectors.
+    controls: the controls it was deployed for ({} for a fixed network).
+    key: a hashable value that identifies the deployed structure (widths, tree, preference),
+      equal for two deployments that compute the same function.
+    info: JSON-able facts of the deployment (widths, tree, MACs of the full network...), kept in
+      the export's `extra`.
+    known_cost: the network's cost when the method counts it itself (DYMU's tree cost), else
+      None (counted by `models.cost.count`).
+  """
+
+  network: Any
+  variables: PyTree
+  image_shape: tuple[int, ...]
+  controls: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  key: Hashable = None
+  info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  known_cost: cost_lib.Cost | None = None
+
+  def apply(self, images: jax.Array) -> dict[str, jax.Array]:
+    """Evaluation-mode predictions of the deployed network."""
+    return self.network.apply(self.variables, images, train=False)
+
+  def cost(self) -> cost_lib.Cost:
+    """Per-example MACs and used parameters (`models.cost.count`, nothing computed)."""
+    if self.known_cost is not None:
+      return self.known_cost
+    sample = jnp.zeros((1, *self.image_shape), jnp.float32)
+    return cost_lib.count(self.network, self.variables, sample, train=False)
+
+  @property
+  def exportable(self) -> bool:
+    """Whether `export` can write the network: a `MultiTaskNet`, or a DYMU tree whose
+    `BranchedNet` came from `branched.build_branched`."""
+    if isinstance(self.network, branched.TreeNetwork):
+      return bool(self.network.net.build_options)
+    return isinstance(self.network, MultiTaskNet)
+
+  def with_input_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> Deployed:
+    """The same deployment whose network standardises its inputs itself with (mean, std) per
+    channel or feature (a tabular run's training statistics), so that it takes raw rows."""
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    network = self.network
+    if isinstance(network, branched.TreeNetwork):
+      net = dataclasses.replace(network.net, pixel_mean=mean, pixel_std=std)
+      network = branched.TreeNetwork(net, network.tree)
+    elif isinstance(network, MultiTaskNet):
+      network = dataclasses.replace(network, pixel_mean=mean, pixel_std=std)
+    else:
+      raise ValueError(f"A {type(network).__name__} has no input normalisation to set.")
+    return dataclasses.replace(self, network=network)
+
+  def export(self, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None
+             ) -> str:
+    """Writes the network to `directory` (`models.serialize`); returns the folder.
+
+    `extra` joins `info`, the controls and the cost in the folder's metadata.
+    """
+    if not self.exportable:
+      raise ValueError(f"A deployed {type(self.network).__name__} cannot be exported yet: the "
+                       f"saved-network format holds one multi-task network (a MultiTaskNet, "
+                       f"or a DYMU tree of a BranchedNet made by build_branched).")
+    cost = self.cost()
+    record = {**dict(self.info), "controls": _jsonable_controls(self.controls),
+              "macs": int(cost.macs), "params": int(cost.params), **dict(extra or {})}
+    serialize.save_network(directory, self.network, self.variables, extra=record,
+                           image_shape=self.image_shape)
+    return os.fspath(directory)
+
+
+def _jsonable_controls(controls: Mapping[str, Any]) -> dict[str, Any]:
+  out = {}
+  for name, value in controls.items():
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+      out[name] = [float(v) for v in list(getattr(value, "tolist", lambda: value)())]
+    else:
+      out[name] = float(value)
+  return out
+
+
+class MethodBase:
+  """Defaults of the deployment half for a method with one fixed network in `self.model`.
+
+  A method overrides what differs: `control_space` (the controls it takes), `prepare` (one-off
+  work on held-out images, e.g. ECMT's cost table and encoder scores) and `deploy`.
+  `DEPLOY_OPTIONS` names the method's fields a user may change when deploying a trained run
+  (e.g. ECMT's search options); `experiments.export` sets them from flags of the same names.
+  """
+
+  DEPLOY_OPTIONS = ()
+
+  def replace_options(self, **options):
+    """The method with deployment options (`DEPLOY_OPTIONS`) changed; others are refused."""
+    unknown = sorted(set(options) - set(self.DEPLOY_OPTIONS))
+    if unknown:
+      allowed = ", ".join(self.DEPLOY_OPTIONS) or "none"
+      raise ValueError(f"{', '.join(unknown)} cannot be set when deploying {self.name}; its "
+                       f"deployment options are {allowed}.")
+    return dataclasses.replace(self, **options) if options else self
+
+  def control_space(self) -> ControlSpace:
+    """No controls: the trained network is the deployed one."""
+    return ControlSpace()
+
+  def prepare(self, variables: PyTree, held_out: HeldOut | None = None,
+              cache_dir: str | os.PathLike | None = None) -> Any:
+    """One-off work `deploy` needs (None: nothing). `cache_dir` may keep it between calls."""
+    del variables, held_out, cache_dir
+    return None
+
+  def deployed_variables(self, variables: PyTree) -> PyTree:
+    """The variables the deployed network runs with (default: all of them)."""
+    return variables
+
+  def deploy(self, variables: PyTree, controls: Controls = None, prepared: Any = None, *,
+             image_shape: Sequence[int]) -> Deployed:
+    """The trained network itself (a fixed network takes no controls)."""
+    del prepared
+    controls = self.control_space().check(controls)
+    return Deployed(self.model, self.deployed_variables(variables),
+                    tuple(int(d) for d in image_shape), controls, key=self.name)

@@ -30,7 +30,8 @@ and batch-norm-adapted weights, without retraining. The training stages share on
    mixing with one-hot parents (equal to the tree forward, and one compiled program whatever
    tree the preference selects).
 
-Every step draws one preference per batch, r ~ Dirichlet(0.2 * 1_N), c ~ Uniform(0, 1) [known].
+Every step draws one preference per batch, r ~ Dirichlet(0.2 * 1_N), c ~ Uniform(0, 1) [known]
+(`controls.sample_controls`).
 
 **Branching regulariser** (`branching_regularizer`) [known form]: A = {i : r_i >= tau} (active
 tasks), I the rest, tau = 0.6 / N;
@@ -65,7 +66,8 @@ zero [ours], so stage 3 starts from the anchor exactly.
 **Controls and inference.** `predict(variables, images, {"preference": r, "resource": c})`;
 `{"tree": Tree}` runs a given tree on the anchor, None the anchor itself. `controller(variables)
 .predict(r, c)` returns the argmax tree and the adapted variables; `BranchedNet.apply_tree` then
-computes only the used nodes and `BranchedNet.tree_cost` prices them.
+computes only the used nodes and `BranchedNet.tree_cost` prices them. r and c are checked by
+`controls.check_preference` and `controls.check_resource` (one sentence for a bad value).
 
 Variables per stage (the engine differentiates "params" only; the frozen parts ride along as
 other collections of the model state):
@@ -88,9 +90,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from dymu_jax import controls as controls_lib
 from dymu_jax import losses as losses_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import base as data_lib
+from dymu_jax.methods import base
+from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import branched
 from dymu_jax.models.branched import BranchedNet, Tree, TreeCost
 
@@ -106,56 +111,15 @@ DEPTH_FACTORS = ("paper", "shifted")
 # paper states it is a weight; stopping the gradient is ours, measured); "flow" lets h also
 # lower the usage of nodes to shrink the term.
 USE_GRADIENTS = ("stop", "flow")
-# Preferences may be off the simplex by this much (float32 sums, typed decimals).
-SIMPLEX_TOLERANCE = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
-# Controls.
+# Controls (checked and drawn by `dymu_jax.controls`).
 
 
-def check_preference(preference, num_tasks: int) -> np.ndarray:
-  """The preference as a float32 (N,) vector on the simplex, or one clear error."""
-  try:
-    r = np.asarray(preference, dtype=np.float64)
-  except (TypeError, ValueError):
-    raise ValueError(f"The preference must be a vector of {num_tasks} numbers, got "
-                     f"{preference!r}.") from None
-  if r.ndim != 1 or r.shape[0] != num_tasks:
-    raise ValueError(f"The preference {preference!r} must have one entry per task "
-                     f"({num_tasks}).")
-  if not np.all(np.isfinite(r)) or np.any(r < -SIMPLEX_TOLERANCE) or abs(
-      r.sum() - 1.0) > SIMPLEX_TOLERANCE * max(1, num_tasks):
-    raise ValueError(f"The preference {tuple(float(x) for x in r)} must lie on the simplex: "
-                     f"non-negative entries that sum to 1 (they sum to {r.sum():g}).")
-  return np.clip(r, 0.0, None).astype(np.float32)
-
-
-def check_resource(resource) -> float:
-  """The resource preference c as a float in [0, 1], or one clear error."""
-  if isinstance(resource, (bool, np.bool_)):
-    raise ValueError(f"The resource preference c must be a number in [0, 1], got {resource!r}.")
-  try:
-    c = float(resource)
-  except (TypeError, ValueError):
-    raise ValueError(f"The resource preference c must be a number in [0, 1], got "
-                     f"{resource!r}.") from None
-  if not (math.isfinite(c) and 0.0 <= c <= 1.0):
-    raise ValueError(f"The resource preference c must be a number in [0, 1], got {c:g}.")
-  return c
-
-
-def sample_controls(rng: jax.Array, num_tasks: int, dirichlet_alpha: float = 0.2
-                    ) -> tuple[jax.Array, jax.Array]:
-  """One (r ~ Dirichlet(alpha 1_N), c ~ Uniform(0, 1)) draw (traceable)."""
-  key_r, key_c = jax.random.split(rng)
-  r = jax.random.dirichlet(key_r, jnp.full((num_tasks,), dirichlet_alpha, jnp.float32))
-  # Dirichlet draws with a small alpha can underflow; renormalise and keep them finite.
-  r = jnp.nan_to_num(r, nan=0.0)
-  total = jnp.sum(r)
-  r = jnp.where(total > 0, r / jnp.maximum(total, 1e-30), jnp.full_like(r, 1.0 / num_tasks))
-  c = jax.random.uniform(key_c, (), jnp.float32)
-  return r, c
+def _preference(preference, num_tasks: int) -> np.ndarray:
+  """`controls.check_preference` as float32 (N,), the dtype the hypernetworks read."""
+  return controls_lib.check_preference(preference, num_tasks).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +323,7 @@ def _is_traced(tree: PyTree) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class DymuMethod:
+class DymuMethod(base.MethodBase):
   """DYMU on a `BranchedNet` (module docstring); one instance per training stage.
 
   Attributes:
@@ -465,7 +429,7 @@ class DymuMethod:
     object.__setattr__(self, "edge_hidden", tuple(int(h) for h in self.edge_hidden))
     object.__setattr__(self, "weight_hidden", tuple(int(h) for h in self.weight_hidden))
     object.__setattr__(self, "eval_resources",
-                       tuple(check_resource(c) for c in self.eval_resources))
+                       tuple(controls_lib.check_resource(c) for c in self.eval_resources))
 
   # -- parts -----------------------------------------------------------------------------------
 
@@ -556,7 +520,7 @@ class DymuMethod:
       return total, (aux, {**model_state, **new_state})
 
     control_key, gumbel_key = jax.random.split(rng)
-    r, c = sample_controls(control_key, self.num_tasks, self.dirichlet_alpha)
+    r, c = controls_lib.sample_controls(control_key, self.num_tasks, self.dirichlet_alpha)
     variables = {"params": params, **model_state}
     anchor, edge, weight = self.parts(variables)
     aux = {}
@@ -610,8 +574,8 @@ class DymuMethod:
     if edge is None:
       raise ValueError("Predicting for a preference needs a trained edge hypernetwork; the "
                        "anchor stage's variables have none.")
-    r = check_preference(controls["preference"], self.num_tasks)
-    c = check_resource(controls["resource"])
+    r = _preference(controls["preference"], self.num_tasks)
+    c = controls_lib.check_resource(controls["resource"])
     if _is_traced((edge, weight, anchor)):
       adapted = self.adapted_anchor(anchor, weight, r, c)
       nu = hard_parents(self.parent_logits(edge, r, c))
@@ -630,6 +594,35 @@ class DymuMethod:
   def controller(self, variables: Mapping[str, PyTree]) -> DymuController:
     """The inference controller of trained variables (stage "edge" or "weight")."""
     return DymuController(self, variables)
+
+  def control_space(self) -> base.ControlSpace:
+    """A preference and a resource c once the edge hypernetwork is trained; none before."""
+    if self.stage in ("pretrain", "anchor"):
+      return base.ControlSpace()
+    return base.ControlSpace(("preference", "resource"))
+
+  def deploy(self, variables, controls=None, prepared=None, *, image_shape) -> base.Deployed:
+    """The argmax tree of h(r, c) on the anchor with g(r, c)'s batch-norm shifts (stage
+    "weight"), only its nodes computed; the anchor's separate streams (stage "anchor") or the
+    trunk (stage "pretrain") before. A missing preference is uniform, a missing resource 0."""
+    del prepared
+    controls = self.control_space().check(controls)
+    image_shape = tuple(int(d) for d in image_shape)
+    anchor, _, _ = self.parts(variables)
+    if self.stage in ("pretrain", "anchor"):
+      tree = self.net.shared_tree(0) if self.stage == "pretrain" else self.net.separate_tree()
+      adapted, controls = anchor, {}
+    else:
+      r = _preference(controls.get("preference", np.full(self.num_tasks, 1.0 / self.num_tasks)),
+                      self.num_tasks)
+      c = controls_lib.check_resource(controls.get("resource", 0.0))
+      tree, adapted = self.controller(variables).predict(r, c)
+      controls = {"preference": tuple(float(x) for x in r), "resource": float(c)}
+    cost = self.net.tree_cost(tree, image_shape)
+    info = {"tree": [list(p) for p in tree.parents], "anchor_macs": cost.full_macs,
+            "macs_fraction": cost.macs_fraction}
+    return base.Deployed(branched.TreeNetwork(self.net, tree), adapted, image_shape, controls,
+                         key=tree, info=info, known_cost=cost_lib.Cost(cost.macs, cost.params))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -658,8 +651,8 @@ class DymuController:
 
   def parent_logits(self, preference, resource) -> np.ndarray:
     """h(r, c): the parent logits (L, N, N)."""
-    r = check_preference(preference, self.method.num_tasks)
-    c = check_resource(resource)
+    r = _preference(preference, self.method.num_tasks)
+    c = controls_lib.check_resource(resource)
     _, edge, _ = self.method.parts(self.variables)
     return np.asarray(_parent_logits(self.method.edge_hypernet(), edge, r, np.float32(c)))
 
@@ -670,8 +663,8 @@ class DymuController:
   def predict(self, preference, resource) -> tuple[Tree, PyTree]:
     """(the argmax tree, the anchor's variables with g(r, c)'s batch-norm shifts)."""
     tree = self.tree(preference, resource)
-    r = check_preference(preference, self.method.num_tasks)
-    c = np.float32(check_resource(resource))
+    r = _preference(preference, self.method.num_tasks)
+    c = np.float32(controls_lib.check_resource(resource))
     anchor, _, weight = self.method.parts(self.variables)
     if weight is None:
       return tree, anchor

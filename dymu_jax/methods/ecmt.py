@@ -55,7 +55,8 @@ what is ours:
   must leave `decoder_reserve` of the decoders' MACs span free, and each decoder is capped at
   `r_t / max(r)` of its full extra MACs (`preference_cap`); without them the encoder tends to
   take the whole budget, and on datasets whose decoders are cheap (classification heads) every
-  decoder ends at full width whatever the preference.
+  decoder ends at full width whatever the preference. The preference is checked, in float64
+  and renormalised to sum 1, by `dymu_jax.controls.check_preference`.
 
 `predict(variables, images, controls)` runs the static sliced path for `{"widths": WidthConfig}`,
 `{"encoder": (...), "decoders": (...)}` or `{"preference": r, "budget": b}` (resolved by the
@@ -70,6 +71,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -77,11 +79,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dymu_jax import controls as controls_lib
 from dymu_jax import execution
 from dymu_jax import files as files_lib
 from dymu_jax import losses
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import base as data_lib
+from dymu_jax.methods import base
 from dymu_jax.metrics import tasks as metrics_lib
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import layers
@@ -91,8 +95,6 @@ from dymu_jax.models.widths import (WIDTH_CHOICES, DynamicWidths, WidthConfig, c
 
 PyTree = Any
 KD_MODES = ("ci_kd", "mutual", "none")
-# Preferences may be off the simplex by this much (float32 sums, typed decimals).
-SIMPLEX_TOLERANCE = 1e-5
 # Fraction of the decoders' MACs span the search keeps free for the preference [ours].
 DECODER_RESERVE = 0.5
 
@@ -189,7 +191,7 @@ def _sorted_choices(choices: Sequence[float]) -> tuple[float, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ECMTMethod:
+class ECMTMethod(base.MethodBase):
   """A slimmable SuperNet trained with sampled SubNets (see the module docstring).
 
   Attributes:
@@ -208,7 +210,13 @@ class ECMTMethod:
       use for the image size and cached).
     name: the method name in logs.
     axis_name: the pmap axis the model's batch norms pool over (see `methods.base`).
+    decoder_reserve: `search`'s share of the decoders' span an encoder must leave free
+      (deployment only).
+    preference_cap: `search`'s cap of each decoder at r_t / max(r) (deployment only).
   """
+
+  # Fields a user may set when deploying a trained run (`experiments.export` flags).
+  DEPLOY_OPTIONS = ("decoder_reserve", "preference_cap")
 
   tasks: tuple[tasks_lib.Task, ...]
   model: MultiTaskNet
@@ -223,10 +231,14 @@ class ECMTMethod:
   cost_table: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
   name: str = "ecmt"
   axis_name: str | None = None
+  decoder_reserve: float = DECODER_RESERVE
+  preference_cap: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "tasks", tuple(self.tasks))
     object.__setattr__(self, "width_choices", _sorted_choices(self.width_choices))
+    if not 0.0 <= self.decoder_reserve <= 1.0:
+      raise ValueError(f"decoder_reserve must lie in [0, 1], got {self.decoder_reserve}.")
     if self.task_weights is not None:
       object.__setattr__(self, "task_weights", tuple(float(w) for w in self.task_weights))
       if len(self.task_weights) != len(self.tasks):
@@ -426,9 +438,84 @@ class ECMTMethod:
     return [{"encoder": c.encoder, "decoders": c.decoders}
             for c in (self.full_widths(), self.smallest_widths())]
 
+  # -- deployment ------------------------------------------------------------------------------
+
+  def control_space(self) -> base.ControlSpace:
+    """A preference over the tasks and a budget (a fraction of the SuperNet's MACs in (0, 1],
+    or MACs per example above 1)."""
+    return base.ControlSpace(("preference", "budget"))
+
+  def prepare(self, variables, held_out: base.HeldOut | None = None,
+              cache_dir: str | os.PathLike | None = None) -> Prepared:
+    """The cost table and the encoder scores on `held_out` (see `Prepared`), cached in
+    `cache_dir`'s cost_table.json and encoder_scores.json when given. Without validation
+    batches nothing is scored, and the search takes the most expensive encoder that fits."""
+    if held_out is None or not held_out.calibration:
+      raise ValueError("Deploying an ECMT SuperNet needs held-out training images: calibration "
+                       "batches for batch-norm recalibration (and scoring batches for the "
+                       "search's encoder scores).")
+    image_shape = tuple(np.shape(held_out.calibration[0])[1:])
+    folder = files_lib.run_path(cache_dir) if cache_dir is not None else None
+    table = cached_cost_table(self.model, image_shape, self.width_choices,
+                              path=folder / "cost_table.json" if folder else None)
+    scores = {}
+    if held_out.validation:
+      scores = cached_encoder_scores(self, variables, held_out,
+                                     f"{table.signature}|{held_out.signature}",
+                                     path=folder / "encoder_scores.json" if folder else None)
+    return Prepared(table, scores, tuple(held_out.calibration))
+
+  def search(self, preference, budget, prepared: Prepared) -> WidthConfig:
+    """`search` with the method's deployment options."""
+    return search(preference, budget, cost_table=prepared.cost_table, scores=prepared.scores,
+                  decoder_reserve=self.decoder_reserve, preference_cap=self.preference_cap)
+
+  def recalibrate(self, variables, config: WidthConfig, prepared: Prepared):
+    """`recalibrate_bn` on the prepared calibration images (full-width variables)."""
+    return recalibrate_bn(self, variables, config, prepared.calibration)
+
+  def deploy(self, variables, controls=None, prepared: Prepared | None = None, *,
+             image_shape: Sequence[int]) -> base.Deployed:
+    """The SubNet the search picks for (preference, budget), its batch norms recalibrated on
+    the prepared calibration images and its variables sliced: a network of its own. A missing
+    preference is uniform, a missing budget 1.0 (the SuperNet's MACs)."""
+    controls = self.control_space().check(controls)
+    if prepared is None:
+      raise ValueError("ECMT's deploy needs `prepare(variables, held_out)`'s result.")
+    names = [t.name for t in self.tasks]
+    preference = controls_lib.check_preference(
+        controls.get("preference", np.full(len(names), 1 / len(names))), names)
+    budget = controls.get("budget", 1.0)
+    config = self.search(preference, budget, prepared)
+    recalibrated = self.recalibrate(variables, config, prepared)
+    image_shape = tuple(int(d) for d in image_shape)
+    sub, sub_variables = slice_subnet(self.model, recalibrated, config, image_shape)
+    table = prepared.cost_table
+    info = {"widths": {"encoder": list(config.encoder), "decoders": list(config.decoders)},
+            "supernet_macs": table.full_macs, "macs_fraction": table.macs(config) / table.full_macs,
+            "decoder_reserve": self.decoder_reserve, "preference_cap": self.preference_cap}
+    return base.Deployed(sub, sub_variables, image_shape,
+                         {"preference": tuple(float(x) for x in preference), "budget": budget},
+                         key=config, info=info)
+
 
 OPTIONS = ("num_subnets", "lambda_kd", "kd", "lambda_mutual", "mutual_temperature",
            "width_choices")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+  """What deploying a trained SuperNet needs once (`ECMTMethod.prepare`).
+
+  Attributes:
+    cost_table: the `CostTable` of the network at the images' shape.
+    scores: {encoder multipliers: score} of `score_encoders` on held-out training images.
+    calibration: the held-out image batches batch norms are recalibrated on.
+  """
+
+  cost_table: "CostTable"
+  scores: Mapping[tuple[float, ...], float]
+  calibration: tuple[Any, ...]
 
 
 def build(tasks: Sequence[tasks_lib.Task], make_net, *,
@@ -803,24 +890,6 @@ def cached_cost_table(model: MultiTaskNet, image_shape: Sequence[int],
 # The search.
 
 
-def check_preference(preference, task_names: Sequence[str]) -> np.ndarray:
-  """The preference as float64 (T,) on the simplex, or one ValueError sentence."""
-  try:
-    r = np.asarray(preference, np.float64).reshape(-1)
-  except (TypeError, ValueError):
-    raise ValueError(f"The preference must be {len(task_names)} numbers, one per task "
-                     f"({', '.join(task_names)}), got {preference!r}.") from None
-  if r.shape[0] != len(task_names):
-    raise ValueError(f"The preference has {r.shape[0]} entries {tuple(r.tolist())} but there "
-                     f"are {len(task_names)} tasks ({', '.join(task_names)}).")
-  if not np.all(np.isfinite(r)) or np.any(r < -SIMPLEX_TOLERANCE) or (
-      abs(r.sum() - 1.0) > SIMPLEX_TOLERANCE):
-    raise ValueError(f"The preference {tuple(r.tolist())} is not on the simplex: entries must "
-                     f"be >= 0 and sum to 1.")
-  r = np.clip(r, 0.0, None)
-  return r / r.sum()
-
-
 def budget_macs(budget, cost_table: CostTable) -> int:
   """A budget as MACs: an int is MACs, a float in (0, 1] a fraction of the SuperNet's MACs."""
   full = cost_table.full_macs
@@ -901,7 +970,7 @@ def _too_small(budget, macs: int, smallest: int, full: int, what: str) -> ValueE
 def allocate_decoders(preference, budget, encoder: Sequence[float], *,
                       cost_table: CostTable, preference_cap: bool = True) -> tuple[float, ...]:
   """Decoder multipliers for a fixed encoder configuration (the inner step of `search`)."""
-  r = check_preference(preference, cost_table.task_names)
+  r = controls_lib.check_preference(preference, cost_table.task_names)
   macs = budget_macs(budget, cost_table)
   e = cost_table.encoder_index(encoder)
   smallest = int(cost_table.encoder_macs[e] + cost_table.decoder_macs[e, :, 0].sum())
@@ -948,7 +1017,7 @@ def search(preference, budget, *, cost_table: CostTable,
     ValueError: a preference of the wrong length or off the simplex, a malformed budget, or a
       budget below the smallest configuration's MACs (one sentence each).
   """
-  r = check_preference(preference, cost_table.task_names)
+  r = controls_lib.check_preference(preference, cost_table.task_names)
   macs = budget_macs(budget, cost_table)
   smallest = cost_table.smallest_macs
   if macs < smallest:
@@ -1128,4 +1197,37 @@ def score_encoders(method: ECMTMethod, variables: PyTree, calibration: Sequence[
     scores[encoder] = mean_normalised(method.tasks, per_task, full)
     if progress is not None:
       progress(i + 1, len(encoders))
+  return scores
+
+
+def cached_encoder_scores(method: ECMTMethod, variables: PyTree, held_out: base.HeldOut,
+                          signature: str, path: str | os.PathLike | None = None
+                          ) -> dict[tuple[float, ...], float]:
+  """`score_encoders` on `held_out`, kept in the JSON file `path` under `signature` (the cost
+  table's, the checkpoint's and the images'); a file for another signature is scored again."""
+  if path is not None and files_lib.is_file(path):
+    try:
+      record = files_lib.read_json(path)
+      if record.get("signature") == signature:
+        return {tuple(e): float(s) for e, s in record["scores"]}
+    except (files_lib.DamagedFile, AttributeError, KeyError, TypeError, ValueError) as error:
+      print(f"{error if isinstance(error, files_lib.DamagedFile) else f'{path} is damaged'}; "
+            f"scoring again.", flush=True)
+  started = time.time()
+  total = len(encoder_configs(method.num_stages, method.width_choices))
+  count = sum(len(b["image"]) for b in held_out.validation)
+  where = f"; cached in {path}" if path is not None else ""
+  print(f"scoring {total} encoder configurations on {count} held-out training images "
+        f"(once{where})...", flush=True)
+
+  def progress(done, count):
+    if done % max(count // 8, 1) == 0 or done == count:
+      print(f"  {done}/{count} encoders scored ({time.time() - started:.0f} s)", flush=True)
+
+  scores = score_encoders(method, variables, held_out.calibration, held_out.validation,
+                          progress=progress)
+  if path is not None:
+    files_lib.write_json(path, {"signature": signature,
+                                "scores": [[list(e), s] for e, s in scores.items()]},
+                         indent=None)
   return scores

@@ -83,6 +83,7 @@ import numpy as np
 from dymu_jax import execution
 from dymu_jax import files as files_lib
 from dymu_jax import tasks as tasks_lib
+from dymu_jax.methods import base
 from dymu_jax.methods.static import weighted_task_loss
 from dymu_jax.models import backbones
 
@@ -370,7 +371,7 @@ def routing_from_frequencies(frequency, threshold: float = 0.5) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class GradSplitMethod:
+class GradSplitMethod(base.MethodBase):
   """GradSplit on a hard-sharing network (see the module docstring).
 
   Attributes:
@@ -591,6 +592,10 @@ class GradSplitMethod:
 
   def _model_state(self, model_state: Mapping[str, PyTree]) -> dict:
     return {k: v for k, v in model_state.items() if k != STATE_COLLECTION}
+
+  def deployed_variables(self, variables):
+    """The hard-shared network's variables, without the routing statistics."""
+    return self._model_state(variables)
 
   def task_losses(self, params, model_state, batch, columns: jax.Array | None = None
                   ) -> tuple[jax.Array, dict]:

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from dymu_jax import tasks as tasks_lib
+from dymu_jax.methods import base
 from dymu_jax.methods.static import weighted_task_loss
 from dymu_jax.train import step as step_lib
 
@@ -128,7 +129,7 @@ def pcgrad(order: str = "fixed", seed: int = 0) -> optax.GradientTransformationE
 
 
 @dataclasses.dataclass(frozen=True)
-class PCGradMethod:
+class PCGradMethod(base.MethodBase):
   """Hard sharing trained with PCGrad on the shared encoder's per-task gradients.
 
   Attributes:

@@ -18,10 +18,11 @@ batch-norm parameters, so a fresh hypernetwork generates weights of the usual in
 In "bn" mode the output head starts at zero (scales 1, biases 0: the usual batch-norm start).
 
 Training [known]: linear scalarisation `sum_i r_i w_i L_i` with one preference per batch,
-r ~ Dirichlet(alpha 1_N), alpha = 0.2. Batch norm [ours]: batch statistics in training, one set
-of running statistics shared by all preferences.
+r ~ Dirichlet(alpha 1_N), alpha = 0.2 (`controls.sample_controls`). Batch norm [ours]: batch
+statistics in training, one set of running statistics shared by all preferences.
 
-Controls: `{"preference": r}`; None takes the uniform preference.
+Controls: `{"preference": r}` (checked by `controls.check_preference`); None takes the uniform
+preference.
 
 Variables: "all": `{"params": {"hypernet": ...}, "batch_stats": ...}`; "bn": `{"params":
 {"hypernet": ..., "network": <the network's params without batch-norm scales and biases>},
@@ -41,8 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from dymu_jax import controls as controls_lib
 from dymu_jax import tasks as tasks_lib
-from dymu_jax.methods import dymu
+from dymu_jax.methods import base
 from dymu_jax.models import branched
 
 PyTree = Any
@@ -143,7 +145,7 @@ def _offsets_and_scales(template: PyTree, bn_paths: Sequence[tuple[str, ...]]):
 
 
 @dataclasses.dataclass(frozen=True)
-class PHNMethod:
+class PHNMethod(base.MethodBase):
   """PHN ("all") or PHN-BN ("bn") on one shared network (module docstring).
 
   Attributes:
@@ -245,7 +247,7 @@ class PHNMethod:
   def loss(self, params, model_state, batch, rng, step):
     """Linear scalarisation for one preference per batch: sum_i r_i w_i L_i."""
     del step
-    r, _ = dymu.sample_controls(rng, self.num_tasks, self.dirichlet_alpha)
+    r, _ = controls_lib.sample_controls(rng, self.num_tasks, self.dirichlet_alpha)
     images = batch["image"]
     network = self.network_params(params, images.shape[1:], r)
     predictions, new_state = self.model.apply({"params": network, **model_state}, images,
@@ -263,7 +265,8 @@ class PHNMethod:
       if set(controls) != {"preference"}:
         raise ValueError(f"PHN controls must be {{'preference': r}}, got keys "
                          f"{sorted(controls)}.")
-      r = dymu.check_preference(controls["preference"], self.num_tasks)
+      r = controls_lib.check_preference(controls["preference"], self.num_tasks).astype(
+          np.float32)
     else:
       r = np.full((self.num_tasks,), 1.0 / self.num_tasks, np.float32)
     params = variables["params"]
@@ -274,6 +277,28 @@ class PHNMethod:
   def eval_controls(self):
     """The uniform preference."""
     return [{"preference": tuple([1.0 / self.num_tasks] * self.num_tasks)}]
+
+  def control_space(self) -> base.ControlSpace:
+    return base.ControlSpace(("preference",))
+
+  def deploy(self, variables, controls=None, prepared=None, *, image_shape) -> base.Deployed:
+    """The shared network with the weights generated for the preference (default uniform)."""
+    del prepared
+    controls = self.control_space().check(controls)
+    r = controls_lib.check_preference(
+        controls.get("preference", np.full(self.num_tasks, 1.0 / self.num_tasks)),
+        self.num_tasks).astype(np.float32)
+    image_shape = tuple(int(d) for d in image_shape)
+    state = {k: v for k, v in variables.items() if k != "params"}
+    network = _generate(self, variables["params"], image_shape, jnp.asarray(r, jnp.float32))
+    preference = tuple(float(x) for x in r)
+    return base.Deployed(self.model, {"params": network, **state}, image_shape,
+                         {"preference": preference}, key=(self.name, preference))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _generate(method: PHNMethod, params, image_shape: tuple[int, ...], preference):
+  return method.network_params(params, image_shape, preference)
 
 
 @functools.lru_cache(maxsize=64)

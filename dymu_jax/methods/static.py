@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 
 from dymu_jax import tasks as tasks_lib
+from dymu_jax.methods import base
 
 
 def weighted_task_loss(tasks: Sequence[tasks_lib.Task], outputs: Mapping[str, jax.Array],
@@ -26,7 +27,7 @@ def weighted_task_loss(tasks: Sequence[tasks_lib.Task], outputs: Mapping[str, ja
 
 
 @dataclasses.dataclass(frozen=True)
-class StaticMethod:
+class StaticMethod(base.MethodBase):
   """A fixed multi-task network trained on a fixed weighted sum of task losses.
 
   Attributes:

@@ -8,11 +8,11 @@
 - `uniformity`: mu = 1 - KL(Lhat || uniform), Lhat_j = r_j L_j / sum_i r_i L_i.
 - `rank_controllability` [ours]: Spearman correlation between r_t and task t's performance.
 - `delta_m`: mean relative gain over single-task models, in percent.
-- Preference grids: `phn_rays` (the 2-task rays of PHN's Multi-MNIST evaluation), `das_dennis`
-  (evenly spaced points of the simplex) and `das_dennis_divisions`.
 
 Every function validates its inputs and stops with one ValueError sentence naming the bad
-value and what is expected.
+value and what is expected; preferences are checked by `dymu_jax.controls.check_preferences`
+(its `SIMPLEX_TOLERANCE` and message). The preference grids of a sweep (`phn_rays`,
+`das_dennis`, ...) are in `dymu_jax.controls`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-SIMPLEX_TOLERANCE = 1e-6
+from dymu_jax import controls
 
 
 def _as_matrix(points, name: str) -> np.ndarray:
@@ -35,20 +35,6 @@ def _as_matrix(points, name: str) -> np.ndarray:
   if not np.all(np.isfinite(array)):
     raise ValueError(f"{name} must be finite, got {array.tolist()}.")
   return array
-
-
-def _check_preferences(preferences, num_tasks: int) -> np.ndarray:
-  """Preferences as (n, d), each row on the simplex (r >= 0, sum 1)."""
-  prefs = _as_matrix(preferences, "preferences")
-  if prefs.shape[1] != num_tasks:
-    raise ValueError(f"preferences have {prefs.shape[1]} entries per vector but there are "
-                     f"{num_tasks} tasks.")
-  bad = (np.any(prefs < -SIMPLEX_TOLERANCE, axis=1)
-         | (np.abs(prefs.sum(axis=1) - 1.0) > SIMPLEX_TOLERANCE))
-  if bad.any():
-    raise ValueError(f"preference {prefs[np.argmax(bad)].tolist()} is not on the simplex "
-                     "(entries must be >= 0 and sum to 1).")
-  return np.clip(prefs, 0.0, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +201,7 @@ def uniformity_per_point(losses, preferences) -> np.ndarray:
   nothing divides by zero.
   """
   loss = _as_matrix(losses, "losses")
-  prefs = _check_preferences(preferences, loss.shape[1])
+  prefs = controls.check_preferences(preferences, loss.shape[1])
   if prefs.shape != loss.shape:
     raise ValueError(f"losses of shape {loss.shape} and preferences of shape {prefs.shape} must "
                      "have the same shape.")
@@ -279,7 +265,7 @@ def rank_controllability(preferences, performance,
     the mean is NaN when no task is defined. Average over budgets in the caller.
   """
   perf = _as_matrix(performance, "performance")
-  prefs = _check_preferences(preferences, perf.shape[1])
+  prefs = controls.check_preferences(preferences, perf.shape[1])
   if prefs.shape != perf.shape:
     raise ValueError(f"preferences of shape {prefs.shape} and performance of shape {perf.shape} "
                      "must have the same shape.")
@@ -358,72 +344,3 @@ def delta_m_terms(metrics, single_task_metrics, higher_is_better
     return float("nan"), excluded
   terms = signs[usable] * (values[usable] - single[usable]) / single[usable] * 100.0
   return float(np.mean(terms)), excluded
-
-
-# ----------------------------------------------------------------------------------------------
-# Preference grids.
-
-
-PHN_RAY_MIN_ANGLE = 0.1
-
-
-def phn_rays(num: int, min_angle: float = PHN_RAY_MIN_ANGLE) -> np.ndarray:
-  """(num, 2) the evaluation rays of Pareto HyperNetworks (PHN) for two tasks.
-
-  PHN's Multi-MNIST evaluation (Navon et al., ICLR 2021; `experiments/utils.py::circle_points`
-  and `experiments/multimnist/trainer.py` of AvivNavon/pareto-hypernetworks, 25 rays by default)
-  takes `num` angles evenly spaced by `np.linspace(min_angle, pi / 2 - min_angle, num)`, the
-  rays (cos theta, sin theta), and divides each by its sum: preferences on the simplex, the
-  first favouring task 1 (r_1 = cos 0.1 / (cos 0.1 + sin 0.1) ~ 0.909), the last task 2, the
-  middle one (0.5, 0.5) for odd `num`. The angle margin of 0.1 rad keeps every entry above
-  0.09: no corner preference. Evenly spaced in angle, not in r_1.
-  """
-  if num < 1:
-    raise ValueError(f"phn_rays needs at least 1 ray, got {num}.")
-  if not 0.0 <= min_angle < math.pi / 4:
-    raise ValueError(f"min_angle must lie in [0, pi / 4), got {min_angle}.")
-  angles = np.linspace(min_angle, math.pi / 2 - min_angle, num)
-  rays = np.stack([np.cos(angles), np.sin(angles)], axis=1)
-  return rays / rays.sum(axis=1, keepdims=True)
-
-
-def das_dennis(num_tasks: int, divisions: int) -> np.ndarray:
-  """(C(divisions + num_tasks - 1, num_tasks - 1), num_tasks) Das-Dennis points of the simplex.
-
-  Every vector (k_1, ..., k_T) / divisions of non-negative integers summing to `divisions`:
-  evenly spaced points, corners and edges included (preferences with zero entries). Rows are in
-  the order of pymoo's `get_reference_directions("das-dennis", T, n_partitions=divisions)`:
-  lexicographic, first entry slowest, ascending (for 2 tasks: (0, 1), (1/H, 1 - 1/H), ...,
-  (1, 0)).
-  """
-  if num_tasks < 1:
-    raise ValueError(f"das_dennis needs at least 1 task, got {num_tasks}.")
-  if divisions < 0 or (num_tasks > 1 and divisions < 1):
-    raise ValueError(f"das_dennis needs at least 1 division, got {divisions}.")
-  if num_tasks == 1:
-    return np.ones((1, 1))
-  rows = []
-
-  def fill(prefix: list[int], left: int):
-    if len(prefix) == num_tasks - 1:
-      rows.append(prefix + [left])
-      return
-    for k in range(left + 1):
-      fill(prefix + [k], left - k)
-
-  fill([], divisions)
-  return np.asarray(rows, np.float64) / divisions
-
-
-def das_dennis_divisions(num_tasks: int, at_least: int) -> int:
-  """The fewest divisions H whose Das-Dennis grid has at least `at_least` points
-  (C(H + T - 1, T - 1) >= at_least)."""
-  if num_tasks < 2:
-    raise ValueError(f"a Das-Dennis grid of several points needs at least 2 tasks, got "
-                     f"{num_tasks}.")
-  if at_least < 1:
-    raise ValueError(f"at_least must be >= 1, got {at_least}.")
-  divisions = 1
-  while math.comb(divisions + num_tasks - 1, num_tasks - 1) < at_least:
-    divisions += 1
-  return divisions

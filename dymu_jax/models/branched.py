@@ -83,8 +83,6 @@ PyTree = Any
 BACKBONES = ("lenet", "resnet_small", "mlp")
 # How the N streams' block weights start (`BranchedNet.init`).
 STREAM_INITS = ("independent", "shared")
-# Rows of a parent distribution may be off the simplex by this much (float32 sums).
-SIMPLEX_TOLERANCE = 1e-4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,6 +353,9 @@ class BranchedNet:
   heads: tuple[nn.Module, ...]
   pixel_mean: tuple[float, ...] | None = None
   pixel_std: tuple[float, ...] | None = None
+  # `build_branched`'s options as (name, value) pairs (backbone_kwargs as pairs too), so that
+  # an exported tree (`models.serialize`) rebuilds the same blocks; () for a net built by hand.
+  build_options: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), compare=False)
 
   def __post_init__(self):
     object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -866,6 +867,37 @@ def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
   heads = tuple(MLPHead(t.num_outputs, hidden_features=head_width, num_hidden=hidden_layers,
                         in_features=in_features, batch_norm=bool(head_batch_norm),
                         bn_momentum=bn_momentum, bn_axis_name=bn_axis_name) for t in tasks)
+  build_options = (("backbone", backbone),
+                   ("backbone_kwargs", tuple(sorted(dict(backbone_kwargs or {}).items()))),
+                   ("head_width", head_width), ("head_hidden_layers", head_hidden_layers),
+                   ("head_batch_norm", bool(head_batch_norm)), ("in_channels", in_channels),
+                   ("bn_momentum", bn_momentum))
   return BranchedNet(tasks, blocks, heads,
                      tuple(pixel_mean) if pixel_mean is not None else None,
-                     tuple(pixel_std) if pixel_std is not None else None)
+                     tuple(pixel_std) if pixel_std is not None else None,
+                     build_options=build_options)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeNetwork:
+  """One tree of a `BranchedNet` as a network of its own (a deployed DYMU network):
+  `apply(variables, images)` computes only the tree's nodes, in evaluation mode, with the
+  anchor's variables (possibly carrying the weight hypernetwork's batch-norm shifts).
+  `models.serialize` saves and loads it (nets made by `build_branched`)."""
+
+  net: BranchedNet
+  tree: Tree
+
+  @property
+  def tasks(self) -> tuple[tasks_lib.Task, ...]:
+    return self.net.tasks
+
+  def apply(self, variables, images, train: bool = False) -> dict[str, jax.Array]:
+    if train:
+      raise ValueError("A tree network runs in evaluation mode only (train=False).")
+    return _apply_tree(self.net, variables, images, self.tree)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _apply_tree(net: BranchedNet, variables, images, tree: Tree) -> dict[str, jax.Array]:
+  return net.apply_tree(variables, images, tree)

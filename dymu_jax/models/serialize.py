@@ -1,4 +1,9 @@
-"""Standalone export of a `MultiTaskNet`: its definition as JSON and its variables as msgpack.
+"""Standalone export of a network: its definition as JSON and its variables as msgpack.
+
+Two kinds of network are stored: a `MultiTaskNet` (static, PCGrad, GradSplit, PHN's generated
+network, ECMT's sliced SubNet) and a `branched.TreeNetwork` (one DYMU tree on the anchor's
+streams, with its batch-norm shifts applied; definition `{"kind": "branched_tree", ...}`: the
+`build_branched` options, the tasks, the tree's parents and the input normalisation).
 
 An exported SubNet (`ecmt.slice_subnet`) is a network of its own; this module writes it to a
 folder that needs nothing else to be run again (no SuperNet, no checkpoint, no flags):
@@ -42,6 +47,7 @@ import numpy as np
 from dymu_jax import files as files_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import backbones
+from dymu_jax.models import branched
 from dymu_jax.models.multitask import MultiTaskNet
 from dymu_jax.models.widths import WidthConfig
 
@@ -64,6 +70,9 @@ NETWORK_FIELDS = ("backbone", "backbone_kwargs", "head_width", "head_widths",
 # Fields added after version 1 was first written: a record without them takes these values.
 OPTIONAL_FIELDS = {"head_batch_norm": False}
 _TOP_KEYS = ("format", "version", "network", "image_shape", "variables", "extra")
+# A DYMU tree's definition (`TreeNetwork`): "kind" tells it from a MultiTaskNet's.
+TREE_KIND = "branched_tree"
+TREE_FIELDS = ("version", "kind", "tasks", "builder", "tree", "pixel_mean", "pixel_std")
 
 
 class SavedNetworkError(ValueError):
@@ -147,15 +156,74 @@ def _model_fields() -> set[str]:
 # The network definition.
 
 
-def network_to_json(model: MultiTaskNet) -> dict:
+def _tasks_to_json(tasks) -> list:
+  return [{k: _to_json_value(getattr(t, k), f"Task {t.name!r} field {k!r}") for k in TASK_KEYS}
+          for t in tasks]
+
+
+def _tree_to_json(model: branched.TreeNetwork) -> dict:
+  net = model.net
+  if not net.build_options:
+    raise ValueError("This BranchedNet was not made by branched.build_branched, so its blocks "
+                     "cannot be described for export; build it with build_branched.")
+  stats = lambda v: None if v is None else [float(x) for x in v]
+  return {
+      "version": VERSION, "kind": TREE_KIND, "tasks": _tasks_to_json(net.tasks),
+      "builder": [[str(k), _to_json_value(v, f"branched option {k!r}")]
+                  for k, v in net.build_options],
+      "tree": [list(row) for row in model.tree.parents],
+      "pixel_mean": stats(net.pixel_mean), "pixel_std": stats(net.pixel_std),
+  }
+
+
+def _tree_from_json(record: Mapping[str, Any]) -> branched.TreeNetwork:
+  missing = sorted(set(TREE_FIELDS) - set(record))
+  unknown = sorted(set(record) - set(TREE_FIELDS))
+  if missing or unknown:
+    raise ValueError(f"The tree network definition has missing key(s) [{', '.join(missing)}] "
+                     f"and unknown key(s) [{', '.join(unknown)}]; it needs exactly "
+                     f"{', '.join(sorted(TREE_FIELDS))}.")
+  if not isinstance(record["tasks"], list) or not record["tasks"]:
+    raise ValueError(f"Network field 'tasks' must be a non-empty list, got {record['tasks']!r}.")
+  tasks = tuple(_task_from_json(t, i) for i, t in enumerate(record["tasks"]))
+  pairs = record["builder"]
+  if not isinstance(pairs, list) or not all(
+      isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+    raise ValueError(f"Network field 'builder' must be a list of [name, value] pairs, got "
+                     f"{pairs!r}.")
+  options = {k: _to_tuple(v) for k, v in pairs}
+  if isinstance(options.get("backbone_kwargs"), tuple):  # stored as [name, value] pairs
+    options["backbone_kwargs"] = {k: v for k, v in options["backbone_kwargs"]}
+  for key in ("pixel_mean", "pixel_std"):
+    _check_type(key, record[key], "optional list of numbers")
+  try:
+    net = branched.build_branched(tasks, **options)
+  except TypeError as e:  # an option build_branched does not take
+    raise ValueError(f"Network field 'builder' does not fit branched.build_branched: {e}.") from None
+  net = dataclasses.replace(
+      net, pixel_mean=None if record["pixel_mean"] is None else tuple(record["pixel_mean"]),
+      pixel_std=None if record["pixel_std"] is None else tuple(record["pixel_std"]))
+  tree = record["tree"]
+  if not (isinstance(tree, list) and all(isinstance(row, list) for row in tree)):
+    raise ValueError(f"Network field 'tree' must be a list of lists of parent indices, got "
+                     f"{tree!r}.")
+  parents = branched.Tree(tuple(tuple(row) for row in tree)).validate(net.num_layers,
+                                                                       net.num_tasks)
+  return branched.TreeNetwork(net, parents)
+
+
+def network_to_json(model: MultiTaskNet | branched.TreeNetwork) -> dict:
   """The definition of `model` as a JSON-able dict (every field; see `network_from_json`).
 
   Raises:
     ValueError: an option JSON cannot hold (e.g. a function in backbone_kwargs), or a
       `MultiTaskNet` field this format does not know (the format must be extended first).
   """
+  if isinstance(model, branched.TreeNetwork):
+    return _tree_to_json(model)
   if not isinstance(model, MultiTaskNet):
-    raise ValueError(f"network_to_json needs a MultiTaskNet, got {type(model).__name__}.")
+    raise ValueError(f"network_to_json needs a MultiTaskNet or a branched.TreeNetwork, got "
+                     f"{type(model).__name__}.")
   unknown = sorted(_model_fields() - set(NETWORK_FIELDS) - {"tasks"})
   if unknown:
     raise ValueError(f"MultiTaskNet field(s) {', '.join(unknown)} have no place in saved "
@@ -163,11 +231,7 @@ def network_to_json(model: MultiTaskNet) -> dict:
   options = model.backbone_kwargs
   if dataclasses.is_dataclass(options):  # stored as the equivalent (name, value) pairs
     options = tuple((f.name, getattr(options, f.name)) for f in dataclasses.fields(options))
-  record = {
-      "version": VERSION,
-      "tasks": [{k: _to_json_value(getattr(t, k), f"Task {t.name!r} field {k!r}")
-                 for k in TASK_KEYS} for t in model.tasks],
-  }
+  record = {"version": VERSION, "tasks": _tasks_to_json(model.tasks)}
   for key in NETWORK_FIELDS:
     if key == "backbone_kwargs":
       record[key] = [[str(k), _to_json_value(v, f"backbone option {k!r}")] for k, v in options]
@@ -201,8 +265,9 @@ def _task_from_json(entry, index: int) -> tasks_lib.Task:
                         float(entry["label_scale"]), float(entry["label_offset"]))
 
 
-def network_from_json(record: Mapping[str, Any]) -> MultiTaskNet:
-  """The `MultiTaskNet` that `network_to_json` described.
+def network_from_json(record: Mapping[str, Any]) -> MultiTaskNet | branched.TreeNetwork:
+  """The `MultiTaskNet` (or, with "kind": "branched_tree", the `TreeNetwork`) that
+  `network_to_json` described.
 
   Raises:
     ValueError: (one sentence) a record that is not a dict, another version, missing or
@@ -214,6 +279,11 @@ def network_from_json(record: Mapping[str, Any]) -> MultiTaskNet:
   if record.get("version") != VERSION:
     raise ValueError(f"Network definition version {record.get('version')!r} is not supported; "
                      f"this dymu_jax reads version {VERSION}.")
+  if "kind" in record:
+    if record["kind"] != TREE_KIND:
+      raise ValueError(f"Unknown network kind {record['kind']!r}; saved networks are "
+                       f"MultiTaskNets (no kind) or {TREE_KIND!r}.")
+    return _tree_from_json(record)
   record = {**OPTIONAL_FIELDS, **record}
   expected = {"version", "tasks", *NETWORK_FIELDS}
   missing = sorted(expected - set(record))
@@ -271,8 +341,10 @@ def _jsonable_extra(value, where: str):
   return _to_json_value(value, f"extra{where}")
 
 
-def _variable_shapes(model: MultiTaskNet, image_shape: Sequence[int]) -> PyTree:
+def _variable_shapes(model, image_shape: Sequence[int]) -> PyTree:
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  if isinstance(model, branched.TreeNetwork):  # the anchor's stacked streams
+    return jax.eval_shape(lambda x: model.net.init(jax.random.key(0), x), images)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
 
 
@@ -295,14 +367,16 @@ def _shape_mismatch(variables: PyTree, shapes: PyTree) -> str | None:
   return None
 
 
-def save_network(directory: str | os.PathLike, model: MultiTaskNet, variables: PyTree,
+def save_network(directory: str | os.PathLike, model: MultiTaskNet | branched.TreeNetwork,
+                 variables: PyTree,
                  extra: Mapping[str, Any] | None = None, *,
                  image_shape: Sequence[int]) -> None:
   """Writes `network.json` and `variables.msgpack` to `directory` (created if needed).
 
   Args:
     directory: the export folder; existing files of these names are replaced.
-    model: the network (e.g. the SubNet of `ecmt.slice_subnet`), run at its full widths.
+    model: the network (e.g. the SubNet of `ecmt.slice_subnet`, run at its full widths, or a
+      DYMU `branched.TreeNetwork` with the anchor's variables).
     variables: its variables ({"params": ..., "batch_stats": ...}), shaped as its `init` gives
       them at `image_shape`.
     extra: JSON-able metadata kept next to the definition (widths, MACs, preference, budget,
@@ -371,7 +445,8 @@ def _read_record(path: str) -> dict:
   return record
 
 
-def load_network(directory: str | os.PathLike) -> tuple[MultiTaskNet, PyTree, dict]:
+def load_network(directory: str | os.PathLike
+                 ) -> tuple[MultiTaskNet | branched.TreeNetwork, PyTree, dict]:
   """(network, variables, extra) from a folder written by `save_network`; needs nothing else.
 
   Returns:

@@ -127,7 +127,8 @@ class TrainResult:
     step_compiles: XLA compilations triggered by train-step calls of this run (1 when the
       step compiled once; 0 when nothing was left to run or the program came from JAX's
       persistent compilation cache).
-    seconds: wall time of `train`.
+    seconds: training wall time of the run: this call's, plus that of the processes before it up
+      to the checkpoint it resumed from (`train_seconds` in the checkpoint metadata).
     eval_labelled: labelled examples per task of the final evaluation, control label -> task
       -> count (`Evaluator.labelled`; 0: no labelled example, its metrics NaN).
   """
@@ -561,10 +562,12 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
           par.abstract_state(init, seed_key, sample),
           accept=functools.partial(_check_seed, checkpointer.directory, config.seed),
           move_damaged=is_chief)
+    earlier_seconds = 0.0  # training time of the processes before this resume
     if restored is None:
       resumed_from, canonical = None, par.init_state(init, seed_key, sample)
     else:
-      resumed_from, canonical, _ = restored
+      resumed_from, canonical, restored_metadata = restored
+      earlier_seconds = float(restored_metadata.get("train_seconds", 0.0) or 0.0)
     start = int(parallel_lib.to_host(canonical.step))
     state = par.place_state(canonical)
     del canonical  # the step donates its input state
@@ -635,6 +638,7 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
       if do_eval or do_checkpoint:
         canonical = par.canonical_state(state)
         if do_checkpoint:
+          metadata["train_seconds"] = earlier_seconds + time.time() - started
           checkpointer.save(canonical, metadata, force=final)
         if do_eval:
           eval_metrics = evaluate(done, canonical)
@@ -652,7 +656,7 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
       writer.close()
   return TrainResult(state=canonical, train_metrics=train_metrics, eval_metrics=eval_metrics,
                      resumed_from=resumed_from, step_compiles=compiles.count,
-                     seconds=time.time() - started,
+                     seconds=earlier_seconds + time.time() - started,
                      eval_labelled=dict(evaluator.labelled) if evaluator is not None else {})
 
 
