@@ -68,8 +68,9 @@ ECMT paths; uniformity takes 0 log 0 = 0 there (`pareto.uniformity_per_point` st
 
 Other methods (static, single_task, gradsplit, pcgrad) are evaluated at their default
 controls: per-task metrics, Delta_m against `--reference_workdir`, and the cost of each method
-(`training_cost`): inference MACs and parameters of the network, and training MACs per example
-(see `TRAINING_MACS_CONVENTION`). For gradsplit the routing (per split module: its M, the mean
+(`Method.training_cost`): inference MACs and parameters of the network, and training MACs per
+example (see `methods.base.TRAINING_MACS_CONVENTION`). A method's learned structure
+(`Method.artefacts`) goes to the run and the report: for gradsplit the routing (per split module: its M, the mean
 gradient cosines and the conflict frequencies, the fraction of warm-up steps with a negative
 cosine; the same pooled over every split parameter for reference) is written to
 `<workdir>/gradsplit_routing.json` (with heat maps per module in a PNG next to it and in the
@@ -407,53 +408,6 @@ def evaluate_ecmt(run: runs.TrainedRun, output_dir: str) -> dict:
 # Fixed-control methods.
 
 
-TRAINING_MACS_CONVENTION = (
-    "training MACs per example = forward MACs x (1 + 2 x backward passes per step) + gradient "
-    "arithmetic per step / batch size; a backward pass costs two forward passes (input and "
-    "weight gradients); gradsplit and pcgrad make one backward pass per task (T), the other "
-    "methods one; the gradient arithmetic is pcgrad's projections and gradsplit's weighted sum "
-    "and cosine statistics; batch norm, activations and the optimizer update are not counted")
-
-
-def training_cost(run: runs.TrainedRun) -> dict:
-  """Per-example MACs (inference and training) and parameters of a fixed-control method.
-
-  Inference MACs are the analytic count of `models.cost` for the method's network at full
-  width on one test-sized image; training MACs follow `TRAINING_MACS_CONVENTION`.
-  """
-  method = run.method
-  images = jax.ShapeDtypeStruct((1, *tuple(run.test_source.image_shape)), np.float32)
-  forward = cost_lib.count(method.model, None, images, train=False).macs
-  params = run.variables["params"]
-  passes = int(getattr(method, "backward_passes", 1))
-  gradient_macs = getattr(method, "gradient_macs_per_step", None)
-  gradient_macs = int(gradient_macs(params)) if gradient_macs is not None else 0
-  batch_size = int(run.config.batch_size)
-  return {"inference_macs": int(forward), "params": cost_lib.num_params(params),
-          "backward_passes": passes, "gradient_macs_per_step": gradient_macs,
-          "batch_size": batch_size,
-          "training_macs_per_example": int(round(forward * (1 + 2 * passes)
-                                                 + gradient_macs / batch_size)),
-          "convention": TRAINING_MACS_CONVENTION}
-
-
-def gradsplit_routing(run: runs.TrainedRun) -> dict:
-  """The routing of a gradsplit run: JSON (and heat map) into its workdir and the output folder.
-
-  Returns the routing record with "heatmap": the PNG's name in the output folder (None with
-  --noplots).
-  """
-  method: gradsplit.GradSplitMethod = run.method
-  default = os.fspath(files_lib.run_path(run.workdir) / "eval")
-  output_dir = common.ensure_workdir(FLAGS.output_dir or default, "--output_dir")
-  for directory in dict.fromkeys([run.workdir, output_dir]):
-    method.save_routing(run.variables, directory, step=run.step, plot=FLAGS.plots)
-  record = method.routing_record(run.variables, run.step)
-  record["file"] = os.fspath(files_lib.run_path(run.workdir) / gradsplit.ROUTING_FILE)
-  record["heatmap"] = gradsplit.HEATMAP_FILE if FLAGS.plots else None
-  return record
-
-
 def evaluate_fixed(run: runs.TrainedRun) -> dict:
   par = train_lib.Parallel("mesh", jax.devices()[:1])
   test_source = run.test_source
@@ -486,10 +440,16 @@ def evaluate_fixed(run: runs.TrainedRun) -> dict:
       out["delta_m_left_out"] = left_out
       print(f"Delta_m leaves out task(s) {', '.join(map(str, left_out))}: their single-task "
             f"metric is 0 or their metrics are not finite (pareto.delta_m_terms).", flush=True)
-  if getattr(run.method, "model", None) is not None:
-    out["cost"] = training_cost(run)
-  if isinstance(run.method, gradsplit.GradSplitMethod):
-    out["routing"] = gradsplit_routing(run)
+  out["cost"] = run.method.training_cost(run.variables, run.test_source.image_shape,
+                                         run.config.batch_size)
+  # Learned structure (gradsplit: routing JSON and heat map) into the run's folder and next to
+  # the report; the record keeps the run folder's file.
+  output_dir = common.ensure_workdir(
+      FLAGS.output_dir or os.fspath(files_lib.run_path(run.workdir) / "eval"), "--output_dir")
+  records = run.method.artefacts(run.variables, run.workdir, step=run.step, plot=FLAGS.plots)
+  if records and output_dir != run.workdir:
+    run.method.artefacts(run.variables, output_dir, step=run.step, plot=FLAGS.plots)
+  out.update(records)
   return out
 
 
@@ -1378,7 +1338,7 @@ def run_evaluation() -> dict:
   plots = plot(results, output_dir) if FLAGS.plots and results["method"] == "ecmt" else []
   if FLAGS.plots and "sweeps" in results:
     plots = plot_sweeps(results, output_dir)
-  if (results.get("routing") or {}).get("heatmap"):  # gradsplit: written by gradsplit_routing
+  if (results.get("routing") or {}).get("heatmap"):  # gradsplit: written by its artefacts
     plots = [results["routing"]["heatmap"]]
   results["plots"] = plots
   folder = files_lib.run_path(output_dir)

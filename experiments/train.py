@@ -180,10 +180,10 @@ def run_single() -> train_lib.TrainResult:
              "seconds": round(seconds, 1), "eval": result.eval_metrics}
   files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)
   # Methods with a learned structure write it next to the run (gradsplit: routing + heat map).
-  save_routing = getattr(method, "save_routing", None)
-  if save_routing is not None and jax.process_index() == 0:
-    for path in save_routing(result.state.variables, workdir, step=config.steps):
-      print(f"wrote {path}")
+  if jax.process_index() == 0:
+    for name, record in method.artefacts(result.state.variables, workdir,
+                                         step=config.steps).items():
+      print(f"wrote {record['file']} ({name})")
   print(common.format_eval(result.eval_metrics, train_source.tasks, result.eval_labelled))
   if finished:
     print(f"already trained ({config.steps} steps, {seconds:.1f} s); results in {workdir}")

@@ -146,7 +146,7 @@ def test_ecmt_search_takes_the_preference_cap_flag(monkeypatch):
     assert calls[-1]["preference_cap"] is expected and calls[-1]["cost_table"] == "table"
     absl_flags.FLAGS.unparse_flags()
   source = open(evaluate.__file__).read()
-  body = source[source.index("def evaluate_ecmt"):source.index("def training_cost")]
+  body = source[source.index("def evaluate_ecmt"):source.index("def evaluate_fixed")]
   assert "ecmt.search(" not in body  # no search bypasses the flag
 
 

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 
 from experiments import common
-from experiments import evaluate
 from experiments import train  # noqa: F401  (defines --method and the optimisation flags)
 from dymu_jax import methods
 from dymu_jax import tasks as tasks_lib
@@ -54,7 +52,7 @@ def gradsplit_run(tmp_path_factory):
   # Training itself leaves the learned routing and its heat map in the workdir.
   assert (workdir / gradsplit.ROUTING_FILE).is_file()
   assert (workdir / gradsplit.HEATMAP_FILE).stat().st_size > 1000
-  assert f"wrote {workdir / gradsplit.ROUTING_FILE}" in result.stdout
+  assert f"wrote {workdir / gradsplit.ROUTING_FILE} (routing)" in result.stdout
   # Its own run as the reference: Delta_m must come out exactly 0.
   result = run_cli("evaluate", f"--workdir={workdir}", f"--reference_workdir={workdir}",
                    "--eval_batch_size=8")
@@ -115,10 +113,7 @@ def test_training_cost_counts_one_backward_pass_per_task_where_the_method_makes_
     method = methods.build(name, task_list, model_options=RESNET)
     variables = jax.eval_shape(lambda x, m=method: m.init(jax.random.key(0), {"image": x}),
                                images)
-    run = types.SimpleNamespace(method=method, variables=variables,
-                                test_source=types.SimpleNamespace(image_shape=(8, 8, 3)),
-                                config=types.SimpleNamespace(batch_size=16))
-    costs[name] = evaluate.training_cost(run)
+    costs[name] = method.training_cost(variables, (8, 8, 3), batch_size=16)
   forward = cost.count(methods.build("static", task_list, model_options=RESNET).model, None,
                        images, train=False).macs
   assert forward > 0

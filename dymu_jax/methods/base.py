@@ -37,6 +37,14 @@ Controls = Mapping[str, Any] | None  # e.g. {"preference": (0.7, 0.3), "budget":
 # The controls a user may set after training, in the order a control space lists them.
 CONTROL_NAMES = ("preference", "budget", "resource")
 
+# How `MethodBase.training_cost` counts a training step.
+TRAINING_MACS_CONVENTION = (
+    "training MACs per example = forward MACs x (1 + 2 x backward passes per step) + gradient "
+    "arithmetic per step / batch size; a backward pass costs two forward passes (input and "
+    "weight gradients); gradsplit and pcgrad make one backward pass per task (T), the other "
+    "methods one; the gradient arithmetic is pcgrad's projections and gradsplit's weighted sum "
+    "and cosine statistics; batch norm, activations and the optimizer update are not counted")
+
 
 class Method(Protocol):
   """What every method module provides (see `static.StaticMethod` for the simplest one)."""
@@ -83,6 +91,15 @@ class Method(Protocol):
              image_shape: Sequence[int]) -> Deployed:
     """The network steered by `controls` (missing ones take the method's defaults), with
     its variables and cost; `Deployed.export` writes it as a standalone network."""
+
+  def training_cost(self, variables: PyTree, image_shape: Sequence[int],
+                    batch_size: int) -> dict[str, Any]:
+    """Per-example inference and training MACs and parameters (`TRAINING_MACS_CONVENTION`)."""
+
+  def artefacts(self, variables: PyTree, directory: str, *, step: int | None = None,
+                plot: bool = True) -> dict[str, dict]:
+    """Writes the learned structure a trained run leaves (GradSplit: its routing matrices and
+    heat map) to `directory`; returns {name: JSON-able record with its "file"} ({}: none)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +272,42 @@ class MethodBase:
     """One-off work `deploy` needs (None: nothing). `cache_dir` may keep it between calls."""
     del variables, held_out, cache_dir
     return None
+
+  # -- training cost and artefacts ------------------------------------------------------------
+
+  @property
+  def backward_passes(self) -> int:
+    """Backward passes per training step (one; per-task gradient methods: one per task)."""
+    return 1
+
+  def gradient_macs_per_step(self, params: PyTree) -> int:
+    """Gradient arithmetic per step besides the backward passes (none by default)."""
+    del params
+    return 0
+
+  def training_cost(self, variables: PyTree, image_shape: Sequence[int],
+                    batch_size: int) -> dict[str, Any]:
+    """Inference MACs of `self.model` at full width (`models.cost.count`), its parameters, and
+    training MACs per example by `TRAINING_MACS_CONVENTION`."""
+    images = jax.ShapeDtypeStruct((1, *tuple(int(d) for d in image_shape)), jnp.float32)
+    forward = int(cost_lib.count(self.model, None, images, train=False).macs)
+    params = variables["params"]
+    passes = int(self.backward_passes)
+    gradient_macs = int(self.gradient_macs_per_step(params))
+    return {"inference_macs": forward, "params": cost_lib.num_params(params),
+            "backward_passes": passes, "gradient_macs_per_step": gradient_macs,
+            "batch_size": int(batch_size),
+            "training_macs_per_example": int(round(forward * (1 + 2 * passes)
+                                                   + gradient_macs / batch_size)),
+            "convention": TRAINING_MACS_CONVENTION}
+
+  def artefacts(self, variables: PyTree, directory: str, *, step: int | None = None,
+                plot: bool = True) -> dict[str, dict]:
+    """No learned structure besides the weights."""
+    del variables, directory, step, plot
+    return {}
+
+  # -- deployment ------------------------------------------------------------------------------
 
   def deployed_variables(self, variables: PyTree) -> PyTree:
     """The variables the deployed network runs with (default: all of them)."""

@@ -775,6 +775,16 @@ class GradSplitMethod(base.MethodBase):
       record["step"] = int(step)
     return record
 
+  def artefacts(self, variables, directory: str, *, step: int | None = None,
+                plot: bool = True) -> dict[str, dict]:
+    """{"routing": the routing record, with "file" (its JSON in `directory`) and "heatmap" (the
+    heat map's file name, None without `plot`)}; both files written by `save_routing`."""
+    paths = self.save_routing(variables, directory, step=step, plot=plot)
+    record = self.routing_record(variables, step)
+    record["file"] = paths[0]
+    record["heatmap"] = HEATMAP_FILE if plot else None
+    return {"routing": record}
+
   def save_routing(self, variables: Mapping[str, PyTree], directory: str,
                    step: int | None = None, plot: bool = True) -> list[str]:
     """Writes `gradsplit_routing.json` (and the heat maps `gradsplit_routing.png`) to
