@@ -6,7 +6,7 @@ r"""Export the network a trained run deploys for the controls you set, as a stan
     python -m experiments.export --workdir=workdirs/utkface_static
 
 The run's method deploys its network for the controls it takes (`Method.control_space`):
-none for static, PCGrad and GradSplit (their trained, hard-shared network); `--preference`
+none for static, single-task, PCGrad and GradSplit (their trained, hard-shared network); `--preference`
 for PHN and PHN-BN (the network generated for it); `--preference` and `--budget` for ECMT (the
 search picks the width configuration with the run's cached encoder scores, computed by
 `python -m experiments.evaluate` or here when missing; the SubNet's batch norms are
@@ -28,8 +28,7 @@ targets' standardisation (`Task.label_offset`, `label_scale`; `label_units` maps
 DYMU (`--preference --resource`, stages edge and weight) exports the argmax tree of h(r, c) on
 the anchor's streams with g(r, c)'s batch-norm shifts applied (`network.json` holds the tree;
 the loaded network computes only the tree's nodes); an anchor-stage folder exports its
-separate streams. Not exported yet: single-task runs (N networks in one folder); the saved
-format holds one network.
+separate streams. A single-task run exports its N networks in one folder (`SingleTaskNets`).
 
 `--budget` is a fraction of the SuperNet's MACs (0 < b <= 1) or, above 1, MACs per example.
 `--workdir` and `--output_dir` may be on any `etils.epath` filesystem (gs://bucket/run).

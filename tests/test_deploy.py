@@ -94,11 +94,6 @@ def test_deployed_network_predicts_what_the_method_predicts(name, tmp_path):
     np.testing.assert_allclose(got[task.name], expected[task.name], rtol=1e-5, atol=1e-5)
   cost = deployed.cost()
   assert cost.macs > 0 and cost.params > 0
-  if name == "single_task":  # N networks: not one MultiTaskNet
-    assert not deployed.exportable
-    with pytest.raises(ValueError, match="cannot be exported yet"):
-      deployed.export(tmp_path / "net")
-    return
   folder = deployed.export(tmp_path / "net", extra={"source": "test"})
   network, loaded, info = serialize.load_network(folder)
   reloaded = network.apply(loaded, images)

@@ -72,8 +72,8 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
   if name == "static":
     return static.StaticMethod(tasks, make_net(tasks), weights, axis_name=axis_name)
   if name == "single_task":
-    return static.StaticMethod(tasks, static.SingleTaskNets(tasks, make_net), weights,
-                               name="single_task", axis_name=axis_name)
+    nets = models.SingleTaskNets(tuple(make_net((task,)) for task in tasks))
+    return static.StaticMethod(tasks, nets, weights, name="single_task", axis_name=axis_name)
   if name == "ecmt":
     return ecmt.build(tasks, make_net, task_weights=weights, axis_name=axis_name,
                       **dict(method_options or {}))

@@ -29,7 +29,7 @@ from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import branched
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import serialize
-from dymu_jax.models.multitask import MultiTaskNet
+from dymu_jax.models.multitask import MultiTaskNet, SingleTaskNets
 
 PyTree = Any
 Controls = Mapping[str, Any] | None  # e.g. {"preference": (0.7, 0.3), "budget": 0.5}
@@ -195,11 +195,11 @@ class Deployed:
 
   @property
   def exportable(self) -> bool:
-    """Whether `export` can write the network: a `MultiTaskNet`, or a DYMU tree whose
-    `BranchedNet` came from `branched.build_branched`."""
+    """Whether `export` can write the network: a `MultiTaskNet`, the single-task baselines'
+    `SingleTaskNets`, or a DYMU tree whose `BranchedNet` came from `branched.build_branched`."""
     if isinstance(self.network, branched.TreeNetwork):
       return bool(self.network.net.build_options)
-    return isinstance(self.network, MultiTaskNet)
+    return isinstance(self.network, (MultiTaskNet, SingleTaskNets))
 
   def with_input_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> Deployed:
     """The same deployment whose network standardises its inputs itself with (mean, std) per
@@ -211,6 +211,9 @@ class Deployed:
       network = branched.TreeNetwork(net, network.tree)
     elif isinstance(network, MultiTaskNet):
       network = dataclasses.replace(network, pixel_mean=mean, pixel_std=std)
+    elif isinstance(network, SingleTaskNets):
+      network = SingleTaskNets(tuple(dataclasses.replace(net, pixel_mean=mean, pixel_std=std)
+                                     for net in network.networks))
     else:
       raise ValueError(f"A {type(network).__name__} has no input normalisation to set.")
     return dataclasses.replace(self, network=network)

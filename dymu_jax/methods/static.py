@@ -67,21 +67,3 @@ class StaticMethod(base.MethodBase):
 
   def eval_controls(self):
     return [None]
-
-
-class SingleTaskNets(nn.Module):
-  """N independent networks, one per task (no shared weights).
-
-  `make_net(tasks, name=...)` builds one network for a 1-tuple of tasks, e.g.
-  `functools.partial(dymu_jax.models.build_multitask, backbone="lenet")`.
-  """
-
-  tasks: tuple[tasks_lib.Task, ...]
-  make_net: Any
-
-  @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-    outputs = {}
-    for task in self.tasks:
-      outputs.update(self.make_net((task,), name=f"net_{task.name}")(images, train=train))
-    return outputs

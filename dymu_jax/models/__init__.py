@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import backbones, decoders, layers, multitask, widths
 from dymu_jax.models.backbones import REGISTRY as BACKBONES
-from dymu_jax.models.multitask import MultiTaskNet
+from dymu_jax.models.multitask import MultiTaskNet, SingleTaskNets
 from dymu_jax.models.widths import WIDTH_CHOICES, DynamicWidths, WidthConfig, channels
 
 # Context rates of the dense heads per backbone [ours]: DeepLab's (6, 12, 18) for ImageNet-size
@@ -38,7 +38,8 @@ def build_multitask(tasks: Sequence[tasks_lib.Task], backbone: str = "resnet_sma
 
 
 __all__ = [
-    "BACKBONES", "DEFAULT_ATROUS_RATES", "DynamicWidths", "MultiTaskNet", "WIDTH_CHOICES",
+    "BACKBONES", "DEFAULT_ATROUS_RATES", "DynamicWidths", "MultiTaskNet", "SingleTaskNets",
+    "WIDTH_CHOICES",
     "WidthConfig",
     "backbones", "build_multitask", "channels", "decoders", "layers", "multitask", "widths",
 ]

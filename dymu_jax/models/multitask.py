@@ -232,3 +232,30 @@ class MultiTaskNet(nn.Module):
                        bn_axis_name=self.bn_axis_name, name=f"head_{task.name}")
         predictions[task.name] = head(features, width=multiplier, train=train)
     return (predictions, features) if return_features else predictions
+
+
+class SingleTaskNets(nn.Module):
+  """N independent networks, one per task (no shared weights): the single-task baselines.
+
+  Attributes:
+    networks: one `MultiTaskNet` per task, each for a 1-tuple of tasks (e.g.
+      `build_multitask((task,), ...)`); network t runs as the submodule `net_<task name>`, so
+      its variables live under that name.
+  """
+
+  networks: tuple[MultiTaskNet, ...]
+
+  @property
+  def tasks(self) -> tuple[tasks_lib.Task, ...]:
+    return tuple(net.tasks[0] for net in self.networks)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+    outputs = {}
+    for net in self.networks:
+      if len(net.tasks) != 1:
+        raise ValueError(f"Each single-task network has one task, got "
+                         f"{', '.join(t.name for t in net.tasks)}.")
+      outputs.update(net.clone(parent=self, name=f"net_{net.tasks[0].name}")(images,
+                                                                          train=train))
+    return outputs

@@ -1,9 +1,11 @@
 """Standalone export of a network: its definition as JSON and its variables as msgpack.
 
-Two kinds of network are stored: a `MultiTaskNet` (static, PCGrad, GradSplit, PHN's generated
-network, ECMT's sliced SubNet) and a `branched.TreeNetwork` (one DYMU tree on the anchor's
-streams, with its batch-norm shifts applied; definition `{"kind": "branched_tree", ...}`: the
-`build_branched` options, the tasks, the tree's parents and the input normalisation).
+Three kinds of network are stored: a `MultiTaskNet` (static, PCGrad, GradSplit, PHN's generated
+network, ECMT's sliced SubNet); `SingleTaskNets` (the single-task baselines: definition
+`{"kind": "single_task_nets", "networks": [one MultiTaskNet definition per task]}`); and a
+`branched.TreeNetwork` (one DYMU tree on the anchor's streams, with its batch-norm shifts
+applied; definition `{"kind": "branched_tree", ...}`: the `build_branched` options, the tasks,
+the tree's parents and the input normalisation).
 
 An exported SubNet (`ecmt.slice_subnet`) is a network of its own; this module writes it to a
 folder that needs nothing else to be run again (no SuperNet, no checkpoint, no flags):
@@ -48,7 +50,7 @@ from dymu_jax import files as files_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import backbones
 from dymu_jax.models import branched
-from dymu_jax.models.multitask import MultiTaskNet
+from dymu_jax.models.multitask import MultiTaskNet, SingleTaskNets
 from dymu_jax.models.widths import WidthConfig
 
 PyTree = Any
@@ -73,6 +75,7 @@ _TOP_KEYS = ("format", "version", "network", "image_shape", "variables", "extra"
 # A DYMU tree's definition (`TreeNetwork`): "kind" tells it from a MultiTaskNet's.
 TREE_KIND = "branched_tree"
 TREE_FIELDS = ("version", "kind", "tasks", "builder", "tree", "pixel_mean", "pixel_std")
+SINGLE_TASK_KIND = "single_task_nets"
 
 
 class SavedNetworkError(ValueError):
@@ -221,6 +224,9 @@ def network_to_json(model: MultiTaskNet | branched.TreeNetwork) -> dict:
   """
   if isinstance(model, branched.TreeNetwork):
     return _tree_to_json(model)
+  if isinstance(model, SingleTaskNets):
+    return {"version": VERSION, "kind": SINGLE_TASK_KIND,
+            "networks": [network_to_json(net) for net in model.networks]}
   if not isinstance(model, MultiTaskNet):
     raise ValueError(f"network_to_json needs a MultiTaskNet or a branched.TreeNetwork, got "
                      f"{type(model).__name__}.")
@@ -280,10 +286,21 @@ def network_from_json(record: Mapping[str, Any]) -> MultiTaskNet | branched.Tree
     raise ValueError(f"Network definition version {record.get('version')!r} is not supported; "
                      f"this dymu_jax reads version {VERSION}.")
   if "kind" in record:
-    if record["kind"] != TREE_KIND:
-      raise ValueError(f"Unknown network kind {record['kind']!r}; saved networks are "
-                       f"MultiTaskNets (no kind) or {TREE_KIND!r}.")
-    return _tree_from_json(record)
+    if record["kind"] == TREE_KIND:
+      return _tree_from_json(record)
+    if record["kind"] == SINGLE_TASK_KIND:
+      networks = record.get("networks")
+      if set(record) != {"version", "kind", "networks"} or not isinstance(networks, list) or (
+          not networks):
+        raise ValueError(f"A {SINGLE_TASK_KIND!r} definition holds exactly version, kind and "
+                         f"a non-empty list of networks, got keys {sorted(record)}.")
+      nets = tuple(network_from_json(net) for net in networks)
+      if any(not isinstance(net, MultiTaskNet) or len(net.tasks) != 1 for net in nets):
+        raise ValueError(f"Each network of a {SINGLE_TASK_KIND!r} definition is a one-task "
+                         f"MultiTaskNet.")
+      return SingleTaskNets(nets)
+    raise ValueError(f"Unknown network kind {record['kind']!r}; saved networks are "
+                     f"MultiTaskNets (no kind), {SINGLE_TASK_KIND!r} or {TREE_KIND!r}.")
   record = {**OPTIONAL_FIELDS, **record}
   expected = {"version", "tasks", *NETWORK_FIELDS}
   missing = sorted(expected - set(record))
