@@ -6,7 +6,7 @@ r"""Export the network a trained run deploys for the controls you set, as a stan
     python -m experiments.export --workdir=workdirs/utkface_static
 
 The run's method deploys its network for the controls it takes (`Method.control_space`):
-none for static, single-task, PCGrad and GradSplit (their trained, hard-shared network); `--preference`
+none for static, single-task, PCGrad and GradSplit (their trained network); `--preference`
 for PHN and PHN-BN (the network generated for it); `--preference` and `--budget` for ECMT (the
 search picks the width configuration with the run's cached encoder scores, computed by
 `python -m experiments.evaluate` or here when missing; the SubNet's batch norms are
