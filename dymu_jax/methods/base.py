@@ -247,10 +247,14 @@ def _jsonable_controls(controls: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class MethodBase:
-  """Defaults of the deployment half for a method with one fixed network in `self.model`.
+  """Defaults of the protocol's optional members for a method with one fixed network in
+  `self.model`: the deployment half, the training cost and the (empty) artefacts.
 
   A method overrides what differs: `control_space` (the controls it takes), `prepare` (one-off
-  work on held-out images, e.g. ECMT's cost table and encoder scores) and `deploy`.
+  work on held-out images, e.g. ECMT's cost table and encoder scores), `deploy`,
+  `backward_passes` / `gradient_macs_per_step` (per-task gradient methods) and `artefacts`
+  (GradSplit's routing). DYMU, whose network is a `BranchedNet` (`self.net`), overrides
+  `deploy`; its training cost is counted per stage by `experiments.evaluate`, not here.
   `DEPLOY_OPTIONS` names the method's fields a user may change when deploying a trained run
   (e.g. ECMT's search options); `experiments.export` sets them from flags of the same names.
   """
