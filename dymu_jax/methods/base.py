@@ -254,7 +254,7 @@ class MethodBase:
   work on held-out images, e.g. ECMT's cost table and encoder scores), `deploy`,
   `backward_passes` / `gradient_macs_per_step` (per-task gradient methods) and `artefacts`
   (GradSplit's routing). DYMU, whose network is a `BranchedNet` (`self.net`), overrides
-  `deploy`; its training cost is counted per stage by `experiments.evaluate`, not here.
+  `deploy`; it has no `training_cost` yet (its evaluation reports inference cost per tree).
   `DEPLOY_OPTIONS` names the method's fields a user may change when deploying a trained run
   (e.g. ECMT's search options); `experiments.export` sets them from flags of the same names.
   """
