@@ -595,6 +595,11 @@ class DymuMethod(base.MethodBase):
     """The inference controller of trained variables (stage "edge" or "weight")."""
     return DymuController(self, variables)
 
+  def training_cost(self, variables, image_shape, batch_size):
+    raise NotImplementedError("DYMU's training cost (four stages on N streams and two "
+                              "hypernetworks) is not counted yet; its evaluation reports each "
+                              "tree's inference cost.")
+
   def control_space(self) -> base.ControlSpace:
     """A preference and a resource c once the edge hypernetwork is trained; none before."""
     if self.stage in ("pretrain", "anchor"):
