@@ -37,11 +37,8 @@ METHOD_OPTIONS = {
 ECMT_LENET = {**LENET, "head_width": 16, "backbone_kwargs": {**LENET["backbone_kwargs"], "channel_divisor": 2}}
 
 
-def digits_batch(seed: int, size: int = 8) -> dict:
-  rng = np.random.default_rng(seed)
-  return {"image": rng.uniform(size=(size, *SHAPE)).astype(np.float32),
-          "left": rng.integers(0, 10, size).astype(np.int32),
-          "right": rng.integers(0, 10, size).astype(np.int32)}
+# Random 16 px digit batches {"image", "left", "right"} (the same shape as here).
+digits_batch = dymu_tests.digits_batch
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,7 +76,7 @@ def test_deployed_network_predicts_what_the_method_predicts(name, tmp_path):
   assert method.control_space().names == SPACES[name]
   prepared = method.prepare(variables, held_out(), cache_dir=tmp_path)
   deployed = method.deploy(variables, CONTROLS[name], prepared, image_shape=SHAPE)
-  images = digits_batch(7)["image"]
+  images = digits_batch(7, 8)["image"]
   if name == "ecmt":
     config = deployed.key
     recalibrated = method.recalibrate(variables, config, prepared)

@@ -159,6 +159,23 @@ def _model_fields() -> set[str]:
 # The network definition.
 
 
+def _key_mismatch(record: Mapping[str, Any], expected: Sequence[str]) -> str | None:
+  """"missing key(s) [...] and unknown key(s) [...]; it needs exactly ..." when the keys of
+  `record` are not exactly `expected` (listed in the given order), else None."""
+  missing = sorted(set(expected) - set(record))
+  unknown = sorted(set(record) - set(expected))
+  if not (missing or unknown):
+    return None
+  return (f"missing key(s) [{', '.join(missing)}] and unknown key(s) [{', '.join(unknown)}]; "
+          f"it needs exactly {', '.join(expected)}")
+
+
+def _tasks_from_json(value) -> tuple[tasks_lib.Task, ...]:
+  if not isinstance(value, list) or not value:
+    raise ValueError(f"Network field 'tasks' must be a non-empty list, got {value!r}.")
+  return tuple(_task_from_json(t, i) for i, t in enumerate(value))
+
+
 def _tasks_to_json(tasks) -> list:
   return [{k: _to_json_value(getattr(t, k), f"Task {t.name!r} field {k!r}") for k in TASK_KEYS}
           for t in tasks]
@@ -180,15 +197,10 @@ def _tree_to_json(model: branched.TreeNetwork) -> dict:
 
 
 def _tree_from_json(record: Mapping[str, Any]) -> branched.TreeNetwork:
-  missing = sorted(set(TREE_FIELDS) - set(record))
-  unknown = sorted(set(record) - set(TREE_FIELDS))
-  if missing or unknown:
-    raise ValueError(f"The tree network definition has missing key(s) [{', '.join(missing)}] "
-                     f"and unknown key(s) [{', '.join(unknown)}]; it needs exactly "
-                     f"{', '.join(sorted(TREE_FIELDS))}.")
-  if not isinstance(record["tasks"], list) or not record["tasks"]:
-    raise ValueError(f"Network field 'tasks' must be a non-empty list, got {record['tasks']!r}.")
-  tasks = tuple(_task_from_json(t, i) for i, t in enumerate(record["tasks"]))
+  mismatch = _key_mismatch(record, sorted(TREE_FIELDS))
+  if mismatch:
+    raise ValueError(f"The tree network definition has {mismatch}.")
+  tasks = _tasks_from_json(record["tasks"])
   pairs = record["builder"]
   if not isinstance(pairs, list) or not all(
       isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
@@ -302,18 +314,12 @@ def network_from_json(record: Mapping[str, Any]) -> MultiTaskNet | branched.Tree
     raise ValueError(f"Unknown network kind {record['kind']!r}; saved networks are "
                      f"MultiTaskNets (no kind), {SINGLE_TASK_KIND!r} or {TREE_KIND!r}.")
   record = {**OPTIONAL_FIELDS, **record}
-  expected = {"version", "tasks", *NETWORK_FIELDS}
-  missing = sorted(expected - set(record))
-  unknown = sorted(set(record) - expected)
-  if missing or unknown:
-    raise ValueError(f"The network definition has missing key(s) [{', '.join(missing)}] and "
-                     f"unknown key(s) [{', '.join(unknown)}]; it needs exactly "
-                     f"{', '.join(sorted(expected))}.")
+  mismatch = _key_mismatch(record, sorted({"version", "tasks", *NETWORK_FIELDS}))
+  if mismatch:
+    raise ValueError(f"The network definition has {mismatch}.")
   for key, kind in _FIELD_KINDS.items():
     _check_type(key, record[key], kind)
-  if not isinstance(record["tasks"], list) or not record["tasks"]:
-    raise ValueError(f"Network field 'tasks' must be a non-empty list, got {record['tasks']!r}.")
-  tasks = tuple(_task_from_json(t, i) for i, t in enumerate(record["tasks"]))
+  tasks = _tasks_from_json(record["tasks"])
   cls = backbones.get_backbone(record["backbone"])  # unknown: one sentence listing names
   allowed = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   pairs = record["backbone_kwargs"]
@@ -442,12 +448,9 @@ def _read_record(path: str) -> dict:
   if record.get("version") != VERSION:
     raise SavedNetworkError(f"{path} has version {record.get('version')!r}; this dymu_jax "
                             f"reads version {VERSION}.")
-  missing = sorted(set(_TOP_KEYS) - set(record))
-  unknown = sorted(set(record) - set(_TOP_KEYS))
-  if missing or unknown:
-    raise SavedNetworkError(f"{path} has missing key(s) [{', '.join(missing)}] and unknown "
-                            f"key(s) [{', '.join(unknown)}]; it needs exactly "
-                            f"{', '.join(_TOP_KEYS)}.")
+  mismatch = _key_mismatch(record, _TOP_KEYS)
+  if mismatch:
+    raise SavedNetworkError(f"{path} has {mismatch}.")
   shape, files = record["image_shape"], record["variables"]
   if not (isinstance(shape, list) and len(shape) in (1, 3) and all(
       isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
