@@ -46,7 +46,7 @@ import numpy as np
 from dymu_jax import files as files_lib
 from experiments import cli_help
 from experiments import common
-from experiments import evaluate
+from experiments import evaluate  # pylint: disable=unused-import  (its steering flags)
 from experiments import runs
 
 flags.DEFINE_list("preference", [], "Task preference, one number per task in task order, "
@@ -106,8 +106,10 @@ def export() -> str:
       if name in FLAGS and FLAGS[name].present})
   controls = _controls(method)
   image_shape = tuple(run.test_source.image_shape)
-  held_out = runs.held_out(run, FLAGS.calibration_examples, FLAGS.score_examples,
-                           FLAGS.eval_batch_size or 256)
+  held_out = None  # held-out training images only for a method whose `prepare` reads them
+  if method.PREPARE_USES_HELD_OUT:
+    held_out = runs.held_out(run, FLAGS.calibration_examples, FLAGS.score_examples,
+                             FLAGS.eval_batch_size or 256)
   prepared = method.prepare(run.variables, held_out, cache_dir=run.workdir)
   deployed = method.deploy(run.variables, controls, prepared, image_shape=image_shape)
   if not deployed.exportable:

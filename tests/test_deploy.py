@@ -154,10 +154,12 @@ def test_dymu_deploys_and_exports_the_tree_with_shifted_batch_norms(tmp_path):
   controls = {"preference": (0.8, 0.2), "resource": 1.0}
   deployed = method.deploy(variables, controls, image_shape=dymu_tests.SHAPE)
   tree, _ = method.controller(variables).predict(np.array((0.8, 0.2)), 1.0)
-  assert deployed.key == tree
   # The preference is recorded as the float32 values the hypernetworks read.
   assert deployed.controls == {"preference": tuple(float(x) for x in np.float32([0.8, 0.2])),
                                "resource": 1.0}
+  # With the weight hypernetwork the batch norms depend on (r, c): they are part of the key.
+  assert deployed.key == (tree, deployed.controls["preference"], 1.0)
+  assert deployed.structure == {"tree": [list(p) for p in tree.parents]}
   expected = method.predict(variables, images, controls)
   got = deployed.apply(images)
   for task in DIGITS:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from dymu_jax import controls
+from dymu_jax.evaluation import measures
 from dymu_jax.methods import ecmt
 from dymu_jax.metrics import pareto
 from dymu_jax.models import serialize
@@ -133,21 +134,29 @@ def test_ecmt_sweep_without_the_preference_cap_and_with_a_given_reference(workdi
   assert "preference cap off" in report and "(--hv_reference)" in report
 
 
-def test_ecmt_search_takes_the_preference_cap_flag(monkeypatch):
-  """Every search of the ECMT sweep (and of its budget check) goes through `ecmt_search`."""
+def test_the_preference_cap_flag_sets_the_deployment_option(workdir):
+  """--preference_cap (and its former name --ecmt_preference_cap) reaches every search of the
+  sweep and of its budget check through the method's `DEPLOY_OPTIONS`; unset, the method keeps
+  its own default; evaluate calls no search but the method's."""
+  import types  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   from experiments import evaluate  # pylint: disable=g-import-not-at-top
-  calls = []
-  monkeypatch.setattr(ecmt, "search", lambda *args, **kwargs: calls.append(kwargs))
+  from experiments import runs  # pylint: disable=g-import-not-at-top
+  run = types.SimpleNamespace(method=runs.load_run(str(workdir)).method)
   absl_flags.FLAGS.unparse_flags()
-  for argv, expected in ((["evaluate"], True), (["evaluate", "--noecmt_preference_cap"], False)):
-    absl_flags.FLAGS(argv)
-    evaluate.ecmt_search([0.5, 0.5], 0.5, "table", None)
-    assert calls[-1]["preference_cap"] is expected and calls[-1]["cost_table"] == "table"
+  try:
+    for argv, expected in ((["evaluate"], True), (["evaluate", "--noecmt_preference_cap"], False),
+                           (["evaluate", "--nopreference_cap", "--decoder_reserve=0.2"], False)):
+      absl_flags.FLAGS(argv)
+      method = evaluate._deploy_method(run)  # pylint: disable=protected-access
+      assert method.preference_cap is expected
+      assert method.decoder_reserve == (0.2 if "--decoder_reserve=0.2" in argv
+                                        else ecmt.DECODER_RESERVE)
+      absl_flags.FLAGS.unparse_flags()
+  finally:
     absl_flags.FLAGS.unparse_flags()
   source = open(evaluate.__file__).read()
-  body = source[source.index("def evaluate_ecmt"):source.index("def evaluate_fixed")]
-  assert "ecmt.search(" not in body  # no search bypasses the flag
+  assert "ecmt.search(" not in source.replace("`ecmt.search(preference_cap", "")
 
 
 def test_cost_band_and_anchor_ratio_helpers():
@@ -159,9 +168,9 @@ def test_cost_band_and_anchor_ratio_helpers():
       evaluate.parse_cost_band(bad)
   sweep = {"losses": [[1, 3], [2, 2], [3, 1]],
            "points": [{"macs_fraction": f} for f in (0.9, 0.6, 0.4)]}
-  assert evaluate.cost_band_record(sweep, [4, 4], (0.0, 0.6)) == {
+  assert measures.cost_band(sweep, [4, 4], (0.0, 0.6)) == {
       "min_macs_fraction": 0.0, "max_macs_fraction": 0.6, "hypervolume": 5.0, "num_points": 2}
-  versus = evaluate.versus_anchor({"a": 0.9, "b": 2.0}, {"a": {"accuracy": 1.0},
+  versus = measures.versus({"a": 0.9, "b": 2.0}, {"a": {"accuracy": 1.0},
                                                          "b": {"mae": 1.0}},
                                   {"a": "accuracy", "b": "mae"}, {"a": True, "b": False})
   assert versus["a"]["ratio"] == pytest.approx(0.9) and versus["b"]["ratio"] == 0.5

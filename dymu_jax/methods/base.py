@@ -88,9 +88,25 @@ class Method(Protocol):
     encoder scores), cached in `cache_dir` when given; None when there is nothing to do."""
 
   def deploy(self, variables: PyTree, controls: Controls = None, prepared: Any = None, *,
-             image_shape: Sequence[int]) -> Deployed:
+             image_shape: Sequence[int], standalone: bool = True) -> Deployed:
     """The network steered by `controls` (missing ones take the method's defaults), with
-    its variables and cost; `Deployed.export` writes it as a standalone network."""
+    its variables and cost; `Deployed.export` writes it as a standalone network.
+
+    `standalone=False` lets a method return an equivalent network that many deployments share
+    one compiled program for (ECMT: its SubNets on the SuperNet's masked path), which a sweep
+    evaluates; it need not export. Methods with one form ignore it."""
+
+  def evaluation_variants(self, variables: PyTree) -> dict[str, PyTree]:
+    """{label: variables} of the variants a sweep evaluates (default: the run itself)."""
+
+  def full_network(self, variables: PyTree, prepared: Any = None, *,
+                   image_shape: Sequence[int], standalone: bool = True) -> Deployed | None:
+    """The largest network the controls steer within (ECMT's SuperNet, DYMU's anchor), or
+    None; a sweep sets its points' metrics and costs against it."""
+
+  def describe(self, variables: PyTree, controls: Controls = None, prepared: Any = None, *,
+               image_shape: Sequence[int]) -> tuple[dict[str, Any], cost_lib.Cost]:
+    """(structure, cost) of `deploy(variables, controls, prepared)`'s network, cheaply."""
 
   def training_cost(self, variables: PyTree, image_shape: Sequence[int],
                     batch_size: int) -> dict[str, Any]:
@@ -172,6 +188,8 @@ class Deployed:
       the export's `extra`.
     known_cost: the network's cost when the method counts it itself (DYMU's tree cost), else
       None (counted by `models.cost.count`).
+    structure: the JSON-able structure a sweep records for each point (DYMU: {"tree"}; ECMT:
+      {"encoder", "decoders"}; {} for a network whose structure the controls do not change).
   """
 
   network: Any
@@ -181,6 +199,7 @@ class Deployed:
   key: Hashable = None
   info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   known_cost: cost_lib.Cost | None = None
+  structure: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def apply(self, images: jax.Array) -> dict[str, jax.Array]:
     """Evaluation-mode predictions of the deployed network."""
@@ -260,6 +279,8 @@ class MethodBase:
   """
 
   DEPLOY_OPTIONS = ()
+  # Whether `prepare` reads held-out training images (ECMT); callers load them only then.
+  PREPARE_USES_HELD_OUT = False
 
   def replace_options(self, **options):
     """The method with deployment options (`DEPLOY_OPTIONS`) changed; others are refused."""
@@ -320,10 +341,33 @@ class MethodBase:
     """The variables the deployed network runs with (default: all of them)."""
     return variables
 
+  def evaluation_variants(self, variables: PyTree) -> dict[str, PyTree]:
+    """The variants of a trained run a sweep evaluates, {label: variables}: the run itself
+    under the method's name (DYMU's weight stage adds "edge": its trees without the weight
+    hypernetwork's batch-norm shifts)."""
+    return {self.name: variables}
+
+  def describe(self, variables: PyTree, controls: Controls = None, prepared: Any = None, *,
+               image_shape: Sequence[int]) -> tuple[dict[str, Any], cost_lib.Cost]:
+    """(`Deployed.structure`, cost) of the network `deploy` would return, without building
+    what only running it needs (ECMT: no recalibration; DYMU: no batch-norm shifts), so that
+    a cost sweep over many controls stays cheap. Default: `deploy(...)`'s."""
+    deployed = self.deploy(variables, controls, prepared, image_shape=image_shape,
+                           standalone=False)
+    return dict(deployed.structure), deployed.cost()
+
+  def full_network(self, variables: PyTree, prepared: Any = None, *,
+                   image_shape: Sequence[int], standalone: bool = True) -> Deployed | None:
+    """The largest network the controls steer within, whose metrics a sweep's points are set
+    against (ECMT: its SuperNet; DYMU: its anchor's separate streams), with `info["name"]`
+    naming it; None where no such network exists (PHN: one network, its weights generated)."""
+    del variables, prepared, image_shape, standalone
+    return None
+
   def deploy(self, variables: PyTree, controls: Controls = None, prepared: Any = None, *,
-             image_shape: Sequence[int]) -> Deployed:
+             image_shape: Sequence[int], standalone: bool = True) -> Deployed:
     """The trained network itself (a fixed network takes no controls)."""
-    del prepared
+    del prepared, standalone  # one form: the trained network exports as it is
     controls = self.control_space().check(controls)
     return Deployed(self.model, self.deployed_variables(variables),
                     tuple(int(d) for d in image_shape), controls, key=self.name)

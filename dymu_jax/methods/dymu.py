@@ -606,14 +606,51 @@ class DymuMethod(base.MethodBase):
       return base.ControlSpace()
     return base.ControlSpace(("preference", "resource"))
 
-  def deploy(self, variables, controls=None, prepared=None, *, image_shape) -> base.Deployed:
+  def evaluation_variants(self, variables):
+    """Stage "weight": "edge" (the argmax trees on the frozen anchor, exactly the edge stage's
+    network) and "weight" (with g(r, c)'s shifts); stage "edge": "edge"; else the network."""
+    if self.stage in ("pretrain", "anchor"):
+      return {self.name: variables}
+    anchor, edge, weight = self.parts(variables)
+    edge_only = {"params": {"edge_hypernet": edge}, "anchor": anchor}
+    return {"edge": edge_only} if weight is None else {"edge": edge_only, "weight": variables}
+
+  def describe(self, variables, controls=None, prepared=None, *, image_shape):
+    """The argmax tree and its cost (no batch-norm shifts computed)."""
+    del prepared
+    controls = self.control_space().check(controls)
+    if self.stage in ("pretrain", "anchor"):
+      tree = self.net.shared_tree(0) if self.stage == "pretrain" else self.net.separate_tree()
+    else:
+      r = controls.get("preference", np.full(self.num_tasks, 1.0 / self.num_tasks))
+      tree = self.controller(variables).tree(r, controls.get("resource", 0.0))
+    cost = self.net.tree_cost(tree, image_shape)
+    return {"tree": [list(p) for p in tree.parents]}, cost_lib.Cost(cost.macs, cost.params)
+
+  def full_network(self, variables, prepared=None, *, image_shape, standalone=True):
+    """The anchor's separate streams (the most expensive tree), for stages edge and weight."""
+    del prepared, standalone
+    if self.stage in ("pretrain", "anchor"):
+      return None
+    anchor, _, _ = self.parts(variables)
+    tree = self.net.separate_tree()
+    image_shape = tuple(int(d) for d in image_shape)
+    cost = self.net.tree_cost(tree, image_shape)
+    structure = {"tree": [list(p) for p in tree.parents]}
+    return base.Deployed(branched.TreeNetwork(self.net, tree), anchor, image_shape, {},
+                         key=tree, info={**structure, "name": "anchor", "macs_fraction": 1.0,
+                                         "params_fraction": 1.0},
+                         known_cost=cost_lib.Cost(cost.macs, cost.params), structure=structure)
+
+  def deploy(self, variables, controls=None, prepared=None, *, image_shape,
+             standalone: bool = True) -> base.Deployed:
     """The argmax tree of h(r, c) on the anchor with g(r, c)'s batch-norm shifts (stage
     "weight"), only its nodes computed; the anchor's separate streams (stage "anchor") or the
     trunk (stage "pretrain") before. A missing preference is uniform, a missing resource 0."""
-    del prepared
+    del prepared, standalone  # one form: the tree network exports as it is
     controls = self.control_space().check(controls)
     image_shape = tuple(int(d) for d in image_shape)
-    anchor, _, _ = self.parts(variables)
+    anchor, _, weight = self.parts(variables)
     if self.stage in ("pretrain", "anchor"):
       tree = self.net.shared_tree(0) if self.stage == "pretrain" else self.net.separate_tree()
       adapted, controls = anchor, {}
@@ -623,11 +660,15 @@ class DymuMethod(base.MethodBase):
       c = controls_lib.check_resource(controls.get("resource", 0.0))
       tree, adapted = self.controller(variables).predict(r, c)
       controls = {"preference": tuple(float(x) for x in r), "resource": float(c)}
+    # With the weight hypernetwork, one tree runs different batch norms for each (r, c).
+    key = tree if weight is None else (tree, controls["preference"], controls["resource"])
     cost = self.net.tree_cost(tree, image_shape)
-    info = {"tree": [list(p) for p in tree.parents], "anchor_macs": cost.full_macs,
-            "macs_fraction": cost.macs_fraction}
+    structure = {"tree": [list(p) for p in tree.parents]}
+    info = {**structure, "anchor_macs": cost.full_macs, "macs_fraction": cost.macs_fraction,
+            "params_fraction": cost.params_fraction}
     return base.Deployed(branched.TreeNetwork(self.net, tree), adapted, image_shape, controls,
-                         key=tree, info=info, known_cost=cost_lib.Cost(cost.macs, cost.params))
+                         key=key, info=info, known_cost=cost_lib.Cost(cost.macs, cost.params),
+                         structure=structure)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

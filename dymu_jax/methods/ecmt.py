@@ -68,11 +68,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import os
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -86,6 +85,7 @@ from dymu_jax import losses
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import base as data_lib
 from dymu_jax.methods import base
+from dymu_jax.metrics import accumulate
 from dymu_jax.metrics import tasks as metrics_lib
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import layers
@@ -217,6 +217,7 @@ class ECMTMethod(base.MethodBase):
 
   # Fields a user may set when deploying a trained run (`experiments.export` flags).
   DEPLOY_OPTIONS = ("decoder_reserve", "preference_cap")
+  PREPARE_USES_HELD_OUT = True
 
   tasks: tuple[tasks_lib.Task, ...]
   model: MultiTaskNet
@@ -474,11 +475,16 @@ class ECMTMethod(base.MethodBase):
     """`recalibrate_bn` on the prepared calibration images (full-width variables)."""
     return recalibrate_bn(self, variables, config, prepared.calibration)
 
-  def deploy(self, variables, controls=None, prepared: Prepared | None = None, *,
-             image_shape: Sequence[int]) -> base.Deployed:
-    """The SubNet the search picks for (preference, budget), its batch norms recalibrated on
-    the prepared calibration images and its variables sliced: a network of its own. A missing
-    preference is uniform, a missing budget 1.0 (the SuperNet's MACs)."""
+  def describe(self, variables, controls=None, prepared: Prepared | None = None, *,
+               image_shape: Sequence[int]):
+    """The searched SubNet's widths and cost (no recalibration)."""
+    del variables
+    config = self._search_controls(controls, prepared)[0]
+    return ({"encoder": list(config.encoder), "decoders": list(config.decoders)},
+            _subnet_cost(self.model, config, tuple(int(d) for d in image_shape)))
+
+  def _search_controls(self, controls, prepared):
+    """(the searched WidthConfig, the controls as deployed)."""
     controls = self.control_space().check(controls)
     if prepared is None:
       raise ValueError("ECMT's deploy needs `prepare(variables, held_out)`'s result.")
@@ -486,17 +492,58 @@ class ECMTMethod(base.MethodBase):
     preference = controls_lib.check_preference(
         controls.get("preference", np.full(len(names), 1 / len(names))), names)
     budget = controls.get("budget", 1.0)
-    config = self.search(preference, budget, prepared)
-    recalibrated = self.recalibrate(variables, config, prepared)
+    return (self.search(preference, budget, prepared),
+            {"preference": tuple(float(x) for x in preference), "budget": budget})
+
+  def full_network(self, variables, prepared: Prepared | None = None, *,
+                   image_shape: Sequence[int], standalone: bool = True) -> base.Deployed:
+    """The SuperNet (every width at its largest), recalibrated like every SubNet."""
+    return self._deploy_config(variables, self.full_widths(), prepared, image_shape,
+                               {}, standalone, name="supernet")
+
+  def deploy(self, variables, controls=None, prepared: Prepared | None = None, *,
+             image_shape: Sequence[int], standalone: bool = True) -> base.Deployed:
+    """The SubNet the search picks for (preference, budget), its batch norms recalibrated on
+    the prepared calibration images and its variables sliced: a network of its own. A missing
+    preference is uniform, a missing budget 1.0 (the SuperNet's MACs).
+
+    With `standalone=False` (a sweep over many SubNets), the same SubNet runs on the SuperNet's
+    masked path (`MaskedSuperNet`, recalibrated there), which every SubNet shares one compiled
+    program for; it computes the same outputs but cannot be exported.
+    """
+    config, controls = self._search_controls(controls, prepared)
+    return self._deploy_config(variables, config, prepared, image_shape, controls, standalone)
+
+  def _deploy_config(self, variables, config: WidthConfig, prepared: Prepared | None,
+                     image_shape: Sequence[int], controls: Mapping[str, Any], standalone: bool,
+                     name: str = "subnet") -> base.Deployed:
+    if prepared is None:
+      raise ValueError("ECMT's deploy needs `prepare(variables, held_out)`'s result.")
     image_shape = tuple(int(d) for d in image_shape)
-    sub, sub_variables = slice_subnet(self.model, recalibrated, config, image_shape)
     table = prepared.cost_table
     info = {"widths": {"encoder": list(config.encoder), "decoders": list(config.decoders)},
             "supernet_macs": table.full_macs, "macs_fraction": table.macs(config) / table.full_macs,
-            "decoder_reserve": self.decoder_reserve, "preference_cap": self.preference_cap}
-    return base.Deployed(sub, sub_variables, image_shape,
-                         {"preference": tuple(float(x) for x in preference), "budget": budget},
-                         key=config, info=info)
+            "decoder_reserve": self.decoder_reserve, "preference_cap": self.preference_cap,
+            "name": name}
+    structure = {"encoder": list(config.encoder), "decoders": list(config.decoders)}
+    if not standalone:
+      masked = prepared.remember(("masked", config), variables, lambda: masked_variables(
+          self, variables, config, prepared.calibration))
+      cost = _subnet_cost(self.model, config, image_shape)
+      return base.Deployed(MaskedSuperNet(self.model), masked, image_shape, controls,
+                           key=config, info=info, known_cost=cost, structure=structure)
+    recalibrated = self.recalibrate(variables, config, prepared)
+    sub, sub_variables = slice_subnet(self.model, recalibrated, config, image_shape)
+    return base.Deployed(sub, sub_variables, image_shape, controls, key=config, info=info,
+                         structure=structure)
+
+
+@functools.lru_cache(maxsize=256)
+def _subnet_cost(model: MultiTaskNet, config: WidthConfig,
+                 image_shape: tuple[int, ...]) -> cost_lib.Cost:
+  """The sliced SubNet's MACs and parameters (`models.cost.count`; traced, not run)."""
+  sample = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return cost_lib.count(model.sliced(config), None, sample, train=False)
 
 
 OPTIONS = ("num_subnets", "lambda_kd", "kd", "lambda_mutual", "mutual_temperature",
@@ -516,6 +563,16 @@ class Prepared:
   cost_table: "CostTable"
   scores: Mapping[tuple[float, ...], float]
   calibration: tuple[Any, ...]
+  # Work done for one set of variables (the masked SubNets' recalibrated statistics), reused
+  # while deploy gets those same variables again (`remember`).
+  _memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def remember(self, key: Hashable, variables: PyTree, compute):
+    """`compute()`, kept under `key` for these very `variables` (identity, not equality)."""
+    held = self._memo.get(key)
+    if held is None or held[0] is not variables:
+      held = self._memo[key] = (variables, compute())
+    return held[1]
 
 
 def build(tasks: Sequence[tasks_lib.Task], make_net, *,
@@ -1052,35 +1109,6 @@ def search(preference, budget, *, cost_table: CostTable,
 # Preference-independent encoder scores for the search.
 
 
-def normalised_metric(value: float, reference: float, higher_is_better: bool) -> float:
-  """A metric relative to a reference, above 1 when better: v / ref, or ref / v when lower is
-  better (errors). NaN when either is not finite or the divisor is 0."""
-  value, reference = float(value), float(reference)
-  numerator, denominator = (value, reference) if higher_is_better else (reference, value)
-  if not (math.isfinite(value) and math.isfinite(reference)) or denominator == 0:
-    return float("nan")
-  return numerator / denominator
-
-
-def primary_metrics(method_tasks: Sequence[tasks_lib.Task], per_task: Mapping[str, Mapping[str, float]]
-                    ) -> dict[str, tuple[float, bool]]:
-  """{task: (primary metric value, higher is better)} from {task: {metric: value}}."""
-  out = {}
-  for task in method_tasks:
-    metric = metrics_lib.metric_for(task)
-    out[task.name] = (float(per_task[task.name][metric.primary]),
-                      dict(metric.higher_is_better)[metric.primary])
-  return out
-
-
-def mean_normalised(method_tasks, per_task, reference_per_task) -> float:
-  """Mean over tasks of `normalised_metric` of the primary metrics against a reference."""
-  values = primary_metrics(method_tasks, per_task)
-  reference = primary_metrics(method_tasks, reference_per_task)
-  return float(np.mean([normalised_metric(values[n][0], reference[n][0], values[n][1])
-                        for n in values]))
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _masked_statistics(model: MultiTaskNet, variables: PyTree, images: jax.Array,
                        encoder: jax.Array, decoders: jax.Array) -> PyTree:
@@ -1089,38 +1117,51 @@ def _masked_statistics(model: MultiTaskNet, variables: PyTree, images: jax.Array
   return state["batch_stats"]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _masked_metric_update(model: MultiTaskNet, tasks: tuple[tasks_lib.Task, ...],
-                          variables: PyTree, states: PyTree, batch: Mapping[str, jax.Array],
-                          encoder: jax.Array, decoders: jax.Array) -> PyTree:
-  widths = DynamicWidths(encoder, decoders, tuple(model.width_choices))
-  predictions = model.apply(variables, batch["image"], widths=widths, train=False)
-  metric_states = metrics_lib.update_all(states["metrics"], predictions, batch, tasks)
-  # Test losses for the loss-space measures (hypervolume, uniformity): the mean over examples
-  # of each example's loss (a dense task's loss is its per-image mean) [ours].
-  valid = batch.get(data_lib.VALID_KEY)
-  valid = (jnp.ones(batch["image"].shape[:1], jnp.float32) if valid is None
-           else jnp.asarray(valid, jnp.float32))
-  loss_states = {}
-  for task in tasks:
-    per_example = jax.vmap(lambda p, y, task=task: losses.task_loss(task, p[None], y[None]))(
-        predictions[task.name], batch[task.name])
-    # Examples without this task's label (missing labels) count in neither sum.
-    weight = valid * losses.example_present(task, batch[task.name]).astype(jnp.float32)
-    total, count = states["loss"][task.name]
-    loss_states[task.name] = (total + jnp.sum(per_example * weight), count + jnp.sum(weight))
-  return {"metrics": metric_states, "loss": loss_states}
+@dataclasses.dataclass(frozen=True)
+class MaskedSuperNet:
+  """A SubNet run on the SuperNet's masked path: `apply(variables, images)` with the widths as
+  arrays in `variables["masked_widths"]` ({"encoder", "decoders"}: `DynamicWidths` indices).
+
+  It computes what the sliced SubNet computes (`slice_subnet`), and every configuration shares
+  one compiled program, so a sweep over many SubNets costs compute, not compilations.
+  """
+
+  model: MultiTaskNet
+
+  def apply(self, variables: PyTree, images: jax.Array, train: bool = False):
+    variables = dict(variables)
+    masked = variables.pop("masked_widths")
+    widths = DynamicWidths(masked["encoder"], masked["decoders"], tuple(self.model.width_choices))
+    return self.model.apply(variables, images, widths=widths, train=train)
+
+
+def masked_variables(method: ECMTMethod, variables: PyTree, config: WidthConfig,
+                     calibration: Sequence[np.ndarray]) -> PyTree:
+  """`MaskedSuperNet` variables of SubNet `config`, its batch norms recalibrated on the masked
+  path exactly as `recalibrate_bn` does on the sliced one (mean over the `calibration` image
+  batches of the batch statistics; the active channels' statistics equal the sliced SubNet's).
+  """
+  dynamic = DynamicWidths.from_config(config, method.width_choices)
+  variables = dict(variables)
+  if "batch_stats" in variables and calibration:
+    stats_model = _batch_statistics_model(method.model)
+    mean_stats = None
+    for count, images in enumerate(calibration, start=1):
+      stats = _masked_statistics(stats_model, variables, jnp.asarray(images, jnp.float32),
+                                 dynamic.encoder, dynamic.decoders)
+      mean_stats = stats if mean_stats is None else jax.tree.map(
+          lambda ra, b, n=count: ra + (b - ra) / n, mean_stats, stats)
+    variables["batch_stats"] = mean_stats
+  variables["masked_widths"] = {"encoder": dynamic.encoder, "decoders": dynamic.decoders}
+  return variables
 
 
 def masked_evaluate(method: ECMTMethod, variables: PyTree, config: WidthConfig,
                     calibration: Sequence[np.ndarray], batches: Sequence[Mapping[str, Any]]
                     ) -> dict[str, dict[str, float]]:
-  """Task metrics of SubNet `config` after recalibrating its batch norms, on the masked path.
-
-  One compiled program serves every configuration (the widths are arrays), so sweeping many
-  configurations costs compute, not compilations. Batch norms are recalibrated exactly as in
-  `recalibrate_bn` (mean over the `calibration` image batches of the batch statistics); on the
-  masked path, the statistics of the active channels equal the sliced SubNet's.
+  """Task metrics and mean test losses of SubNet `config` after recalibrating its batch norms
+  (`masked_variables`), on the masked path through the one evaluation loop
+  (`metrics.accumulate.evaluate`: one compiled program for every configuration).
 
   Args:
     method: the ECMT method.
@@ -1132,34 +1173,9 @@ def masked_evaluate(method: ECMTMethod, variables: PyTree, config: WidthConfig,
   Returns:
     {task: {metric: value}}, with each task's mean test loss under "loss".
   """
-  model = method.model
-  dynamic = DynamicWidths.from_config(config, method.width_choices)
-  variables = dict(variables)
-  if "batch_stats" in variables and calibration:
-    stats_model = _batch_statistics_model(model)
-    mean_stats = None
-    for count, images in enumerate(calibration, start=1):
-      stats = _masked_statistics(stats_model, variables, jnp.asarray(images, jnp.float32),
-                                 dynamic.encoder, dynamic.decoders)
-      mean_stats = stats if mean_stats is None else jax.tree.map(
-          lambda ra, b, n=count: ra + (b - ra) / n, mean_stats, stats)
-    variables["batch_stats"] = mean_stats
-  tasks = tuple(method.tasks)
-  zero = np.zeros((), np.float32)
-  states = {"metrics": metrics_lib.init_all(tasks),
-            "loss": {t.name: (zero, zero) for t in tasks}}
-  names = {t.name for t in tasks}
-  for batch in batches:
-    batch = {k: v for k, v in batch.items() if k == "image" or k == data_lib.VALID_KEY
-             or k in names}
-    states = _masked_metric_update(model, tasks, variables, states, batch, dynamic.encoder,
-                                   dynamic.decoders)
-  states = jax.device_get(states)
-  results = metrics_lib.compute_all(states["metrics"], tasks)
-  for name, (total, count) in states["loss"].items():
-    # NaN: no labelled example of this task (its metrics are NaN too).
-    results[name]["loss"] = float(total) / float(count) if count else float("nan")
-  return results
+  return accumulate.evaluate(MaskedSuperNet(method.model),
+                             masked_variables(method, variables, config, calibration),
+                             method.tasks, batches)
 
 
 def score_encoders(method: ECMTMethod, variables: PyTree, calibration: Sequence[np.ndarray],
@@ -1172,7 +1188,7 @@ def score_encoders(method: ECMTMethod, variables: PyTree, calibration: Sequence[
   the widest decoders, its batch norms recalibrated on `calibration`, and is evaluated on
   `batches` (held-out training images: the test split stays unseen); the score is the mean
   over tasks of the primary metric relative to the SuperNet's on the same images
-  (`normalised_metric`; 1.0 for the SuperNet, higher is better).
+  (`metrics.tasks.normalised_metric`; 1.0 for the SuperNet, higher is better).
 
   Args:
     method, variables: the trained ECMT SuperNet.
@@ -1194,7 +1210,7 @@ def score_encoders(method: ECMTMethod, variables: PyTree, calibration: Sequence[
     per_task = (full if encoder == method.full_widths().encoder else
                 masked_evaluate(method, variables, WidthConfig(encoder, widest), calibration,
                                 batches))
-    scores[encoder] = mean_normalised(method.tasks, per_task, full)
+    scores[encoder] = metrics_lib.mean_normalised_metric(method.tasks, per_task, full)
     if progress is not None:
       progress(i + 1, len(encoders))
   return scores

@@ -281,9 +281,10 @@ class PHNMethod(base.MethodBase):
   def control_space(self) -> base.ControlSpace:
     return base.ControlSpace(("preference",))
 
-  def deploy(self, variables, controls=None, prepared=None, *, image_shape) -> base.Deployed:
+  def deploy(self, variables, controls=None, prepared=None, *, image_shape,
+             standalone: bool = True) -> base.Deployed:
     """The shared network with the weights generated for the preference (default uniform)."""
-    del prepared
+    del prepared, standalone  # one form: the generated network exports as it is
     controls = self.control_space().check(controls)
     r = controls_lib.check_preference(
         controls.get("preference", np.full(self.num_tasks, 1.0 / self.num_tasks)),

@@ -55,6 +55,7 @@ This module never imports `dymu_jax.tasks` (which imports it); it dispatches on 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -498,3 +499,42 @@ def labelled_all(states: Mapping[str, State], tasks: Sequence) -> dict[str, int]
   """{task name: number of labelled items its metrics pool} (see `TaskMetric.labelled`); a 0
   marks a task whose metrics are NaN because the set holds none of its labels."""
   return {task.name: metric_for(task).labelled(states[task.name]) for task in tasks}
+
+
+# ----------------------------------------------------------------------------------------------
+# Primary metrics: the one home of "which metric, which way is better" (from the task's kind).
+
+
+def primary(task) -> tuple[str, bool]:
+  """(the task's primary metric name, whether higher is better)."""
+  metric = metric_for(task)
+  return metric.primary, dict(metric.higher_is_better)[metric.primary]
+
+
+def normalised_metric(value: float, reference: float, higher_is_better: bool) -> float:
+  """A metric relative to a reference, above 1 when better: v / ref, or ref / v when lower is
+  better (errors). NaN when either is not finite or the divisor is 0."""
+  value, reference = float(value), float(reference)
+  numerator, denominator = (value, reference) if higher_is_better else (reference, value)
+  if not (math.isfinite(value) and math.isfinite(reference)) or denominator == 0:
+    return float("nan")
+  return numerator / denominator
+
+
+def primary_metrics(method_tasks: Sequence, per_task: Mapping[str, Mapping[str, float]]
+                    ) -> dict[str, tuple[float, bool]]:
+  """{task: (primary metric value, higher is better)} from {task: {metric: value}}."""
+  out = {}
+  for task in method_tasks:
+    metric = metric_for(task)
+    out[task.name] = (float(per_task[task.name][metric.primary]),
+                      dict(metric.higher_is_better)[metric.primary])
+  return out
+
+
+def mean_normalised_metric(method_tasks, per_task, reference_per_task) -> float:
+  """Mean over tasks of `normalised_metric` of the primary metrics against a reference."""
+  values = primary_metrics(method_tasks, per_task)
+  reference = primary_metrics(method_tasks, reference_per_task)
+  return float(np.mean([normalised_metric(values[n][0], reference[n][0], values[n][1])
+                        for n in values]))
