@@ -451,9 +451,9 @@ def test_many_tasks_are_summarised_in_one_log_line():
 
 def test_evaluator_counts_labelled_examples_and_reports_a_task_without_any(tmp_path):
   """A task whose test labels are all missing: its metrics are NaN, `Evaluator.labelled` says
-  0, and the log line, evaluate's report and per_task.csv say so instead of a bare NaN."""
+  0, and the log line, the report and per_task.csv say so instead of a bare NaN."""
   from dymu_jax.train import loop, parallel as parallel_lib
-  from experiments import evaluate
+  from dymu_jax.evaluation import report as report_lib
   a = np.random.default_rng(0).normal(size=N)
   a[8:] = NAN  # the 4 test rows
   c = np.arange(N) % 3
@@ -477,13 +477,13 @@ def test_evaluator_counts_labelled_examples_and_reports_a_task_without_any(tmp_p
          "labelled": evaluator.labelled,
          "summary": {"default": loop.summarise_eval(per_task, method.tasks,
                                                     evaluator.labelled["default"])}}
-  report = evaluate.markdown(run, [])
+  report = report_lib.markdown(run, [])
   assert "| controls | task | labelled test examples | metrics |" in report
   assert "| default | a | 0 | no labelled test examples |" in report
   assert "| default | b | 4 | mae=" in report and "| default | c | 3 | accuracy=" in report
   assert "nan" not in report.lower()
-  evaluate.write_per_task_csv(run, tmp_path)
-  lines = (tmp_path / evaluate.PER_TASK_FILE).read_text().splitlines()
+  report_lib.write_per_task_csv(run, tmp_path)
+  lines = (tmp_path / report_lib.PER_TASK_FILE).read_text().splitlines()
   assert lines[0] == "task,kind,labelled,mae,rmse,accuracy,note"
   assert lines[1] == "a,regression,0,,,,no labelled test examples"
   b = lines[2].split(",")
