@@ -277,3 +277,24 @@ def preference_grid(grid: str, num: int, num_tasks: int, seed: int) -> tuple[np.
                      f"{grid!r}.")
   record["num_preferences"] = int(len(prefs))
   return prefs, record
+
+
+def budget_macs(budget, full_macs: int) -> int:
+  """A budget as MACs per example: an int is MACs, a float in (0, 1] a fraction of the full
+  network's MACs (`full_macs`: ECMT's SuperNet)."""
+  full = full_macs
+  if isinstance(budget, (bool, np.bool_)):
+    raise ValueError(f"The budget must be MACs (an int) or a fraction of the SuperNet's MACs "
+                     f"(a float in (0, 1]), got {budget!r}.")
+  if isinstance(budget, (int, np.integer)):
+    if budget <= 0:
+      raise ValueError(f"A budget in MACs must be positive, got {budget}.")
+    return int(budget)
+  if isinstance(budget, (float, np.floating)):
+    if not 0.0 < budget <= 1.0:
+      raise ValueError(f"A fractional budget must lie in (0, 1] (give MACs as an int), got "
+                       f"{budget}.")
+    # The relative slack absorbs float error (a fraction computed as macs / full), < 1 MAC.
+    return int(math.floor(float(budget) * full * (1.0 + 1e-12)))
+  raise ValueError(f"The budget must be MACs (an int) or a fraction of the SuperNet's MACs "
+                   f"(a float in (0, 1]), got {budget!r}.")

@@ -455,7 +455,7 @@ def evaluate_sweep(run: runs.TrainedRun, output_dir: str) -> dict:
     results["full_network"] = {"name": full.info["name"], "macs": int(full_cost.macs),
                                "params": int(full_cost.params)}
   if "budget" in space.names:
-    _budget_section(results, method, prepared, sweeps, skipped, prefs, full_metrics, tasks)
+    _budget_section(results, method, run, prepared, sweeps, skipped, prefs)
   elif "resource" in space.names:
     _resource_section(results, method, run, sweeps, full_metrics, hv_reference, output_dir)
   else:
@@ -476,41 +476,41 @@ def _standalone_check(sweeper, sweep: dict) -> dict:
   return {k: sweep[k] for k in ("budget", "resource") if sweep.get(k) is not None} | record
 
 
-def _budget_section(results, method, prepared, sweeps, skipped, prefs, full_metrics, tasks):
+def _budget_section(results, method, run, prepared, sweeps, skipped, prefs):
   """What a budget-steered method's evaluation adds: each budget in MACs and whether every
-  SubNet met it, the mean normalised metric, and a search over `--budget_check_points` budgets
-  from the smallest network to the full one that must stay within each."""
-  table = prepared.cost_table
-  full, smallest = table.full_macs, table.smallest_macs
+  network met it, the mean normalised metric, and a check over `--budget_check_points` budgets
+  from the cheapest network to the full one (`Method.cost_range`) that every preference's
+  network (`Method.describe`) stays within each."""
+  image_shape = tuple(run.test_source.image_shape)
+  smallest, full = (int(c.macs) for c in method.cost_range(run.variables, prepared,
+                                                           image_shape=image_shape))
   reference = results["reference_metrics"]
   for sweep in sweeps:
-    sweep["budget_macs"] = int(np.floor(sweep["budget"] * full * (1.0 + 1e-12)))
+    sweep["budget_macs"] = controls.budget_macs(sweep["budget"], full)
     sweep["within_budget"] = bool(all(p["macs"] <= sweep["budget_macs"]
                                       for p in sweep["points"]))
     sweep["distinct_subnets"] = sweep["distinct_structures"]
     sweep["mean_normalised_metric"] = float(np.mean([
-        metrics_lib.mean_normalised_metric(tasks, p["metrics"], reference) for p in sweep["points"]]))
+        metrics_lib.mean_normalised_metric(method.tasks, p["metrics"], reference)
+        for p in sweep["points"]]))
     sweep.pop("resource", None)
     sweep.pop("variant", None)
   grid = np.unique(np.linspace(smallest, full, FLAGS.budget_check_points).astype(np.int64))
   violations, checked, chosen_macs = 0, 0, []
   for budget_macs in grid:
-    used = [table.macs(method.search(r, int(budget_macs), prepared)) for r in prefs]
+    used = [method.describe(run.variables, {"preference": r, "budget": int(budget_macs)},
+                            prepared, image_shape=image_shape)[1].macs for r in prefs]
     violations += sum(u > budget_macs for u in used)
     checked += len(used)
     chosen_macs.append([int(budget_macs), float(np.mean(used)), int(max(used))])
   ranks = [s["rank_controllability"] for s in sweeps if s["rank_controllability"] is not None]
   results.update({
       "full_macs": full, "smallest_macs": smallest, "budgets": sweeps,
-      "skipped_budgets": skipped, "preference_cap": bool(method.preference_cap),
-      "decoder_reserve": method.decoder_reserve,
-      "encoder_scores_file": os.fspath(files_lib.run_path(results["workdir"])
-                                       / "encoder_scores.json"),
+      "skipped_budgets": skipped, **results["deploy_options"],
       "mean_rank_controllability": float(np.mean(ranks)) if ranks else None,
       "sliced_check": results.pop("standalone_check"),
       "budget_check": {"budgets": int(len(grid)), "searches": checked,
                        "over_budget": int(violations), "macs_by_budget": chosen_macs}})
-  del full_metrics
 
 
 def _resource_section(results, method, run, sweeps, anchor_metrics, hv_reference, output_dir):

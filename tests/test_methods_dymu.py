@@ -17,6 +17,7 @@ import pytest
 
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import affinity, dymu
+from dymu_jax.models import branched
 from dymu_jax.models.branched import Tree
 from dymu_jax.train import step as step_lib
 from dymu_jax.train import state as state_lib
@@ -520,7 +521,7 @@ def test_decoder_batch_norm_is_shifted_and_updated():
   batch = digits_batch(1, 8)
   variables = method.init(jax.random.key(0), batch)
   assert "head_left" in variables["batch_stats"]
-  template = dymu.branched.batch_norm_shift_template(variables)
+  template = branched.batch_norm_shift_template(variables)
   assert template["head_left"]["hidden0_bn"]["scale"].shape == (8,)
   # Training updates the decoders' running statistics too.
   _, state = method.net.apply_tree(variables, batch["image"], method.net.separate_tree(),
@@ -530,7 +531,7 @@ def test_decoder_batch_norm_is_shifted_and_updated():
   # A shift of the left decoder's bias moves only the left predictions.
   shifts = jax.tree.map(jnp.zeros_like, template)
   shifts["head_left"]["hidden0_bn"]["bias"] = jnp.ones((8,))
-  shifted = dymu.branched.apply_batch_norm_shifts(variables, shifts)
+  shifted = branched.apply_batch_norm_shifts(variables, shifts)
   base = method.predict(variables, batch["image"])
   moved = method.predict(shifted, batch["image"])
   assert not np.allclose(base["left"], moved["left"])

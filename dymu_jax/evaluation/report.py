@@ -58,7 +58,7 @@ def _outside_reference_markdown(counts) -> list[str]:
 def _matched_cost_markdown(results: dict) -> list[str]:
   """DYMU: the cost-band hypervolume and each task's sweep mean against the anchor's, per
   sweep (variant and c)."""
-  sweeps = [s for s in results["sweeps"] if "cost_band" in s]
+  sweeps = [s for s in _sweeps(results) if "cost_band" in s]
   if not sweeps:
     return []
   names, metric = results["tasks"], results["primary_metric"]

@@ -108,6 +108,10 @@ class Method(Protocol):
                image_shape: Sequence[int]) -> tuple[dict[str, Any], cost_lib.Cost]:
     """(structure, cost) of `deploy(variables, controls, prepared)`'s network, cheaply."""
 
+  def cost_range(self, variables: PyTree, prepared: Any = None, *,
+                 image_shape: Sequence[int]) -> tuple[cost_lib.Cost, cost_lib.Cost]:
+    """(the cheapest, the most expensive) network the controls can deploy."""
+
   def training_cost(self, variables: PyTree, image_shape: Sequence[int],
                     batch_size: int) -> dict[str, Any]:
     """Per-example inference and training MACs and parameters (`TRAINING_MACS_CONVENTION`)."""
@@ -355,6 +359,14 @@ class MethodBase:
     deployed = self.deploy(variables, controls, prepared, image_shape=image_shape,
                            standalone=False)
     return dict(deployed.structure), deployed.cost()
+
+  def cost_range(self, variables: PyTree, prepared: Any = None, *,
+                 image_shape: Sequence[int]) -> tuple[cost_lib.Cost, cost_lib.Cost]:
+    """(the cheapest, the most expensive) network the controls can deploy (ECMT: its smallest
+    SubNet and its SuperNet; DYMU: one shared trunk and the separate streams); a fixed
+    network's cost twice by default. A budget check sweeps budgets between the two."""
+    _, cost = self.describe(variables, None, prepared, image_shape=image_shape)
+    return cost, cost
 
   def full_network(self, variables: PyTree, prepared: Any = None, *,
                    image_shape: Sequence[int], standalone: bool = True) -> Deployed | None:

@@ -1,116 +1,37 @@
-"""DYMU: controllable dynamic multi-task architectures (METHODS.md section 1).
-
-Given a task preference `r` (on the simplex) and a resource preference `c` in [0, 1] (larger is
-more frugal), one trained system outputs a tree-structured multi-task network (`branched.Tree`)
-and batch-norm-adapted weights, without retraining. The training stages share one
-`DymuMethod` (field `stage`):
-
-0. **"pretrain"** (with `anchor_init="trunk"`, the default): one trunk trained with hard
-   sharing on every task (the shared tree of stream 0 and all decoders), the stand-in for the
-   paper's one pretrained backbone that every stream fine-tunes.
-1. **"anchor"** [known]: the N single-task streams of a `branched.BranchedNet`, trained on the
-   separate tree with `sum_t w_t L_t` (streams share no parameters, so each learns alone). Then
-   frozen; `affinity.task_affinity` computes the RSA task affinity A from it, and
-   `anchor_task_losses` the single-task losses that set `w_i = 1 / L_i^anchor`, scaled to
-   mean 1 [ours], measured on held-out images. The paper's anchor "is initialized using
-   weights from N pre-trained single-task models" that fine-tune one pretrained backbone: with
-   `anchor_init="trunk"` every stream starts as a copy of the pretrained trunk and is
-   fine-tuned gently (its own learning rate and steps), so the streams' channels still
-   correspond and a low-level cross-task edge is cheap. Streams from one random draw
-   ("shared") or independent draws ("independent") end as far apart as independent networks,
-   and every cross edge is catastrophic (`stream_divergence` and `probe_trees` measure this
-   on a trained anchor).
-2. **"edge"** [known]: the edge hypernetwork h(r, c) -> parent logits (L, N, N), trained with
-   `sum_i r_i w_i L_i + Omega` on the soft mixing of the frozen anchor, parents drawn by
-   Gumbel-softmax (temperature 5, x0.97 every 300 steps) [known]; soft weighted-sum relaxation
-   [ours, as in the branched-search code it builds on].
-3. **"weight"** [known]: the weight hypernetwork g(r, c) -> additive shifts of every node's
-   batch-norm scale and bias, trained with the task loss `sum_i r_i w_i L_i` only; anchor and
-   edge hypernetwork frozen; the network is the argmax tree of h(r, c) [ours], run as the soft
-   mixing with one-hot parents (equal to the tree forward, and one compiled program whatever
-   tree the preference selects).
-
-Every step draws one preference per batch, r ~ Dirichlet(0.2 * 1_N), c ~ Uniform(0, 1) [known]
-(`controls.sample_controls`).
-
-**Branching regulariser** (`branching_regularizer`) [known form]: A = {i : r_i >= tau} (active
-tasks), I the rest, tau = 0.6 / N;
-
-  L_active = sum_{l=1..L} sum_{i != j in A} ((L - l) / L) A(i, j) P_use(l, i) P_use(l, j)
-             ||nu_l(i) - nu_l(j)||^2
-  L_inactive = sum_l sum_{j in I} min_{i in A} ||nu_l(i) - nu_l(j)||^2
-  Omega = c * lambda_A * L_active + lambda_I * L_inactive   (lambda_A = 1, lambda_I = 0.1)
-
-with `nu_l(j)` = `nu[l - 1][j]`, the parent distribution of node (l, j) (decoder j for l = L).
-As printed, the depth factor is (L - l) / L with l = 1..L (`depth_factor="paper"`, the default):
-the decoders' parent choice weighs 0, the first weighs (L - 1) / L, so sharing is pulled into
-low layers first. `depth_factor="shifted"` [ours, earlier default] counts l from 0 (1 down to
-1 / L, every choice pulled). `P_use(l, i)`, the probability that node (l, i) is in the sampled
-tree [ours]: decoders (node layer L) have P_use = 1; going down,
-`P_use(l, i) = 1 - prod_k (1 - nu[l][k, i] P_use(l + 1, k))` (`parent_use_probability`). It is
-a usage weight: by default its gradient is stopped (`use_gradient="stop"`); "flow" lets h lower
-the term by making nodes unused, which measured as strong a pull at the decoders as at the
-first block. There is no FLOPs loss: cost emerges from c.
-
-**Batch norm [ours].** The anchor is frozen with its running statistics: stages 2 and 3 run
-its batch norms in evaluation mode, so the only thing that adapts normalisation is the weight
-hypernetwork's shift.
-
-**Hypernetworks** [known sizes]: each has learned task embeddings e_1..e_N and a resource
-embedding e_c (dimension 32) and reads `p = sum_i r_i e_i + c e_c`. The edge hypernetwork has an
-MLP of 2 hidden layers of width 100 and L linear heads of N x N logits; the weight
-hypernetwork an MLP of 3 hidden layers of width 100 and one linear head onto every batch-norm
-scale and bias of every node (equivalent to one head per batch-norm layer). Its head starts at
-zero [ours], so stage 3 starts from the anchor exactly.
-
-**Controls and inference.** `predict(variables, images, {"preference": r, "resource": c})`;
-`{"tree": Tree}` runs a given tree on the anchor, None the anchor itself. `controller(variables)
-.predict(r, c)` returns the argmax tree and the adapted variables; `BranchedNet.apply_tree` then
-computes only the used nodes and `BranchedNet.tree_cost` prices them. r and c are checked by
-`controls.check_preference` and `controls.check_resource` (one sentence for a bad value).
-
-Variables per stage (the engine differentiates "params" only; the frozen parts ride along as
-other collections of the model state):
-
-  pretrain, anchor: {"params": <BranchedNet params>, "batch_stats": ...}
-  edge:   {"params": {"edge_hypernet": ...}, "anchor": <anchor variables>}
-  weight: {"params": {"weight_hypernet": ...}, "anchor": ..., "edge_hypernet": {"params": ...}}
-"""
+"""The DYMU method: its stages, training losses, controls and deployment (see the package
+docstring)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from dymu_jax import controls as controls_lib
-from dymu_jax import losses as losses_lib
 from dymu_jax import tasks as tasks_lib
-from dymu_jax.data import base as data_lib
 from dymu_jax.methods import base
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import branched
 from dymu_jax.models.branched import BranchedNet, Tree, TreeCost
 
+from dymu_jax.methods.dymu.anchor import streams_from_trunk
+from dymu_jax.methods.dymu.hypernets import EdgeHypernet, WeightHypernet, shift_unraveler
+from dymu_jax.methods.dymu.regulariser import (DEPTH_FACTORS, USE_GRADIENTS, branching_regularizer,
+                                               gumbel_softmax, hard_parents,
+                                               parent_use_probability, temperature)
+
 PyTree = Any
+
+
 STAGES = ("pretrain", "anchor", "edge", "weight")
 # How the anchor's streams start: copies of one trunk trained with hard sharing (stage
 # "pretrain"; the paper's recipe), one random draw for every stream, or a draw per stream.
 ANCHOR_INITS = ("trunk", "shared", "independent")
-# The regulariser's depth factor: the paper's (L - l) / L with l = 1..L (the decoders' parent
-# choice weighs 0), or the earlier [ours] shift l = 0..L-1 (every choice weighs >= 1 / L).
-DEPTH_FACTORS = ("paper", "shifted")
-# Whether gradients flow through P_use in L_active: "stop" treats it as a usage weight (the
-# paper states it is a weight; stopping the gradient is ours, measured); "flow" lets h also
-# lower the usage of nodes to shrink the term.
-USE_GRADIENTS = ("stop", "flow")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,188 +41,6 @@ USE_GRADIENTS = ("stop", "flow")
 def _preference(preference, num_tasks: int) -> np.ndarray:
   """`controls.check_preference` as float32 (N,), the dtype the hypernetworks read."""
   return controls_lib.check_preference(preference, num_tasks).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling parents and the branching regulariser.
-
-
-def temperature(step, initial: float = 5.0, decay: float = 0.97, every: int = 300):
-  """Gumbel-softmax temperature at `step`: initial * decay ** floor(step / every)."""
-  return initial * jnp.power(decay, jnp.floor_divide(jnp.asarray(step), every)).astype(
-      jnp.float32)
-
-
-def gumbel_softmax(rng: jax.Array, logits: jax.Array, tau) -> jax.Array:
-  """softmax((logits + Gumbel noise) / tau) over the last axis (the soft relaxation)."""
-  noise = jax.random.gumbel(rng, logits.shape, jnp.float32)
-  return jax.nn.softmax((logits + noise) / tau, axis=-1)
-
-
-def hard_parents(logits: jax.Array) -> jax.Array:
-  """One-hot argmax rows of parent logits (L, N, N): the argmax tree as nu."""
-  return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-
-
-def parent_use_probability(nu: jax.Array) -> jax.Array:
-  """P_use (L + 1, N): probability that node (l, i) is in the tree, node layers 0..L.
-
-  Row L (the decoders) is 1; `P_use(l, i) = 1 - prod_k (1 - nu[l][k, i] P_use(l + 1, k))`.
-  With one-hot `nu` it is exactly 1 for the nodes the tree uses and 0 for the others.
-  """
-  num_layers, num_tasks = nu.shape[0], nu.shape[1]
-  rows = [jnp.ones((num_tasks,), nu.dtype)]
-  for l in reversed(range(num_layers)):
-    picked = nu[l] * rows[0][:, None]  # [k, i]: child k uses parent i
-    rows.insert(0, 1.0 - jnp.prod(1.0 - picked, axis=0))
-  return jnp.stack(rows)
-
-
-def active_tasks(preference: jax.Array, tau_factor: float = 0.6) -> jax.Array:
-  """Boolean (N,): r_i >= tau = tau_factor / N."""
-  return preference >= tau_factor / preference.shape[-1]
-
-
-def depth_weights(num_layers: int, depth_factor: str = "paper") -> jax.Array:
-  """The depth factor of each of the L parent choices (choice 0 feeds block layer 1).
-
-  "paper": (L - l) / L with l = 1..L, so L - 1 .. 0 over L (the decoders' parents weigh 0:
-  decoders stay task-specific, sharing is pushed into low layers first). "shifted" [ours,
-  earlier default]: l = 0..L - 1, so 1 .. 1 / L.
-  """
-  if depth_factor not in DEPTH_FACTORS:
-    raise ValueError(f"Unknown depth factor {depth_factor!r}; allowed: "
-                     f"{', '.join(DEPTH_FACTORS)}.")
-  l = jnp.arange(num_layers, dtype=jnp.float32) + (1.0 if depth_factor == "paper" else 0.0)
-  return (num_layers - l) / num_layers
-
-
-def branching_regularizer(nu: jax.Array, preference: jax.Array, resource: jax.Array,
-                          affinity: jax.Array, lambda_active: float = 1.0,
-                          lambda_inactive: float = 0.1, tau_factor: float = 0.6,
-                          depth_factor: str = "paper", use_gradient: str = "stop"
-                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Omega = c lambda_A L_active + lambda_I L_inactive (module docstring).
-
-  Args:
-    nu: parent distributions (L, N, N), `nu[l][j]` those of node (l + 1, j).
-    preference: r (N,).
-    resource: c (scalar).
-    affinity: A (N, N).
-    lambda_active, lambda_inactive, tau_factor: see the module docstring.
-    depth_factor: "paper" or "shifted" (`depth_weights`).
-    use_gradient: "stop" (P_use is a usage weight, no gradient) or "flow".
-
-  Returns:
-    (Omega, {"l_active": ..., "l_inactive": ...}).
-  """
-  if use_gradient not in USE_GRADIENTS:
-    raise ValueError(f"Unknown use_gradient {use_gradient!r}; allowed: "
-                     f"{', '.join(USE_GRADIENTS)}.")
-  num_layers, num_tasks = nu.shape[0], nu.shape[1]
-  active = active_tasks(preference, tau_factor)
-  # dist[l, i, j] = ||nu[l][i] - nu[l][j]||^2
-  dist = jnp.sum(jnp.square(nu[:, :, None, :] - nu[:, None, :, :]), axis=-1)
-  p_use = parent_use_probability(nu)[1:]  # children's usage, (L, N)
-  if use_gradient == "stop":
-    p_use = jax.lax.stop_gradient(p_use)
-  depth = depth_weights(num_layers, depth_factor)
-  pair = (active[:, None] & active[None, :] & ~jnp.eye(num_tasks, dtype=bool)).astype(
-      jnp.float32)
-  weights = (depth[:, None, None] * pair[None] * jnp.asarray(affinity, jnp.float32)[None]
-             * p_use[:, :, None] * p_use[:, None, :])
-  l_active = jnp.sum(weights * dist)
-  # Each inactive task follows its nearest active task (A is never empty: max r >= 1/N).
-  to_active = jnp.where(active[None, :, None], dist, jnp.inf)  # [l, i (active), j]
-  nearest = jnp.min(to_active, axis=1)  # [l, j]
-  l_inactive = jnp.sum(jnp.where(~active[None, :], nearest, 0.0))
-  omega = resource * lambda_active * l_active + lambda_inactive * l_inactive
-  return omega, {"l_active": l_active, "l_inactive": l_inactive}
-
-
-# ----------------------------------------------------------------------------------------------
-# Hypernetworks.
-
-
-class ControlEmbedding(nn.Module):
-  """p = sum_i r_i e_i + c e_c, with learned embeddings (dimension `features`)."""
-
-  num_tasks: int
-  features: int = 32
-
-  @nn.compact
-  def __call__(self, preference: jax.Array, resource: jax.Array) -> jax.Array:
-    init = nn.initializers.normal(1.0)
-    tasks = self.param("task_embeddings", init, (self.num_tasks, self.features), jnp.float32)
-    res = self.param("resource_embedding", init, (self.features,), jnp.float32)
-    preference = jnp.asarray(preference, jnp.float32)
-    resource = jnp.asarray(resource, jnp.float32)
-    return preference @ tasks + resource[..., None] * res
-
-
-class EdgeHypernet(nn.Module):
-  """h(r, c) -> parent logits (L, N, N): embedding, MLP, one N x N linear head per layer.
-
-  Attributes:
-    num_tasks: N.
-    num_layers: L (parent choices per child stream).
-    embedding_features: embedding dimension (32).
-    hidden: widths of the MLP's hidden layers ((100, 100)).
-    self_logit: initial bias of every child's own-stream parent logit [ours option, default
-      0: uniform start].
-  """
-
-  num_tasks: int
-  num_layers: int
-  embedding_features: int = 32
-  hidden: tuple[int, ...] = (100, 100)
-  self_logit: float = 0.0
-
-  @nn.compact
-  def __call__(self, preference: jax.Array, resource: jax.Array) -> jax.Array:
-    n = self.num_tasks
-    x = ControlEmbedding(n, self.embedding_features, name="embedding")(preference, resource)
-    for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, name=f"hidden{i}")(x))
-    bias = self.self_logit * jnp.eye(n, dtype=jnp.float32).reshape(-1)
-    heads = [nn.Dense(n * n, bias_init=lambda *_: bias, name=f"layer{l}")(x)
-             for l in range(self.num_layers)]
-    return jnp.stack(heads, axis=-2).reshape(*x.shape[:-1], self.num_layers, n, n)
-
-
-class WeightHypernet(nn.Module):
-  """g(r, c) -> one flat vector of batch-norm shifts: embedding, MLP, a zero-initialised head.
-
-  Attributes:
-    num_tasks: N.
-    num_outputs: size of the flattened shift tree (`batch_norm_shift_template`).
-    embedding_features: embedding dimension (32).
-    hidden: widths of the MLP's hidden layers ((100, 100, 100)).
-  """
-
-  num_tasks: int
-  num_outputs: int
-  embedding_features: int = 32
-  hidden: tuple[int, ...] = (100, 100, 100)
-
-  @nn.compact
-  def __call__(self, preference: jax.Array, resource: jax.Array) -> jax.Array:
-    x = ControlEmbedding(self.num_tasks, self.embedding_features, name="embedding")(
-        preference, resource)
-    for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, name=f"hidden{i}")(x))
-    return nn.Dense(self.num_outputs, kernel_init=nn.initializers.zeros,
-                    bias_init=nn.initializers.zeros, name="shifts")(x)
-
-
-def shift_unraveler(anchor_variables: PyTree):
-  """(size of the flat shift vector, fn flat -> shift tree) for the anchor's batch norms."""
-  template = branched.batch_norm_shift_template(anchor_variables)
-  if not template:
-    raise ValueError("The anchor has no batch norm, so the weight hypernetwork has nothing to "
-                     "shift; build the branched network with batch norm.")
-  flat, unravel = ravel_pytree(template)
-  return int(flat.shape[0]), unravel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,6 +366,13 @@ class DymuMethod(base.MethodBase):
     cost = self.net.tree_cost(tree, image_shape)
     return {"tree": [list(p) for p in tree.parents]}, cost_lib.Cost(cost.macs, cost.params)
 
+  def cost_range(self, variables, prepared=None, *, image_shape):
+    """One shared trunk (every task on stream 0) and the anchor's separate streams."""
+    del variables, prepared
+    costs = [self.net.tree_cost(tree, image_shape)
+             for tree in (self.net.shared_tree(0), self.net.separate_tree())]
+    return tuple(cost_lib.Cost(c.macs, c.params) for c in costs)
+
   def full_network(self, variables, prepared=None, *, image_shape, standalone=True):
     """The anchor's separate streams (the most expensive tree), for stages edge and weight."""
     del prepared, standalone
@@ -734,135 +480,6 @@ def _parent_logits(hypernet: EdgeHypernet, params, r, c):
 @functools.partial(jax.jit, static_argnums=0)
 def _adapted_anchor(method: DymuMethod, anchor, weight, r, c):
   return method.adapted_anchor(anchor, weight, r, c)
-
-
-# ----------------------------------------------------------------------------------------------
-# Before the edge stage: single-task losses of the anchor.
-
-
-def anchor_task_losses(net: BranchedNet, anchor_variables: PyTree,
-                       batches: Iterable[Mapping[str, Any]]) -> tuple[float, ...]:
-  """Mean loss of every task's own stream over `batches` (dicts of images and labels).
-
-  Batches may carry the evaluation padding mask (`data.base.VALID_KEY`); padded rows are
-  dropped. Use `1 / loss` as the DYMU task weights [ours].
-  """
-  run = jax.jit(lambda v, x: net.apply_tree(v, x, net.separate_tree()))
-  # Per task: a batch's mean loss is over its labelled examples, so it weighs by their number.
-  totals, counts = np.zeros(net.num_tasks), np.zeros(net.num_tasks)
-  for batch in batches:
-    batch = dict(batch)
-    if data_lib.VALID_KEY in batch:
-      keep = np.asarray(batch.pop(data_lib.VALID_KEY), bool)
-      batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
-    if not int(np.shape(batch["image"])[0]):
-      continue
-    predictions = run(anchor_variables, jnp.asarray(batch["image"], jnp.float32))
-    for i, t in enumerate(net.tasks):
-      present = float(np.sum(np.asarray(losses_lib.example_present(t, batch[t.name]))))
-      if present:
-        totals[i] += present * float(t.loss(predictions[t.name], jnp.asarray(batch[t.name])))
-        counts[i] += present
-  if not counts.any():
-    raise ValueError("anchor_task_losses needs at least one non-empty batch.")
-  missing = [t.name for t, c in zip(net.tasks, counts) if not c]
-  if missing:
-    raise ValueError(f"anchor_task_losses found no labelled example of task(s) "
-                     f"{', '.join(missing)} in the batches, so their losses are undefined.")
-  return tuple(float(x) for x in totals / counts)
-
-
-def task_weights_from_losses(losses: Sequence[float], normalise: bool = True
-                             ) -> tuple[float, ...]:
-  """w_i = 1 / L_i^anchor [ours], scaled to mean 1 when `normalise` (the default).
-
-  Normalising keeps the task term `sum_i r_i w_i L_i` near the scale of the anchor's losses
-  relative to one another, so lambda_A and lambda_I keep the paper's meaning.
-  """
-  bad = [l for l in losses if not (math.isfinite(l) and l > 0)]
-  if bad:
-    raise ValueError(f"Single-task losses must be finite and > 0 to set the task weights, got "
-                     f"{tuple(losses)}.")
-  weights = [1.0 / float(l) for l in losses]
-  if normalise:
-    mean = sum(weights) / len(weights)
-    weights = [w / mean for w in weights]
-  return tuple(weights)
-
-
-# ----------------------------------------------------------------------------------------------
-# The anchor from a pretrained trunk, and what an anchor allows.
-
-
-def streams_from_trunk(trunk_variables: Mapping[str, PyTree], stream: int = 0) -> dict:
-  """Anchor variables whose every stream is a copy of the trunk's stream `stream`.
-
-  `trunk_variables` are a pretrain stage's variables (stacked like any `BranchedNet`'s); the
-  decoders are kept (each was trained on the shared trunk for its own task).
-  """
-
-  def copy(collection):
-    out = {}
-    for key, tree in collection.items():
-      if key.startswith("block"):
-        out[key] = jax.tree.map(
-            lambda a: jnp.broadcast_to(a[stream:stream + 1], a.shape).copy(), tree)
-      else:
-        out[key] = tree
-    return out
-
-  return {col: copy(tree) for col, tree in trunk_variables.items()}
-
-
-def stream_divergence(anchor_variables: Mapping[str, PyTree], num_layers: int
-                      ) -> list[list[list[float]]]:
-  """Per block layer, the (N, N) relative distances between the streams' parameters.
-
-  d_l(i, j) = ||theta_i - theta_j|| / ((||theta_i|| + ||theta_j||) / 2) over every parameter
-  of block l (batch-norm scales and biases included): 0 for copies, about 1.4 for independent
-  draws of the same scale (sqrt 2). The anchor report prints it so a user sees whether the
-  streams still correspond (a cross edge can only be cheap when it is small).
-  """
-  out = []
-  for l in range(num_layers):
-    leaves = jax.tree.leaves(anchor_variables["params"][f"block{l}"])
-    flat = np.concatenate([np.asarray(a, np.float64).reshape(a.shape[0], -1) for a in leaves],
-                          axis=1)
-    norms = np.linalg.norm(flat, axis=1)
-    n = flat.shape[0]
-    d = np.zeros((n, n))
-    for i in range(n):
-      for j in range(n):
-        if i != j:
-          d[i, j] = np.linalg.norm(flat[i] - flat[j]) / max((norms[i] + norms[j]) / 2, 1e-12)
-    out.append(d.tolist())
-  return out
-
-
-def probe_trees(num_layers: int, num_tasks: int) -> list[tuple[str, Tree]]:
-  """(label, tree) of the anchor's cheapest moves away from the separate tree.
-
-  One-edge changes: child j of parent choice l reads stream i (i != j), everything else
-  separate. Prefix sharing: the nodes of block layers 0..k of every stream replaced by
-  stream s's (a trunk shared up to block k, then the streams; k = L - 1 is one shared trunk).
-  """
-  separate = [list(range(num_tasks)) for _ in range(num_layers)]
-  trees = []
-  for l in range(num_layers):
-    for j in range(num_tasks):
-      for i in range(num_tasks):
-        if i != j:
-          parents = [row[:] for row in separate]
-          parents[l][j] = i
-          where = f"block {l + 1}" if l < num_layers - 1 else "decoder"
-          trees.append((f"{where} of stream {j} reads stream {i}", Tree(parents)))
-  for s in range(num_tasks):
-    for k in range(num_layers):
-      parents = [[s] * num_tasks if l <= k else list(range(num_tasks))
-                 for l in range(num_layers)]
-      label = (f"blocks 0-{k} shared (stream {s})" if k else f"block 0 shared (stream {s})")
-      trees.append((label, Tree(parents)))
-  return trees
 
 
 # ----------------------------------------------------------------------------------------------
