@@ -1,39 +1,99 @@
 """Methods: each module owns its model composition, its loss, its sampling and its controls.
 
-`build(name, tasks, ...)` returns an object implementing `dymu_jax.methods.base.Method`.
+`build(name, tasks, ...)` returns an object implementing `dymu_jax.methods.base.Method`. A
+method is one module plus one `register` line (below): the entry points list, build, train,
+evaluate and export what is registered, and name no method.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from dymu_jax import models
 from dymu_jax import tasks as tasks_lib
-from dymu_jax.methods import affinity, dymu, ecmt, gradsplit, pcgrad, phn, static
+from dymu_jax.methods import affinity, dymu, ecmt, gradsplit, pcgrad, phn, static  # noqa: F401
 
-# name -> one line for --help.
-METHODS = {
-    "static": "hard sharing, one shared encoder and a decoder per task, fixed task weights",
-    "single_task": "one independent network per task (the single-task baselines)",
-    "ecmt": "slimmable SuperNet trained with sandwich-sampled SubNets and CI-KD; controlled by "
-            "(preference, budget) through a MACs search",
-    "gradsplit": "hard sharing whose last encoder stages split their channels into one group per "
-                 "task; a routing matrix per split layer (learned from that layer's gradient "
-                 "conflicts on a warm-up, or fixed) decides which tasks' gradients reach each "
-                 "group",
-    "pcgrad": "hard sharing trained with PCGrad: conflicting per-task gradients of the shared "
-              "encoder are projected onto each other's normal planes",
-    "dymu": "single-task anchor streams fine-tuned from one pretrained trunk, then an edge "
-            "hypernetwork that turns (preference, resource) into a tree of shared blocks and a "
-            "weight hypernetwork that shifts its batch norms (stages pretrain, anchor, edge, "
-            "weight: --dymu_stage)",
-    "phn": "Pareto HyperNetwork: a hypernetwork (chunked or not) generates every weight of the "
-           "shared network from the preference",
-    "phn_bn": "PHN-BN: a hypernetwork generates only the batch-norm scales and biases of the "
-              "shared network from the preference; the other weights are learned directly",
-}
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+  """A registered method.
+
+  Attributes:
+    description: one line for --help.
+    builder: `builder(tasks, model_options, *, task_weights, axis_name, **method_options)` ->
+      the method (`model_options`: keyword arguments of the network builder, e.g.
+      `models.build_multitask`'s; see `on_multitask_net`).
+  """
+
+  description: str
+  builder: Callable[..., Any]
+
+
+_REGISTRY: dict[str, Registration] = {}
+
+
+def register(name: str, description: str, builder: Callable[..., Any]) -> None:
+  """Adds a method under `name` (a new name; `builder` as in `Registration`)."""
+  if name in _REGISTRY:
+    raise ValueError(f"A method named {name!r} is registered already.")
+  _REGISTRY[name] = Registration(description, builder)
+
+
+def on_multitask_net(build_fn: Callable[..., Any], **fixed) -> Callable[..., Any]:
+  """A builder for a method on a `MultiTaskNet`: `build_fn(tasks, make_net, *, task_weights,
+  axis_name, **fixed, **method_options)`, with `make_net(tasks)` building the network from
+  the model options (batch norms pooled over `axis_name`)."""
+
+  def builder(tasks, model_options, *, task_weights, axis_name, **options):
+    make_net = functools.partial(models.build_multitask, bn_axis_name=axis_name,
+                                 **dict(model_options or {}))
+    return build_fn(tasks, make_net, task_weights=task_weights, axis_name=axis_name,
+                    **fixed, **options)
+
+  return builder
+
+
+class _Descriptions(collections.abc.Mapping):
+  """name -> description of every registered method, in registration order (a live view)."""
+
+  def __getitem__(self, name: str) -> str:
+    return _REGISTRY[name].description
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(_REGISTRY)
+
+  def __len__(self) -> int:
+    return len(_REGISTRY)
+
+
+METHODS = _Descriptions()
+
+register("static", "hard sharing, one shared encoder and a decoder per task, fixed task "
+         "weights", on_multitask_net(static.build))
+register("single_task", "one independent network per task (the single-task baselines)",
+         on_multitask_net(static.build, single_task=True))
+register("ecmt", "slimmable SuperNet trained with sandwich-sampled SubNets and CI-KD; "
+         "controlled by (preference, budget) through a MACs search", on_multitask_net(ecmt.build))
+register("gradsplit", "hard sharing whose last encoder stages split their channels into one "
+         "group per task; a routing matrix per split layer (learned from that layer's gradient "
+         "conflicts on a warm-up, or fixed) decides which tasks' gradients reach each group",
+         on_multitask_net(gradsplit.build))
+register("pcgrad", "hard sharing trained with PCGrad: conflicting per-task gradients of the "
+         "shared encoder are projected onto each other's normal planes",
+         on_multitask_net(pcgrad.build))
+register("dymu", "single-task anchor streams fine-tuned from one pretrained trunk, then an edge "
+         "hypernetwork that turns (preference, resource) into a tree of shared blocks and a "
+         "weight hypernetwork that shifts its batch norms (stages pretrain, anchor, edge, "
+         "weight: --dymu_stage)", dymu.build_registered)
+register("phn", "Pareto HyperNetwork: a hypernetwork (chunked or not) generates every weight of "
+         "the shared network from the preference", on_multitask_net(phn.build, mode="all"))
+register("phn_bn", "PHN-BN: a hypernetwork generates only the batch-norm scales and biases of "
+         "the shared network from the preference; the other weights are learned directly",
+         on_multitask_net(phn.build, mode="bn"))
 
 
 def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | None = None,
@@ -59,35 +119,15 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
   DYMU builds a `branched.BranchedNet`, not a `MultiTaskNet`: of `model_options` it takes only
   `dymu.MODEL_OPTIONS` (others are left out).
   """
-  if name not in METHODS:
-    raise ValueError(f"Unknown method {name!r}; available methods are {', '.join(METHODS)}.")
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown method {name!r}; available methods are {', '.join(_REGISTRY)}.")
   tasks = tuple(tasks)
   model_options = dict(model_options or {})
-  make_net = functools.partial(models.build_multitask, bn_axis_name=axis_name, **model_options)
   weights = tuple(float(w) for w in task_weights) if task_weights else None
   if weights is not None and not (all(math.isfinite(w) and w >= 0 for w in weights)
                                   and any(weights)):
     raise ValueError(f"Task weights must be finite numbers >= 0, not all 0, got "
                      f"{', '.join(f'{w:g}' for w in weights)}.")
-  if name == "static":
-    return static.StaticMethod(tasks, make_net(tasks), weights, axis_name=axis_name)
-  if name == "single_task":
-    nets = models.SingleTaskNets(tuple(make_net((task,)) for task in tasks))
-    return static.StaticMethod(tasks, nets, weights, name="single_task", axis_name=axis_name)
-  if name == "ecmt":
-    return ecmt.build(tasks, make_net, task_weights=weights, axis_name=axis_name,
-                      **dict(method_options or {}))
-  if name == "gradsplit":
-    return gradsplit.build(tasks, make_net, task_weights=weights, axis_name=axis_name,
-                           **dict(method_options or {}))
-  if name == "pcgrad":
-    return pcgrad.build(tasks, make_net, task_weights=weights, axis_name=axis_name,
-                        **dict(method_options or {}))
-  if name == "dymu":
-    options = {k: v for k, v in model_options.items() if k in dymu.MODEL_OPTIONS}
-    return dymu.build(tasks, model_options=options, task_weights=weights, axis_name=axis_name,
-                      **dict(method_options or {}))
-  if name in ("phn", "phn_bn"):
-    return phn.build(tasks, make_net, mode="all" if name == "phn" else "bn",
-                     task_weights=weights, axis_name=axis_name, **dict(method_options or {}))
-  raise AssertionError(name)
+  registration = _REGISTRY[name]
+  return registration.builder(tasks, model_options, task_weights=weights, axis_name=axis_name,
+                              **dict(method_options or {}))

@@ -14,6 +14,7 @@ import jax
 
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import base
+from dymu_jax.models.multitask import SingleTaskNets
 
 
 def weighted_task_loss(tasks: Sequence[tasks_lib.Task], outputs: Mapping[str, jax.Array],
@@ -67,3 +68,16 @@ class StaticMethod(base.MethodBase):
 
   def eval_controls(self):
     return [None]
+
+
+def build(tasks: Sequence[tasks_lib.Task], make_net, *,
+          task_weights: Sequence[float] | None = None, axis_name: str | None = None,
+          single_task: bool = False) -> StaticMethod:
+  """Hard sharing on `make_net(tasks)`, or with `single_task` one network per task
+  (`make_net((task,))` each, the single-task baselines)."""
+  tasks = tuple(tasks)
+  weights = tuple(task_weights) if task_weights else None
+  if single_task:
+    nets = SingleTaskNets(tuple(make_net((task,)) for task in tasks))
+    return StaticMethod(tasks, nets, weights, name="single_task", axis_name=axis_name)
+  return StaticMethod(tasks, make_net(tasks), weights, axis_name=axis_name)

@@ -86,7 +86,8 @@ from dymu_jax.methods.dymu.anchor import (anchor_task_losses, probe_trees, strea
 from dymu_jax.methods.dymu.hypernets import (ControlEmbedding, EdgeHypernet, WeightHypernet,
                                              shift_unraveler)
 from dymu_jax.methods.dymu.method import (ANCHOR_INITS, MODEL_OPTIONS, OPTIONS, STAGES,
-                                          DymuController, DymuMethod, apply_tree, build)
+                                          DymuController, DymuMethod, apply_tree, build,
+                                          build_registered)
 from dymu_jax.methods.dymu.regulariser import (DEPTH_FACTORS, USE_GRADIENTS, active_tasks,
                                                branching_regularizer, depth_weights,
                                                gumbel_softmax, hard_parents,
@@ -95,6 +96,6 @@ from dymu_jax.methods.dymu.regulariser import (DEPTH_FACTORS, USE_GRADIENTS, act
 __all__ = ["ANCHOR_INITS", "DEPTH_FACTORS", "MODEL_OPTIONS", "OPTIONS", "STAGES",
            "USE_GRADIENTS", "ControlEmbedding", "DymuController", "DymuMethod", "EdgeHypernet",
            "WeightHypernet", "active_tasks", "anchor_task_losses", "apply_tree",
-           "branching_regularizer", "build", "depth_weights", "gumbel_softmax", "hard_parents",
+           "branching_regularizer", "build", "build_registered", "depth_weights", "gumbel_softmax", "hard_parents",
            "parent_use_probability", "probe_trees", "shift_unraveler", "stream_divergence",
            "streams_from_trunk", "task_weights_from_losses", "temperature"]

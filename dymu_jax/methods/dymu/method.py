@@ -520,3 +520,12 @@ def build(tasks: Sequence[tasks_lib.Task], *, model_options: Mapping[str, Any] |
   net = branched.build_branched(tasks, bn_axis_name=axis_name, **model_options)
   return DymuMethod(tasks, net, task_weights=tuple(task_weights) if task_weights else None,
                     axis_name=axis_name, **options)
+
+
+def build_registered(tasks: Sequence[tasks_lib.Task], model_options: Mapping[str, Any] | None,
+                     *, task_weights=None, axis_name=None, **options) -> DymuMethod:
+  """`build` under the registry's builder contract: of `model_options` (the multi-task
+  network's) DYMU's branched network takes `MODEL_OPTIONS`; the others are left out."""
+  options_for_net = {k: v for k, v in dict(model_options or {}).items() if k in MODEL_OPTIONS}
+  return build(tasks, model_options=options_for_net, task_weights=task_weights,
+               axis_name=axis_name, **options)
