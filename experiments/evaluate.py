@@ -7,6 +7,13 @@ The run is rebuilt from its newest checkpoint and the flags saved with it. Resul
 `<workdir>/eval/` (or `--output_dir`): `results.json`, `report.md` and PNG plots, and for the
 fixed-control methods (below) `per_task.csv`.
 
+Every method goes through the same path (`dymu_jax.evaluation`), chosen by its control space
+(`Method.control_space`), never by its name: a method with controls is swept (each variant of
+`Method.evaluation_variants`, at each budget or resource c, over the preferences), every setting
+deployed by `Method.deploy` and measured by the one evaluation loop (`metrics.accumulate`),
+settings with the same `Deployed.key` once; a fixed network is deployed and measured once. The
+report and plots come from `evaluation.report`. What follows is what each control adds.
+
 Preferences of every sweep (ECMT, DYMU, PHN, PHN-BN), `--preference_grid`
 (`controls.preference_grid`):
   * `rays` (the default [ours]): for 2 tasks the `--num_preferences` (25) evaluation rays of PHN's
@@ -25,7 +32,8 @@ ECMT (`--method=ecmt` runs), METHODS.md sections 2 and 4:
   * preferences: `--preference_grid` above; budgets: `--budgets`, fractions of the SuperNet's
     MACs (a budget below the smallest SubNet is reported and skipped);
   * the search caps each decoder's extra MACs at r_t / max(r) (`ecmt.search(preference_cap=)`)
-    unless `--noecmt_preference_cap`, recorded as "preference_cap";
+    unless `--nopreference_cap` (formerly `--noecmt_preference_cap`, still accepted), recorded
+    as "preference_cap"; the deployment options (`DEPLOY_OPTIONS`) go to "deploy_options";
   * the search picks each SubNet with the encoder scores of `ecmt.score_encoders`, computed
     once on held-out training images and cached in `<workdir>/encoder_scores.json` (the MACs
     table in `<workdir>/cost_table.json`);
@@ -36,8 +44,9 @@ ECMT (`--method=ecmt` runs), METHODS.md sections 2 and 4:
   * measures per budget: per-task metrics, MACs, hypervolume and uniformity of the test losses,
     rank controllability, Delta_m against `--reference_workdir` (single-task models; without
     it, against the SuperNet) and the mean normalised task metric;
-  * a budget check: the search over `--budget_check_points` budgets from the smallest SubNet
-    to the SuperNet, for every preference, must stay within each budget.
+  * a budget check: over `--budget_check_points` budgets from the smallest SubNet to the
+    SuperNet (`Method.cost_range`), every preference's SubNet (`Method.describe`) must stay
+    within each budget.
 
 DYMU (`--method=dymu` runs; give the parent folder of a `--dymu_stage=all` run or a stage's
 folder), METHODS.md sections 1 and 4:
@@ -111,8 +120,6 @@ from dymu_jax.models import cost as cost_lib
 # (issue 22); other runs default to a point just worse than every loss of their sweeps.
 MULTI_MNIST_HV_REFERENCE = (2.0, 2.0)
 
-flags.DEFINE_string("output_dir", None, "Where results go; default <workdir>/eval (evaluate) "
-                    "or <workdir>/export/<preference and budget> (export).")
 flags.DEFINE_string("reference_workdir", None,
                     "A finished single-task run of the same data: the reference of Delta_m and "
                     "of the normalised metrics (default: the run's own SuperNet).")
@@ -131,16 +138,6 @@ flags.DEFINE_integer("num_preferences", 25,
                      "least number of Das-Dennis points (25: PHN's 25 evaluation rays).",
                      lower_bound=1)
 flags.DEFINE_integer("preference_seed", 0, "Seed of --preference_grid=random.", lower_bound=0)
-flags.DEFINE_integer("calibration_examples", 512,
-                     "Training images that re-estimate each SubNet's batch-norm statistics.",
-                     lower_bound=1)
-flags.DEFINE_integer("score_examples", 256,
-                     "Held-out training images that score the encoder configurations.",
-                     lower_bound=1)
-flags.DEFINE_float("decoder_reserve", 0.5,
-                   "ECMT search: fraction of the decoders' MACs span kept free for the "
-                   "preference.")
-common.require_number("decoder_reserve", 0, 1)
 flags.DEFINE_integer("budget_check_points", 41,
                      "Budgets from the smallest SubNet to the SuperNet checked for MACs <= "
                      "budget.", lower_bound=1)
@@ -162,12 +159,6 @@ flags.DEFINE_list("hv_reference", [],
 flags.DEFINE_list("cost_band", ["0.6"],
                   "DYMU: the cost band of the matched-cost hypervolume, as fractions of the "
                   "anchor's MACs: 'hi' (trees using at most hi) or 'lo,hi' (both inclusive).")
-flags.DEFINE_bool("preference_cap", True,
-                  "ECMT: cap each decoder's extra MACs at r_t / max(r) in the search "
-                  "(`ecmt.search(preference_cap=...)`); --nopreference_cap measures rank "
-                  "controllability without it.")
-flags.DEFINE_alias("ecmt_preference_cap", "preference_cap")
-
 FLAGS = flags.FLAGS
 
 
@@ -353,22 +344,6 @@ def _affinity_for_report(run, output_dir: str) -> dict | None:
   return record
 
 
-def _deploy_method(run: runs.TrainedRun):
-  """The run's method with the deployment options the flags set (`DEPLOY_OPTIONS`)."""
-  return run.method.replace_options(**{
-      name: FLAGS[name].value for name in run.method.DEPLOY_OPTIONS
-      if name in FLAGS and FLAGS[name].present})
-
-
-def _prepare(run: runs.TrainedRun, method):
-  """`method.prepare` on held-out training images (loaded only when it reads them)."""
-  held = None
-  if method.PREPARE_USES_HELD_OUT:
-    held = runs.held_out(run, FLAGS.calibration_examples, FLAGS.score_examples,
-                         _eval_batch_size())
-  return method.prepare(run.variables, held, cache_dir=run.workdir)
-
-
 def _group_label(variant: str, fixed: dict, num_variants: int) -> str:
   parts = [variant] if num_variants > 1 or not fixed else []
   parts += [f"{'c' if name == 'resource' else name}={value:g}" for name, value in fixed.items()]
@@ -380,12 +355,11 @@ def evaluate_sweep(run: runs.TrainedRun, output_dir: str) -> dict:
   variant (`Method.evaluation_variants`) at every budget or resource c, over the preferences,
   each setting deployed (`Method.deploy`) and measured by the one loop; distinct networks once.
   """
-  method = _deploy_method(run)
+  method, prepared = runs.steer(run)
   space = method.control_space()
   tasks = tuple(method.tasks)
   names, metric_names, higher = measures.primary(tasks)
   image_shape = tuple(run.test_source.image_shape)
-  prepared = _prepare(run, method)
   sweeper = sweep_lib.Sweeper(method, run.variables, _sweep_batches(run),
                               image_shape=image_shape, prepared=prepared)
   progress = sweep_lib.Progress()
@@ -447,6 +421,8 @@ def evaluate_sweep(run: runs.TrainedRun, output_dir: str) -> dict:
       "hypervolume_reference_source": hv_source, "mean_rank_controllability": ranks,
       "distinct_networks": sweeper.distinct_networks,
       "deploy_options": {name: getattr(method, name) for name in method.DEPLOY_OPTIONS},
+      # Where `prepare` keeps its caches (ECMT: cost_table.json, encoder_scores.json).
+      "prepare_cache_dir": run.workdir if prepared is not None else None,
       "standalone_check": [_standalone_check(sweeper, s) for s in sweeps[:len(budgets)]
                            if "budget" in space.names],
   }
@@ -601,7 +577,7 @@ EVALUATE_GROUPS = (
                                            "preference_seed", "budgets", "resources",
                                            "cost_preferences", "hv_reference", "cost_band")),
     ("ECMT search", ("calibration_examples", "score_examples", "decoder_reserve",
-                     "budget_check_points", "ecmt_preference_cap")),
+                     "budget_check_points", "preference_cap")),
     ("Errors", ("traceback",)),
     cli_help.RUNTIME_GROUP,
 )

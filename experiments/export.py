@@ -46,7 +46,6 @@ import numpy as np
 from dymu_jax import files as files_lib
 from experiments import cli_help
 from experiments import common
-from experiments import evaluate  # pylint: disable=unused-import  (its steering flags)
 from experiments import runs
 
 flags.DEFINE_list("preference", [], "Task preference, one number per task in task order, "
@@ -101,16 +100,10 @@ def export() -> str:
     common.ensure_workdir(FLAGS.output_dir, "--output_dir")
   # A `--dymu_stage=all` folder: its newest trained stage.
   run = runs.load_run(runs.resolve_workdir(FLAGS.workdir), data_dir=FLAGS.data_dir)
-  method = run.method.replace_options(**{
-      name: FLAGS[name].value for name in run.method.DEPLOY_OPTIONS
-      if name in FLAGS and FLAGS[name].present})
-  controls = _controls(method)
+  method = runs.steered_method(run)
+  controls = _controls(method)  # a control the method does not take stops before the search
   image_shape = tuple(run.test_source.image_shape)
-  held_out = None  # held-out training images only for a method whose `prepare` reads them
-  if method.PREPARE_USES_HELD_OUT:
-    held_out = runs.held_out(run, FLAGS.calibration_examples, FLAGS.score_examples,
-                             FLAGS.eval_batch_size or 256)
-  prepared = method.prepare(run.variables, held_out, cache_dir=run.workdir)
+  method, prepared = runs.steer(run)
   deployed = method.deploy(run.variables, controls, prepared, image_shape=image_shape)
   if not deployed.exportable:
     raise ValueError(f"{run.workdir} holds a {method.name!r} run, whose deployed network "
@@ -147,7 +140,7 @@ EXPORT_GROUPS = (
     ("Run", ("workdir", "data_dir", "output_dir")),
     ("Steering", ("preference", "budget", "resource")),
     ("Held-out images and search", ("calibration_examples", "score_examples",
-                                    "eval_batch_size", "decoder_reserve")),
+                                    "eval_batch_size", "decoder_reserve", "preference_cap")),
     ("Errors", ("traceback",)),
     cli_help.RUNTIME_GROUP,
 )

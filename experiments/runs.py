@@ -12,6 +12,7 @@ import functools
 import os
 from typing import Any, Mapping
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +28,27 @@ from dymu_jax.methods import dymu
 from dymu_jax import train as train_lib
 from dymu_jax.train import checkpoint as checkpoint_lib
 from dymu_jax.train import state as state_lib
+
+flags.DEFINE_string("output_dir", None, "Where results go; default <workdir>/eval (evaluate) "
+                    "or <workdir>/export/<preference and budget> (export).")
+# Steering a trained run (`steer`): the held-out training images a method's `prepare` reads,
+# and the deployment options (`Method.DEPLOY_OPTIONS`) a user may set, as flags of their names.
+flags.DEFINE_integer("calibration_examples", 512,
+                     "Training images that re-estimate each SubNet's batch-norm statistics.",
+                     lower_bound=1)
+flags.DEFINE_integer("score_examples", 256,
+                     "Held-out training images that score the encoder configurations.",
+                     lower_bound=1)
+flags.DEFINE_float("decoder_reserve", 0.5,
+                   "ECMT search: fraction of the decoders' MACs span kept free for the "
+                   "preference.")
+common.require_number("decoder_reserve", 0, 1)
+flags.DEFINE_bool("preference_cap", True,
+                  "ECMT: cap each decoder's extra MACs at r_t / max(r) in the search "
+                  "(`ecmt.search(preference_cap=...)`); --nopreference_cap measures rank "
+                  "controllability without it.")
+flags.DEFINE_alias("ecmt_preference_cap", "preference_cap")
+FLAGS = flags.FLAGS
 
 # Flags added after some runs were saved: their values for older runs.
 _LATER_FLAGS = {"backbone_options": [], "tasks": [], "task_weights": [], "width_choices": []}
@@ -107,6 +129,25 @@ def held_out(run: TrainedRun, calibration_examples: int, score_examples: int,
                f"batch={batch_size}")
   return methods_base.HeldOut(tuple(calibration), tuple(_batches_of(scoring, batch_size)),
                               signature)
+
+
+def steered_method(run: TrainedRun):
+  """The run's method with the deployment options the flags set (`DEPLOY_OPTIONS`; a flag left
+  unset keeps the method's own value)."""
+  return run.method.replace_options(**{
+      name: FLAGS[name].value for name in run.method.DEPLOY_OPTIONS
+      if name in FLAGS and FLAGS[name].present})
+
+
+def steer(run: TrainedRun):
+  """(`steered_method(run)`, its `prepare` result): held-out training images are loaded only
+  for a method whose `prepare` reads them (`PREPARE_USES_HELD_OUT`); caches go to the run."""
+  method = steered_method(run)
+  held = None
+  if method.PREPARE_USES_HELD_OUT:
+    held = held_out(run, FLAGS.calibration_examples, FLAGS.score_examples,
+                    FLAGS.eval_batch_size or 256)
+  return method, method.prepare(run.variables, held, cache_dir=run.workdir)
 
 
 def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:

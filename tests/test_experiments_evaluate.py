@@ -148,7 +148,7 @@ def test_the_preference_cap_flag_sets_the_deployment_option(workdir):
     for argv, expected in ((["evaluate"], True), (["evaluate", "--noecmt_preference_cap"], False),
                            (["evaluate", "--nopreference_cap", "--decoder_reserve=0.2"], False)):
       absl_flags.FLAGS(argv)
-      method = evaluate._deploy_method(run)  # pylint: disable=protected-access
+      method = runs.steered_method(run)
       assert method.preference_cap is expected
       assert method.decoder_reserve == (0.2 if "--decoder_reserve=0.2" in argv
                                         else ecmt.DECODER_RESERVE)

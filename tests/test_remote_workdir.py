@@ -206,7 +206,7 @@ def test_train_resume_evaluate_export_on_a_fake_filesystem(tmp_path, monkeypatch
   assert f"evaluating ecmt from {WORKDIR} (step 3)" in evaluation.stdout
   results = json.loads((run / "eval" / "results.json").read_text())
   assert results["workdir"] == WORKDIR and results["step"] == 3
-  assert results["encoder_scores_file"] == f"{WORKDIR}/encoder_scores.json"
+  assert results["prepare_cache_dir"] == WORKDIR  # cost_table.json, encoder_scores.json there
   assert "| budget |" in (run / "eval" / "report.md").read_text()
   assert results["plots"]
   for plot in results["plots"]:
