@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from dymu_jax import data, methods, train
+from dymu_jax import files as files_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import ecmt
 from dymu_jax.models import DynamicWidths, WidthConfig, channels, cost
@@ -285,8 +286,9 @@ def test_cost_table_matches_direct_counts_and_round_trips(dense, lenet_table, tm
     images = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
     configs = [WidthConfig.sample(rng, model.num_stages, len(model.tasks)) for _ in range(2)]
     for config in configs + [model.smallest_widths()]:
-      assert tab.macs(config) == cost.count(model, None, images, widths=config,
-                                            train=False).macs
+      counted = cost.count(model, None, images, widths=config, train=False)
+      assert tab.cost(config) == counted == cost.count(model.sliced(config), None, images,
+                                                       train=False)
   assert lenet_table.full_macs > lenet_table.smallest_macs > 0
   # The per-layer model agrees with counting every configuration (two choices: 8 encoders).
   small = methods.build("ecmt", DIGITS, model_options=LENET,
@@ -294,12 +296,21 @@ def test_cost_table_matches_direct_counts_and_round_trips(dense, lenet_table, tm
   fast, slow = (ecmt.build_cost_table(small, LENET_SHAPE, direct=d) for d in (False, True))
   np.testing.assert_array_equal(fast.encoder_macs, slow.encoder_macs)
   np.testing.assert_array_equal(fast.decoder_macs, slow.decoder_macs)
+  np.testing.assert_array_equal(fast.encoder_params, slow.encoder_params)
+  np.testing.assert_array_equal(fast.decoder_params, slow.decoder_params)
   assert path.exists()
   again = ecmt.CostTable.load(path)
   assert again.signature == table.signature
   np.testing.assert_array_equal(again.encoder_macs, table.encoder_macs)
   np.testing.assert_array_equal(again.decoder_macs, table.decoder_macs)
   assert again.encoder_configs == table.encoder_configs
+  np.testing.assert_array_equal(again.decoder_params, table.decoder_params)
+  # A file written before parameters were kept is rebuilt, with a message.
+  record = again.to_json()
+  del record["encoder_params"], record["decoder_params"]
+  files_lib.write_json(path, record)
+  assert ecmt.cached_cost_table(method.model, (16, 16, 3), path=path) is not None
+  np.testing.assert_array_equal(ecmt.CostTable.load(path).encoder_params, table.encoder_params)
   # A file written for another network or image size is replaced.
   record = again.to_json()
   record["signature"] = "another network"

@@ -51,9 +51,10 @@ what is ours:
   mix statistics of different widths). Before evaluating or exporting a SubNet, re-estimate its
   statistics with `recalibrate_bn`.
 * **Search [known rule, ours procedure].** `search(preference, budget, cost_table=...)`, from a
-  `CostTable` of analytic MACs (`build_cost_table`, cacheable to JSON): for every encoder
-  configuration that fits, the decoders share what is left in proportion to the preference
-  (water-filling, then leftovers to the most preferred tasks first: `allocate_decoders`); the
+  `CostTable` of analytic MACs and parameters (`build_cost_table`, cacheable to JSON; a SubNet's
+  cost is read from it): for every encoder configuration that fits, the decoders share what is
+  left in proportion to the preference (water-filling, then leftovers to the most preferred
+  tasks first: `allocate_decoders`); the
   encoder is chosen by a preference-independent validation score when given
   (`score_encoders`), else the most expensive candidate wins. Two options of ours: an encoder
   must leave `decoder_reserve` of the decoders' MACs span free, and each decoder is capped at

@@ -1,5 +1,5 @@
-"""ECMT's analytic cost table: the MACs of every encoder stage and decoder at every width,
-built once per network and image shape and cacheable to JSON."""
+"""ECMT's analytic cost table: the MACs and parameters of every encoder stage and decoder at
+every width, built once per network and image shape and cacheable to JSON."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ class CostTable:
     encoder_configs: every encoder multiplier tuple (`widths.encoder_configs` order).
     encoder_macs: int64 (E,), MACs of the encoder (and anything outside the decoders).
     decoder_macs: int64 (E, T, C), MACs of decoder t at choice c given encoder e.
+    encoder_params, decoder_params: the same for the parameters a configuration uses (as
+      `models.cost.count` counts them), so that a SubNet's cost needs no trace.
   """
 
   signature: str
@@ -63,6 +65,8 @@ class CostTable:
   encoder_configs: tuple[tuple[float, ...], ...]
   encoder_macs: np.ndarray
   decoder_macs: np.ndarray
+  encoder_params: np.ndarray
+  decoder_params: np.ndarray
 
   def __post_init__(self):
     index = {e: i for i, e in enumerate(self.encoder_configs)}
@@ -84,6 +88,17 @@ class CostTable:
     dec = [self.decoder_macs[e, t, self.choices.index(m)] for t, m in enumerate(config.decoders)]
     return int(self.encoder_macs[e] + sum(dec))
 
+  def params(self, config: WidthConfig) -> int:
+    """Parameters a full width configuration uses."""
+    e = self.encoder_index(config.encoder)
+    dec = [self.decoder_params[e, t, self.choices.index(m)]
+           for t, m in enumerate(config.decoders)]
+    return int(self.encoder_params[e] + sum(dec))
+
+  def cost(self, config: WidthConfig) -> cost_lib.Cost:
+    """MACs and parameters of a configuration (`models.cost.Cost`), from the table."""
+    return cost_lib.Cost(self.macs(config), self.params(config))
+
   @property
   def full_macs(self) -> int:
     return int(self.encoder_macs[-1] + self.decoder_macs[-1, :, -1].sum())
@@ -99,6 +114,8 @@ class CostTable:
         "task_names": list(self.task_names),
         "encoder_configs": [list(e) for e in self.encoder_configs],
         "encoder_macs": self.encoder_macs.tolist(), "decoder_macs": self.decoder_macs.tolist(),
+        "encoder_params": self.encoder_params.tolist(),
+        "decoder_params": self.decoder_params.tolist(),
     }
 
   @classmethod
@@ -109,7 +126,10 @@ class CostTable:
         num_stages=int(record["num_stages"]), task_names=tuple(record["task_names"]),
         encoder_configs=tuple(tuple(float(m) for m in e) for e in record["encoder_configs"]),
         encoder_macs=np.asarray(record["encoder_macs"], np.int64),
-        decoder_macs=np.asarray(record["decoder_macs"], np.int64))
+        decoder_macs=np.asarray(record["decoder_macs"], np.int64),
+        # A table saved before parameters were kept raises KeyError: it is rebuilt.
+        encoder_params=np.asarray(record["encoder_params"], np.int64),
+        decoder_params=np.asarray(record["decoder_params"], np.int64))
 
   def save(self, path: str | os.PathLike) -> None:
     files_lib.write_json(path, self.to_json(), indent=None)
@@ -189,6 +209,103 @@ def _layer_model(model, variables, image_shape, choices, num_stages, num_tasks):
   return described
 
 
+def _layer_params(model, variables, image_shape, config) -> dict[str, tuple[int, int, int]]:
+  """{layer path: (params, cin, cout)} of one configuration, every layer (with or without MACs);
+  a layer called more than once owns its parameters once (its widest call), as in `count`."""
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  out: dict[str, tuple[int, int, int]] = {}
+  for r in cost_lib.count_layers(model, variables, images, widths=config, train=False):
+    cin = int(r.in_shape[-1]) if r.in_shape else 0
+    cout = int(r.out_shape[-1]) if r.out_shape else 0
+    if r.path not in out or r.params > out[r.path][0]:
+      out[r.path] = (int(r.params), cin, cout)
+  return out
+
+
+def _param_model(model, variables, image_shape, choices, num_stages, num_tasks):
+  """Per layer path: a function of the multipliers giving its parameters.
+
+  Every layer's parameters are `p1 * cin^alpha * cout + p2 * cout + p3` (a kernel, a bias or a
+  normalisation's scale and offset, a constant), with its channel counts governed by at most one
+  width variable each, as for the MACs (`_layer_model`); the coefficients are solved exactly from
+  the full network and one probe per variable. Raises `_UnsupportedModel` otherwise.
+  """
+  num_vars = num_stages + num_tasks
+  low = min(choices)
+
+  def config_of(multipliers):
+    return WidthConfig(tuple(multipliers[:num_stages]), tuple(multipliers[num_stages:]))
+
+  full = _layer_params(model, variables, image_shape, config_of([1.0] * num_vars))
+  probes = []
+  for v in range(num_vars):
+    multipliers = [1.0] * num_vars
+    multipliers[v] = low
+    probe = _layer_params(model, variables, image_shape, config_of(multipliers))
+    if list(probe) != list(full):
+      raise _UnsupportedModel("layer set changes with the widths")
+    probes.append(probe)
+  described = []
+  for path, (params, cin_full, cout_full) in full.items():
+    in_var = [v for v in range(num_vars) if probes[v][path][1] != cin_full]
+    out_var = [v for v in range(num_vars) if probes[v][path][2] != cout_full]
+    if len(in_var) > 1 or len(out_var) > 1:
+      raise _UnsupportedModel(f"{path} depends on several widths")
+    in_var = in_var[0] if in_var else None
+    out_var = out_var[0] if out_var else None
+    described.append((path, _fit_params(path, params, cin_full, cout_full, in_var, out_var,
+                                        probes, low)))
+  return described
+
+
+def _fit_params(path, params, cin_full, cout_full, in_var, out_var, probes, low):
+  """The exact parameter function of one layer (see `_param_model`)."""
+  at = lambda v: probes[v][path]
+  for alpha in (1, 0):
+    # Unknowns: slope in cin^alpha * cout (p1), in cout (p2), constant (p3).
+    if in_var is not None and out_var is not None:
+      p_in, cin_low, _ = at(in_var)
+      p_out, _, cout_low = at(out_var)
+      d_in = cout_full * (cin_full**alpha - cin_low**alpha)
+      if not d_in or (params - p_in) % d_in:
+        continue
+      p1 = (params - p_in) // d_in
+      d_out = cout_full - cout_low
+      rest = (params - p_out) - p1 * cin_full**alpha * d_out
+      if not d_out or rest % d_out:
+        continue
+      p2 = rest // d_out
+    elif out_var is not None:  # cin constant: p1 * cin^alpha folds into p2
+      p_out, _, cout_low = at(out_var)
+      d_out = cout_full - cout_low
+      if not d_out or (params - p_out) % d_out:
+        continue
+      p1, p2 = 0, (params - p_out) // d_out
+    elif in_var is not None:  # cout constant
+      p_in, cin_low, _ = at(in_var)
+      d_in = cout_full * (cin_full**alpha - cin_low**alpha)
+      if not d_in or (params - p_in) % d_in:
+        continue
+      p1, p2 = (params - p_in) // d_in, 0
+    else:
+      p1, p2 = 0, 0
+    p3 = params - p1 * cin_full**alpha * cout_full - p2 * cout_full
+
+    def predict(multipliers, p1=p1, p2=p2, p3=p3, alpha=alpha):
+      cin = cin_full if in_var is None else channels(cin_full, multipliers[in_var])
+      cout = cout_full if out_var is None else channels(cout_full, multipliers[out_var])
+      return p1 * cin**alpha * cout + p2 * cout + p3
+
+    def probe(v):
+      multipliers = [1.0] * len(probes)
+      multipliers[v] = low
+      return multipliers
+
+    if all(predict(probe(v)) == probes[v][path][0] for v in range(len(probes))):
+      return predict
+  raise _UnsupportedModel(f"{path} parameters are not p1 * cin^a * cout + p2 * cout + p3")
+
+
 def _part_of(path: str, task_names: Sequence[str]) -> int:
   """-1 for the encoder (and anything outside a decoder), else the task index."""
   for t, name in enumerate(task_names):
@@ -217,10 +334,12 @@ def build_cost_table(model: MultiTaskNet, image_shape: Sequence[int],
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
   enc = np.zeros((len(encoders),), np.int64)
   dec = np.zeros((len(encoders), num_tasks, len(choices)), np.int64)
+  enc_params, dec_params = np.zeros_like(enc), np.zeros_like(dec)
   described = None
   if not direct:
     try:
       described = _layer_model(model, variables, image_shape, choices, num_stages, num_tasks)
+      param_layers = _param_model(model, variables, image_shape, choices, num_stages, num_tasks)
     except _UnsupportedModel:
       described = None
   if described is not None:
@@ -235,27 +354,49 @@ def build_cost_table(model: MultiTaskNet, image_shape: Sequence[int],
         multipliers = list(encoder) + [m] * num_tasks
         for part, (_, (alpha, taps), predict) in decoder_layers:
           dec[e, part, c] += predict(multipliers, alpha, taps)
+    for path, predict in param_layers:
+      part = _part_of(path, task_names)
+      for e, encoder in enumerate(encoders):
+        if part < 0:
+          enc_params[e] += predict(list(encoder) + [1.0] * num_tasks)
+          continue
+        for c, m in enumerate(choices):
+          dec_params[e, part, c] += predict(list(encoder) + [m] * num_tasks)
   else:
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     for e, encoder in enumerate(encoders):
       for c, m in enumerate(choices):
-        for record in _count(model, variables, image_shape,
-                             WidthConfig(encoder, (m,) * num_tasks)):
+        # One trace per configuration gives both: MACs per call, parameters once per layer.
+        records = cost_lib.count_layers(model, variables, images,
+                                        widths=WidthConfig(encoder, (m,) * num_tasks),
+                                        train=False)
+        params: dict[str, int] = {}
+        for record in records:
+          params[record.path] = max(params.get(record.path, 0), int(record.params))
           part = _part_of(record.path, task_names)
           if part < 0:
             if c == 0:
               enc[e] += record.macs
           else:
             dec[e, part, c] += record.macs
+        for path, count in params.items():
+          part = _part_of(path, task_names)
+          if part < 0:
+            if c == 0:
+              enc_params[e] += count
+          else:
+            dec_params[e, part, c] += count
   table = CostTable(model_signature(model, image_shape, choices), image_shape, choices,
-                    num_stages, task_names, encoders, enc, dec)
+                    num_stages, task_names, encoders, enc, dec, enc_params, dec_params)
   if described is not None:
     # Guard the per-layer model with direct counts of a few configurations.
     mixed = WidthConfig(tuple(choices[i % len(choices)] for i in range(num_stages)),
                         tuple(choices[(i + 1) % len(choices)] for i in range(num_tasks)))
     for config in (WidthConfig.full(num_stages, num_tasks),
                    WidthConfig.smallest(num_stages, num_tasks, choices), mixed):
-      counted = sum(r.macs for r in _count(model, variables, image_shape, config))
-      if counted != table.macs(config):
+      images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+      counted = cost_lib.count(model, variables, images, widths=config, train=False)
+      if (counted.macs, counted.params) != (table.macs(config), table.params(config)):
         return build_cost_table(model, image_shape, choices, direct=True)
   return table
 

@@ -326,15 +326,14 @@ class ECMTMethod(base.MethodBase):
     del variables
     config = self._search_controls(controls, prepared)[0]
     return ({"encoder": list(config.encoder), "decoders": list(config.decoders)},
-            _subnet_cost(self.model, config, tuple(int(d) for d in image_shape)))
+            _config_cost(self.model, config, prepared, image_shape))
 
   def cost_range(self, variables, prepared: Prepared | None = None, *,
                  image_shape: Sequence[int]):
     """The smallest SubNet's and the SuperNet's cost."""
-    del variables, prepared
-    image_shape = tuple(int(d) for d in image_shape)
-    return (_subnet_cost(self.model, self.smallest_widths(), image_shape),
-            _subnet_cost(self.model, self.full_widths(), image_shape))
+    del variables
+    return (_config_cost(self.model, self.smallest_widths(), prepared, image_shape),
+            _config_cost(self.model, self.full_widths(), prepared, image_shape))
 
   def _search_controls(self, controls, prepared):
     """(the searched WidthConfig, the controls as deployed)."""
@@ -382,13 +381,23 @@ class ECMTMethod(base.MethodBase):
     if not standalone:
       masked = prepared.remember(("masked", config), variables, lambda: masked_variables(
           self, variables, config, prepared.calibration))
-      cost = _subnet_cost(self.model, config, image_shape)
+      cost = _config_cost(self.model, config, prepared, image_shape)
       return base.Deployed(MaskedSuperNet(self.model), masked, image_shape, controls,
                            key=config, info=info, known_cost=cost, structure=structure)
     recalibrated = self.recalibrate(variables, config, prepared)
     sub, sub_variables = slice_subnet(self.model, recalibrated, config, image_shape)
     return base.Deployed(sub, sub_variables, image_shape, controls, key=config, info=info,
                          structure=structure)
+
+
+def _config_cost(model: MultiTaskNet, config: WidthConfig, prepared: Prepared | None,
+                 image_shape: Sequence[int]) -> cost_lib.Cost:
+  """A SubNet's MACs and parameters: from the prepared cost table (nothing traced), else
+  counted (`_subnet_cost`)."""
+  image_shape = tuple(int(d) for d in image_shape)
+  if prepared is not None and tuple(prepared.cost_table.image_shape) == image_shape:
+    return prepared.cost_table.cost(config)
+  return _subnet_cost(model, config, image_shape)
 
 
 @functools.lru_cache(maxsize=256)
