@@ -7,9 +7,10 @@ absl's own `--help` lists only the flags defined in the main module, so `experim
 orbax's included) to absl. A test checks that every flag of the training command is in exactly
 one group, so the help cannot fall behind the flags.
 
-`METHOD_FLAGS` is the one home of "which method reads this flag": the per-method help
-headings come from it, and `check_method_flags` refuses a method option given to another
-method (`--dymu_lambda_active=2 --method=ecmt` would otherwise be ignored silently).
+`METHOD_FLAGS` ("which method reads this flag") derives from the registered methods' configs:
+the per-method help headings come from it, and `check_method_flags` refuses a method option
+given to another method (`--dymu_lambda_active=2 --method=ecmt` would otherwise be ignored
+silently).
 """
 
 from __future__ import annotations
@@ -21,22 +22,30 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 
+from experiments import common
 from experiments import runtime
 
 FLAGS = flags.FLAGS
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
 WIDTH = 100
 
-# Heading -> (the methods that read these flags, the flags). Prefixed families are listed by
-# prefix ("dymu_*"); ECMT's options predate the prefix convention.
-METHOD_FLAGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "ECMT (--method=ecmt)": (("ecmt",), ("num_subnets", "lambda_kd", "kd", "lambda_mutual",
-                                         "mutual_temperature", "width_choices")),
-    "GradSplit (--method=gradsplit)": (("gradsplit",), ("gradsplit_*",)),
-    "PCGrad (--method=pcgrad)": (("pcgrad",), ("pcgrad_*",)),
-    "DYMU (--method=dymu)": (("dymu",), ("dymu_*",)),
-    "PHN and PHN-BN (--method=phn, --method=phn_bn)": (("phn", "phn_bn"), ("phn_*",)),
-}
+
+
+def _method_flags() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+  """Heading -> (the methods that read these flags, the flags): one group per registered
+  method config (`dymu_jax.methods.options`), its flags `--<PREFIX>_<field>`."""
+  groups = {}
+  for config, owners in common.config_owners().items():
+    heading = f"{config.TITLE} ({', '.join('--method=' + m for m in owners)})"
+    groups[heading] = (owners, tuple(common.flag_name(config, f.name) for f in config.fields()))
+  return groups
+
+
+METHOD_FLAGS = _method_flags()
+# Former names of method options (aliases) -> their flag.
+_FORMER = {former: common.flag_name(config, f.name)
+           for config in common.config_owners() for f in config.fields()
+           for former in f.metadata["former"]}
 
 # Flags of `experiments/runtime.py`, which every command defines and `run` applies.
 RUNTIME_GROUP = ("Execution and compilation cache", runtime.NAMES)
@@ -93,8 +102,9 @@ def help_text(doc: str, groups: Sequence[tuple[str, Sequence[str]]]) -> str:
 
 def owner_of(name: str) -> tuple[str, tuple[str, ...]] | None:
   """(heading, methods) of the method whose option `name` is; None for a general flag."""
+  name = _FORMER.get(name, name)
   for heading, (methods, names) in METHOD_FLAGS.items():
-    if name in _expand(names):
+    if name in names:
       return heading, methods
   return None
 
@@ -115,11 +125,21 @@ def given_flags() -> list[str]:
   return [name for name in FLAGS if FLAGS[name].present]
 
 
+# The flag files of the command line (`common.expand_flag_files`), recorded with a run.
+FLAG_FILES: tuple[str, ...] = ()
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
-  """`FLAGS(argv)`; a bad flag (unknown, not a number, out of range) stops like every other
-  user error: `error: <one sentence naming the flag>` on stderr and exit status 2."""
+  """`FLAGS(argv)` after expanding the flag files (their includes resolve next to them); a bad
+  flag (unknown, not a number, out of range) stops like every other user error: `error: <one
+  sentence naming the flag>` on stderr and exit status 2."""
+  global FLAG_FILES
   try:
-    return FLAGS(list(argv))
+    argv, FLAG_FILES = common.expand_flag_files(list(argv))
+    return FLAGS(argv)
+  except ValueError as error:  # a flag file that is missing or includes itself
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   except flags.Error as error:
     message = " ".join(str(error).split())
     print(f"error: {message}{'' if message.endswith('.') else '.'}", file=sys.stderr)

@@ -10,13 +10,12 @@ import ast
 import contextlib
 import dataclasses
 import errno
-import inspect
 import json
 import math
 import os
 import re
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from absl import flags
 from absl import logging
@@ -25,7 +24,6 @@ from dymu_jax import data as data_lib
 from dymu_jax import files as files_lib
 from dymu_jax import methods as methods_lib
 from dymu_jax import models
-from dymu_jax.models import branched
 from dymu_jax.train import loop as train_loop
 
 
@@ -174,6 +172,85 @@ def check_data_fits(train_source, batch_size: int, values: Mapping[str, Any] | N
                      f"--image_size={minimum} or more, or choose another --backbone.")
 
 
+def flag_file_args(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
+  """The flags of a flag file as command-line arguments, with `--flagfile=` lines inside it
+  expanded in place. An included path is looked up next to the including file, then in each
+  folder above it, then from the working directory: the project's files include
+  `experiments/flags/base/<dataset>.flags`, which absl alone finds from the repository root and
+  this finds from anywhere. Blank lines and lines starting with # or // are skipped; a loop of
+  includes stops with one sentence."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if path in _seen:
+    raise ValueError(f"The flag file {path} includes itself (through "
+                     f"{' -> '.join(_seen)}); remove the loop.")
+  if not os.path.isfile(path):
+    raise ValueError(f"--flagfile={path} does not exist; give the path of a flag file, e.g. "
+                     f"experiments/flags/synthetic_static.flags.")
+  args = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line or line.startswith(("#", "//")):
+        continue
+      name, sep, included = line.partition("=")
+      if sep and name.lstrip("-") == "flagfile":
+        args.extend(flag_file_args(_included(path, os.path.expanduser(included)),
+                                   (*_seen, path)))
+      else:
+        args.append(line)
+  return args
+
+
+def _included(including: str, included: str) -> str:
+  """Where the flag file `included` (named inside `including`) is: see `flag_file_args`."""
+  if os.path.isabs(included):
+    return included
+  folder = os.path.dirname(including)
+  while True:
+    candidate = os.path.join(folder, included)
+    if os.path.isfile(candidate):
+      return candidate
+    parent = os.path.dirname(folder)
+    if parent == folder:
+      return included  # from the working directory (or not found: reported by the caller)
+    folder = parent
+
+
+def expand_flag_files(argv: list[str]) -> tuple[list[str], tuple[str, ...]]:
+  """(`argv` with every `--flagfile=PATH` / `--flagfile PATH` replaced by its flags, the flag
+  files given on the command line), so that includes resolve next to their file."""
+  out, files, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg in ("--flagfile", "-flagfile") and i + 1 < len(argv):
+      path, i = argv[i + 1], i + 2
+    elif arg.startswith(("--flagfile=", "-flagfile=")):
+      path, i = arg.partition("=")[2], i + 1
+    else:
+      out.append(arg)
+      i += 1
+      if arg == "--":
+        out.extend(argv[i:])
+        break
+      continue
+    files.append(os.path.relpath(os.path.abspath(os.path.expanduser(path))))
+    out.extend(flag_file_args(path))
+  return out, tuple(files)
+
+
+def normalise_values(values: Mapping[str, Any]) -> dict:
+  """A saved run's flag values with method options under their current flag names (runs saved
+  before a rename hold the former name)."""
+  values = dict(values)
+  for config in config_owners():
+    for field in config.fields():
+      name = flag_name(config, field.name)
+      for former in field.metadata["former"]:
+        if former in values and name not in values:
+          values[name] = values.pop(former)
+  return values
+
+
 def _values(values: Mapping[str, Any] | None) -> Mapping[str, Any]:
   return flag_values() if values is None else values
 
@@ -185,6 +262,8 @@ def flag_values() -> dict:
     if "experiments" not in module_name:
       continue
     for flag in module_flags:
+      if flag.name in ALIASES:  # recorded under the option's own name
+        continue
       value = flag.value
       try:
         json.dumps(value)
@@ -246,7 +325,8 @@ def parse_options(values, flag: str) -> dict:
 
 
 def model_options(values: Mapping[str, Any] | None = None) -> dict:
-  """Keyword arguments of `dymu_jax.models.build_multitask` from the model flags."""
+  """Keyword arguments of the method's network builder (`models.build_multitask`, or DYMU's
+  branched streams) from the model flags; the builder refuses options its backbone lacks."""
   v = _values(values)
   options = {"backbone": v["backbone"]}
   if v["head_width"]:
@@ -255,378 +335,139 @@ def model_options(values: Mapping[str, Any] | None = None) -> dict:
     options["head_batch_norm"] = True
   backbone_options = parse_options(v.get("backbone_options") or [], "--backbone_options")
   if backbone_options:
-    cls = models.backbones.get_backbone(v["backbone"])
-    known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-    unknown = sorted(set(backbone_options) - known)
-    if unknown:
-      raise ValueError(f"--backbone_options has {', '.join(unknown)}, which backbone "
-                       f"{v['backbone']!r} does not take; it takes {', '.join(sorted(known))}.")
     options["backbone_kwargs"] = backbone_options
   return options
 
 
-# --- GradSplit and PCGrad (--method=gradsplit / pcgrad; METHODS.md section 3) ---
-flags.DEFINE_integer("gradsplit_stages", 1,
-                     "GradSplit: how many of the last encoder stages split the output channels "
-                     "of their layers into one group per task.")
-flags.DEFINE_list("gradsplit_group_sizes", [],
-                  "GradSplit: relative channel-group size per task, in task order (e.g. 2,1,1); "
-                  "empty = equal groups.")
-flags.DEFINE_enum("gradsplit_routing", "learned", list(methods_lib.gradsplit.ROUTINGS),
-                  "GradSplit: 'learned' (hard sharing for --gradsplit_warmup_steps while "
-                  "gradient conflicts are measured, then M from them by --gradsplit_criterion) "
-                  "or 'fixed' (--gradsplit_matrix from the first step).")
-flags.DEFINE_string("gradsplit_matrix", "",
-                    "GradSplit with --gradsplit_routing=fixed: the routing matrix M, rows "
-                    "separated by ';' and entries by ',' (M[t][s] = 1: channel group t takes "
-                    "task s's gradient; the diagonal must be 1), e.g. '1,0;1,1', or the words "
-                    "'identity' (strict split) or 'ones' (hard sharing).")
-flags.DEFINE_integer("gradsplit_warmup_steps", 100,
-                     "GradSplit with learned routing: hard-sharing steps that estimate the "
-                     "conflicts; M is frozen after them.")
-flags.DEFINE_enum("gradsplit_mode", "activation", list(methods_lib.gradsplit.MODES),
-                  "GradSplit: 'activation' routes the gradients flowing through the split "
-                  "layers' outputs; 'weight' masks only the split layers' weight gradients.")
-flags.DEFINE_enum("gradsplit_criterion", "module_mean", list(methods_lib.gradsplit.CRITERIA),
-                  "GradSplit with --gradsplit_routing=learned: how the warm-up's gradient "
-                  "cosines set M. 'module_mean' [ours] gives every split layer (conv, batch "
-                  "norm, dense) its own M: M[t,s] = 1 where that layer's mean cos(g_t, g_s) on "
-                  "group t is >= --gradsplit_margin; 'module_frequency' [ours]: per layer, "
-                  "M[t,s] = 1 where the fraction of warm-up steps with a negative cosine is <= "
-                  "--gradsplit_margin; 'pooled': one M for all layers from the cosine over every "
-                  "split parameter together (the first version, whose large aligned kernels hid "
-                  "the conflicts: M came out all ones). Runs saved before this flag used "
-                  "'pooled'.")
-flags.DEFINE_float("gradsplit_margin", None,
-                   "GradSplit with --gradsplit_routing=learned: the criterion's threshold. For "
-                   "'module_mean' and 'pooled' the least mean cosine that shares, in [-1, 1] "
-                   "(default 0.0); for 'module_frequency' the largest fraction of warm-up steps "
-                   "with a negative cosine that shares, in [0, 1] (default 0.5). The diagonal of "
-                   "M is always 1.")
-flags.DEFINE_enum("pcgrad_order", "fixed", list(methods_lib.pcgrad.ORDERS),
-                  "PCGrad: project onto the other tasks in task order ('fixed') or in an order "
-                  "drawn per step from the run's key ('random', seeded by --seed).")
+# --- method options: one flag per field of each registered method's config ---------------------
+# `--<Config.PREFIX>_<field>` (see `dymu_jax.methods.options`); the option's former names are
+# aliases, and a saved run is read under its new name, a former name or the field's legacy value.
 
 
-def _gradsplit_options(v: Mapping[str, Any]) -> dict:
-  routing = v.get("gradsplit_routing", "learned")  # .get: runs saved before the flags existed
-  matrix = (v.get("gradsplit_matrix") or "").strip()
-  if matrix and routing != "fixed":
-    raise ValueError(f"--gradsplit_matrix={matrix} is only used with --gradsplit_routing=fixed; "
-                     f"drop it or set --gradsplit_routing=fixed.")
-  if routing == "fixed" and not matrix:
-    raise ValueError("--gradsplit_routing=fixed needs --gradsplit_matrix, such as 'identity' "
-                     "or rows like '1,0;1,1'.")
-  options = {"split_stages": v.get("gradsplit_stages", 1), "routing": routing,
-             "warmup_steps": v.get("gradsplit_warmup_steps", 100),
-             "mode": v.get("gradsplit_mode", "activation")}
-  if options["split_stages"] < 1:
-    raise ValueError(f"--gradsplit_stages must be at least 1, got {options['split_stages']}.")
-  if routing == "learned" and options["warmup_steps"] < 1:
-    raise ValueError(f"--gradsplit_warmup_steps={options['warmup_steps']} leaves no step to "
-                     f"estimate the conflicts; give at least 1, or use --gradsplit_routing=fixed.")
-  sizes = parse_floats(v.get("gradsplit_group_sizes") or [], "--gradsplit_group_sizes")
-  if sizes and min(sizes) <= 0:
-    raise ValueError(f"--gradsplit_group_sizes must be positive, got "
-                     f"{','.join(v['gradsplit_group_sizes'])}.")
-  if sizes:
-    options["group_sizes"] = sizes
-  if matrix:
-    options["routing_matrix"] = matrix
-  # Runs saved before --gradsplit_criterion existed trained with the pooled criterion.
-  criterion = v.get("gradsplit_criterion", "pooled")
-  margin = v.get("gradsplit_margin")
-  if criterion not in methods_lib.gradsplit.CRITERIA:
-    raise ValueError(f"--gradsplit_criterion={criterion} is unknown; use one of "
-                     f"{', '.join(methods_lib.gradsplit.CRITERIA)}.")
-  if margin is not None and routing != "learned":
-    raise ValueError(f"--gradsplit_margin={margin:g} is only used with "
-                     f"--gradsplit_routing=learned; drop it or set --gradsplit_routing=learned.")
-  if routing == "learned":
-    methods_lib.gradsplit.check_margin(criterion, margin, "--gradsplit_margin")
-    options["criterion"] = criterion
-    if margin is not None:
-      options["margin"] = float(margin)
-  return options
+def config_owners() -> dict[type, tuple[str, ...]]:
+  """{config class with options: the registered methods that take it}, in registry order."""
+  owners: dict[type, list[str]] = {}
+  for name in methods_lib.METHODS:
+    config = methods_lib.config_of(name)
+    if config.fields():
+      owners.setdefault(config, []).append(name)
+  return {config: tuple(names) for config, names in owners.items()}
 
 
-# --- DYMU and PHN (--method=dymu / phn / phn_bn; METHODS.md section 1) ---
-flags.DEFINE_enum("dymu_stage", "all", list(methods_lib.dymu.STAGES) + ["all"],
-                  "DYMU: the training stage. 'all' runs pretrain (with --dymu_anchor_init=trunk), "
-                  "anchor, edge and weight in sequence, each in its own subfolder "
-                  "<workdir>/{pretrain,anchor,edge,weight} (each resumes from its own "
-                  "checkpoints); a single stage trains in --workdir itself and reads its input "
-                  "from --dymu_pretrain_dir (anchor from a trunk), --dymu_anchor_dir (edge) or "
-                  "--dymu_edge_dir (weight).")
-flags.DEFINE_string("dymu_pretrain_dir", "",
-                    "DYMU with --dymu_stage=anchor and --dymu_anchor_init=trunk: the workdir of "
-                    "the finished pretrain stage.")
-flags.DEFINE_string("dymu_anchor_dir", "",
-                    "DYMU with --dymu_stage=edge: the workdir of the finished anchor stage.")
-flags.DEFINE_string("dymu_edge_dir", "",
-                    "DYMU with --dymu_stage=weight: the workdir of the finished edge stage.")
-flags.DEFINE_list("dymu_stage_steps", [],
-                  "DYMU: optimizer steps of the anchor, edge and weight stages (three numbers); "
-                  "empty = --steps for every stage. The pretrain stage takes "
-                  "--dymu_pretrain_steps.")
-flags.DEFINE_integer("dymu_pretrain_steps", 1000,
-                     "DYMU with --dymu_anchor_init=trunk: steps of the pretrain stage (one trunk "
-                     "trained with hard sharing on every task).", lower_bound=1)
-flags.DEFINE_float("dymu_anchor_learning_rate", 0.0,
-                   "DYMU: learning rate of the anchor stage (the streams' fine-tuning from the "
-                   "trunk: keep it small so the streams stay close); 0 = --learning_rate.")
-require_number("dymu_anchor_learning_rate", 0)
-flags.DEFINE_integer("dymu_validation_examples", 2000,
-                     "DYMU: training examples held out of the pretrain and anchor stages; the "
-                     "anchor's task losses on them set the task weights, and the anchor report "
-                     "(stream divergence, cost of each one-edge change) is measured on them. "
-                     "0 = hold none out (the weights then come from training images).",
-                     lower_bound=0)
-flags.DEFINE_enum("dymu_task_weights", "validation", ["validation", "train", "uniform"],
-                  "DYMU: w_i of the edge and weight stages: 1 / the anchor's loss of task i on "
-                  "the held-out examples ('validation'), on training images ('train', the "
-                  "earlier default, which overfitted anchors make about ten times too large), "
-                  "or 1 ('uniform'). Scaled to mean 1 unless --nodymu_task_weight_normalise.")
-flags.DEFINE_bool("dymu_task_weight_normalise", True,
-                  "DYMU: scale the task weights w to mean 1.")
-flags.DEFINE_enum("dymu_depth_factor", "paper", list(methods_lib.dymu.DEPTH_FACTORS),
-                  "DYMU: depth factor of L_active. 'paper': (L - l) / L with l = 1..L as printed "
-                  "(the decoders' parents weigh 0); 'shifted': l = 0..L-1 (every choice pulled).")
-flags.DEFINE_enum("dymu_use_gradient", "stop", list(methods_lib.dymu.USE_GRADIENTS),
-                  "DYMU: 'stop' treats P_use in L_active as a usage weight (no gradient); 'flow' "
-                  "lets the edge hypernetwork shrink the term by making nodes unused.")
-flags.DEFINE_integer("dymu_head_hidden_layers", -1,
-                     "DYMU: hidden layers of every decoder; -1 = the backbone's default (lenet 0, "
-                     "resnet_small 1). --head_batch_norm needs at least 1.")
-require_integer("dymu_head_hidden_layers", -1, "-1 = the backbone's default")
-flags.DEFINE_float("dymu_lambda_active", 1.0,
-                   "DYMU: lambda_A, weight of the active-task sharing term (1 in the paper, "
-                   "0.05 in a related filing).")
-require_number("dymu_lambda_active", 0)
-flags.DEFINE_float("dymu_lambda_inactive", 0.1,
-                   "DYMU: lambda_I, weight of the term that pulls inactive tasks onto their "
-                   "nearest active task; 0 turns it off.")
-require_number("dymu_lambda_inactive", 0)
-flags.DEFINE_float("dymu_tau_factor", 0.6,
-                   "DYMU: task i is active when r_i >= tau = dymu_tau_factor / N; 0 makes every "
-                   "task active.")
-require_number("dymu_tau_factor", 0, 1)
-flags.DEFINE_float("dymu_dirichlet_alpha", 0.2,
-                   "DYMU: training preferences are drawn from Dirichlet(alpha 1_N).")
-require_number("dymu_dirichlet_alpha", 0, open_lower=True)
-flags.DEFINE_float("dymu_initial_temperature", 5.0,
-                   "DYMU: initial Gumbel-softmax temperature of the edge stage.")
-require_number("dymu_initial_temperature", 0, open_lower=True)
-flags.DEFINE_float("dymu_temperature_decay", 0.97,
-                   "DYMU: the temperature is multiplied by this every --dymu_temperature_every "
-                   "steps.")
-require_number("dymu_temperature_decay", 0, 1, open_lower=True)
-flags.DEFINE_integer("dymu_temperature_every", 300,
-                     "DYMU: steps between temperature decays (300 at the paper's 30k steps per "
-                     "stage; scale it with the edge stage's steps).", lower_bound=1)
-flags.DEFINE_integer("dymu_embedding_features", 32,
-                     "DYMU: dimension of the task and resource embeddings of both "
-                     "hypernetworks.", lower_bound=1)
-flags.DEFINE_list("dymu_edge_hidden", ["100", "100"],
-                  "DYMU: hidden widths of the edge hypernetwork's MLP.")
-flags.DEFINE_list("dymu_weight_hidden", ["100", "100", "100"],
-                  "DYMU: hidden widths of the weight hypernetwork's MLP.")
-flags.DEFINE_float("dymu_self_logit", 0.0,
-                   "DYMU: initial bias of every child's own-stream parent logit (0: uniform "
-                   "start).")
-require_number("dymu_self_logit")
-flags.DEFINE_enum("dymu_anchor_init", "trunk", list(methods_lib.dymu.ANCHOR_INITS),
-                  "DYMU: how the anchor's single-task streams start. 'trunk' (the paper's "
-                  "recipe): copies of one trunk trained with hard sharing (the pretrain stage), "
-                  "then each fine-tuned on its task, so channels still correspond and low-level "
-                  "cross-task edges are cheap; 'shared': one random draw for every stream; "
-                  "'independent': a draw per stream.")
-flags.DEFINE_list("dymu_eval_resources", ["0", "1"],
-                  "DYMU: resource preferences c evaluated (at the uniform preference) during "
-                  "training.")
-flags.DEFINE_integer("dymu_affinity_images", 128,
-                     "DYMU: training images K of the RSA task affinity (computed once, on the "
-                     "frozen anchor, before the edge stage).")
-require_integer("dymu_affinity_images", 2)
-flags.DEFINE_enum("dymu_affinity_normalisation", "row", list(methods_lib.affinity.NORMALISATIONS),
-                  "DYMU: 'row' divides each row of the RSA distances by its maximum (the spec; "
-                  "with 2 tasks it makes A the identity); 'pair' divides each distance by its "
-                  "own bound and keeps a graded affinity for 2 tasks.")
-flags.DEFINE_integer("dymu_task_weight_examples", 512,
-                     "DYMU: training images on which the anchor's single-task losses L_i are "
-                     "measured; the edge and weight stages weight task i by 1 / L_i.",
-                     lower_bound=1)
-flags.DEFINE_float("phn_dirichlet_alpha", 0.2,
-                   "PHN, PHN-BN: training preferences are drawn from Dirichlet(alpha 1_N).")
-require_number("phn_dirichlet_alpha", 0, open_lower=True)
-flags.DEFINE_list("phn_hidden", ["100", "100"],
-                  "PHN, PHN-BN: hidden widths of the hypernetwork's preference MLP.")
-flags.DEFINE_integer("phn_chunk_size", 1024,
-                     "PHN, PHN-BN: generated values per chunk (0: one head for all values).",
-                     lower_bound=0)
-flags.DEFINE_integer("phn_chunk_features", 32,
-                     "PHN, PHN-BN: dimension of the learned chunk embeddings.", lower_bound=1)
-
-DYMU_STAGES = methods_lib.dymu.STAGES
-# Runtime inputs of the later DYMU stages (not flags): see `experiments.runs.dymu_stage_inputs`.
-DYMU_INPUTS = ("trunk_variables", "anchor_variables", "edge_params", "affinity",
-               "task_weights")
+def flag_name(config: type, field: str) -> str:
+  return f"{config.PREFIX}_{field}"
 
 
-def parse_ints(values, flag: str) -> tuple[int, ...]:
-  """A list flag of whole numbers as ints (empty: ()); one sentence when not whole numbers."""
+def _list_validator(name: str, config: type, field) -> None:
+  scalar = config.types()[field.name][0]
+
+  def check(values) -> bool:
+    try:
+      return all(methods_lib.options.in_range(scalar(v), field.metadata) for v in values or ())
+    except ValueError:
+      return False
+
+  kind = "whole numbers" if scalar is int else "numbers"
+  allowed = methods_lib.options.describe_range(field, scalar).split(" ", 3)[-1]
+  flags.register_validator(name, check, message=f"must be comma-separated {kind} {allowed}")
+
+
+def _define_method_flags() -> tuple[str, ...]:
+  """Defines the flags of every registered config; returns the alias (former) names."""
+  aliases = []
+  for config, owners in config_owners().items():
+    types = config.types()
+    for field in config.fields():
+      name, meta = flag_name(config, field.name), field.metadata
+      scalar, is_tuple, _ = types[field.name]
+      text = f"{config.TITLE}: {meta['help']}" + (
+          f" Formerly --{', --'.join(meta['former'])}." if meta["former"] else "")
+      if is_tuple:
+        flags.DEFINE_list(name, [str(v) for v in field.default], text)
+        if scalar in (int, float):
+          _list_validator(name, config, field)
+      elif scalar is bool:
+        flags.DEFINE_bool(name, field.default, text)
+      elif meta["choices"]:
+        flags.DEFINE_enum(name, field.default, list(meta["choices"]), text)
+      elif scalar is int:
+        flags.DEFINE_integer(name, field.default, text)
+      elif scalar is float:
+        flags.DEFINE_float(name, field.default, text)
+      else:
+        flags.DEFINE_string(name, field.default, text)
+      if scalar in (int, float) and not is_tuple:
+        flags.register_validator(
+            name, lambda value, m=meta: value is None or methods_lib.options.in_range(value, m),
+            message=f"must be {methods_lib.options.describe_range(field, scalar)}")
+      for former in meta["former"]:
+        flags.DEFINE_alias(former, name)
+        aliases.append(former)
+  return tuple(aliases)
+
+
+ALIASES = _define_method_flags()
+
+
+def _field_value(raw, scalar: type, is_tuple: bool, flag: str):
+  """A saved or given flag value as the field's type (list flags hold strings)."""
+  if not is_tuple or raw is None or isinstance(raw, str):
+    return raw
   try:
-    return tuple(int(str(v).strip()) for v in values or ())
+    return tuple(scalar(v) if scalar in (int, float) else v for v in raw)
   except ValueError:
-    raise ValueError(f"{flag} must be comma-separated whole numbers, got "
-                     f"{','.join(str(v) for v in values)!r}.") from None
+    raise ValueError(f"--{flag} must be comma-separated "
+                     f"{'whole numbers' if scalar is int else 'numbers'}, got "
+                     f"{','.join(str(v) for v in raw)!r}.") from None
 
 
-def dymu_stages(values: Mapping[str, Any] | None = None) -> tuple[str, ...]:
-  """The DYMU stages a training run covers: for --dymu_stage=all, pretrain (only with
-  --dymu_anchor_init=trunk), anchor, edge and weight; else the one."""
+def method_config(values: Mapping[str, Any] | None = None):
+  """The running method's config (`methods.config_of(--method)`) from the flags, or from a
+  saved run's flag `values`, checked with errors that name the flags."""
   v = _values(values)
-  stage = v.get("dymu_stage", "all")
-  if stage == "all":
-    if v.get("dymu_anchor_init", "independent") == "trunk":
-      return DYMU_STAGES
-    return tuple(s for s in DYMU_STAGES if s != "pretrain")
-  if stage not in DYMU_STAGES:
-    raise ValueError(f"Unknown --dymu_stage={stage}; allowed: {', '.join(DYMU_STAGES)}, all.")
-  return (stage,)
+  config = methods_lib.config_of(v["method"])
+  types, options = config.types(), {}
+  for field in config.fields():
+    name = flag_name(config, field.name)
+    key = next((k for k in (name, *field.metadata["former"]) if k in v), None)
+    if key is not None:
+      scalar, is_tuple, _ = types[field.name]
+      options[field.name] = _field_value(v[key], scalar, is_tuple, name)
+    elif field.metadata["legacy"] is not dataclasses.MISSING:  # saved before the option
+      options[field.name] = field.metadata["legacy"]
+  return config.from_options(options).check(lambda field: f"--{flag_name(config, field)}")
 
 
 def dymu_stage_steps(values: Mapping[str, Any] | None = None) -> dict[str, int]:
-  """Optimizer steps per DYMU stage: --dymu_stage_steps (anchor, edge, weight) or --steps for
-  each; the pretrain stage --dymu_pretrain_steps."""
+  """Optimizer steps per DYMU stage (`dymu.Config.steps_per_stage` of the flags)."""
   v = _values(values)
-  pretrain = int(v.get("dymu_pretrain_steps", 1000))
-  if pretrain < 1:
-    raise ValueError(f"--dymu_pretrain_steps must be at least 1, got {pretrain}.")
-  main_stages = tuple(s for s in DYMU_STAGES if s != "pretrain")
-  steps = parse_ints(v.get("dymu_stage_steps") or [], "--dymu_stage_steps")
-  if not steps:
-    return {"pretrain": pretrain, **{stage: int(v["steps"]) for stage in main_stages}}
-  if len(steps) != len(main_stages) or min(steps) < 1:
-    raise ValueError(f"--dymu_stage_steps takes three numbers >= 1 (anchor, edge and weight "
-                     f"steps), got {','.join(str(s) for s in steps)}.")
-  return {"pretrain": pretrain, **dict(zip(main_stages, steps))}
+  return method_config(v).steps_per_stage(v["steps"], lambda f: f"--dymu_{f}")
 
 
-def dymu_model_options(values: Mapping[str, Any] | None = None) -> dict:
-  """Keyword arguments of `branched.build_branched` (DYMU's anchor) from the model flags."""
+def run_record(train_config, values: Mapping[str, Any] | None = None,
+               flag_files: Sequence[str] = ()) -> dict:
+  """What a run was made of, typed: {method, method_config, data, model, train, flag_files}
+  (saved with its checkpoints next to the flat flags)."""
   v = _values(values)
-  backbone = v["backbone"]
-  if backbone not in branched.BACKBONES:
-    raise ValueError(f"DYMU's anchor streams are built on --backbone="
-                     f"{' or '.join(branched.BACKBONES)}, got {backbone!r}.")
-  hidden_layers = int(v.get("dymu_head_hidden_layers", -1))  # .get: older runs
-  if hidden_layers < -1:
-    raise ValueError(f"--dymu_head_hidden_layers must be -1 (the backbone's default) or >= 0, "
-                     f"got {hidden_layers}.")
-  if v.get("head_batch_norm") and (
-      hidden_layers == 0 or (hidden_layers < 0 and branched.DEFAULT_HEAD_HIDDEN_LAYERS[backbone]
-                             == 0)):
-    raise ValueError(f"--head_batch_norm puts batch norm in the decoders' hidden layers, but "
-                     f"DYMU's {backbone} decoders have none; add --dymu_head_hidden_layers=1 "
-                     f"or drop --head_batch_norm.")
-  options = {"backbone": backbone}
-  if v["head_width"]:
-    options["head_width"] = v["head_width"]
-  if hidden_layers >= 0:
-    options["head_hidden_layers"] = hidden_layers
-  if v.get("head_batch_norm"):
-    options["head_batch_norm"] = True
-  backbone_options = parse_options(v.get("backbone_options") or [], "--backbone_options")
-  if backbone_options:
-    blocks = {"lenet": branched.lenet_blocks,
-              "resnet_small": branched.resnet_small_blocks,
-              "mlp": branched.mlp_blocks}[backbone]
-    known = set(inspect.signature(blocks).parameters) - {"bn_momentum", "bn_axis_name"}
-    unknown = sorted(set(backbone_options) - known)
-    if unknown:
-      raise ValueError(f"--backbone_options has {', '.join(unknown)}, which DYMU's {backbone} "
-                       f"streams do not take; they take {', '.join(sorted(known))}.")
-    options["backbone_kwargs"] = backbone_options
-  return options
-
-
-def _dymu_options(v: Mapping[str, Any]) -> dict:
-  stage = v.get("dymu_stage", "all")
-  if stage not in DYMU_STAGES:
-    raise ValueError(f"A DYMU method is built for one stage ({', '.join(DYMU_STAGES)}), got "
-                     f"--dymu_stage={stage}.")
-  resources = parse_floats(v.get("dymu_eval_resources") or [], "--dymu_eval_resources")
-  return {
-      "stage": stage, "lambda_active": v["dymu_lambda_active"],
-      "lambda_inactive": v["dymu_lambda_inactive"], "tau_factor": v["dymu_tau_factor"],
-      "dirichlet_alpha": v["dymu_dirichlet_alpha"],
-      "initial_temperature": v["dymu_initial_temperature"],
-      "temperature_decay": v["dymu_temperature_decay"],
-      "temperature_every": v["dymu_temperature_every"],
-      "embedding_features": v["dymu_embedding_features"],
-      "edge_hidden": parse_ints(v["dymu_edge_hidden"], "--dymu_edge_hidden"),
-      "weight_hidden": parse_ints(v["dymu_weight_hidden"], "--dymu_weight_hidden"),
-      "self_logit": v["dymu_self_logit"],
-      "anchor_init": v.get("dymu_anchor_init", "independent"),
-      # .get: runs saved before these flags existed trained with the earlier choices.
-      "depth_factor": v.get("dymu_depth_factor", "shifted"),
-      "use_gradient": v.get("dymu_use_gradient", "flow"),
-      "eval_resources": resources if resources is not None else (0.0, 1.0),
-  }
-
-
-def _phn_options(v: Mapping[str, Any]) -> dict:
-  return {"dirichlet_alpha": v["phn_dirichlet_alpha"],
-          "hidden": parse_ints(v["phn_hidden"], "--phn_hidden"),
-          "chunk_size": v["phn_chunk_size"], "chunk_features": v["phn_chunk_features"]}
-
-
-def method_options(values: Mapping[str, Any] | None = None) -> dict:
-  """The method's own options from its flags (only the running method's)."""
-  v = _values(values)
-  if v["method"] == "gradsplit":
-    return _gradsplit_options(v)
-  if v["method"] == "pcgrad":
-    return {"order": v.get("pcgrad_order", "fixed")}
-  if v["method"] == "dymu":
-    return _dymu_options(v)
-  if v["method"] in ("phn", "phn_bn"):
-    return _phn_options(v)
-  if v["method"] != "ecmt":
-    return {}
-  options = {"num_subnets": v["num_subnets"], "lambda_kd": v["lambda_kd"], "kd": v["kd"],
-             "lambda_mutual": v["lambda_mutual"],
-             "mutual_temperature": v["mutual_temperature"]}
-  choices = parse_floats(v["width_choices"], "--width_choices")
-  if choices:
-    options["width_choices"] = choices
-  return options
+  return {"method": v["method"], "method_config": method_config(v).to_dict(),
+          "data": dataclasses.asdict(data_config(v)), "model": model_options(v),
+          "train": dataclasses.asdict(train_config), "flag_files": list(flag_files)}
 
 
 def build_method(values: Mapping[str, Any] | None = None, tasks=None, *,
                  axis_name: str | None = None, inputs: Mapping[str, Any] | None = None):
   """The method of the flags (or of a saved run's flag `values`) for `tasks`.
 
-  `inputs`: for the DYMU edge and weight stages, the runtime inputs among `DYMU_INPUTS`
-  (`experiments.runs.dymu_stage_inputs`); their "task_weights" replace --task_weights.
+  `inputs`: runtime values that are not options (the DYMU stages' frozen inputs,
+  `experiments.runs.dymu_stage_inputs`); their "task_weights" replace --task_weights.
   """
   v = _values(values)
-  if v["method"] == "dymu":
-    inputs = dict(inputs or {})
-    unknown = sorted(set(inputs) - set(DYMU_INPUTS))
-    if unknown:
-      raise ValueError(f"Unknown DYMU input(s) {', '.join(unknown)}; allowed: "
-                       f"{', '.join(DYMU_INPUTS)}.")
-    weights = inputs.pop("task_weights", None) or parse_floats(v["task_weights"],
-                                                               "--task_weights")
-    return methods_lib.build(
-        "dymu", tasks, model_options=dymu_model_options(v), axis_name=axis_name,
-        task_weights=weights, method_options={**method_options(v), **inputs})
-  return methods_lib.build(
-      v["method"], tasks, model_options=model_options(v), axis_name=axis_name,
-      task_weights=parse_floats(v["task_weights"], "--task_weights"),
-      method_options=method_options(v))
+  inputs = dict(inputs or {})
+  weights = inputs.pop("task_weights", None) or parse_floats(v["task_weights"],
+                                                             "--task_weights")
+  return methods_lib.build(v["method"], tasks, model_options=model_options(v),
+                           axis_name=axis_name, task_weights=weights,
+                           config=method_config(v), method_options=inputs)
 
 
 def parse_floats(values, flag: str) -> tuple[float, ...] | None:

@@ -85,14 +85,10 @@ FLAGS = flags.FLAGS
 # Flags that never belong to a reproducing command (where the run lives, how it prints).
 _PER_MACHINE = ("workdir", "data_dir", "progress", "traceback", "flagfile")
 
-# The method lists of this page, in one place. How a method is controlled, for runs whose
-# evaluation report does not say it (a report with "sweeps" is a preference sweep, one with
-# "budgets" a budget sweep, one with "eval" a fixed network); other methods are fixed networks.
-_CONTROL = {"dymu": "preference", "phn": "preference", "phn_bn": "preference", "ecmt": "budget"}
-# The method whose runs are the Delta_m reference of the fixed-network table.
-REFERENCE_METHOD = "single_task"
-# Methods evaluated by a preference sweep (experiments.evaluate's DYMU and PHN sweeps).
-PREFERENCE_METHODS = tuple(m for m, kind in _CONTROL.items() if kind == "preference")
+# The method whose runs are the Delta_m reference of the fixed-network table (`--reference`).
+flags.DEFINE_string("reference_method", "single_task",
+                    "The --method whose runs are the Delta_m reference of the fixed-network "
+                    "table.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,23 +102,22 @@ def saved_flags(workdir: str) -> dict | None:
   with checkpoint_lib.Checkpointer(workdir, async_save=False) as checkpointer:
     if checkpointer.latest_step() is None:
       return None
-    return dict(checkpointer.metadata().get("run", {}).get("flags", {}))
+    return common.normalise_values(checkpointer.metadata().get("run", {}).get("flags", {}))
 
 
 def parse_flag_file(path: str) -> dict[str, str]:
-  """{flag name: text value} of a flag file (`--name=value` lines; `--noname` is false)."""
+  """{flag name: text value} of a flag file with its includes (`--name=value` lines; `--noname`
+  is false; a former option name counts under its flag)."""
   values = {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line.startswith("--"):
-        continue
-      name, sep, text = line[2:].partition("=")
-      if not sep:
-        name, text = (name[2:], "false") if name.startswith("no") and name[2:] in FLAGS else (
-            name, "true")
-      values[name] = text
-  return values
+  for line in common.flag_file_args(path):
+    if not line.startswith("--"):
+      continue
+    name, sep, text = line[2:].partition("=")
+    if not sep:
+      name, text = (name[2:], "false") if name.startswith("no") and name[2:] in FLAGS else (
+          name, "true")
+    values[name] = text
+  return common.normalise_values(values)
 
 
 def _flag_value(name: str, text: str) -> Any:
@@ -335,7 +330,9 @@ def run_kind(run: Mapping[str, Any]) -> str:
     return "budget"
   if "eval" in evaluation:
     return "fixed"
-  return _CONTROL.get(str(run["values"].get("method")), "fixed")
+  # Not evaluated yet: the controls its method takes, as training recorded them.
+  controls = (run.get("summary") or {}).get("controls") or ()
+  return "budget" if "budget" in controls else "preference" if controls else "fixed"
 
 
 def method_label(method: Any) -> str:
@@ -1068,7 +1065,7 @@ def render(found: Sequence[dict], notes: Sequence[str], output: str, flags_dir: 
     preference = [g for g in groups if g["kind"] == "preference"]
     controllable = [g for g in groups if g["kind"] == "budget"]
     if fixed:
-      single = [g for g in fixed if g["values"].get("method") == REFERENCE_METHOD]
+      single = [g for g in fixed if g["values"].get("method") == FLAGS.reference_method]
       reference = single[0] if len(single) == 1 else None
       lines += ["### Fixed networks", ""] + fixed_table(fixed, reference) + [""]
       if reference is not None and len(reference["runs"]) == 1:

@@ -51,7 +51,7 @@ flags.DEFINE_alias("ecmt_preference_cap", "preference_cap")
 FLAGS = flags.FLAGS
 
 # Flags added after some runs were saved: their values for older runs.
-_LATER_FLAGS = {"backbone_options": [], "tasks": [], "task_weights": [], "width_choices": []}
+_LATER_FLAGS = {"backbone_options": [], "tasks": [], "task_weights": []}
 # DYMU's files next to its edge- and weight-stage checkpoints.
 AFFINITY_FILE = "dymu_affinity.json"
 AFFINITY_PLOT = "dymu_affinity.png"
@@ -335,10 +335,12 @@ def _finished_stage(folder: str, stage: str, flag: str, values: Mapping[str, Any
     raise ValueError(f"The {stage} stage in {folder} learned tasks "
                      f"{', '.join(t.name for t in run.method.tasks)}, but this run has "
                      f"{', '.join(names)}.")
-  if common.dymu_model_options(run.values) != common.dymu_model_options(values):
+  model = lambda v: {**common.model_options(v),
+                     "head_hidden_layers": common.method_config(v).head_hidden_layers}
+  if model(run.values) != model(values):
     raise ValueError(f"The {stage} stage in {folder} was built with model options "
-                     f"{common.dymu_model_options(run.values)}, but this run asks for "
-                     f"{common.dymu_model_options(values)}; use the same model flags.")
+                     f"{model(run.values)}, but this run asks for {model(values)}; use the "
+                     f"same model flags.")
   if tuple(run.train_source.image_shape) != tuple(train_source.image_shape):
     raise ValueError(f"The {stage} stage in {folder} saw images of shape "
                      f"{tuple(run.train_source.image_shape)}, but this run's are "

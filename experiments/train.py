@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 
 from absl import app
@@ -45,20 +44,6 @@ flags.DEFINE_enum("method", "static", list(methods_lib.METHODS),
 flags.DEFINE_list("task_weights", [],
                   "Fixed loss weight per task, in task order (every method; DYMU's edge and "
                   "weight stages use 1 / the anchor's losses instead); empty = 1 each.")
-# --- ECMT (--method=ecmt; METHODS.md section 2) ---
-flags.DEFINE_integer("num_subnets", 4, "ECMT: configurations per step by the sandwich rule "
-                     "(max, min and num_subnets-2 random).")
-common.require_integer("num_subnets", 2, "the largest and smallest SubNets plus random ones")
-flags.DEFINE_float("lambda_kd", 1.0, "ECMT: weight of the CI-KD loss; 0 turns it off.")
-common.require_number("lambda_kd", 0)
-flags.DEFINE_enum("kd", "ci_kd", ["ci_kd", "mutual", "none"],
-                  "ECMT distillation: ci_kd (SuperNet features -> SubNets), mutual (CI-KD plus "
-                  "two-way prediction matching) or none.")
-flags.DEFINE_float("lambda_mutual", 1.0, "ECMT: weight of the mutual-learning loss.")
-common.require_number("lambda_mutual", 0)
-flags.DEFINE_float("mutual_temperature", 2.0, "ECMT: softening temperature of mutual learning.")
-common.require_number("mutual_temperature", 0, open_lower=True)
-flags.DEFINE_list("width_choices", [], "ECMT: width multipliers; empty = 0.25,0.5,0.75,1.0.")
 # --- optimisation ---
 flags.DEFINE_integer("steps", 2000, "Optimizer steps of the whole run.", lower_bound=1)
 flags.DEFINE_bool("allow_changed_flags", False,
@@ -129,8 +114,7 @@ def run() -> train_lib.TrainResult:
     raise app.UsageError("--workdir is required: the folder for checkpoints and metrics.")
   cli_help.check_method_flags(FLAGS.method, cli_help.given_flags())
   common.check_task_weights()
-  if FLAGS.method != "dymu":  # DYMU's options are per stage, checked by _dymu_plan
-    common.method_options()  # the method's own options, before any data is read
+  common.method_config()  # the method's own options, before any data is read
   train_lib.initialize_distributed(FLAGS.multi_host)
   root = common.ensure_workdir(FLAGS.workdir)
   lock = (workdir_guard.WorkdirLock(root) if jax.process_index() == 0
@@ -163,7 +147,8 @@ def run_single() -> train_lib.TrainResult:
                train_source.name, len(train_source), len(test_source), workdir)
   workdir_guard.check_resume_flags(workdir, common.flag_values(),
                                    allow=FLAGS.allow_changed_flags)
-  metadata = {"flags": common.flag_values()}
+  metadata = {"flags": common.flag_values(),
+              "record": common.run_record(config, flag_files=cli_help.FLAG_FILES)}
   if getattr(train_source, "input_stats", None):  # feature vectors: the standardisation used
     metadata["input_stats"] = {k: np.asarray(v).tolist()
                                for k, v in train_source.input_stats.items()}
@@ -177,7 +162,8 @@ def run_single() -> train_lib.TrainResult:
                            run_metadata=metadata, augment=augment)
   seconds = finished["seconds"] if finished and "seconds" in finished else result.seconds
   summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "steps": config.steps,
-             "seconds": round(seconds, 1), "eval": result.eval_metrics}
+             "seconds": round(seconds, 1), "eval": result.eval_metrics,
+             "controls": list(method.control_space().names)}
   files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)
   # Methods with a learned structure write it next to the run (gradsplit: routing + heat map).
   if jax.process_index() == 0:
@@ -209,7 +195,7 @@ def _dymu_plan() -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
   given = lambda path: files_lib.run_dir(path) if path else ""
   inputs = {"pretrain": given(FLAGS.dymu_pretrain_dir), "anchor": given(FLAGS.dymu_anchor_dir),
             "edge": given(FLAGS.dymu_edge_dir)}
-  stages = common.dymu_stages()
+  stages = common.method_config().stages()
   readers = {"pretrain": ("anchor",), "anchor": ("edge", "all"), "edge": ("weight",)}
   for key, allowed in readers.items():
     if inputs[key] and FLAGS.dymu_stage not in allowed:
@@ -315,11 +301,13 @@ def run_dymu() -> train_lib.TrainResult:
       record = runs.read_affinity(workdir)
       print(f"task affinity A = {record['affinity']}; task weights w = "
             f"{record['task_weights']} (wrote {files_lib.run_path(workdir) / runs.AFFINITY_FILE})")
+    record = common.run_record(config, values, cli_help.FLAG_FILES)
     result = train_lib.train(method, stage_source, test_source, config, workdir,
-                             run_metadata={"flags": values, "dymu": source}, augment=augment)
+                             run_metadata={"flags": values, "record": record, "dymu": source},
+                             augment=augment)
     summary = {"method": "dymu", "dymu_stage": stage, "dataset": FLAGS.dataset,
                "steps": config.steps, "seconds": round(result.seconds, 1),
-               "eval": result.eval_metrics}
+               "eval": result.eval_metrics, "controls": list(method.control_space().names)}
     if is_chief:
       files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)
     summaries[stage] = {**summary, "workdir": workdir}
@@ -335,7 +323,8 @@ def run_dymu() -> train_lib.TrainResult:
                "anchor_dir": input_dirs["anchor"],
                "steps": sum(s["steps"] for s in summaries.values()),
                "seconds": round(sum(s["seconds"] for s in summaries.values()), 1),
-               "eval": last["eval"], "stages": summaries}
+               "eval": last["eval"], "controls": last.get("controls", []),
+               "stages": summaries}
     files_lib.write_json(files_lib.run_path(root) / "summary.json", summary, indent=1)
     print(f"DYMU stages done: {', '.join(stages)}; summary in {root}/summary.json")
   return result

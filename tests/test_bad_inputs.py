@@ -123,8 +123,8 @@ def uint8_images(n, side=16):
     (["--prefetch=-1"], "--prefetch=-1: -1 is not a non-negative integer"),
     (["--test_fraction=0"], "--test_fraction=0.0: must be a finite number in (0, 1)"),
     (["--test_fraction=1"], "--test_fraction=1.0: must be a finite number in (0, 1)"),
-    (["--lambda_kd=-1"], "--lambda_kd=-1.0: must be a finite number >= 0"),
-    (["--mutual_temperature=0"], "--mutual_temperature=0.0: must be a finite number > 0"),
+    (["--lambda_kd=-1"], "--ecmt_lambda_kd=-1.0: must be a finite number >= 0"),
+    (["--mutual_temperature=0"], "--ecmt_mutual_temperature=0.0: must be a finite number > 0"),
     (["--dymu_tau_factor=2"], "--dymu_tau_factor=2.0: must be a finite number in [0, 1]"),
     (["--dymu_temperature_decay=1.5"], "--dymu_temperature_decay=1.5: must be a finite number "
                                        "in (0, 1]"),
@@ -133,13 +133,15 @@ def uint8_images(n, side=16):
     (["--dymu_affinity_images=1"], "--dymu_affinity_images=1: must be a whole number >= 2"),
     (["--dymu_head_hidden_layers=-2"], "--dymu_head_hidden_layers=-2: must be a whole number "
                                        ">= -1 (-1 = the backbone's default)"),
-    (["--dymu_validation_examples=-1"], "--dymu_validation_examples=-1: -1 is not a "
-                                        "non-negative integer"),
-    (["--phn_chunk_size=-1"], "--phn_chunk_size=-1: -1 is not a non-negative integer"),
+    (["--dymu_validation_examples=-1"], "--dymu_validation_examples=-1: must be a whole "
+                                        "number >= 0"),
+    (["--phn_chunk_size=-1"], "--phn_chunk_size=-1: must be a whole number >= 0"),
     (["--phn_dirichlet_alpha=0"], "--phn_dirichlet_alpha=0.0: must be a finite number > 0"),
-    (["--method=ecmt", "--num_subnets=1"], "--num_subnets=1: must be a whole number >= 2"),
-    (["--method=ecmt", "--width_choices=0.5,nan"], "--width_choices must be finite numbers"),
-    (["--method=gradsplit", "--gradsplit_stages=0"], "--gradsplit_stages must be at least 1"),
+    (["--method=ecmt", "--num_subnets=1"], "--ecmt_num_subnets=1: must be a whole number >= 2"),
+    (["--method=ecmt", "--width_choices=0.5,nan"],
+     "must be comma-separated numbers in (0, 1]"),
+    (["--method=gradsplit", "--gradsplit_stages=0"],
+     "--gradsplit_split_stages=0: must be a whole number >= 1"),
 ])
 def test_bad_training_flag_is_one_sentence(capsys, tmp_path, args, message):
   error = run_main(capsys, train, *TINY, f"--workdir={tmp_path / 'w'}", *args)

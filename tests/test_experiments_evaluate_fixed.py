@@ -131,8 +131,8 @@ def test_training_cost_counts_one_backward_pass_per_task_where_the_method_makes_
 
 
 @pytest.mark.parametrize("flags_, message", [
-    (["--gradsplit_routing=fixed"], "--gradsplit_routing=fixed needs --gradsplit_matrix"),
-    (["--gradsplit_matrix=identity"], "--gradsplit_matrix=identity is only used with "
+    (["--gradsplit_routing=fixed"], "--gradsplit_routing=fixed needs --gradsplit_routing_matrix"),
+    (["--gradsplit_matrix=identity"], "--gradsplit_routing_matrix=identity is only used with "
                                       "--gradsplit_routing=fixed"),
     (["--gradsplit_routing=fixed", "--gradsplit_matrix=1,0;0,1;1,1"],
      "routing matrix '1,0;0,1;1,1' has 3 row(s) of 2 entries; give 2 rows of 2"),
@@ -140,10 +140,7 @@ def test_training_cost_counts_one_backward_pass_per_task_where_the_method_makes_
      "has 0 on its diagonal at row 1"),
     (["--gradsplit_routing=fixed", "--gradsplit_matrix=1,2;0,1"], "entries must be 0 or 1, got 2"),
     (["--gradsplit_warmup_steps=0"], "--gradsplit_warmup_steps=0 leaves no step to estimate"),
-    (["--gradsplit_stages=0"], "--gradsplit_stages must be at least 1, got 0"),
     (["--gradsplit_stages=3"], "split_stages=3 must lie in 1..2"),
-    (["--gradsplit_group_sizes=1,x"], "--gradsplit_group_sizes must be comma-separated numbers"),
-    (["--gradsplit_group_sizes=1,-1"], "--gradsplit_group_sizes must be positive, got 1,-1"),
     (["--gradsplit_group_sizes=1,1,1"], "group sizes (1.0, 1.0, 1.0) must be 2 positive numbers"),
     (["--gradsplit_margin=1.5"], "--gradsplit_margin=1.5 must lie in [-1, 1] with criterion "
                                  "'module_mean' (it is a cosine)"),
@@ -200,11 +197,29 @@ def test_unknown_gradsplit_criterion_and_runs_saved_before_the_flag():
   finally:
     fv.unparse_flags()
   # The flags of a run saved before --gradsplit_criterion existed: it trained with "pooled".
-  saved = {"method": "gradsplit", "gradsplit_routing": "learned", "gradsplit_warmup_steps": 5}
-  assert common.method_options(saved)["criterion"] == "pooled"
-  with pytest.raises(ValueError, match="--gradsplit_criterion=median is unknown; use one of "
-                                       "module_mean, module_frequency, pooled"):
-    common.method_options({**saved, "gradsplit_criterion": "median"})
+  saved = {"method": "gradsplit", "gradsplit_routing": "learned", "gradsplit_warmup_steps": 5,
+           "gradsplit_stages": 1}  # and its former name of --gradsplit_split_stages
+  assert common.method_config(saved).criterion == "pooled"
+  with pytest.raises(ValueError, match=re.escape(
+      "--gradsplit_criterion='median' is not allowed; choose one of module_mean, "
+      "module_frequency, pooled.")):
+    common.method_config({**saved, "gradsplit_criterion": "median"})
+
+
+@pytest.mark.parametrize("flags_, message", [
+    (["--gradsplit_split_stages=0"], "--gradsplit_split_stages=0: must be a whole number >= 1"),
+    (["--gradsplit_group_sizes=1,x"], "--gradsplit_group_sizes=['1', 'x']: must be "
+                                      "comma-separated numbers > 0"),
+    (["--gradsplit_group_sizes=1,-1"], "must be comma-separated numbers > 0"),
+])
+def test_bad_gradsplit_flags_stop_at_parsing(flags_, message):
+  fv = common.FLAGS
+  fv.unparse_flags()
+  try:
+    with pytest.raises(common.flags.IllegalFlagValueError, match=re.escape(message)):
+      fv(["prog", "--method=gradsplit", BACKBONE, *flags_])
+  finally:
+    fv.unparse_flags()
 
 
 def test_bad_gradsplit_flag_through_the_cli(tmp_path):

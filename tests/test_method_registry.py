@@ -153,3 +153,71 @@ def test_a_method_added_with_one_registry_line(tmp_path):
       methods.register("loss_balanced", "again", methods.on_multitask_net(build_loss_balanced))
   finally:
     methods._REGISTRY.pop("loss_balanced", None)  # pylint: disable=protected-access
+
+
+# The same new method with an option, reaching the command line: registered before the entry
+# points are imported (as a line in dymu_jax/methods/__init__.py would), it is a --method choice
+# with its own flag group, trains, records its config, and evaluates, with no edit under
+# experiments/.
+_DRIVER = '''
+import dataclasses, sys
+from typing import ClassVar
+sys.path.insert(0, {tests!r})
+from dymu_jax import methods
+from dymu_jax.methods import options
+import test_method_registry as module
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(options.MethodConfig):
+  PREFIX: ClassVar[str] = "loss_balanced"
+  TITLE: ClassVar[str] = "Loss-balanced"
+  temperature: float = options.option(1.0, "Softmax temperature of the task weights.", low=0,
+                                      open_low=True)
+
+
+def build(tasks, make_net, *, task_weights=None, axis_name=None, temperature=1.0):
+  return module.build_loss_balanced(tasks, make_net, task_weights=task_weights,
+                                    axis_name=axis_name)
+
+
+methods.register("loss_balanced", "hard sharing weighted by the tasks' current losses",
+                 methods.on_multitask_net(build), Config)
+from experiments import cli_help, evaluate, train
+command = sys.argv.pop(1)
+entry = train if command == "train" else evaluate
+cli_help.run(entry.main, entry.__doc__,
+             cli_help.TRAIN_GROUPS if command == "train" else evaluate.EVALUATE_GROUPS)
+'''
+
+
+def test_a_registered_method_reaches_the_command_line(tmp_path):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  driver = tmp_path / "driver.py"
+  driver.write_text(_DRIVER.format(tests=os.path.join(root, "tests")))
+  run = lambda *args: subprocess.run([sys.executable, str(driver), *args], cwd=root,
+                                     capture_output=True, text=True, timeout=600,
+                                     env={**os.environ, "PYTHONPATH": root})
+  workdir = tmp_path / "run"
+  common = ("--dataset=synthetic", "--image_size=16", "--num_train=32", "--num_test=16",
+            "--tasks=depth,edges", "--backbone=resnet_small", "--head_width=8")
+  result = run("train", *common, "--method=loss_balanced", "--loss_balanced_temperature=2",
+               "--steps=2", "--batch_size=16", "--checkpoint_every=2", "--noprogress",
+               f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  from experiments import runs
+  record = runs.saved_metadata(str(workdir))["run"]["record"]
+  assert record["method"] == "loss_balanced" and record["method_config"] == {"temperature": 2.0}
+  bad = run("train", *common, "--method=loss_balanced", "--loss_balanced_temperature=0",
+            f"--workdir={tmp_path / 'bad'}")
+  assert bad.returncode == 2 and ("--loss_balanced_temperature=0.0: must be a finite number > 0"
+                                  in bad.stderr), bad.stderr
+  shown = run("train", "--help")
+  assert "Loss-balanced (--method=loss_balanced):" in shown.stdout
+  assert "--loss_balanced_temperature: Loss-balanced: Softmax temperature" in shown.stdout
+  evaluated = run("evaluate", f"--workdir={workdir}", "--max_test_examples=16")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert os.path.exists(workdir / "eval" / "report.md")

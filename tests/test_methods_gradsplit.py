@@ -528,19 +528,19 @@ def test_routing_matrix_words():
 
 @pytest.mark.parametrize("options, message", [
     ({"split_stages": 3}, "split_stages=3 must lie in 1..2"),
-    ({"split_stages": 0}, "split_stages=0 must lie in 1..2"),
+    ({"split_stages": 0}, "GradSplit options: split_stages=0 must be a whole number >= 1"),
     ({"group_sizes": (1.0,)}, "must be 2 positive numbers"),
-    ({"routing": "fixed"}, "needs a routing matrix"),
-    ({"routing_matrix": "identity"}, "only used with routing 'fixed'"),
+    ({"routing": "fixed"}, "routing=fixed needs routing_matrix, such as 'identity'"),
+    ({"routing_matrix": "identity"}, "routing_matrix=identity is only used with routing=fixed"),
     ({"warmup_steps": 0}, "leaves no step to estimate the conflicts"),
-    ({"mode": "both"}, "mode 'both' is unknown"),
-    ({"routing": "auto"}, "routing 'auto' is unknown"),
-    ({"criterion": "median"}, "criterion 'median' is unknown; use one of module_mean, "
+    ({"mode": "both"}, "mode='both' is not allowed; choose one of activation, weight"),
+    ({"routing": "auto"}, "routing='auto' is not allowed"),
+    ({"criterion": "median"}, "criterion='median' is not allowed; choose one of module_mean, "
                               "module_frequency, pooled"),
     ({"margin": 1.5}, "margin=1.5 must lie in [-1, 1] with criterion 'module_mean'"),
     ({"criterion": "module_frequency", "margin": -0.1}, "margin=-0.1 must lie in [0, 1]"),
     ({"routing": "fixed", "routing_matrix": "identity", "margin": 0.1},
-     "margin is only used with routing 'learned'"),
+     "margin=0.1 is only used with routing=learned"),
     ({"lambda_kd": 1.0}, "Unknown GradSplit option(s) lambda_kd"),
 ])
 def test_bad_options_stop_with_one_sentence(options, message):

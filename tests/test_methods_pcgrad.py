@@ -97,7 +97,8 @@ def test_state_key_advances_when_no_key_is_given():
     (lambda: combine({"a": jnp.ones((2, 3)), "b": jnp.ones((3, 3))}),
      "same leading task axis"),
     (lambda: methods.build("pcgrad", TASKS, model_options=RESNET,
-                           method_options={"order": "best"}), "PCGrad order 'best'"),
+                           method_options={"order": "best"}),
+     "PCGrad options: order='best' is not allowed; choose one of fixed, random"),
     (lambda: methods.build("pcgrad", TASKS, model_options=RESNET,
                            method_options={"kd": "none"}), "Unknown PCGrad option(s) kd"),
 ])

@@ -159,5 +159,5 @@ def test_phn_controls_and_options():
   assert method.name == "phn" and phn_setup("bn")[0].name == "phn_bn"
   with pytest.raises(ValueError, match="Unknown PHN mode 'weights'"):
     phn.build(DIGITS, make_net(), mode="weights")
-  with pytest.raises(ValueError, match="Unknown PHN option"):
+  with pytest.raises(ValueError, match="Unknown PHN and PHN-BN option"):
     phn.build(DIGITS, make_net(), lambda_kd=1.0)

@@ -73,7 +73,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -84,6 +84,7 @@ from dymu_jax import execution
 from dymu_jax import files as files_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import base
+from dymu_jax.methods import options as options_lib
 from dymu_jax.methods.static import weighted_task_loss
 from dymu_jax.models import backbones
 
@@ -866,8 +867,76 @@ def plot_routing(record: Mapping[str, Any], path: str) -> None:
   plt.close(fig)
 
 
-OPTIONS = ("split_stages", "group_sizes", "routing", "routing_matrix", "warmup_steps", "mode",
-           "criterion", "margin")
+@dataclasses.dataclass(frozen=True)
+class Config(options_lib.MethodConfig):
+  """GradSplit's options (METHODS.md section 3); flags `--gradsplit_<field>`."""
+
+  PREFIX: ClassVar[str] = "gradsplit"
+  TITLE: ClassVar[str] = "GradSplit"
+
+  split_stages: int = options_lib.option(
+      1, "How many of the last encoder stages split the output channels of their layers into "
+      "one group per task.", low=1, former=("gradsplit_stages",))
+  group_sizes: tuple[float, ...] = options_lib.option(
+      (), "Relative channel-group size per task, in task order (e.g. 2,1,1); empty = equal "
+      "groups.", low=0, open_low=True)
+  routing: str = options_lib.option(
+      "learned", "'learned' (hard sharing for warmup_steps while gradient conflicts are "
+      "measured, then M from them by the criterion) or 'fixed' (routing_matrix from the first "
+      "step).", choices=ROUTINGS)
+  routing_matrix: str = options_lib.option(
+      "", "With routing=fixed: the routing matrix M, rows separated by ';' and entries by ',' "
+      "(M[t][s] = 1: channel group t takes task s's gradient; the diagonal must be 1), e.g. "
+      "'1,0;1,1', or the words 'identity' (strict split) or 'ones' (hard sharing).",
+      former=("gradsplit_matrix",))
+  warmup_steps: int = options_lib.option(
+      100, "With learned routing: hard-sharing steps that estimate the conflicts; M is frozen "
+      "after them.", low=0)
+  mode: str = options_lib.option(
+      "activation", "'activation' routes the gradients flowing through the split layers' "
+      "outputs; 'weight' masks only the split layers' weight gradients.", choices=MODES)
+  criterion: str = options_lib.option(
+      "module_mean", "With learned routing: how the warm-up's gradient cosines set M. "
+      "'module_mean' [ours] gives every split layer (conv, batch norm, dense) its own M: "
+      "M[t,s] = 1 where that layer's mean cos(g_t, g_s) on group t is >= the margin; "
+      "'module_frequency' [ours]: per layer, M[t,s] = 1 where the fraction of warm-up steps "
+      "with a negative cosine is <= the margin; 'pooled': one M for all layers from the cosine "
+      "over every split parameter together (the first version, whose large aligned kernels "
+      "hid the conflicts: M came out all ones). Runs saved before this option used 'pooled'.",
+      choices=CRITERIA, legacy="pooled")
+  margin: float | None = options_lib.option(
+      None, "With learned routing: the criterion's threshold. For 'module_mean' and 'pooled' "
+      "the least mean cosine that shares, in [-1, 1] (default 0.0); for 'module_frequency' "
+      "the largest fraction of warm-up steps with a negative cosine that shares, in [0, 1] "
+      "(default 0.5). The diagonal of M is always 1.")
+
+  def check_values(self, name):
+    matrix = self.routing_matrix  # text, or rows of numbers from the library API
+    matrix = matrix.strip() if isinstance(matrix, str) else matrix
+    if matrix and self.routing != "fixed":
+      raise ValueError(f"{name('routing_matrix')}={matrix} is only used with "
+                       f"{name('routing')}=fixed; drop it or set {name('routing')}=fixed.")
+    if self.routing == "fixed" and not matrix:
+      raise ValueError(f"{name('routing')}=fixed needs {name('routing_matrix')}, such as "
+                       f"'identity' or rows like '1,0;1,1'.")
+    if self.routing == "learned" and self.warmup_steps < 1:
+      raise ValueError(f"{name('warmup_steps')}={self.warmup_steps} leaves no step to estimate "
+                       f"the conflicts; give at least 1, or use {name('routing')}=fixed.")
+    if self.margin is not None and self.routing != "learned":
+      raise ValueError(f"{name('margin')}={self.margin:g} is only used with "
+                       f"{name('routing')}=learned; drop it or set {name('routing')}=learned.")
+    if self.routing == "learned":
+      check_margin(self.criterion, self.margin, name("margin"))
+
+  def options(self) -> dict:
+    options = super().options()
+    options["group_sizes"] = self.group_sizes or None
+    if self.routing != "learned":  # the criterion and margin read the warm-up's conflicts
+      del options["criterion"], options["margin"]
+    return options
+
+
+OPTIONS = tuple(f.name for f in Config.fields())
 
 
 def build(tasks: Sequence[tasks_lib.Task], make_net, *,
@@ -875,10 +944,7 @@ def build(tasks: Sequence[tasks_lib.Task], make_net, *,
           **options) -> GradSplitMethod:
   """A `GradSplitMethod` on `make_net(tasks)`; `options` are its fields among `OPTIONS`
   (`routing_matrix` may be text for `parse_routing_matrix`)."""
-  unknown = sorted(set(options) - set(OPTIONS))
-  if unknown:
-    raise ValueError(f"Unknown GradSplit option(s) {', '.join(unknown)}; allowed: "
-                     f"{', '.join(OPTIONS)}.")
+  options = Config.from_options(options).options()
   tasks = tuple(tasks)
   matrix = options.pop("routing_matrix", None)
   if isinstance(matrix, str):

@@ -21,7 +21,7 @@ task's gradient, which is kept as it is.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,6 +31,7 @@ import optax
 
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import base
+from dymu_jax.methods import options as options_lib
 from dymu_jax.methods.static import weighted_task_loss
 from dymu_jax.train import step as step_lib
 
@@ -209,17 +210,26 @@ class PCGradMethod(base.MethodBase):
     return t * shared + 2 * t * (t - 1) * shared + t * total
 
 
-OPTIONS = ("order",)
+@dataclasses.dataclass(frozen=True)
+class Config(options_lib.MethodConfig):
+  """PCGrad's options; flags `--pcgrad_<field>`."""
+
+  PREFIX: ClassVar[str] = "pcgrad"
+  TITLE: ClassVar[str] = "PCGrad"
+
+  order: str = options_lib.option(
+      "fixed", "Project onto the other tasks in task order ('fixed') or in an order drawn per "
+      "step from the run's key ('random', seeded by the run's seed).", choices=ORDERS)
+
+
+OPTIONS = tuple(f.name for f in Config.fields())
 
 
 def build(tasks: Sequence[tasks_lib.Task], make_net, *,
           task_weights: Sequence[float] | None = None, axis_name: str | None = None,
           **options) -> PCGradMethod:
   """A `PCGradMethod` on `make_net(tasks)`; `options` among `OPTIONS`."""
-  unknown = sorted(set(options) - set(OPTIONS))
-  if unknown:
-    raise ValueError(f"Unknown PCGrad option(s) {', '.join(unknown)}; allowed: "
-                     f"{', '.join(OPTIONS)}.")
+  options = Config.from_options(options).options()
   tasks = tuple(tasks)
   return PCGradMethod(tasks, make_net(tasks), tuple(task_weights) if task_weights else None,
                       axis_name=axis_name, **options)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,6 +45,7 @@ from jax.flatten_util import ravel_pytree
 from dymu_jax import controls as controls_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import base
+from dymu_jax.methods import options as options_lib
 from dymu_jax.models import branched
 
 PyTree = Any
@@ -308,7 +309,24 @@ def _network_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> PyTree:
   return jax.eval_shape(lambda a: model.init(jax.random.key(0), a, train=False), x)
 
 
-OPTIONS = ("dirichlet_alpha", "hidden", "chunk_size", "chunk_features")
+@dataclasses.dataclass(frozen=True)
+class Config(options_lib.MethodConfig):
+  """PHN's and PHN-BN's options; flags `--phn_<field>`."""
+
+  PREFIX: ClassVar[str] = "phn"
+  TITLE: ClassVar[str] = "PHN and PHN-BN"
+
+  dirichlet_alpha: float = options_lib.option(
+      0.2, "Training preferences are drawn from Dirichlet(alpha 1_N).", low=0, open_low=True)
+  hidden: tuple[int, ...] = options_lib.option(
+      (100, 100), "Hidden widths of the hypernetwork's preference MLP.", low=1)
+  chunk_size: int = options_lib.option(
+      1024, "Generated values per chunk (0: one head for all values).", low=0)
+  chunk_features: int = options_lib.option(
+      32, "Dimension of the learned chunk embeddings.", low=1)
+
+
+OPTIONS = tuple(f.name for f in Config.fields())
 
 
 def build(tasks: Sequence[tasks_lib.Task], make_net, *, mode: str = "all",
@@ -324,10 +342,7 @@ def build(tasks: Sequence[tasks_lib.Task], make_net, *, mode: str = "all",
     axis_name: the pmap axis the network's batch norms pool over.
     **options: `PHNMethod` fields among `OPTIONS`.
   """
-  unknown = sorted(set(options) - set(OPTIONS))
-  if unknown:
-    raise ValueError(f"Unknown PHN option(s) {', '.join(unknown)}; allowed: "
-                     f"{', '.join(OPTIONS)}.")
+  options = Config.from_options(options).options()
   tasks = tuple(tasks)
   return PHNMethod(tasks, make_net(tasks), mode,
                    tuple(task_weights) if task_weights else None,

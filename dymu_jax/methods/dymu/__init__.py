@@ -88,13 +88,14 @@ from dymu_jax.methods.dymu.hypernets import (ControlEmbedding, EdgeHypernet, Wei
 from dymu_jax.methods.dymu.method import (ANCHOR_INITS, MODEL_OPTIONS, OPTIONS, STAGES,
                                           DymuController, DymuMethod, apply_tree, build,
                                           build_registered)
+from dymu_jax.methods.dymu.config import TASK_WEIGHTS, Config
 from dymu_jax.methods.dymu.regulariser import (DEPTH_FACTORS, USE_GRADIENTS, active_tasks,
                                                branching_regularizer, depth_weights,
                                                gumbel_softmax, hard_parents,
                                                parent_use_probability, temperature)
 
 __all__ = ["ANCHOR_INITS", "DEPTH_FACTORS", "MODEL_OPTIONS", "OPTIONS", "STAGES",
-           "USE_GRADIENTS", "ControlEmbedding", "DymuController", "DymuMethod", "EdgeHypernet",
+           "TASK_WEIGHTS", "USE_GRADIENTS", "Config", "ControlEmbedding", "DymuController", "DymuMethod", "EdgeHypernet",
            "WeightHypernet", "active_tasks", "anchor_task_losses", "apply_tree",
            "branching_regularizer", "build", "build_registered", "depth_weights", "gumbel_softmax", "hard_parents",
            "parent_use_probability", "probe_trees", "shift_unraveler", "stream_divergence",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Any, Mapping, Sequence
 
@@ -523,9 +524,35 @@ def build(tasks: Sequence[tasks_lib.Task], *, model_options: Mapping[str, Any] |
 
 
 def build_registered(tasks: Sequence[tasks_lib.Task], model_options: Mapping[str, Any] | None,
-                     *, task_weights=None, axis_name=None, **options) -> DymuMethod:
-  """`build` under the registry's builder contract: of `model_options` (the multi-task
-  network's) DYMU's branched network takes `MODEL_OPTIONS`; the others are left out."""
+                     *, config, task_weights=None, axis_name=None, **inputs) -> DymuMethod:
+  """`build` under the registry's builder contract (`config`: a `dymu.Config`).
+
+  Of `model_options` (the multi-task network's) the branched network takes `MODEL_OPTIONS`
+  (others are left out), with the decoders' hidden layers from `config.head_hidden_layers`;
+  a backbone without branched streams, `head_batch_norm` on decoders without hidden layers
+  and backbone options the streams do not take stop with one sentence.
+  """
   options_for_net = {k: v for k, v in dict(model_options or {}).items() if k in MODEL_OPTIONS}
+  backbone = options_for_net.get("backbone", "lenet")
+  if backbone not in branched.BACKBONES:
+    raise ValueError(f"DYMU's anchor streams are built on --backbone="
+                     f"{' or '.join(branched.BACKBONES)}, got {backbone!r}.")
+  hidden_layers = config.head_hidden_layers
+  if hidden_layers >= 0:
+    options_for_net["head_hidden_layers"] = hidden_layers
+  else:
+    hidden_layers = branched.DEFAULT_HEAD_HIDDEN_LAYERS[backbone]
+  if options_for_net.get("head_batch_norm") and hidden_layers == 0:
+    raise ValueError(f"--head_batch_norm puts batch norm in the decoders' hidden layers, but "
+                     f"DYMU's {backbone} decoders have none; add --dymu_head_hidden_layers=1 "
+                     f"or drop --head_batch_norm.")
+  stream_options = dict(options_for_net.get("backbone_kwargs") or {})
+  if stream_options:
+    blocks = getattr(branched, f"{backbone}_blocks")
+    known = set(inspect.signature(blocks).parameters) - {"bn_momentum", "bn_axis_name"}
+    unknown = sorted(set(stream_options) - known)
+    if unknown:
+      raise ValueError(f"--backbone_options has {', '.join(unknown)}, which DYMU's {backbone} "
+                       f"streams do not take; they take {', '.join(sorted(known))}.")
   return build(tasks, model_options=options_for_net, task_weights=task_weights,
-               axis_name=axis_name, **options)
+               axis_name=axis_name, **config.options(), **inputs)

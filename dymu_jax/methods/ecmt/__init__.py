@@ -73,12 +73,12 @@ from dymu_jax.methods.ecmt.budget_search import (DECODER_RESERVE, allocate_decod
 from dymu_jax.methods.ecmt.cost_table import (CostTable, build_cost_table, cached_cost_table,
                                               model_signature)
 from dymu_jax.methods.ecmt.distill import KD_MODES, ci_kd_loss, mutual_loss, prediction_distance
-from dymu_jax.methods.ecmt.method import OPTIONS, ECMTMethod, Prepared, build
+from dymu_jax.methods.ecmt.method import OPTIONS, Config, ECMTMethod, Prepared, build
 from dymu_jax.methods.ecmt.subnets import (MaskedSuperNet, cached_encoder_scores,
                                            masked_evaluate, masked_variables, recalibrate_bn,
                                            score_encoders, slice_subnet)
 
-__all__ = ["DECODER_RESERVE", "KD_MODES", "OPTIONS", "CostTable", "ECMTMethod", "MaskedSuperNet",
+__all__ = ["DECODER_RESERVE", "KD_MODES", "OPTIONS", "Config", "CostTable", "ECMTMethod", "MaskedSuperNet",
            "Prepared", "allocate_decoders", "budget_macs", "build", "build_cost_table",
            "cached_cost_table", "cached_encoder_scores", "ci_kd_loss", "masked_evaluate",
            "masked_variables", "model_signature", "mutual_loss", "prediction_distance",

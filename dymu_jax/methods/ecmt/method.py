@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, ClassVar, Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ from dymu_jax import execution
 from dymu_jax import files as files_lib
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import base
+from dymu_jax.methods import options as options_lib
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models.multitask import MultiTaskNet
 from dymu_jax.models.widths import WIDTH_CHOICES, DynamicWidths, WidthConfig
@@ -408,8 +409,32 @@ def _subnet_cost(model: MultiTaskNet, config: WidthConfig,
   return cost_lib.count(model.sliced(config), None, sample, train=False)
 
 
-OPTIONS = ("num_subnets", "lambda_kd", "kd", "lambda_mutual", "mutual_temperature",
-           "width_choices")
+@dataclasses.dataclass(frozen=True)
+class Config(options_lib.MethodConfig):
+  """ECMT's training options (METHODS.md section 2); flags `--ecmt_<field>`."""
+
+  PREFIX: ClassVar[str] = "ecmt"
+  TITLE: ClassVar[str] = "ECMT"
+
+  num_subnets: int = options_lib.option(
+      4, "Configurations per step by the sandwich rule (max, min and num_subnets-2 random).",
+      low=2, former=("num_subnets",), meaning="the largest and smallest SubNets plus random ones")
+  lambda_kd: float = options_lib.option(1.0, "Weight of the CI-KD loss; 0 turns it off.", low=0,
+                                        former=("lambda_kd",))
+  kd: str = options_lib.option(
+      "ci_kd", "Distillation: ci_kd (SuperNet features -> SubNets), mutual (CI-KD plus two-way "
+      "prediction matching) or none.", choices=KD_MODES, former=("kd",))
+  lambda_mutual: float = options_lib.option(1.0, "Weight of the mutual-learning loss.", low=0,
+                                            former=("lambda_mutual",))
+  mutual_temperature: float = options_lib.option(
+      2.0, "Softening temperature of mutual learning.", low=0, open_low=True,
+      former=("mutual_temperature",))
+  width_choices: tuple[float, ...] = options_lib.option(
+      (), "Width multipliers in (0, 1]; empty = 0.25,0.5,0.75,1.0.", low=0, high=1,
+      open_low=True, former=("width_choices",))
+
+
+OPTIONS = tuple(f.name for f in Config.fields())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -444,10 +469,7 @@ def build(tasks: Sequence[tasks_lib.Task], make_net, *,
 
   `options` are `ECMTMethod` fields among `OPTIONS`.
   """
-  unknown = sorted(set(options) - set(OPTIONS))
-  if unknown:
-    raise ValueError(f"Unknown ECMT option(s) {', '.join(unknown)}; allowed: "
-                     f"{', '.join(OPTIONS)}.")
+  options = Config.from_options(options).options()
   choices = _sorted_choices(options.pop("width_choices", None) or WIDTH_CHOICES)
   tasks = tuple(tasks)
   model = make_net(tasks, width_choices=choices)

@@ -1,0 +1,191 @@
+"""Typed method options: each method declares its options once, as a frozen `MethodConfig`.
+
+A method module defines `Config(MethodConfig)`, a frozen dataclass whose fields are made with
+`option(default, help, ...)`: the type annotation, default, help text, allowed range or choices,
+and the names the option had before. Everything else derives from it:
+
+* `dymu_jax.methods.build(name, tasks, method_options={...})` builds the `Config` (unknown names
+  are refused with the allowed ones), checks it (`MethodConfig.check`) and hands the builder
+  `config.options()`, the fields the method object takes;
+* the command line (`experiments/common.py`) defines one flag per field under one naming rule,
+  `--<PREFIX>_<field>` (e.g. `--ecmt_lambda_kd`, `--dymu_tau_factor`), with the field's help,
+  type, range and choices; names in `former` stay accepted as aliases;
+* a run records the config as a dict (`MethodConfig.to_dict`), and a run saved before a field
+  existed is read with the field's `legacy` value (what such runs trained with).
+
+Methods that share options share one `Config` class (PHN and PHN-BN). Fields with
+`method=False` are read by the code that drives the method (e.g. DYMU's stage runner) and are
+not passed to the method object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Callable, ClassVar, Mapping
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any, help: str, *, low: float | None = None, high: float | None = None,  # pylint: disable=redefined-builtin
+           open_low: bool = False, open_high: bool = False, choices: tuple[str, ...] = (),
+           former: tuple[str, ...] = (), legacy: Any = _MISSING, method: bool = True,
+           meaning: str = "") -> Any:
+  """A `MethodConfig` field.
+
+  Args:
+    default: the value when not given (tuples for sequences, so configs stay hashable).
+    help: one or two sentences for `--help`.
+    low, high, open_low, open_high: the allowed range of a number (each element of a tuple).
+    choices: the allowed values of a text option.
+    former: the option's earlier flag names (still accepted; runs saved with them still load).
+    legacy: the value of runs saved before this option existed, when it differs from `default`.
+    method: False for options read by what drives the method, not by the method object.
+    meaning: what a sentinel value means, for errors (e.g. "-1 = the backbone's default").
+  """
+  metadata = {"help": help, "low": low, "high": high, "open_low": open_low,
+              "open_high": open_high, "choices": tuple(choices), "former": tuple(former),
+              "legacy": legacy, "method": method, "meaning": meaning}
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+def element_type(annotation: Any) -> tuple[type, bool, bool]:
+  """(scalar type, is a tuple, may be None) of a field annotation such as `float`,
+  `tuple[int, ...]` or `float | None`."""
+  optional = False
+  args = typing.get_args(annotation)
+  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    optional = type(None) in args
+    (annotation,) = [a for a in args if a is not type(None)]
+    args = typing.get_args(annotation)
+  if typing.get_origin(annotation) is tuple:
+    return args[0], True, optional
+  return annotation, False, optional
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+  """Base of every method's options (a frozen, hashable dataclass; see the module docstring).
+
+  Class attributes:
+    PREFIX: the option family's flag prefix (`--<PREFIX>_<field>`); "" for a method without
+      options.
+    TITLE: the methods' name for help headings and errors (e.g. "PHN and PHN-BN").
+  """
+
+  PREFIX: ClassVar[str] = ""
+  TITLE: ClassVar[str] = ""
+
+  @classmethod
+  def fields(cls) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(cls)
+
+  @classmethod
+  def types(cls) -> dict[str, tuple[type, bool, bool]]:
+    """{field: (scalar type, is a tuple, may be None)}."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: element_type(hints[f.name]) for f in cls.fields()}
+
+  @classmethod
+  def from_options(cls, options: Mapping[str, Any] | None = None) -> "MethodConfig":
+    """The config of `options` (field -> value; sequences become tuples); unknown names are
+    refused with the allowed ones."""
+    options = dict(options or {})
+    names = [f.name for f in cls.fields()]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+      raise ValueError(f"Unknown {cls.TITLE or 'method'} option(s) {', '.join(unknown)}; "
+                       f"allowed: {', '.join(names) or 'none'}.")
+    types_ = cls.types()
+    for name, value in options.items():
+      scalar, is_tuple, _ = types_[name]
+      if isinstance(value, (list, tuple)):
+        options[name] = value = _freeze(value)  # hashable, as static configs must be
+      if is_tuple and value is not None and not isinstance(value, (str, tuple)):
+        options[name] = tuple(value)
+      elif scalar is float and isinstance(value, int) and not isinstance(value, bool):
+        options[name] = float(value)
+    return cls(**options)
+
+  def to_dict(self) -> dict:
+    """The config as a JSON-ready dict (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  def options(self) -> dict:
+    """Keyword arguments of the method object: every field not marked `method=False`."""
+    return {f.name: getattr(self, f.name) for f in self.fields() if f.metadata.get("method", True)}
+
+  def check(self, name: Callable[[str], str] | None = None) -> "MethodConfig":
+    """Raises ValueError (one sentence) for a value outside its field's range or choices, then
+    runs `check_values`; `name(field)` is how errors name a field (by default the field, after
+    "<TITLE> options: "; the command line passes its flag names). Returns the config."""
+    if name is None:  # the library's callers: name the fields, once prefixed by the method
+      try:
+        return self.check(lambda field: field)
+      except ValueError as error:
+        raise ValueError(f"{self.TITLE or 'Method'} options: {error}") from None
+    types_ = self.types()
+    for f in self.fields():
+      value = getattr(self, f.name)
+      if value is None:
+        continue
+      m = f.metadata
+      scalar, is_tuple, _ = types_[f.name]
+      values = value if is_tuple else (value,)
+      shown = ",".join(str(v) for v in values) if is_tuple else f"{value!r}"
+      if m.get("choices") and any(v not in m["choices"] for v in values):
+        raise ValueError(f"{name(f.name)}={shown} is not allowed; choose one of "
+                         f"{', '.join(m['choices'])}.")
+      if scalar in (int, float):
+        for v in values:
+          if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+              scalar is int and not float(v).is_integer()):
+            raise ValueError(f"{name(f.name)}={shown} must be "
+                             f"{'whole numbers' if scalar is int else 'numbers'}.")
+          if not in_range(v, m):
+            raise ValueError(f"{name(f.name)}={shown} must be {describe_range(f, scalar)}.")
+    self.check_values(name)
+    return self
+
+  def check_values(self, name: Callable[[str], str]) -> None:
+    """Checks between fields (a subclass's own rules); `name` as in `check`."""
+
+
+def _freeze(value: Any) -> Any:
+  """Lists (nested too) as tuples."""
+  return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def in_range(value: float, m: Mapping[str, Any]) -> bool:
+  if not math.isfinite(value):
+    return False
+  low, high = m.get("low"), m.get("high")
+  if low is not None and (value <= low if m.get("open_low") else value < low):
+    return False
+  return high is None or (value < high if m.get("open_high") else value <= high)
+
+
+def describe_range(f: dataclasses.Field, scalar: type = float) -> str:
+  """The allowed values of a numeric field in words, e.g. "a finite number in (0, 1]" or "a
+  whole number >= 2"."""
+  m = f.metadata
+  low, high = m.get("low"), m.get("high")
+  if low is not None and high is not None:
+    text = (f"in {'(' if m.get('open_low') else '['}{low:g}, {high:g}"
+            f"{')' if m.get('open_high') else ']'}")
+  elif low is not None:
+    text = f"{'>' if m.get('open_low') else '>='} {low:g}"
+  elif high is not None:
+    text = f"{'<' if m.get('open_high') else '<='} {high:g}"
+  else:
+    text = ""
+  note = f" ({m['meaning']})" if m.get("meaning") else ""
+  kind = "a whole number" if scalar is int else "a finite number"
+  return f"{kind} {text}{note}".strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions(MethodConfig):
+  """The config of a method without options of its own (static, single-task)."""
