@@ -386,8 +386,8 @@ def test_build_and_stage_messages():
   _, anchor_variables = anchor()
   with pytest.raises(ValueError, match="Unknown DYMU option"):
     dymu.build(DIGITS, model_options=MODEL, stage="edge", num_subnets=3)
-  with pytest.raises(ValueError, match="does not take atrous_rates"):
-    dymu.build(DIGITS, model_options={**MODEL, "atrous_rates": (1,)}, stage="anchor")
+  with pytest.raises(ValueError, match="does not take width_choices"):
+    dymu.build(DIGITS, model_options={**MODEL, "width_choices": (0.5, 1.0)}, stage="anchor")
   with pytest.raises(ValueError, match="Unknown DYMU stage 'search'"):
     dymu.build(DIGITS, model_options=MODEL, stage="search")
   with pytest.raises(ValueError, match="The edge stage needs the task affinity"):

@@ -1,8 +1,9 @@
 """Branched networks: stacked streams, soft mixing vs static trees, cost, batch-norm shifts.
 
 Networks are tiny (a 4-6-8 channel LeNet on 16 px, a two-stage ResNet with one 4- and one
-8-channel block on 8 px) and every forward pass is jitted (eager vmapped convolutions are
-slower than compiling) so that the file stays fast on a shared CPU.
+8-channel block on 8 px, the same ResNet with two dense heads of width 8 and a classifier,
+a 4-stage ResNet-18 of 4-8 channels on 32 px) and every forward pass is jitted (eager vmapped
+convolutions are slower than compiling) so that the file stays fast on a shared CPU.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import numpy as np
 import pytest
 
 from dymu_jax import tasks as tasks_lib
-from dymu_jax.models import branched, cost
+from dymu_jax.models import (backbones, branched, build_multitask, cost, pretrained,
+                             serialize)
 from dymu_jax.models.branched import Tree
+from dymu_jax.models.decoders import DenseHead
 
 import random_variables as test_variables
 
@@ -26,16 +29,27 @@ FACES = (tasks_lib.regression("age"), tasks_lib.classification("gender", 2),
          tasks_lib.classification("race", 5))
 TINY_LENET = {"conv_channels": (4, 6), "kernel_sizes": (5, 3), "fc_features": 8}
 TINY_RESNET = {"stage_channels": (4, 8), "stage_sizes": (1, 1)}
+# Dense and other tasks mixed (the synthetic scenes' kinds, and a classifier).
+SCENES = (tasks_lib.segmentation("segmentation", 3), tasks_lib.depth(),
+          tasks_lib.classification("shape", 4))
 CASES = {
     "lenet": (DIGITS, "lenet", TINY_LENET, (16, 16, 1)),
     "resnet_small": (FACES, "resnet_small", TINY_RESNET, (8, 8, 3)),
+    # Stride 2: the dense heads upsample their 4x4 maps to the 8x8 images.
+    "dense": (SCENES, "resnet_small", TINY_RESNET, (8, 8, 3)),
+}
+NETS = {
+    **CASES,
+    # Output stride 1 (the second stage dilated): no upsampling, which XLA counts as dots.
+    "dense_full_resolution": (SCENES, "resnet_small", {**TINY_RESNET, "output_stride": 1},
+                              (8, 8, 3)),
 }
 
 
 @functools.lru_cache(maxsize=None)
 def setup(case: str):
   """(net, variables filled by numpy, images (3, H, W, C))."""
-  tasks, backbone, options, shape = CASES[case]
+  tasks, backbone, options, shape = NETS[case]
   net = branched.build_branched(tasks, backbone, backbone_kwargs=options, head_width=8)
   shapes = jax.eval_shape(net.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *shape),
                                                                            jnp.float32))
@@ -66,7 +80,12 @@ def run_streams_one_by_one(net, variables, images, train=False):
         x = block.apply(v, x, train=False)
     head = {col: tree[f"head_{task.name}"] for col, tree in variables.items()
             if f"head_{task.name}" in tree}
-    predictions[task.name] = net.heads[j].apply(head, x)
+    dense = {"out_size": images.shape[1:3]} if task.is_dense else {}
+    if train and "batch_stats" in head:  # dense heads: batch statistics, as the streams
+      predictions[task.name], _ = net.heads[j].apply(head, x, train=True,
+                                                     mutable=["batch_stats"], **dense)
+    else:
+      predictions[task.name] = net.heads[j].apply(head, x, **dense)
     stats.append(stream_stats)
   return predictions, stats
 
@@ -76,7 +95,9 @@ def assert_close(a, b, atol=1e-5):
   chex.assert_trees_all_close(dict(a), {key: b[key] for key in a}, atol=atol, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# Stream initialisation does not depend on the decoders: the dense case (slow to initialise
+# with jax.random) is left out.
+@pytest.mark.parametrize("case", ["lenet", "resnet_small"])
 def test_streams_start_from_one_draw_or_their_own(case):
   tasks, backbone, options, shape = CASES[case]
   net = branched.build_branched(tasks, backbone, backbone_kwargs=options, head_width=8)
@@ -201,8 +222,9 @@ def test_parameter_and_mac_counts_of_shared_and_separate_trees():
   assert separate.params == cost.num_params(variables["params"])
 
 
-def test_tree_cost_matches_xla_cost_analysis():
-  net, variables, images = setup("resnet_small")  # padded 3x3 convolutions
+@pytest.mark.parametrize("case", ["resnet_small", "dense_full_resolution"])
+def test_tree_cost_matches_xla_cost_analysis(case):
+  net, variables, images = setup(case)  # padded and dilated 3x3 convolutions, dense heads
   shape = images.shape[1:]
   flops = {}
   for tree in mixed_trees(net.num_layers, net.num_tasks):
@@ -211,10 +233,26 @@ def test_tree_cost_matches_xla_cost_analysis():
     # XLA's count of every convolution and dot the traced program runs.
     flops[tree] = cost.xla_matmul_flops(fn, variables, images)
     assert analytic.macs * images.shape[0] == flops[tree] / 2, tree
-  # The program of a shared trunk holds only the used nodes' work (the saving is real).
+  # The program of a shared trunk holds only the used nodes' work (the saving is real); the
+  # dense heads (every task's, whatever the tree) dominate the small dense net.
   separate, shared = net.separate_tree(), net.shared_tree(1)
-  assert flops[shared] / flops[separate] < 0.4
-  assert net.tree_cost(shared, shape).macs_fraction < 0.4
+  ratio = 0.4 if case == "resnet_small" else 0.9
+  assert flops[shared] / flops[separate] < ratio
+  assert net.tree_cost(shared, shape).macs_fraction < ratio
+
+
+def test_dense_tree_cost_leaves_out_only_the_upsampling():
+  """At output stride 2 the dense heads upsample, which XLA runs as dots and the analytic
+  count, by convention, leaves out: the rest is counted exactly."""
+  net, variables, images = setup("dense")
+  tree = net.shared_tree(0)
+  analytic = net.tree_cost(tree, images.shape[1:], exclude_padding=True)
+  xla = cost.xla_matmul_flops(lambda v, x: net.apply_tree(v, x, tree), variables, images) / 2
+  assert analytic.macs * images.shape[0] < xla < 1.05 * analytic.macs * images.shape[0]
+  head = net.heads[0]
+  assert isinstance(head, DenseHead) and head.atrous_rates == (1, 2, 3)
+  counted = cost.count(head, None, jax.ShapeDtypeStruct((1, 4, 4, 8), jnp.float32))
+  assert net.node_costs(images.shape[1:])[1][0] == counted
 
 
 def test_batch_norm_shifts():
@@ -248,3 +286,97 @@ def test_train_mode_updates_the_statistics_of_used_nodes_only():
     old, new = variables["batch_stats"][f"block{l}"], state["batch_stats"][f"block{l}"]
     np.testing.assert_array_equal(old["bn"]["mean"][0], new["bn"]["mean"][0])
     assert not np.allclose(old["bn"]["mean"][1], new["bn"]["mean"][1])
+
+
+def test_decoder_batch_norm_shifts_move_that_task_only():
+  net, variables, images = setup("dense")
+  template = branched.batch_norm_shift_template(variables)
+  # The dense heads' batch norms (one per branch, the projection's and the 3x3 conv's) are
+  # shifted too, unstacked; the classifier's MLP head has none.
+  assert set(template) == {"block0", "block1", "head_segmentation", "head_depth"}
+  assert set(template["head_depth"]) == {"aspp0_bn", "aspp1_bn", "aspp2_bn", "aspp3_bn",
+                                         "pool_bn", "project_bn", "bn"}
+  assert template["head_depth"]["project_bn"]["scale"].shape == (8,)
+  run = jax.jit(lambda v, x: net.apply_tree(v, x, net.shared_tree(0)))
+  anchor = run(variables, images)
+  delta = jax.tree.map(jnp.zeros_like, template)
+  delta["head_depth"]["bn"]["scale"] = delta["head_depth"]["bn"]["scale"].at[3].set(0.5)
+  moved = run(branched.apply_batch_norm_shifts(variables, delta), images)
+  assert_close({k: anchor[k] for k in ("segmentation", "shape")}, moved)
+  assert not np.allclose(anchor["depth"], moved["depth"])
+
+
+def test_dense_forward_shapes_and_errors():
+  net, variables, images = setup("dense")
+  predictions = tree_forward(net, variables, images, Tree(((0, 0, 2), (1, 0, 1))))[0]
+  assert {k: v.shape for k, v in predictions.items()} == {
+      "segmentation": (3, 8, 8, 3), "depth": (3, 8, 8, 1), "shape": (3, 4)}
+  # Defaults follow build_multitask's dense heads: width 256, the backbone's atrous rates.
+  default = branched.build_branched(SCENES, "resnet18")
+  assert [type(h).__name__ for h in default.heads] == ["DenseHead", "DenseHead", "MLPHead"]
+  assert (default.heads[0].hidden_features, default.heads[0].atrous_rates) == (256, (6, 12, 18))
+  assert default.heads[2].hidden_features == 64 and default.stack == "resnet18"
+  # An exported tree rebuilds the same dense heads (`build_branched`'s options are saved).
+  exported = branched.TreeNetwork(net, net.shared_tree(1))
+  assert serialize.network_from_json(serialize.network_to_json(exported)) == exported
+  with pytest.raises(ValueError, match="Task.s. segmentation, depth are dense, but the lenet "
+                                       "streams end in a flat vector"):
+    branched.build_branched(SCENES, "lenet")
+  with pytest.raises(ValueError, match="resnet_small streams cannot reach output_stride=3"):
+    branched.build_branched(SCENES, "resnet_small", backbone_kwargs={"output_stride": 3})
+
+
+TINY_RESNET18 = {"stage_channels": (4, 4, 8, 8), "stage_sizes": (1, 1, 1, 1),
+                 "output_stride": 8}
+
+
+def test_resnet18_stream_and_dense_head_are_the_static_network():
+  """One stream of "resnet18" blocks + its DenseHead is `build_multitask`'s single-task
+  network: the same parameter names per stage (the blocks' union is the encoder), the same
+  dilated stages at output stride 8, the same head."""
+  tasks = SCENES[:2]
+  net = branched.build_branched(tasks, "resnet18", backbone_kwargs=TINY_RESNET18, head_width=8)
+  shape = (32, 32, 3)
+  variables = test_variables.fill(jax.eval_shape(
+      net.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *shape), jnp.float32)), seed=2)
+  images = np.random.default_rng(1).uniform(size=(2, *shape)).astype(np.float32)
+  static = build_multitask(tasks[1:], "resnet18", backbone_kwargs=TINY_RESNET18, head_width=8)
+  encoder = {col: {name: module for l in range(net.num_layers)
+                   for name, module in stream_variables(variables, l, 1)[col].items()}
+             for col in variables}
+  static_variables = {col: {"encoder": encoder[col], "head_depth": variables[col]["head_depth"]}
+                      for col in variables}
+  shapes = jax.eval_shape(static.init, jax.random.key(0), jnp.zeros((1, *shape)))
+  chex.assert_trees_all_equal_shapes_and_dtypes(shapes, static_variables)
+  expected = jax.jit(static.apply)(static_variables, images)["depth"]
+  got = tree_forward(net, variables, images, net.separate_tree())[0]["depth"]
+  assert got.shape == (2, 32, 32, 1)
+  np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pretrained_resnet18_weights_load_into_every_stream(tmp_path):
+  net = branched.build_branched(SCENES[:2], "resnet18")
+  shapes = jax.eval_shape(net.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  backbone = backbones.ResNet18()
+  reference = jax.eval_shape(backbone.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(0)
+  state = {name: rng.normal(size=torch_shape).astype(np.float32)
+           for name, (_, torch_shape) in pretrained.torchvision_layout(
+               "resnet18", reference).items()}
+  np.savez(tmp_path / "resnet18.npz", **state)
+  loaded = branched.load_pretrained_streams(net, variables, str(tmp_path / "resnet18.npz"))
+  chex.assert_trees_all_equal_shapes_and_dtypes(loaded, variables)
+  stem = loaded["params"]["block0"]["stem_conv"]["kernel"]
+  conv = loaded["params"]["block3"]["stage4_block1"]["conv2"]["kernel"]
+  for j in range(2):
+    np.testing.assert_array_equal(stem[j], state["conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(conv[j], state["layer4.1.conv2.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(loaded["batch_stats"]["block1"]["stage2_block0"]["downsample_bn"]
+                                ["var"][1], state["layer2.0.downsample.1.running_var"])
+  assert loaded["params"]["head_depth"] is variables["params"]["head_depth"]
+  small = branched.build_branched(SCENES[:2], "resnet_small")
+  with pytest.raises(ValueError, match="load into a resnet18 stack .* this network has "
+                                       "resnet_small streams"):
+    branched.load_pretrained_streams(small, variables, str(tmp_path / "resnet18.npz"))

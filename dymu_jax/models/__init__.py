@@ -11,12 +11,9 @@ from typing import Any, Sequence
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import backbones, decoders, layers, multitask, widths
 from dymu_jax.models.backbones import REGISTRY as BACKBONES
+from dymu_jax.models.decoders import DEFAULT_ATROUS_RATES
 from dymu_jax.models.multitask import MultiTaskNet, SingleTaskNets
 from dymu_jax.models.widths import WIDTH_CHOICES, DynamicWidths, WidthConfig, channels
-
-# Context rates of the dense heads per backbone [ours]: DeepLab's (6, 12, 18) for ImageNet-size
-# encoders, smaller rates for the small maps of resnet_small (8x8 on 64 px inputs).
-DEFAULT_ATROUS_RATES = {"resnet_small": (1, 2, 3)}
 
 
 def build_multitask(tasks: Sequence[tasks_lib.Task], backbone: str = "resnet_small",

@@ -9,6 +9,12 @@ Every backbone is a Linen module with
 * `sliced(widths)`: the same backbone whose FULL widths are those slimmed widths. Running it on
   variables cut with `layers.slice_variables` equals running this one slimmed (export).
 
+The stage bodies (`resnet_stem`, `basic_stage`, `conv_pool_stage`, `dense_stage`) are functions
+that create their layers inside the calling module under the names it gives: the backbones and
+the branched streams (`models.branched_blocks`) run the same stages under their own names.
+(Over 500 lines: the encoders share the slimming contract, these stage bodies and the
+torchvision name tables below.)
+
 Convolutions pad like PyTorch (`padding = dilation * (k - 1) // 2` zeros on each side), so
 variables imported from torchvision give the same outputs (`models/pretrained.py`).
 
@@ -106,7 +112,7 @@ def stage_multipliers(widths: Sequence[float] | None, num_stages: int,
   return widths
 
 
-def _dilation_schedule(stem_stride: int, strides: Sequence[int], output_stride: int | None,
+def dilation_schedule(stem_stride: int, strides: Sequence[int], output_stride: int | None,
                        owner: str) -> list[tuple[int, int, int]]:
   """(stride, dilation of the first conv, dilation after) per strided unit.
 
@@ -177,6 +183,75 @@ class BasicBlock(nn.Module):
     return nn.relu(y + shortcut)
 
 
+# ----------------------------------------------------------------------------------------------
+# Stage bodies shared by the backbones and the branched streams (`branched_blocks`). Called
+# inside a module's compact method, they create their layers in that module under the names
+# given, so every caller keeps its own parameter paths.
+
+RESNET_STEMS = ("imagenet", "small")
+
+
+def resnet_stem(x: jax.Array, *, kind: str, features: int, width: int | None, train: bool,
+                in_features: int | None = None, bn_momentum: float = 0.9,
+                bn_axis_name: str | None = None) -> tuple[jax.Array, int]:
+  """(stem output, its stride): "imagenet" is 7x7/2 conv + BN + ReLU + 3x3/2 max pool
+  (torchvision), "small" 3x3/1 conv + BN + ReLU; layers "stem_conv" and "stem_bn"."""
+  if kind not in RESNET_STEMS:
+    raise ValueError(f"Unknown ResNet stem {kind!r}; use 'imagenet' or 'small'.")
+  imagenet = kind == "imagenet"
+  x = SlimConv(features, 7 if imagenet else 3, strides=2 if imagenet else 1,
+               padding=3 if imagenet else 1, in_features=in_features, name="stem_conv")(x, width)
+  x = nn.relu(SlimBatchNorm(momentum=bn_momentum, axis_name=bn_axis_name, features=features,
+                            name="stem_bn")(x, train, width))
+  return (layers.max_pool_3x3_s2(x), 4) if imagenet else (x, 1)
+
+
+def basic_stage(x: jax.Array, *, features: int, in_features: int, num_blocks: int,
+                strides: int, dilation: tuple[int, int], projection: bool, width: int | None,
+                train: bool, name: str, zero_init_residual: bool = False,
+                bn_momentum: float = 0.9, bn_axis_name: str | None = None) -> jax.Array:
+  """One ResNet stage: `num_blocks` BasicBlocks named f"{name}{b}". The first takes the stride,
+  the dilation (its first conv, every later conv; see `dilation_schedule`) and, with
+  `projection`, a projection shortcut."""
+  first, later = dilation
+  for b in range(num_blocks):
+    x = BasicBlock(features=features, in_features=in_features if b == 0 else features,
+                   strides=strides if b == 0 else 1,
+                   dilation=(first, later) if b == 0 else (later, later),
+                   projection=projection and b == 0, zero_init_residual=zero_init_residual,
+                   bn_momentum=bn_momentum, bn_axis_name=bn_axis_name,
+                   name=f"{name}{b}")(x, width, train)
+  return x
+
+
+def conv_pool_stage(x: jax.Array, *, features: int, kernel_size: int | tuple[int, int],
+                    in_features: int | None, batch_norm: bool, width: int | None, train: bool,
+                    conv_name: str, bn_name: str, bn_momentum: float = 0.9,
+                    bn_axis_name: str | None = None) -> jax.Array:
+  """One LeNet stage: valid conv [+ BN] + ReLU + 2x2 max pool (no conv bias with BN)."""
+  x = SlimConv(features, kernel_size, padding="VALID", use_bias=not batch_norm,
+               in_features=in_features, name=conv_name)(x, width)
+  if batch_norm:
+    x = SlimBatchNorm(momentum=bn_momentum, axis_name=bn_axis_name, features=features,
+                      name=bn_name)(x, train, width)
+  if min(x.shape[1:3]) < 2:
+    raise ValueError(f"The {conv_name} output of shape {tuple(x.shape)} is too small to pool; "
+                     f"use larger images.")
+  return layers.max_pool_2x2(nn.relu(x))
+
+
+def dense_stage(x: jax.Array, *, features: int, in_features: int | None, batch_norm: bool,
+                kernel_init, width: int | None, train: bool, dense_name: str, bn_name: str,
+                bn_momentum: float = 0.9, bn_axis_name: str | None = None) -> jax.Array:
+  """One hidden layer on vectors (B, D): dense [+ BN] + ReLU (no dense bias with BN)."""
+  x = layers.SlimDense(features, use_bias=not batch_norm, in_features=in_features,
+                       kernel_init=kernel_init, name=dense_name)(x, width)
+  if batch_norm:
+    x = SlimBatchNorm(momentum=bn_momentum, axis_name=bn_axis_name, features=features,
+                      name=bn_name)(x, train, width)
+  return nn.relu(x)
+
+
 class ResNet(nn.Module):
   """ResNet with basic blocks; one slimmable stage per group of blocks.
 
@@ -232,41 +307,26 @@ class ResNet(nn.Module):
       raise ValueError(
           f"{owner} has {len(self.stage_sizes)} stage_sizes but {len(self.stage_channels)} "
           f"stage_channels; give one width per stage.")
-    if self.stem not in ("imagenet", "small"):
+    if self.stem not in RESNET_STEMS:
       raise ValueError(f"{owner} got stem={self.stem!r}; use 'imagenet' or 'small'.")
     check_image_size(owner, self.min_image_size, x.shape)
     widths = stage_multipliers(widths, self.num_stages, owner)
-    bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
-                           axis_name=self.bn_axis_name)
     stem_features = self.stage_channels[0]
-    stem_width = channels(stem_features, widths[0])
-    if self.stem == "imagenet":
-      x = SlimConv(stem_features, 7, strides=2, padding=3, name="stem_conv")(x, stem_width)
-      x = nn.relu(bn(features=stem_features, name="stem_bn")(x, train, stem_width))
-      x = layers.max_pool_3x3_s2(x)
-      stem_stride = 4
-    else:
-      x = SlimConv(stem_features, 3, padding=1, name="stem_conv")(x, stem_width)
-      x = nn.relu(bn(features=stem_features, name="stem_bn")(x, train, stem_width))
-      stem_stride = 1
+    x, stem_stride = resnet_stem(x, kind=self.stem, features=stem_features,
+                                 width=channels(stem_features, widths[0]), train=train,
+                                 bn_momentum=self.bn_momentum, bn_axis_name=self.bn_axis_name)
     strides = [1] + [2] * (self.num_stages - 1)
-    schedule = _dilation_schedule(stem_stride, strides, self.output_stride, owner)
+    schedule = dilation_schedule(stem_stride, strides, self.output_stride, owner)
     outputs = []
     in_features = stem_features
     for s, (num_blocks, features, multiplier) in enumerate(
         zip(self.stage_sizes, self.stage_channels, widths)):
       stride, first_dilation, dilation = schedule[s]
-      width = channels(features, multiplier)
-      for b in range(num_blocks):
-        x = BasicBlock(
-            features=features,
-            in_features=in_features if b == 0 else features,
-            strides=stride if b == 0 else 1,
-            dilation=(first_dilation, dilation) if b == 0 else (dilation, dilation),
-            projection=(b == 0 and s > 0),
-            zero_init_residual=self.zero_init_residual,
-            bn_momentum=self.bn_momentum, bn_axis_name=self.bn_axis_name,
-            name=f"stage{s + 1}_block{b}")(x, width, train)
+      x = basic_stage(x, features=features, in_features=in_features, num_blocks=num_blocks,
+                      strides=stride, dilation=(first_dilation, dilation), projection=s > 0,
+                      width=channels(features, multiplier), train=train,
+                      name=f"stage{s + 1}_block", zero_init_residual=self.zero_init_residual,
+                      bn_momentum=self.bn_momentum, bn_axis_name=self.bn_axis_name)
       in_features = features
       outputs.append(x)
     return outputs
@@ -463,7 +523,7 @@ class MobileNetV2(nn.Module):
     check_image_size(owner, self.min_image_size, x.shape)
     widths = stage_multipliers(widths, self.num_stages, owner)
     stem, blocks, last = self._architecture()
-    schedule = _dilation_schedule(2, [b["stride"] for b in blocks], self.output_stride, owner)
+    schedule = dilation_schedule(2, [b["stride"] for b in blocks], self.output_stride, owner)
     bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
                            axis_name=self.bn_axis_name)
     stem_width = channels(stem, widths[0])
@@ -555,16 +615,13 @@ class LeNet(nn.Module):
           f"kernel_sizes; give one kernel size per convolution.")
     check_image_size(owner, self.min_image_size, x.shape)
     widths = stage_multipliers(widths, self.num_stages, owner)
-    bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
-                           axis_name=self.bn_axis_name)
     outputs, in_features = [], None
     for i, (features, k) in enumerate(zip(self.conv_channels, self.kernel_sizes)):
-      width = channels(features, widths[i], self.channel_divisor)
-      x = SlimConv(features, k, padding="VALID", use_bias=not self.batch_norm,
-                   in_features=in_features, name=f"conv{i + 1}")(x, width)
-      if self.batch_norm:
-        x = bn(features=features, name=f"bn{i + 1}")(x, train, width)
-      x = layers.max_pool_2x2(nn.relu(x))
+      x = conv_pool_stage(x, features=features, kernel_size=k, in_features=in_features,
+                          batch_norm=self.batch_norm,
+                          width=channels(features, widths[i], self.channel_divisor),
+                          train=train, conv_name=f"conv{i + 1}", bn_name=f"bn{i + 1}",
+                          bn_momentum=self.bn_momentum, bn_axis_name=self.bn_axis_name)
       outputs.append(x)
       in_features = features
     if min(x.shape[1:3]) < 1:
@@ -573,7 +630,8 @@ class LeNet(nn.Module):
     x = SlimConv(self.fc_features, tuple(x.shape[1:3]), padding="VALID",
                  use_bias=not self.batch_norm, in_features=in_features, name="fc")(x, width)
     if self.batch_norm:
-      x = bn(features=self.fc_features, name="bn_fc")(x, train, width)
+      x = SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
+                        features=self.fc_features, name="bn_fc")(x, train, width)
     x = nn.relu(x).reshape(x.shape[0], x.shape[-1])
     outputs.append(x)
     return outputs
@@ -656,13 +714,11 @@ class MLP(nn.Module):
     x = x.reshape(x.shape[0], -1)
     outputs, in_features = [], None
     for i, (features, multiplier) in enumerate(zip(hidden, widths)):
-      width = channels(features, multiplier, self.channel_divisor)
-      x = layers.SlimDense(features, use_bias=not self.batch_norm, in_features=in_features,
-                           kernel_init=mlp_kernel_init, name=f"dense{i + 1}")(x, width)
-      if self.batch_norm:
-        x = SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
-                          features=features, name=f"bn{i + 1}")(x, train, width)
-      x = nn.relu(x)
+      x = dense_stage(x, features=features, in_features=in_features, batch_norm=self.batch_norm,
+                      kernel_init=mlp_kernel_init,
+                      width=channels(features, multiplier, self.channel_divisor), train=train,
+                      dense_name=f"dense{i + 1}", bn_name=f"bn{i + 1}",
+                      bn_momentum=self.bn_momentum, bn_axis_name=self.bn_axis_name)
       outputs.append(x)
       in_features = features
     return outputs

@@ -1,5 +1,8 @@
 """Branched multi-task networks: N single-task streams cut into L blocks (the DYMU anchor).
 
+(Over 500 lines: trees, the network's two forward passes, its cost and its batch-norm shifts
+are one value and its uses; the blocks and decoders live in `branched_blocks`.)
+
 METHODS.md section 1. The anchor is N single-task networks of one architecture, one stream per
 task, each cut into L blocks; node (l, j) is block l of stream j. Every node of block layer
 l + 1 (and every task decoder, which is node layer L) takes its input from one parent among the
@@ -36,34 +39,48 @@ Variables: `{"params": {"block0": stacked, ..., "head_<task>": ...}, "batch_stat
 {"block0": stacked, ...}}`; every leaf under "block<l>" has the leading stream axis N. Task
 decoders are per task (their output sizes differ) and never stacked.
 
-Block stacks (`build_branched`):
+Block stacks (`build_branched`; the blocks and decoders live in `models.branched_blocks`,
+whose names are re-exported here):
 
 * "lenet" (Multi-MNIST, the PHN target network with batch norm): conv 10@9x9 + BN + ReLU + 2x2
   pool | conv 20@5x5 + BN + ReLU + 2x2 pool | dense 50 + BN + ReLU; decoders are linear (L = 3).
-* "resnet_small" (UTKFace): stage 1 = 3x3 stem + BasicBlocks (16 ch), stages 2-4 = BasicBlocks
-  (32, 64, 128 ch, stride 2), the ResNet-small of `backbones`; decoders are MLP heads with global
-  pooling (L = 4).
+* "resnet_small" (UTKFace, synthetic scenes): stage 1 = 3x3 stem + BasicBlocks (16 ch), stages
+  2-4 = BasicBlocks (32, 64, 128 ch, stride 2), the ResNet-small of `backbones` (L = 4);
+  `output_stride` (backbone option) dilates the last stages instead of striding, as there.
+* "resnet18": stage 1 = 7x7/2 stem + 3x3/2 max pool + 2 BasicBlocks (64 ch), stages 2-4 = 2
+  BasicBlocks (128, 256, 512 ch, stride 2; `output_stride` 8 or 16 dilates), `backbones.ResNet18`
+  with its parameter names per stage (L = 4), so `load_pretrained_streams` starts every stream
+  from one torchvision ResNet-18 (the paper's recipe).
 * "mlp" (tabular data, feature vectors): one `MLPBlock` per hidden layer, dense + BN + ReLU
   (256, 256 units by default; He initialisation, as the `backbones.MLP` encoder); decoders are
   MLP heads with one hidden layer (L = number of hidden layers).
 
+Decoders: classification and regression tasks get MLP heads (global pooling of maps; linear on
+lenet, one hidden layer on the others). Dense tasks (segmentation, depth, normals, edges; on
+the ResNet stacks) get the DeepLabv3-style `decoders.DenseHead` with `build_multitask`'s
+defaults (hidden width 256 unless head_width is given, the backbone's atrous rates, image
+pooling): it reads the parent stream's last-stage map and upsamples its prediction to the
+image size, so a stream and its head are the static network's encoder and head. Dense and other
+tasks mix freely.
+
 Batch norm sits in every block (unless the stack's option `batch_norm` is off) so that the
 weight hypernetwork has scales and biases to shift (`batch_norm_shift_template`,
-`apply_batch_norm_shifts`); with `head_batch_norm` the decoders' hidden layers have batch norm
-too (the paper's DeepLab decoders do), and are shifted as well.
+`apply_batch_norm_shifts`); dense heads have batch norm in every layer but the classifier, and
+with `head_batch_norm` the MLP heads' hidden layers have it too (the paper's DeepLab decoders
+do): decoder batch norms are shifted as well.
 
 Cost (`tree_cost`): parameters and MACs of the used nodes and the decoders (per example, the
-conventions of `models.cost`), and their fraction of the full anchor (the separate tree). All
-streams share one architecture, so a node's cost depends on its layer only. The input shape is
-one example's: (H, W, C) of an image, or (D,) of a feature vector.
+conventions of `models.cost`: a dense head's bilinear upsampling is elementwise, not MACs), and
+their fraction of the full anchor (the separate tree). All streams share one architecture, so a
+node's cost depends on its layer only. The input shape is one example's: (H, W, C) of an image,
+or (D,) of a feature vector.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -71,16 +88,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from dymu_jax import tasks as tasks_lib
-from dymu_jax.models import cost as cost_lib
-from dymu_jax.models import layers
 from dymu_jax.models import backbones
-from dymu_jax.models.backbones import BasicBlock
-from dymu_jax.models.decoders import MLPHead
-from dymu_jax.models.layers import SlimBatchNorm, SlimConv, SlimDense
+from dymu_jax.models import cost as cost_lib
+from dymu_jax.models import pretrained
+from dymu_jax.models.branched_blocks import (
+    BACKBONES, DEFAULT_DENSE_HEAD_WIDTH, DEFAULT_HEAD_HIDDEN_LAYERS, DEFAULT_HEAD_WIDTH, STACKS,
+    ConvPoolBlock, DenseBlock, MLPBlock, ResNetStage, lenet_blocks, mlp_blocks, resnet18_blocks,
+    resnet_small_blocks, stack_blocks, stack_name, task_decoders)
+from dymu_jax.models.decoders import DenseHead
 from dymu_jax.models.multitask import normalise_images
 
+# The blocks and stacks of `branched_blocks` are re-exported, so `branched.<name>` keeps working.
+__all__ = [
+    "BACKBONES", "DEFAULT_DENSE_HEAD_WIDTH", "DEFAULT_HEAD_HIDDEN_LAYERS", "DEFAULT_HEAD_WIDTH",
+    "STACKS", "STREAM_INITS", "BranchedNet", "ConvPoolBlock", "DenseBlock", "MLPBlock",
+    "ResNetStage", "Tree", "TreeCost", "TreeNetwork", "apply_batch_norm_shifts",
+    "batch_norm_paths", "batch_norm_shift_template", "build_branched", "lenet_blocks",
+    "load_pretrained_streams", "mlp_blocks", "resnet18_blocks", "resnet_small_blocks",
+    "stack_blocks", "stack_name", "task_decoders",
+]
+
 PyTree = Any
-BACKBONES = ("lenet", "resnet_small", "mlp")
 # How the N streams' block weights start (`BranchedNet.init`).
 STREAM_INITS = ("independent", "shared")
 
@@ -180,120 +208,6 @@ class Tree:
 
 
 # ----------------------------------------------------------------------------------------------
-# Blocks (one stream's block; the network stacks N of them).
-
-
-class ConvPoolBlock(nn.Module):
-  """One LeNet stage: conv (VALID) [+ BN] + ReLU + 2x2 max pool.
-
-  Attributes:
-    features: output channels.
-    kernel_size: square kernel size.
-    in_features: input channels (None: inferred at initialisation).
-    batch_norm: batch norm after the convolution (then the convolution has no bias).
-    bn_momentum, bn_axis_name: passed to `SlimBatchNorm`.
-  """
-
-  features: int
-  kernel_size: int
-  in_features: int | None = None
-  batch_norm: bool = True
-  bn_momentum: float = 0.9
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    y = SlimConv(self.features, self.kernel_size, padding="VALID",
-                 use_bias=not self.batch_norm, in_features=self.in_features, name="conv")(x)
-    if self.batch_norm:
-      y = SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
-                        features=self.features, name="bn")(y, train)
-    if min(y.shape[1:3]) < 2:
-      raise ValueError(f"ConvPoolBlock output of shape {tuple(y.shape)} is too small to pool; "
-                       f"use larger images.")
-    return layers.max_pool_2x2(nn.relu(y))
-
-
-class DenseBlock(nn.Module):
-  """Flatten + dense [+ BN] + ReLU (LeNet's fully connected stage; one hidden layer of the
-  "mlp" stack).
-
-  Attributes:
-    features: output units.
-    batch_norm: batch norm after the dense layer (then it has no bias).
-    in_features: input width after flattening (None: inferred at initialisation).
-    kernel_init: initialiser of the dense kernel (LeCun's, as `SlimDense`; `MLPBlock` takes
-      He's, `backbones.mlp_kernel_init`).
-    bn_momentum, bn_axis_name: passed to `SlimBatchNorm`.
-  """
-
-  features: int
-  batch_norm: bool = True
-  in_features: int | None = None
-  kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
-  bn_momentum: float = 0.9
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = x.reshape(x.shape[0], -1)
-    y = SlimDense(self.features, use_bias=not self.batch_norm, in_features=self.in_features,
-                  kernel_init=self.kernel_init, name="dense")(x)
-    if self.batch_norm:
-      y = SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
-                        features=self.features, name="bn")(y, train)
-    return nn.relu(y)
-
-
-class MLPBlock(DenseBlock):
-  """One hidden layer of the "mlp" stack on feature vectors: a `DenseBlock` He-initialised like
-  the `backbones.MLP` encoder (its own class so that `BranchedNet` knows its inputs are vectors,
-  not images; a LeNet without convolutions stays an image network)."""
-
-  kernel_init: Callable[..., jax.Array] = backbones.mlp_kernel_init
-
-
-class ResNetStage(nn.Module):
-  """One ResNet-small stage: [3x3 stem conv + BN + ReLU,] then `num_blocks` BasicBlocks.
-
-  Attributes:
-    features: output channels.
-    in_features: input channels.
-    num_blocks: basic blocks in the stage.
-    strides: stride of the first block (with a projection shortcut when > 1 or the width
-      changes).
-    stem: start with the 3x3/1 stem convolution (the first stage).
-    bn_momentum, bn_axis_name: passed to every batch norm.
-  """
-
-  features: int
-  in_features: int
-  num_blocks: int = 2
-  strides: int = 1
-  stem: bool = False
-  bn_momentum: float = 0.9
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    in_features = self.in_features
-    if self.stem:
-      x = SlimConv(self.features, 3, padding=1, in_features=in_features, name="stem_conv")(x)
-      x = nn.relu(SlimBatchNorm(momentum=self.bn_momentum, axis_name=self.bn_axis_name,
-                                features=self.features, name="stem_bn")(x, train))
-      in_features = self.features
-    for b in range(self.num_blocks):
-      first = b == 0
-      x = BasicBlock(
-          features=self.features, in_features=in_features if first else self.features,
-          strides=self.strides if first else 1,
-          projection=first and (self.strides > 1 or in_features != self.features),
-          bn_momentum=self.bn_momentum, bn_axis_name=self.bn_axis_name,
-          name=f"block{b}")(x, self.features, train)
-    return x
-
-
-# ----------------------------------------------------------------------------------------------
 # The branched network.
 
 
@@ -342,7 +256,8 @@ class BranchedNet:
   Attributes:
     tasks: the tasks, one stream and one decoder each, in stream order.
     blocks: one stream's block module per layer, `block(x, train=...) -> y`.
-    heads: one decoder module per task, `head(x, train=...) -> prediction`.
+    heads: one decoder module per task, `head(x, train=...) -> prediction`; a
+      `DenseHead` also gets `out_size`, the image's (H, W).
     pixel_mean, pixel_std: per-channel normalisation of the [0, 1] images; None takes the
       ImageNet statistics for 3-channel images and 0.5 / 0.5 otherwise (as `MultiTaskNet`).
       Feature vectors are used as given: leave them unset.
@@ -379,12 +294,8 @@ class BranchedNet:
 
   @property
   def stack(self) -> str:
-    """Which block stack this is: "lenet", "resnet_small" or "mlp" (names of `BACKBONES`)."""
-    if isinstance(self.blocks[0], MLPBlock):
-      return "mlp"
-    if any(isinstance(b, ConvPoolBlock) for b in self.blocks):
-      return "lenet"
-    return "resnet_small"
+    """Which block stack this is (a name of `BACKBONES`)."""
+    return stack_name(self.blocks)
 
   @property
   def input_kind(self) -> str:
@@ -467,18 +378,21 @@ class BranchedNet:
       return stacked, None
     return stacked, jax.tree.map(lambda *a: jnp.stack(a), *states)
 
-  def _decode(self, variables, inputs: Sequence[jax.Array], train: bool
+  def _decode(self, variables, inputs: Sequence[jax.Array], images: jax.Array, train: bool
               ) -> tuple[dict, dict]:
-    """({task: prediction}, {"head_<task>": updated batch stats} of decoders with batch norm)."""
+    """({task: prediction}, {"head_<task>": updated batch stats} of decoders with batch norm);
+    dense heads upsample to the images' (H, W)."""
     predictions, stats = {}, {}
     for j, task in enumerate(self.tasks):
       head_variables = self._head_variables(variables, j)
+      head = self.heads[j]
+      kwargs = ({"out_size": tuple(images.shape[1:3])} if isinstance(head, DenseHead) else {})
       if train and "batch_stats" in head_variables:
-        y, state = self.heads[j].apply(head_variables, inputs[j], train=True,
-                                       mutable=["batch_stats"])
+        y, state = head.apply(head_variables, inputs[j], train=True, mutable=["batch_stats"],
+                              **kwargs)
         stats[f"head_{task.name}"] = state["batch_stats"]
       else:
-        y = self.heads[j].apply(head_variables, inputs[j], train=train)
+        y = head.apply(head_variables, inputs[j], train=train, **kwargs)
       predictions[task.name] = y
     return predictions, stats
 
@@ -554,7 +468,7 @@ class BranchedNet:
       if stats is not None:
         new_stats[f"block{l}"] = stats
       features.append(y)
-    predictions, head_stats = self._decode(variables, _mix(nu[-1], y), train)
+    predictions, head_stats = self._decode(variables, _mix(nu[-1], y), images, train)
     new_stats.update(head_stats)
     return self._outputs(variables, predictions, new_stats, features, train, return_features)
 
@@ -597,7 +511,7 @@ class BranchedNet:
         new_stats[f"block{l}"] = jax.tree.map(lambda a, b: a.at[rows].set(b), old, stats)
       features.append(y)
     decoder_inputs = [y[used[-1].index(p)] for p in tree.parents[-1]]
-    predictions, head_stats = self._decode(variables, decoder_inputs, train)
+    predictions, head_stats = self._decode(variables, decoder_inputs, images, train)
     new_stats.update(head_stats)
     return self._outputs(variables, predictions, new_stats, features, train, return_features)
 
@@ -748,134 +662,89 @@ def apply_batch_norm_shifts(variables: Mapping[str, PyTree], shifts: Mapping[str
 # Factory.
 
 
-def lenet_blocks(conv_channels: Sequence[int] = (10, 20), kernel_sizes: Sequence[int] = (9, 5),
-                 fc_features: int = 50, batch_norm: bool = True, bn_momentum: float = 0.9,
-                 bn_axis_name: str | None = None) -> tuple[nn.Module, ...]:
-  """LeNet (the PHN Multi-MNIST target network) as blocks: one per conv stage, then dense."""
-  if len(conv_channels) != len(kernel_sizes):
-    raise ValueError(f"Got {len(conv_channels)} conv_channels but {len(kernel_sizes)} "
-                     f"kernel_sizes; give one kernel size per convolution.")
-  blocks, in_features = [], None
-  for features, k in zip(conv_channels, kernel_sizes):
-    blocks.append(ConvPoolBlock(features=int(features), kernel_size=int(k),
-                                in_features=in_features, batch_norm=batch_norm,
-                                bn_momentum=bn_momentum, bn_axis_name=bn_axis_name))
-    in_features = int(features)
-  blocks.append(DenseBlock(features=int(fc_features), batch_norm=batch_norm,
-                           bn_momentum=bn_momentum, bn_axis_name=bn_axis_name))
-  return tuple(blocks)
-
-
-def resnet_small_blocks(stage_channels: Sequence[int] = (16, 32, 64, 128),
-                        stage_sizes: Sequence[int] = (2, 2, 2, 2), in_channels: int = 3,
-                        bn_momentum: float = 0.9, bn_axis_name: str | None = None
-                        ) -> tuple[nn.Module, ...]:
-  """ResNet-small (3x3 stem, BasicBlocks, stride 2 from the second stage) as one block per stage."""
-  if len(stage_channels) != len(stage_sizes):
-    raise ValueError(f"Got {len(stage_channels)} stage_channels but {len(stage_sizes)} "
-                     f"stage_sizes; give one block count per stage.")
-  blocks, in_features = [], int(in_channels)
-  for s, (features, size) in enumerate(zip(stage_channels, stage_sizes)):
-    blocks.append(ResNetStage(features=int(features), in_features=in_features,
-                              num_blocks=int(size), strides=1 if s == 0 else 2, stem=s == 0,
-                              bn_momentum=bn_momentum, bn_axis_name=bn_axis_name))
-    in_features = int(features)
-  return tuple(blocks)
-
-
-def mlp_blocks(hidden: int | Sequence[int] = (256, 256), batch_norm: bool = True,
-               bn_momentum: float = 0.9, bn_axis_name: str | None = None
-               ) -> tuple[nn.Module, ...]:
-  """The MLP for feature vectors (`backbones.MLP`) as blocks: one `MLPBlock` per hidden layer,
-  dense [+ BN] + ReLU, He-initialised like the MLP encoder; an int `hidden` is one layer. Batch
-  norm is on by default (unlike the encoder's) so that the weight hypernetwork has scales and
-  biases to shift in every block."""
-  widths = (hidden,) if isinstance(hidden, numbers.Integral) else tuple(hidden)
-  whole = lambda h: isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1
-  if not widths or not all(whole(h) for h in widths):
-    raise ValueError(f"mlp_blocks got hidden={hidden!r}; give the width of each hidden layer "
-                     f"as positive whole numbers, e.g. (256, 256).")
-  blocks, in_features = [], None
-  for features in widths:
-    blocks.append(MLPBlock(features=int(features), batch_norm=bool(batch_norm),
-                           in_features=in_features, bn_momentum=bn_momentum,
-                           bn_axis_name=bn_axis_name))
-    in_features = int(features)
-  return tuple(blocks)
-
-
-# Decoder defaults per backbone [ours]: PHN's linear heads on LeNet, one hidden layer on ResNet
-# and on the MLP (so that --head_batch_norm gives the decoders batch norms to shift).
-DEFAULT_HEAD_HIDDEN_LAYERS = {"lenet": 0, "resnet_small": 1, "mlp": 1}
-
-
 def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
-                   backbone_kwargs: Mapping[str, Any] | None = None, head_width: int = 64,
-                   head_hidden_layers: int | None = None, head_batch_norm: bool = False,
-                   in_channels: int | None = None,
+                   backbone_kwargs: Mapping[str, Any] | None = None,
+                   head_width: int | None = None, head_hidden_layers: int | None = None,
+                   head_batch_norm: bool = False, atrous_rates: Sequence[int] | None = None,
+                   image_pooling: bool = True, in_channels: int | None = None,
                    bn_momentum: float = 0.9, bn_axis_name: str | None = None,
                    pixel_mean: Sequence[float] | None = None,
                    pixel_std: Sequence[float] | None = None) -> BranchedNet:
-  """A `BranchedNet` for `tasks` on the "lenet", "resnet_small" or "mlp" block stack.
+  """A `BranchedNet` for `tasks` on the "lenet", "resnet_small", "resnet18" or "mlp" stack.
 
   Args:
-    tasks: the tasks (one stream and one decoder each). Dense tasks are not supported.
-    backbone: "lenet" (`lenet_blocks`), "resnet_small" (`resnet_small_blocks`) or "mlp"
-      (`mlp_blocks`, feature vectors).
+    tasks: the tasks (one stream and one decoder each); dense tasks need a ResNet stack.
+    backbone: "lenet" (`lenet_blocks`), "resnet_small" (`resnet_small_blocks`), "resnet18"
+      (`resnet18_blocks`) or "mlp" (`mlp_blocks`, feature vectors).
     backbone_kwargs: options of the block stack (lenet: conv_channels, kernel_sizes,
-      fc_features, batch_norm; resnet_small: stage_channels, stage_sizes; mlp: hidden,
-      batch_norm).
-    head_width: hidden width of the decoders (when they have hidden layers).
-    head_hidden_layers: hidden layers of each decoder; None: 0 for lenet, 1 for resnet_small
-      and mlp.
-    head_batch_norm: batch norm in the decoders' hidden layers, so that the DYMU weight
+      fc_features, batch_norm; resnet_small, resnet18: stage_channels, stage_sizes,
+      output_stride; mlp: hidden, batch_norm).
+    head_width: hidden width of every decoder; None: 64 for the MLP heads, 256 for the dense
+      heads (`build_multitask`'s).
+    head_hidden_layers: hidden layers of each MLP head; None: 0 for lenet, 1 for the others.
+    head_batch_norm: batch norm in the MLP heads' hidden layers, so that the DYMU weight
       hypernetwork has task-specific scales and biases to shift after a cross-task edge into a
-      decoder (needs hidden layers).
-    in_channels: image channels (resnet_small's stem; default 3; unused by lenet and mlp).
+      decoder (needs hidden layers; dense heads always have batch norm).
+    atrous_rates: dilation rates of the dense heads' context branches; None: the backbone's
+      `decoders.DEFAULT_ATROUS_RATES`, as `build_multitask`.
+    image_pooling: the dense heads' global-pooling branch.
+    in_channels: image channels (the ResNet stems; default 3; unused by lenet and mlp).
     bn_momentum, bn_axis_name: passed to every batch norm.
     pixel_mean, pixel_std: image normalisation (see `BranchedNet`); not for mlp.
   """
   tasks = tuple(tasks)
-  if backbone not in BACKBONES:
-    raise ValueError(f"Unknown branched backbone {backbone!r}; available: "
-                     f"{', '.join(BACKBONES)}.")
-  dense = [t.name for t in tasks if t.is_dense]
-  if dense:
-    raise ValueError(f"Branched networks have classification/regression decoders only; tasks "
-                     f"{', '.join(dense)} are dense.")
-  options = dict(backbone_kwargs or {})
-  if backbone == "lenet":
-    blocks = lenet_blocks(**options, bn_momentum=bn_momentum, bn_axis_name=bn_axis_name)
-    in_features = blocks[-1].features
-  elif backbone == "mlp":
-    if pixel_mean is not None or pixel_std is not None:
-      raise ValueError("pixel_mean and pixel_std normalise images, but the mlp streams read "
-                       "feature vectors, standardised by the data source; leave them unset.")
-    blocks = mlp_blocks(**options, bn_momentum=bn_momentum, bn_axis_name=bn_axis_name)
-    in_features = blocks[-1].features
-  else:
-    options.setdefault("in_channels", in_channels or 3)
-    blocks = resnet_small_blocks(**options, bn_momentum=bn_momentum,
-                                 bn_axis_name=bn_axis_name)
-    in_features = blocks[-1].features
-  hidden_layers = (DEFAULT_HEAD_HIDDEN_LAYERS[backbone] if head_hidden_layers is None
-                   else int(head_hidden_layers))
-  if head_batch_norm and hidden_layers < 1:
-    raise ValueError(f"Decoder batch norm sits in the decoders' hidden layers, but the {backbone} "
-                     f"decoders have {hidden_layers}; give head_hidden_layers >= 1 or drop "
-                     f"head_batch_norm.")
-  heads = tuple(MLPHead(t.num_outputs, hidden_features=head_width, num_hidden=hidden_layers,
-                        in_features=in_features, batch_norm=bool(head_batch_norm),
-                        bn_momentum=bn_momentum, bn_axis_name=bn_axis_name) for t in tasks)
+  if backbone == "mlp" and (pixel_mean is not None or pixel_std is not None):
+    raise ValueError("pixel_mean and pixel_std normalise images, but the mlp streams read "
+                     "feature vectors, standardised by the data source; leave them unset.")
+  blocks = stack_blocks(backbone, dict(backbone_kwargs or {}), in_channels, bn_momentum,
+                        bn_axis_name)
+  heads = task_decoders(tasks, backbone, blocks[-1].features, head_width=head_width,
+                        head_hidden_layers=head_hidden_layers,
+                        head_batch_norm=bool(head_batch_norm), atrous_rates=atrous_rates,
+                        image_pooling=image_pooling, bn_momentum=bn_momentum,
+                        bn_axis_name=bn_axis_name)
   build_options = (("backbone", backbone),
                    ("backbone_kwargs", tuple(sorted(dict(backbone_kwargs or {}).items()))),
                    ("head_width", head_width), ("head_hidden_layers", head_hidden_layers),
-                   ("head_batch_norm", bool(head_batch_norm)), ("in_channels", in_channels),
+                   ("head_batch_norm", bool(head_batch_norm)),
+                   ("atrous_rates", None if atrous_rates is None else tuple(atrous_rates)),
+                   ("image_pooling", bool(image_pooling)), ("in_channels", in_channels),
                    ("bn_momentum", bn_momentum))
   return BranchedNet(tasks, blocks, heads,
                      tuple(pixel_mean) if pixel_mean is not None else None,
                      tuple(pixel_std) if pixel_std is not None else None,
                      build_options=build_options)
+
+
+def load_pretrained_streams(net: BranchedNet, variables: Mapping[str, PyTree], path: str
+                            ) -> dict:
+  """`variables` whose every stream starts from one torchvision ResNet-18 checkpoint.
+
+  The blocks of a "resnet18" stack carry `backbones.ResNet18`'s names per stage, so one
+  stream's blocks together are a `ResNet18` variable tree: it is loaded by
+  `pretrained.load_pretrained` (names and shapes checked there, default widths only) and copied
+  into every stream. Decoders keep their own weights.
+  """
+  if net.stack != "resnet18":
+    raise ValueError(f"Pretrained streams load into a resnet18 stack (torchvision ResNet-18), "
+                     f"but this network has {net.stack} streams.")
+  keys = {}  # module name in ResNet18 -> the block layer that holds it
+  one_stream: dict[str, dict] = {}
+  for l in range(net.num_layers):
+    for col, tree in variables.items():
+      for name, module in tree.get(f"block{l}", {}).items():
+        keys[name] = l
+        one_stream.setdefault(col, {})[name] = jax.tree.map(lambda a: a[0], module)
+  loaded = pretrained.load_pretrained("resnet18", one_stream, path)
+  block_keys = {f"block{l}" for l in range(net.num_layers)}
+  out = {col: {key: dict(value) if key in block_keys else value for key, value in tree.items()}
+         for col, tree in variables.items()}
+  for col, modules in loaded.items():
+    for name, module in modules.items():
+      key = f"block{keys[name]}"
+      out[col][key][name] = jax.tree.map(lambda new, old: jnp.broadcast_to(new, old.shape),
+                                         module, variables[col][key][name])
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

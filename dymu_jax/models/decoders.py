@@ -19,6 +19,11 @@ from dymu_jax.models.widths import channels
 
 Features = jax.Array | Sequence[jax.Array]
 
+# Context rates of the dense heads per backbone [ours]: DeepLab's (6, 12, 18) for ImageNet-size
+# encoders (any backbone not listed), smaller rates for the small maps of resnet_small (8x8 on
+# 64 px inputs). `build_multitask` and `branched.build_branched` both take them.
+DEFAULT_ATROUS_RATES = {"resnet_small": (1, 2, 3)}
+
 
 def _last(features: Features) -> jax.Array:
   return features[-1] if isinstance(features, (list, tuple)) else features

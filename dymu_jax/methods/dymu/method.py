@@ -487,7 +487,8 @@ def _adapted_anchor(method: DymuMethod, anchor, weight, r, c):
 # Construction.
 
 MODEL_OPTIONS = ("backbone", "backbone_kwargs", "head_width", "head_hidden_layers",
-                 "head_batch_norm", "in_channels", "pixel_mean", "pixel_std", "bn_momentum")
+                 "head_batch_norm", "atrous_rates", "image_pooling", "in_channels", "pixel_mean",
+                 "pixel_std", "bn_momentum")
 OPTIONS = ("stage", "affinity", "lambda_active", "lambda_inactive", "tau_factor",
            "dirichlet_alpha", "initial_temperature", "temperature_decay", "temperature_every",
            "embedding_features", "edge_hidden", "weight_hidden", "self_logit", "anchor_init",
@@ -503,7 +504,8 @@ def build(tasks: Sequence[tasks_lib.Task], *, model_options: Mapping[str, Any] |
   Args:
     tasks: the tasks.
     model_options: keyword arguments of `branched.build_branched` among `MODEL_OPTIONS`
-      (backbone "lenet", "resnet_small" or "mlp", backbone_kwargs, head_width, ...).
+      (backbone "lenet", "resnet_small", "resnet18" or "mlp", backbone_kwargs, head_width,
+      atrous_rates, ...); dense tasks get `DenseHead` decoders on the ResNet stacks.
     task_weights: w_i (e.g. `task_weights_from_losses(anchor_task_losses(...))`).
     axis_name: the pmap axis batch norms pool over (anchor stage under --parallel=pmap).
     **options: `DymuMethod` fields among `OPTIONS`.
