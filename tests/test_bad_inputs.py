@@ -135,6 +135,8 @@ def uint8_images(n, side=16):
                                        ">= -1 (-1 = the backbone's default)"),
     (["--dymu_validation_examples=-1"], "--dymu_validation_examples=-1: must be a whole "
                                         "number >= 0"),
+    (["--dymu_edge_hidden=16,x"], "--dymu_edge_hidden=['16', 'x']: must be "
+                                  "comma-separated whole numbers >= 1"),
     (["--phn_chunk_size=-1"], "--phn_chunk_size=-1: must be a whole number >= 0"),
     (["--phn_dirichlet_alpha=0"], "--phn_dirichlet_alpha=0.0: must be a finite number > 0"),
     (["--method=ecmt", "--num_subnets=1"], "--ecmt_num_subnets=1: must be a whole number >= 2"),

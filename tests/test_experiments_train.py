@@ -67,7 +67,7 @@ def test_phn_flag_files_are_the_authors_settings():
 
 
 def test_dymu_flag_files_use_the_papers_regulariser_and_a_trunk():
-  for name in ("multi_mnist_dymu.flags", "utkface_dymu.flags"):
+  for name in ("multi_mnist_dymu.flags", "utkface_dymu.flags", "synthetic_dymu.flags"):
     v = parsed(name)
     assert v["dymu_anchor_init"] == "trunk" and v["dymu_task_weights"] == "validation"
     assert v["dymu_depth_factor"] == "paper" and v["dymu_use_gradient"] == "stop"

@@ -550,7 +550,7 @@ def build_registered(tasks: Sequence[tasks_lib.Task], model_options: Mapping[str
                      f"or drop --head_batch_norm.")
   stream_options = dict(options_for_net.get("backbone_kwargs") or {})
   if stream_options:
-    blocks = getattr(branched, f"{backbone}_blocks")
+    blocks = branched.STACKS[backbone]
     known = set(inspect.signature(blocks).parameters) - {"bn_momentum", "bn_axis_name"}
     unknown = sorted(set(stream_options) - known)
     if unknown:
