@@ -32,35 +32,24 @@ def require_number(name: str, lower: float | None = None, upper: float | None = 
                    flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Refuses NaN, infinity and values outside the range of the float flag `name` while the
   flags are parsed, naming the range (absl's own bounds let NaN and infinity through)."""
-  if lower is not None and upper is not None:
-    allowed = (f"in {'(' if open_lower else '['}{lower:g}, {upper:g}"
-               f"{')' if open_upper else ']'}")
-  elif lower is not None:
-    allowed = f"{'>' if open_lower else '>='} {lower:g}"
-  elif upper is not None:
-    allowed = f"{'<' if open_upper else '<='} {upper:g}"
-  else:
-    allowed = ""
-
-  def check(value) -> bool:
-    if value is None:  # the flag's "not set" default
-      return True
-    return (math.isfinite(value)
-            and (lower is None or (value > lower if open_lower else value >= lower))
-            and (upper is None or (value < upper if open_upper else value <= upper)))
-
-  flags.register_validator(name, check, message=f"must be a finite number {allowed}".strip(),
-                           flag_values=flag_values)
+  _require(name, {"low": lower, "high": upper, "open_low": open_lower,
+                  "open_high": open_upper}, float, flag_values)
 
 
 def require_integer(name: str, lower: int, meaning: str = "",
                     flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Refuses values of the integer flag `name` below `lower` while the flags are parsed;
   `meaning` names a sentinel (e.g. "-1 = the backbone's default")."""
-  note = f" ({meaning})" if meaning else ""
-  flags.register_validator(name, lambda value: value is None or value >= lower,
-                           message=f"must be a whole number >= {lower}{note}",
-                           flag_values=flag_values)
+  _require(name, {"low": lower, "meaning": meaning}, int, flag_values)
+
+
+def _require(name: str, bounds: Mapping[str, Any], scalar: type,
+             flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The validator of a number flag in `bounds` (as `methods.options.option`'s metadata)."""
+  flags.register_validator(
+      name, lambda value: value is None or methods_lib.options.in_range(value, bounds),
+      message=f"must be {methods_lib.options.describe_range(bounds, scalar)}",
+      flag_values=flag_values)
 
 
 # --- run ---
@@ -368,7 +357,7 @@ def _list_validator(name: str, config: type, field) -> None:
       return False
 
   kind = "whole numbers" if scalar is int else "numbers"
-  allowed = methods_lib.options.describe_range(field, scalar).split(" ", 3)[-1]
+  allowed = methods_lib.options.describe_range(field.metadata, scalar).split(" ", 3)[-1]
   flags.register_validator(name, check, message=f"must be comma-separated {kind} {allowed}")
 
 
@@ -397,9 +386,7 @@ def _define_method_flags() -> tuple[str, ...]:
       else:
         flags.DEFINE_string(name, field.default, text)
       if scalar in (int, float) and not is_tuple:
-        flags.register_validator(
-            name, lambda value, m=meta: value is None or methods_lib.options.in_range(value, m),
-            message=f"must be {methods_lib.options.describe_range(field, scalar)}")
+        _require(name, meta, scalar)
       for former in meta["former"]:
         flags.DEFINE_alias(former, name)
         aliases.append(former)

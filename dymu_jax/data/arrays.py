@@ -56,6 +56,9 @@ Other keys are ignored. `config.task_spec` says which label arrays are tasks and
 `config.num_train` / `config.num_test` keep a seeded random subset (0 keeps all);
 `config.image_size` > 0 resizes images (bilinear) and dense labels (nearest, so class ids,
 "no label" zeros and unit normals are never blended) to image_size x image_size.
+
+(Over 500 lines: reading a user's own `.npz` means checking every way it can be wrong, each with
+its own sentence; the checks sit next to the reader they guard.)
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ Determinism: example i of a split comes from `np.random.default_rng([seed, split
 Cache: generated examples are kept in memory (filled lazily, on first use) when the whole
 split takes at most `CACHE_LIMIT_BYTES`; larger splits are drawn again on every `get` (about
 1,500 to 2,000 64x64 examples per second of one core, see `benchmarks/data_throughput.py`).
+
+(Over 500 lines: the scene generator and its four per-pixel label renderers are one procedure;
+splitting it would separate the geometry from the labels drawn from it.)
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ controls: one table of its sweeps, then the sections its controls add: the budge
 budget, matched cost, the cost per c and the task affinity for a resource, the deployed
 network's cost otherwise) or of a fixed network (per-task metrics, Delta_m, cost and the
 method's learned structure); `plot(results, output_dir)` draws the plots the results support.
+
+(Over 500 lines: the one renderer of every evaluation, its Markdown and its plots; the sections
+each control space adds live here so that no entry point renders results of its own.)
 """
 
 from __future__ import annotations

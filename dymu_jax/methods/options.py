@@ -145,7 +145,7 @@ class MethodConfig:
             raise ValueError(f"{name(f.name)}={shown} must be "
                              f"{'whole numbers' if scalar is int else 'numbers'}.")
           if not in_range(v, m):
-            raise ValueError(f"{name(f.name)}={shown} must be {describe_range(f, scalar)}.")
+            raise ValueError(f"{name(f.name)}={shown} must be {describe_range(m, scalar)}.")
     self.check_values(name)
     return self
 
@@ -167,10 +167,10 @@ def in_range(value: float, m: Mapping[str, Any]) -> bool:
   return high is None or (value < high if m.get("open_high") else value <= high)
 
 
-def describe_range(f: dataclasses.Field, scalar: type = float) -> str:
-  """The allowed values of a numeric field in words, e.g. "a finite number in (0, 1]" or "a
-  whole number >= 2"."""
-  m = f.metadata
+def describe_range(m: Mapping[str, Any], scalar: type = float) -> str:
+  """The allowed values of a number with the range `m` (an `option`'s metadata: low, high,
+  open_low, open_high, meaning) in words, e.g. "a finite number in (0, 1]" or "a whole number
+  >= 2"."""
   low, high = m.get("low"), m.get("high")
   if low is not None and high is not None:
     text = (f"in {'(' if m.get('open_low') else '['}{low:g}, {high:g}"

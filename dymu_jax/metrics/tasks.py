@@ -50,6 +50,9 @@ Documented approximations:
   code). Probabilities are binned into 100 bins so the state stays small.
 
 This module never imports `dymu_jax.tasks` (which imports it); it dispatches on `task.kind`.
+
+(Over 500 lines: one accumulating metric per task kind, each with its state, update and
+result; they share the masking and merging rules defined at the top.)
 """
 
 from __future__ import annotations

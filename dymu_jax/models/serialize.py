@@ -30,6 +30,10 @@ The folder holds two files:
 Every problem a user can hit (a missing folder or file, a corrupt or hand-edited file, an
 unknown task kind or backbone option) is one `SavedNetworkError` (a ValueError) sentence that
 names the path.
+
+(Over 500 lines: one file format for every kind of network a method deploys, with the writer,
+the reader and the checks that refuse a damaged or foreign file side by side, so the format
+cannot drift between them.)
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ Outputs under `workdir`: `metrics.jsonl` (one JSON object per line, `"split"` "t
 also works), and `checkpoints/`. The run's first lines name these paths. The workdir may be
 on any filesystem `etils.epath` knows (`gs://bucket/run`); everything goes through
 `dymu_jax.files`, and event files through an epath writer registered with tensorboardX.
+
+(Over 500 lines: the loop owns resume, evaluation, logging and checkpoints around one compiled
+step; each is short, and keeping them together keeps "what happens at step k" in one place.)
 """
 
 from __future__ import annotations

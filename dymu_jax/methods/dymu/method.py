@@ -1,5 +1,9 @@
 """The DYMU method: its stages, training losses, controls and deployment (see the package
-docstring)."""
+docstring).
+
+(Over 500 lines: one method class whose stages share the network, the controls and deployment;
+the hypernetworks, regulariser, anchor tools and options live beside it in this package.)
+"""
 
 from __future__ import annotations
 
