@@ -74,3 +74,30 @@ def test_anchor_and_edge_stages_train_and_predict_on_dense_tasks():
   tree = edge.controller(edge_variables).tree((0.25,) * 4, 0.5)
   cost = edge.net.tree_cost(tree, (16, 16, 3))
   assert 0 < cost.macs <= cost.full_macs
+
+
+def test_anchor_on_the_nyud_and_pascal_context_layouts(tmp_path):
+  """The readers' layouts (fixture folders as `test_data_nyud` / `test_data_pascal_context`
+  write them) feed DYMU's dense anchor: every task of each dataset gets a dense head, and
+  one loss and gradient is finite and reaches every head."""
+  from dymu_jax import data as data_lib
+  import test_data_nyud
+  import test_data_pascal_context
+  for name, write in (("nyud", test_data_nyud.write_nyud),
+                      ("pascal_context", test_data_pascal_context.write_pascal)):
+    folder = write(tmp_path / name)
+    source = data_lib.load(data_lib.DataConfig(name=name, data_dir=folder, image_size=16),
+                           "train")
+    batch = source.get(np.arange(2))
+    batch[data_lib.base.VALID_KEY] = np.ones(2, bool)
+    anchor = methods.build("dymu", source.tasks, model_options=MODEL,
+                           method_options={"stage": "anchor", "anchor_init": "shared"})
+    assert len(anchor.net.heads) == len(source.tasks) >= 4
+    assert all(isinstance(h, DenseHead) for h in anchor.net.heads), name
+    variables = test_variables.fill(jax.eval_shape(anchor.init, jax.random.key(0),
+                                                   shapes_of(batch)), seed=1)
+    loss, aux, grads = loss_and_grads(anchor, variables, batch)
+    assert np.isfinite(loss), name
+    for task in source.tasks:
+      assert np.isfinite(float(aux[f"loss/{task.name}"])), (name, task.name)
+      assert_finite_and_moving(grads[f"head_{task.name}"])
