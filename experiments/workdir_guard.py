@@ -27,6 +27,7 @@ import socket
 from typing import Any, Mapping
 
 from dymu_jax import files as files_lib
+from experiments import common
 from experiments import runs
 
 LOCK_FILE = ".dymu_lock"
@@ -71,7 +72,8 @@ def check_resume_flags(workdir: str, current: Mapping[str, Any], *, allow: bool,
   metadata = runs.saved_metadata(workdir)
   if metadata is None:
     return {}
-  saved = metadata.get("run", {}).get("flags") or {}
+  # Options saved under a former name compare under their flag.
+  saved = common.normalise_values(metadata.get("run", {}).get("flags") or {})
   changes = changed_flags(saved, current, ignore_prefix)
   if not changes:
     return {}

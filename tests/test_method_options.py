@@ -192,3 +192,15 @@ def test_a_run_records_its_typed_config_and_flag_files(tmp_path):
       os.path.join(FLAGS_DIR, "synthetic_pcgrad.flags"), str(tmp_path))]
   assert dataclasses.is_dataclass(methods.pcgrad.Config)
   assert cli_help.owner_of("pcgrad_order")[1] == ("pcgrad",)
+
+
+def test_resuming_compares_options_saved_under_their_former_names(monkeypatch, tmp_path):
+  """A run saved with --num_subnets=2 is not resumed with --ecmt_num_subnets=4 unnoticed."""
+  from experiments import runs, workdir_guard
+  saved = {"method": "ecmt", "num_subnets": 2, "kd": "ci_kd"}
+  monkeypatch.setattr(runs, "saved_metadata", lambda workdir: {"run": {"flags": saved}})
+  current = {"method": "ecmt", "ecmt_num_subnets": 4, "ecmt_kd": "ci_kd"}
+  with pytest.raises(ValueError, match="--ecmt_num_subnets 2 -> 4"):
+    workdir_guard.check_resume_flags(str(tmp_path), current, allow=False)
+  assert workdir_guard.check_resume_flags(
+      str(tmp_path), {**current, "ecmt_num_subnets": 2}, allow=False) == {}
