@@ -114,7 +114,6 @@ from dymu_jax.evaluation import report
 from dymu_jax.evaluation import sweep as sweep_lib
 from dymu_jax.metrics import pareto
 from dymu_jax.metrics import tasks as metrics_lib
-from dymu_jax.models import cost as cost_lib
 
 # The default hypervolume reference of a 2-task Multi-MNIST run, in test cross-entropy per digit
 # (issue 22); other runs default to a point just worse than every loss of their sweeps.
@@ -439,7 +438,7 @@ def evaluate_sweep(run: runs.TrainedRun, output_dir: str) -> dict:
     cost = deployed.cost()
     results["sweeps"] = sweeps
     results["cost"] = {"inference_macs": int(cost.macs), "params": int(cost.params),
-                       "trained_params": cost_lib.num_params(run.variables["params"])}
+                       "trained_params": measures.trained_params(run.variables)}
   return results
 
 

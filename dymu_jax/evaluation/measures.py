@@ -11,7 +11,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dymu_jax.metrics import pareto
+from dymu_jax.models import cost as cost_lib
 from dymu_jax.metrics import tasks as metrics_lib
+
+
+def trained_params(variables: Mapping[str, Any]) -> int:
+  """How many parameters a run trains (those under variables["params"]; frozen collections
+  and batch statistics are not counted)."""
+  return int(cost_lib.num_params(variables["params"]))
 
 
 def primary(tasks: Sequence[Any]) -> tuple[list[str], dict[str, str], dict[str, bool]]:
