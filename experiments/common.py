@@ -445,7 +445,7 @@ def build_method(values: Mapping[str, Any] | None = None, tasks=None, *,
                  axis_name: str | None = None, inputs: Mapping[str, Any] | None = None):
   """The method of the flags (or of a saved run's flag `values`) for `tasks`.
 
-  `inputs`: runtime values that are not options (the DYMU stages' frozen inputs,
+  `inputs`: runtime values that are not flags (the DYMU stages' task affinity and weights,
   `experiments.runs.dymu_stage_inputs`); their "task_weights" replace --task_weights.
   """
   v = _values(values)

@@ -60,15 +60,6 @@ ANCHOR_REPORT = "anchor_report.json"
 ANCHOR_REPORT_MD = "anchor_report.md"
 
 
-def _shape_values(values: Mapping[str, Any]) -> dict:
-  """Flags to build a DYMU method only for its variables' shapes: an anchor from a trunk has
-  the shapes of any anchor, so it is built from a random draw instead of the trunk."""
-  values = dict(values)
-  if values.get("method") == "dymu" and values.get("dymu_anchor_init") == "trunk":
-    values["dymu_anchor_init"] = "shared"
-  return values
-
-
 @dataclasses.dataclass
 class TrainedRun:
   """Everything `load_run` rebuilds.
@@ -187,15 +178,12 @@ def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:
     batcher = data_lib.Batcher(train_source, min(config.batch_size, len(train_source)),
                                config.seed)
     sample = {k: np.zeros_like(v) for k, v in batcher.batch(0).items()}
-    inputs = None
-    build_values = _shape_values(values)
-    if values["method"] == "dymu" and values.get("dymu_stage") in ("edge", "weight"):
-      # The checkpoint holds the frozen anchor (and edge hypernetwork): build with zeros of
-      # their shapes, restore, then rebuild with the restored values. The anchor and edge
-      # workdirs the run was trained from need not exist any more.
-      inputs = _dymu_placeholder_inputs(values, train_source.tasks, sample, workdir)
-    method = common.build_method(build_values, train_source.tasks, axis_name=None,
-                                 inputs=inputs)
+    # A stage's checkpoint holds what it started from (DYMU: the frozen anchor and edge
+    # hypernetwork), so the earlier stages' workdirs need not exist any more; the options
+    # measured on them (task affinity and weights) are read from the run's own folder.
+    method = common.build_method(values, train_source.tasks, axis_name=None,
+                                 inputs=_stage_options(values, workdir,
+                                                       len(train_source.tasks)))
     par = train_lib.Parallel("mesh")
     init = state_lib.init_fn(method, config.make_optimizer())
     abstract = par.abstract_state(init, jax.random.PRNGKey(config.seed), sample)
@@ -203,10 +191,6 @@ def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:
     # skipped (left in place: evaluation and export do not change a run's folder).
     step, state, _ = checkpointer.restore_intact(abstract)
   variables = state.variables
-  if inputs is not None:
-    _, edge, _ = method.parts(variables)
-    method = dataclasses.replace(method, anchor_variables=variables["anchor"],
-                                 edge_params=edge if method.stage == "weight" else None)
   return TrainedRun(workdir=workdir, values=values, config=config, step=int(step),
                     method=method, train_source=train_source, test_source=test_source,
                     variables=variables)
@@ -265,25 +249,15 @@ def resolve_workdir(workdir: str) -> str:
   return workdir
 
 
-def _dymu_placeholder_inputs(values: Mapping[str, Any], tasks, sample, workdir: str) -> dict:
-  """Inputs of a DYMU edge/weight method with the right shapes (zeros), for restoring."""
-  key = jax.random.PRNGKey(0)
-  anchor_method = common.build_method({**_shape_values(values), "dymu_stage": "anchor"}, tasks)
-  zeros = lambda shapes: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  anchor = zeros(jax.eval_shape(anchor_method.init, key, sample))
+def _stage_options(values: Mapping[str, Any], workdir: str, num_tasks: int) -> dict | None:
+  """The options a DYMU edge or weight stage was built with besides its flags: the task
+  affinity and weights of its affinity record (None for other runs)."""
+  if values["method"] != "dymu" or values.get("dymu_stage") not in ("edge", "weight"):
+    return None
   record = read_affinity(workdir)
-  num_tasks = len(tasks)
-  inputs = {"anchor_variables": anchor,
-            "affinity": record["affinity"] if record else np.eye(num_tasks).tolist()}
-  if record:
-    inputs["task_weights"] = tuple(record["task_weights"])
-  if values["dymu_stage"] == "weight":
-    edge_method = common.build_method({**_shape_values(values), "dymu_stage": "edge"}, tasks,
-                                      inputs={"anchor_variables": anchor,
-                                              "affinity": inputs["affinity"]})
-    shapes = jax.eval_shape(edge_method.init, key, sample)
-    inputs["edge_params"] = zeros(shapes["params"]["edge_hypernet"])
-  return inputs
+  if record is None:
+    return {"affinity": np.eye(num_tasks).tolist()}
+  return {"affinity": record["affinity"], "task_weights": tuple(record["task_weights"])}
 
 
 def read_affinity(workdir: str) -> dict | None:
@@ -476,26 +450,28 @@ def _affinity_record(anchor_run: TrainedRun, values: Mapping[str, Any], train_so
 
 
 def dymu_stage_inputs(stage: str, values: Mapping[str, Any], train_source, workdir: str, *,
-                      plot: bool = True) -> tuple[dict, dict]:
-  """(inputs for `common.build_method`, a record of where they came from) of a DYMU stage.
+                      plot: bool = True) -> tuple[dict, dict, dict]:
+  """(options for `common.build_method`, the variables the stage starts from for
+  `train.train(..., initial_variables=...)`, a record of where they came from) of a DYMU stage.
 
-  edge: the anchor from `values["dymu_anchor_dir"]` (finished), A and w computed on it (or
-  read from `workdir`). weight: the anchor and edge hypernetwork from the finished edge stage
-  in `values["dymu_edge_dir"]`, A and w copied from there.
+  anchor from a trunk: its streams are copies of the finished pretrain stage's trunk. edge: the
+  frozen anchor of `values["dymu_anchor_dir"]` (finished), with A and w computed on it (or read
+  from `workdir`). weight: the frozen anchor and edge hypernetwork of the finished edge stage
+  in `values["dymu_edge_dir"]`, with A and w copied from there.
   """
   if not _has_input(stage, values):
-    return {}, {}
+    return {}, {}, {}
   folder = _input_dir(stage, values)
   if stage == "anchor":
     trunk_run = _finished_stage(folder, "pretrain", "--dymu_pretrain_dir", values, train_source)
-    return ({"trunk_variables": trunk_run.variables},
+    return ({}, dymu.streams_from_trunk(trunk_run.variables),
             {"pretrain_dir": trunk_run.workdir, "pretrain_step": trunk_run.step})
   if stage == "edge":
     anchor_run = _finished_stage(folder, "anchor", "--dymu_anchor_dir", values, train_source)
     record = _affinity_record(anchor_run, values, train_source, workdir, plot)
-    inputs = {"anchor_variables": anchor_run.variables, "affinity": record["affinity"],
-              "task_weights": tuple(record["task_weights"])}
-    return inputs, {"anchor_dir": anchor_run.workdir, "anchor_step": anchor_run.step}
+    options = {"affinity": record["affinity"], "task_weights": tuple(record["task_weights"])}
+    return (options, {"anchor": anchor_run.variables},
+            {"anchor_dir": anchor_run.workdir, "anchor_step": anchor_run.step})
   edge_run = _finished_stage(folder, "edge", "--dymu_edge_dir", values, train_source)
   record = read_affinity(edge_run.workdir)
   if record is None:
@@ -507,10 +483,10 @@ def dymu_stage_inputs(stage: str, values: Mapping[str, Any], train_source, workd
     if files_lib.is_file(source) and os.fspath(target) != edge_run.workdir:
       files_lib.copy_file(source, target / name)
   variables = edge_run.variables
-  inputs = {"anchor_variables": variables["anchor"],
-            "edge_params": variables["params"]["edge_hypernet"],
-            "affinity": record["affinity"], "task_weights": tuple(record["task_weights"])}
-  return inputs, {"edge_dir": edge_run.workdir, "edge_step": edge_run.step}
+  options = {"affinity": record["affinity"], "task_weights": tuple(record["task_weights"])}
+  initial = {"anchor": variables["anchor"],
+             "edge_hypernet": {"params": variables["params"]["edge_hypernet"]}}
+  return options, initial, {"edge_dir": edge_run.workdir, "edge_step": edge_run.step}
 
 
 # ----------------------------------------------------------------------------------------------

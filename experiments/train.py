@@ -280,8 +280,8 @@ def run_dymu() -> train_lib.TrainResult:
       print(f"DYMU stage {stage}: already trained ({done['steps']} steps) in {workdir}",
             flush=True)
       continue
-    inputs, source = runs.dymu_stage_inputs(stage, values, train_source, workdir,
-                                            plot=is_chief)
+    inputs, initial, source = runs.dymu_stage_inputs(stage, values, train_source, workdir,
+                                                     plot=is_chief)
     _check_resume(workdir, stage, source)
     workdir_guard.check_resume_flags(workdir, values, allow=FLAGS.allow_changed_flags,
                                      ignore_prefix="dymu_")
@@ -304,7 +304,7 @@ def run_dymu() -> train_lib.TrainResult:
     record = common.run_record(config, values, cli_help.FLAG_FILES)
     result = train_lib.train(method, stage_source, test_source, config, workdir,
                              run_metadata={"flags": values, "record": record, "dymu": source},
-                             augment=augment)
+                             augment=augment, initial_variables=initial)
     summary = {"method": "dymu", "dymu_stage": stage, "dataset": FLAGS.dataset,
                "steps": config.steps, "seconds": round(result.seconds, 1),
                "eval": result.eval_metrics, "controls": list(method.control_space().names)}

@@ -6,6 +6,7 @@ that the file stays fast on a shared CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -390,18 +391,20 @@ def test_build_and_stage_messages():
     dymu.build(DIGITS, model_options={**MODEL, "width_choices": (0.5, 1.0)}, stage="anchor")
   with pytest.raises(ValueError, match="Unknown DYMU stage 'search'"):
     dymu.build(DIGITS, model_options=MODEL, stage="search")
+  edge = dymu.build(DIGITS, model_options=MODEL, stage="edge", anchor_variables=anchor_variables)
+  params, model_state = split(edge.init(jax.random.key(0), digits_batch(0)))
   with pytest.raises(ValueError, match="The edge stage needs the task affinity"):
-    dymu.build(DIGITS, model_options=MODEL, stage="edge",
-               anchor_variables=anchor_variables).init(jax.random.key(0), digits_batch(0))
+    edge.loss(params, model_state, digits_batch(0), jax.random.key(1), 0)
   with pytest.raises(ValueError, match=r"The task affinity must be a finite \(2, 2\) matrix"):
     dymu.build(DIGITS, model_options=MODEL, stage="edge", affinity=np.ones((3, 3)))
-  method = dymu.build(DIGITS, model_options=MODEL, stage="weight")
-  with pytest.raises(ValueError, match="DYMU stage 'weight' needs anchor_variables"):
-    method.init(jax.random.key(0), digits_batch(0))
-  method = dymu.build(DIGITS, model_options=MODEL, stage="weight",
-                      anchor_variables=anchor_variables)
-  with pytest.raises(ValueError, match="needs edge_params"):
-    method.init(jax.random.key(0), digits_batch(0))
+  # Without its earlier stages, a stage says what it must start from (train.train checks).
+  assert dymu.build(DIGITS, model_options=MODEL, stage="weight").required_variables() == (
+      "anchor", "edge_hypernet")
+  assert dymu.build(DIGITS, model_options=MODEL, stage="anchor").required_variables() == (
+      "params",)  # anchor_init="trunk": the streams start from the trunk
+  assert edge.required_variables() == ()
+  assert dymu.build(DIGITS, model_options=MODEL, stage="weight",
+                    anchor_variables=anchor_variables).required_variables() == ("edge_hypernet",)
   with pytest.raises(ValueError, match="lambda_active must be a finite number >= 0"):
     dymu.build(DIGITS, model_options=MODEL, stage="anchor", lambda_active=-1.0)
   with pytest.raises(ValueError, match="Unknown DYMU anchor_init 'pretrained'; allowed: "
@@ -411,9 +414,7 @@ def test_build_and_stage_messages():
     dymu.build(DIGITS, model_options=MODEL, stage="edge", depth_factor="x")
   with pytest.raises(ValueError, match="Unknown DYMU use_gradient 'x'"):
     dymu.build(DIGITS, model_options=MODEL, stage="edge", use_gradient="x")
-  with pytest.raises(ValueError, match="DYMU stage 'anchor' needs trunk_variables"):
-    dymu.build(DIGITS, model_options=MODEL, stage="anchor").init(jax.random.key(0),
-                                                                  digits_batch(0))
+
   # 1 / L scaled to mean 1 (the default), or plain 1 / L.
   assert dymu.task_weights_from_losses((2.0, 0.5)) == pytest.approx((0.4, 1.6))
   assert dymu.task_weights_from_losses((2.0, 0.5), normalise=False) == (0.5, 2.0)
@@ -538,3 +539,37 @@ def test_decoder_batch_norm_is_shifted_and_updated():
   np.testing.assert_allclose(base["right"], moved["right"], rtol=1e-6)
   with pytest.raises(ValueError, match="give head_hidden_layers >= 1 or drop head_batch_norm"):
     dymu.build(DIGITS, model_options={**MODEL, "head_batch_norm": True}, stage="anchor")
+
+
+def test_a_stage_starts_from_earlier_variables_given_to_train(tmp_path):
+  """The stage runner's path: the edge stage built without its anchor, the anchor handed to
+  `train.train` as a variable collection, trains exactly as the method given the anchor as a
+  field (same seed, same steps); without the collection it refuses to start."""
+  from dymu_jax import train as train_lib
+  from dymu_jax.data import base as data_base
+  _, anchor_variables = anchor()
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(32, *SHAPE)).astype(np.float32)
+  labels = {t.name: rng.integers(0, 10, 32).astype(np.int32) for t in DIGITS}
+  source = data_base.ArraySource("digits", "train", images, labels, DIGITS)
+  config = train_lib.TrainConfig(steps=2, batch_size=8, progress=False, prefetch=0,
+                                 async_checkpoints=False, log_every=1)
+  options = dict(model_options=MODEL, stage="edge", affinity=((1.0, 0.5), (0.5, 1.0)), **HYPER)
+  as_field = train_lib.train(dymu.build(DIGITS, anchor_variables=anchor_variables, **options),
+                             source, None, config, tmp_path / "field")
+  bare = dymu.build(DIGITS, **options)
+  assert bare.required_variables() == ("anchor",)
+  with pytest.raises(ValueError, match=r"starts from collection\(s\) anchor of an earlier stage"):
+    train_lib.train(bare, source, None, config, tmp_path / "missing")
+  given = train_lib.train(bare, source, None, config, tmp_path / "given",
+                          initial_variables={"anchor": anchor_variables})
+  chex.assert_trees_all_close(given.state.variables, as_field.state.variables, rtol=1e-6)
+  chex.assert_trees_all_equal(given.state.model_state["anchor"], anchor_variables)
+  # Resuming restores the stage's own variables: no collection needed any more.
+  again = train_lib.train(bare, source, None, dataclasses.replace(config, steps=3),
+                          tmp_path / "given")
+  chex.assert_trees_all_equal(again.state.model_state["anchor"], anchor_variables)
+  with pytest.raises(ValueError, match="does not match the method's"):
+    wrong = jax.tree.map(lambda x: x[..., :1], anchor_variables)
+    train_lib.train(bare, source, None, config, tmp_path / "wrong",
+                    initial_variables={"anchor": wrong})

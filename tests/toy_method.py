@@ -84,6 +84,9 @@ class ToyMethod:
   def eval_controls(self):
     return self.controls
 
+  def required_variables(self):
+    return ()
+
 
 def make_arrays(n: int, seed: int):
   """Images in [0, 1] and their labels: brightest third (0..2) and 10 * mean brightness."""

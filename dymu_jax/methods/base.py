@@ -77,6 +77,12 @@ class Method(Protocol):
   def eval_controls(self) -> Sequence[Controls]:
     """The controls the training loop evaluates at each evaluation (default: `[None]`)."""
 
+  def required_variables(self) -> tuple[str, ...]:
+    """Variable collections `init` only stands in for (right shapes, no trained values): a
+    stage of a multi-stage method starts from an earlier stage's variables, restored from its
+    checkpoint and given to `train.train(..., initial_variables=...)`, which refuses to start
+    without them (DYMU's edge stage: ("anchor",)). Default ()."""
+
   # Deployment half (defaults for a fixed network in `MethodBase`).
 
   def control_space(self) -> ControlSpace:
@@ -294,6 +300,10 @@ class MethodBase:
       raise ValueError(f"{', '.join(unknown)} cannot be set when deploying {self.name}; its "
                        f"deployment options are {allowed}.")
     return dataclasses.replace(self, **options) if options else self
+
+  def required_variables(self) -> tuple[str, ...]:
+    """No earlier stage: `init` makes every variable."""
+    return ()
 
   def control_space(self) -> ControlSpace:
     """No controls: the trained network is the deployed one."""

@@ -504,8 +504,8 @@ def _nonfinite_error(method_tasks, step: int, task_index: int, last_checkpoint) 
 def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataSource | None,
           config: TrainConfig, workdir: str | os.PathLike, *,
           run_metadata: Mapping[str, Any] | None = None, optimizer=None,
-          augment: Callable | None = None, devices: Sequence[jax.Device] | None = None
-          ) -> TrainResult:
+          augment: Callable | None = None, devices: Sequence[jax.Device] | None = None,
+          initial_variables: Mapping[str, Any] | None = None) -> TrainResult:
   """Trains `method` on `train_source`, resuming from `workdir`'s newest checkpoint if any.
 
   Args:
@@ -522,6 +522,10 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
       freezes part of the parameters).
     augment: `fn(batch, np_rng) -> batch` applied to training batches (see `Batcher`).
     devices: the devices to run on (default all).
+    initial_variables: variable collections that replace the initialised ones at a fresh start
+      (an earlier stage's variables restored from its checkpoint: DYMU's frozen anchor and
+      edge hypernetwork, or the trunk its anchor starts from); a resumed run restores its own.
+      Every collection in `method.required_variables()` must be given.
 
   Returns:
     A `TrainResult`.
@@ -567,7 +571,13 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
           move_damaged=is_chief)
     earlier_seconds = 0.0  # training time of the processes before this resume
     if restored is None:
-      resumed_from, canonical = None, par.init_state(init, seed_key, sample)
+      missing = [c for c in method.required_variables() if c not in (initial_variables or {})]
+      if missing:
+        raise ValueError(f"The {method.name} method starts from collection(s) "
+                         f"{', '.join(missing)} of an earlier stage; pass them as "
+                         f"train(..., initial_variables={{name: variables}}).")
+      resumed_from = None
+      canonical = par.init_state(init, seed_key, sample, initial_variables)
     else:
       resumed_from, canonical, restored_metadata = restored
       earlier_seconds = float(restored_metadata.get("train_seconds", 0.0) or 0.0)

@@ -144,9 +144,12 @@ class Parallel:
   # -- state -----------------------------------------------------------------------------------
 
   def init_state(self, init_fn: Callable[..., state_lib.TrainState], seed_key: jax.Array,
-                 sample_batch: Mapping[str, np.ndarray]) -> state_lib.TrainState:
-    """The canonical state, built directly on the devices (replicated)."""
-    return jax.jit(init_fn, out_shardings=self.replicated)(seed_key, dict(sample_batch))
+                 sample_batch: Mapping[str, np.ndarray],
+                 initial: Mapping[str, Any] | None = None) -> state_lib.TrainState:
+    """The canonical state, built directly on the devices (replicated); `initial`: collections
+    that replace the initialised ones (`state.init_fn`)."""
+    return jax.jit(init_fn, out_shardings=self.replicated)(seed_key, dict(sample_batch),
+                                                           dict(initial) if initial else None)
 
   def abstract_state(self, init_fn, seed_key, sample_batch) -> PyTree:
     """Shapes, dtypes and shardings of the canonical state, without allocating it."""

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -71,19 +72,41 @@ def create(variables: Mapping[str, PyTree], optimizer: optax.GradientTransformat
 
 
 def init_fn(method, optimizer: optax.GradientTransformation
-            ) -> Callable[[jax.Array, Mapping[str, jax.Array]], TrainState]:
-  """`fn(seed_key, sample_batch) -> TrainState` for `jax.jit(..., out_shardings=...)`.
+            ) -> Callable[..., TrainState]:
+  """`fn(seed_key, sample_batch, initial=None) -> TrainState` for `jax.jit(...)`; `initial`
+  (collection name -> variables) replaces those collections of `method.init`'s variables
+  before the optimizer state is made (`replace_collections`).
 
   The seed key is split into an init key (model weights) and the run key (per-step keys), so
   the same seed gives the same initial weights and the same per-step randomness.
   """
 
-  def init(seed_key, sample_batch):
+  def init(seed_key, sample_batch, initial=None):
     init_key, run_key = jax.random.split(seed_key)
     variables = method.init(init_key, sample_batch)
+    if initial:
+      variables = replace_collections(variables, initial)
     return create(variables, optimizer, run_key)
 
   return init
+
+
+def replace_collections(variables: Mapping[str, PyTree], initial: Mapping[str, PyTree]) -> dict:
+  """`variables` with the collections of `initial` in place of the initialised ones (e.g. an
+  earlier stage's frozen network restored from its checkpoint). Each must have the name,
+  structure, shapes and dtypes of the collection it replaces; one sentence otherwise."""
+  variables = dict(variables)
+  for name, value in initial.items():
+    if name not in variables:
+      raise ValueError(f"The method's variables have no collection {name!r} to start from "
+                       f"(they have {', '.join(sorted(variables))}).")
+    want = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), variables[name])
+    got = jax.tree.map(lambda x: (tuple(np.shape(x)), jnp.dtype(x.dtype)), value)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise ValueError(f"The given {name!r} collection does not match the method's: other "
+                       f"layers, shapes or dtypes (was it trained with other model options?).")
+    variables[name] = value
+  return variables
 
 
 def guard_tripped(nonfinite_step) -> bool:

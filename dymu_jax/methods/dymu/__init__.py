@@ -79,6 +79,15 @@ other collections of the model state):
   pretrain, anchor: {"params": <BranchedNet params>, "batch_stats": ...}
   edge:   {"params": {"edge_hypernet": ...}, "anchor": <anchor variables>}
   weight: {"params": {"weight_hypernet": ...}, "anchor": ..., "edge_hypernet": {"params": ...}}
+
+A stage starts from the earlier stage's variables as those collections: the stage runner
+(`experiments.train`) restores the earlier stage's checkpoint and hands them to
+`train.train(..., initial_variables=...)` (the anchor from a trunk: its "params" and
+"batch_stats", `streams_from_trunk` of the trunk); `DymuMethod.required_variables` names the
+ones a stage needs, and training refuses to start without them. A stage's own checkpoint holds
+them, so a trained stage loads without its earlier stages' folders. In Python they may also be
+given as the method's fields (`trunk_variables`, `anchor_variables`, `edge_params`), which
+`init` then copies in.
 """
 
 from dymu_jax.methods.dymu.anchor import (anchor_task_losses, probe_trees, stream_divergence,

@@ -93,10 +93,11 @@ class DymuMethod(base.MethodBase):
       draw for every stream; "independent", a draw per stream.
     depth_factor: the regulariser's depth factor (`depth_weights`): "paper" or "shifted".
     use_gradient: "stop" (P_use is a usage weight) or "flow" (`branching_regularizer`).
-    trunk_variables: the pretrained trunk's variables (stage "anchor" with
-      anchor_init="trunk").
-    anchor_variables: the trained anchor's variables (stages "edge" and "weight").
-    edge_params: the trained edge hypernetwork's params (stage "weight").
+    trunk_variables, anchor_variables, edge_params: optional: the pretrained trunk's variables
+      (stage "anchor" with anchor_init="trunk"), the trained anchor's (stages "edge" and
+      "weight") and the trained edge hypernetwork's params (stage "weight"), copied in by
+      `init`; without them `init` draws stand-ins of their shapes and training takes them as
+      `train.train(..., initial_variables=...)` (`required_variables`).
     eval_resources: the c values `eval_controls` pairs with the uniform preference.
     name: the method name in logs.
     axis_name: the pmap axis the anchor's batch norms pool over (anchor stage).
@@ -192,14 +193,6 @@ class DymuMethod(base.MethodBase):
   def _weights(self) -> tuple[float, ...]:
     return self.task_weights or (1.0,) * self.num_tasks
 
-  def _require(self, what: str, value):
-    if value is None:
-      hint = {"trunk_variables": "the pretrained trunk's variables (stage 'pretrain')",
-              "anchor_variables": "the trained anchor's variables (stage 'anchor')",
-              "edge_params": "the trained edge hypernetwork's params (stage 'edge')"}[what]
-      raise ValueError(f"DYMU stage {self.stage!r} needs {what}: {hint}.")
-    return value
-
   def parts(self, variables: Mapping[str, PyTree]):
     """(anchor variables, edge hypernet params or None, weight hypernet params or None)."""
     if self.stage in ("pretrain", "anchor") or "anchor" not in variables:
@@ -225,27 +218,44 @@ class DymuMethod(base.MethodBase):
   # -- the Method interface --------------------------------------------------------------------
 
   def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> PyTree:
+    """The stage's variables. What comes from an earlier stage (the trunk, the frozen anchor,
+    the frozen edge hypernetwork) is taken from the fields when given, else drawn as a
+    stand-in of the right shapes that `train.train(..., initial_variables=...)` replaces
+    (`required_variables`) or a restored checkpoint overwrites."""
     images = batch["image"]
     if self.stage == "pretrain":
       return self.net.init(rng, images, "shared")
     if self.stage == "anchor":
-      if self.anchor_init == "trunk":
-        return streams_from_trunk(self._require("trunk_variables", self.trunk_variables))
-      return self.net.init(rng, images, self.anchor_init)
-    anchor = self._require("anchor_variables", self.anchor_variables)
-    if self.stage == "edge" and self.affinity is None:
-      raise ValueError("The edge stage needs the task affinity; compute it on the trained "
-                       "anchor with dymu_jax.methods.affinity.task_affinity.")
+      if self.anchor_init == "trunk" and self.trunk_variables is not None:
+        return streams_from_trunk(self.trunk_variables)
+      return self.net.init(rng, images, "shared" if self.anchor_init == "trunk"
+                           else self.anchor_init)
+    anchor = self.anchor_variables
+    if anchor is None:
+      anchor = self.net.init(jax.random.fold_in(rng, 1), images, "shared")
     r = jnp.full((self.num_tasks,), 1.0 / self.num_tasks, jnp.float32)
     c = jnp.zeros((), jnp.float32)
     if self.stage == "edge":
       edge = self.edge_hypernet().init(rng, r, c)["params"]
       return {"params": {"edge_hypernet": edge}, "anchor": anchor}
-    edge = self._require("edge_params", self.edge_params)
+    edge = self.edge_params
+    if edge is None:
+      edge = self.edge_hypernet().init(jax.random.fold_in(rng, 2), r, c)["params"]
     size, _ = shift_unraveler(anchor)
     weight = self.weight_hypernet(size).init(rng, r, c)["params"]
     return {"params": {"weight_hypernet": weight}, "anchor": anchor,
             "edge_hypernet": {"params": edge}}
+
+  def required_variables(self) -> tuple[str, ...]:
+    """The earlier stages' variables `init` was not given: the trunk's (an anchor from a trunk:
+    its start, in "params"), the frozen anchor ("anchor") and edge hypernetwork
+    ("edge_hypernet")."""
+    if self.stage == "anchor":
+      return ("params",) if self.anchor_init == "trunk" and self.trunk_variables is None else ()
+    needed = () if self.anchor_variables is not None or self.stage == "pretrain" else ("anchor",)
+    if self.stage == "weight" and self.edge_params is None:
+      needed += ("edge_hypernet",)
+    return needed
 
   def _task_losses(self, predictions, batch) -> dict[str, jax.Array]:
     return {t.name: t.loss(predictions[t.name], batch[t.name]) for t in self.tasks}
@@ -269,6 +279,9 @@ class DymuMethod(base.MethodBase):
     anchor, edge, weight = self.parts(variables)
     aux = {}
     if self.stage == "edge":
+      if self.affinity is None:
+        raise ValueError("The edge stage needs the task affinity; compute it on the trained "
+                         "anchor with dymu_jax.methods.affinity.task_affinity.")
       logits = self.parent_logits(edge, r, c)
       tau = temperature(step, self.initial_temperature, self.temperature_decay,
                         self.temperature_every)
