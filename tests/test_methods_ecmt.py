@@ -485,12 +485,18 @@ def test_build_options_and_messages():
   assert method.width_choices == method.model.width_choices == (0.5, 1.0)
   with pytest.raises(ValueError, match="Unknown ECMT option\\(s\\) lamda_kd; allowed: "):
     lenet_method(lamda_kd=1.0)
-  with pytest.raises(ValueError, match="num_subnets must be an integer >= 2"):
+  # Checked by ecmt.Config through the registry, before anything is built.
+  with pytest.raises(ValueError, match="ECMT options: num_subnets=1 must be a whole number >= 2"):
     lenet_method(num_subnets=1)
-  with pytest.raises(ValueError, match="Unknown kd mode 'both'; allowed: ci_kd, mutual, none"):
+  with pytest.raises(ValueError, match="kd='both' is not allowed; choose one of ci_kd, mutual, "
+                                       "none"):
     lenet_method(kd="both")
-  with pytest.raises(ValueError, match="lambda_kd must be a finite number >= 0, got -1"):
+  with pytest.raises(ValueError, match="lambda_kd=-1.0 must be a finite number >= 0"):
     lenet_method(lambda_kd=-1.0)
+  # And by the method itself when built directly.
+  with pytest.raises(ValueError, match="num_subnets must be an integer >= 2"):
+    ecmt.ECMTMethod(DIGITS, lenet_method().model, num_subnets=1,
+                    width_choices=lenet_method().width_choices)
   with pytest.raises(ValueError, match="width_choices must be distinct multipliers"):
     lenet_method(width_choices=(0.5, 0.5))
   with pytest.raises(ValueError, match="Got 3 task weights for 2 tasks"):
