@@ -26,18 +26,16 @@ from absl import flags
 import jax
 import numpy as np
 
+from benchmarks import step_speed
 from dymu_jax import data as data_lib
 from dymu_jax import methods as methods_lib
-from dymu_jax import train as train_lib
-from dymu_jax.train import state as state_lib
 
 _SIZE = flags.DEFINE_integer("image_size", 64, "Image side length (synthetic scenes).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Batch size.")
 _HEAD = flags.DEFINE_integer("head_width", 64, "Hidden width of the dense heads.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per run.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating rounds (the median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup_steps", 2, "Untimed steps after compiling.")
+# --steps, --repeats and --warmup_steps are `benchmarks.step_speed`'s flags.
 
+FLAGS = flags.FLAGS
 STAGES = ("static", "anchor", "edge", "weight")
 
 
@@ -64,30 +62,14 @@ def build_methods(tasks, sample) -> dict:
 
 
 def compiled_step(method, batches):
-  """(run(num_steps) -> seconds, XLA FLOPs of one step, XLA bytes of one step)."""
-  par = train_lib.Parallel("mesh")
-  optimizer = train_lib.TrainConfig().make_optimizer()
-  device_batches = [par.shard_batch(b) for b in batches]
-  state = par.place_state(par.init_state(state_lib.init_fn(method, optimizer),
-                                         jax.random.PRNGKey(0), batches[0]))
-  step_fn = par.compile_step(method, optimizer, method.tasks)
-  compiled = step_fn.lower(state, device_batches[0]).compile()
+  """(run(num_steps) -> seconds, XLA FLOPs of one step, XLA bytes of one step): the step of
+  `step_speed.step_runner`, with XLA's analyses of its compiled program."""
+  run, compiled = step_speed.step_runner(method, batches, with_compiled=True)
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   memory = compiled.memory_analysis()
   nbytes = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
             + memory.output_size_in_bytes - memory.alias_size_in_bytes) if memory else 0
-  holder = {"state": state}
-
-  def run(num_steps: int) -> float:
-    state, metrics = holder["state"], None
-    start = time.perf_counter()
-    for i in range(num_steps):
-      state, metrics = step_fn(state, device_batches[i % len(device_batches)])
-    jax.block_until_ready((state, metrics))
-    holder["state"] = state
-    return time.perf_counter() - start
-
   return run, float(analysis.get("flops", float("nan"))), nbytes
 
 
@@ -101,19 +83,19 @@ def main(argv):
   batches = [batcher.batch(i) for i in range(4)]
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, load average "
         f"{os.getloadavg()[0]:.1f}; synthetic scenes {size}x{size}, batch {batch}, tasks "
-        f"{', '.join(t.name for t in source.tasks)}; {_STEPS.value} steps per run, median of "
-        f"{_REPEATS.value} alternating runs", flush=True)
+        f"{', '.join(t.name for t in source.tasks)}; {FLAGS.steps} steps per run, median of "
+        f"{FLAGS.repeats} alternating runs", flush=True)
   built = build_methods(source.tasks, {"image": batches[0]["image"][:1]})
   runners, flops, memory = {}, {}, {}
   for name in STAGES:
     start = time.perf_counter()
     runners[name], flops[name], memory[name] = compiled_step(built[name], batches)
-    runners[name](_WARMUP.value)
+    runners[name](FLAGS.warmup_steps)
     print(f"  compiled {name} in {time.perf_counter() - start:.0f} s", flush=True)
   rates = {name: [] for name in STAGES}
-  for _ in range(_REPEATS.value):
+  for _ in range(FLAGS.repeats):
     for name in STAGES:
-      rates[name].append(_STEPS.value * batch / runners[name](_STEPS.value))
+      rates[name].append(FLAGS.steps * batch / runners[name](FLAGS.steps))
   medians = {name: statistics.median(r) for name, r in rates.items()}
   print(f"{'step':<8}{'samples/s':>10}{'vs static':>11}{'theory':>9}{'memory MB':>11}   runs")
   for name in STAGES:

@@ -137,9 +137,11 @@ def project_runner(model: str, batches, plain: bool = False, with_hlo: bool = Fa
   return step_runner(method, batches, plain, with_hlo)
 
 
-def step_runner(method, batches, plain: bool = False, with_hlo: bool = False):
+def step_runner(method, batches, plain: bool = False, with_hlo: bool = False,
+                with_compiled: bool = False):
   """`run(num_steps) -> seconds` of `method`'s compiled, state-donating train step (the one
-  `dymu_jax.train.train` runs), fed device batches; compiled and run once here."""
+  `dymu_jax.train.train` runs), fed device batches; compiled and run once here. With
+  `with_compiled`, returns `(run, the compiled step)` (for XLA's cost and memory analyses)."""
   par = train_lib.Parallel("mesh")
   optimizer = train_lib.TrainConfig().make_optimizer()  # Adam, 1e-3
   device_batches = [par.shard_batch(b) for b in batches]
@@ -147,7 +149,9 @@ def step_runner(method, batches, plain: bool = False, with_hlo: bool = False):
     state = par.place_state(par.init_state(
         state_lib.init_fn(method, optimizer), jax.random.PRNGKey(0), batches[0]))
     step_fn = par.compile_step(method, optimizer, method.tasks)
-    hlo = step_fn.lower(state, device_batches[0]).compile().as_text() if with_hlo else None
+    compiled = (step_fn.lower(state, device_batches[0]).compile()
+                if with_hlo or with_compiled else None)
+    hlo = compiled.as_text() if with_hlo else None
     state, metrics = step_fn(state, device_batches[0])
     jax.block_until_ready(metrics)
   holder = {"state": state}
@@ -162,6 +166,8 @@ def step_runner(method, batches, plain: bool = False, with_hlo: bool = False):
     holder["state"] = state
     return seconds
 
+  if with_compiled:
+    return run, compiled
   return (run, hlo) if with_hlo else run
 
 

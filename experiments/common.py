@@ -357,14 +357,15 @@ def _list_validator(name: str, config: type, field) -> None:
       return False
 
   kind = "whole numbers" if scalar is int else "numbers"
-  allowed = methods_lib.options.describe_range(field.metadata, scalar).split(" ", 3)[-1]
-  flags.register_validator(name, check, message=f"must be comma-separated {kind} {allowed}")
+  allowed = methods_lib.options.range_text(field.metadata)
+  flags.register_validator(name, check,
+                           message=f"must be comma-separated {kind} {allowed}".strip())
 
 
 def _define_method_flags() -> tuple[str, ...]:
   """Defines the flags of every registered config; returns the alias (former) names."""
   aliases = []
-  for config, owners in config_owners().items():
+  for config in config_owners():
     types = config.types()
     for field in config.fields():
       name, meta = flag_name(config, field.name), field.metadata

@@ -167,10 +167,9 @@ def in_range(value: float, m: Mapping[str, Any]) -> bool:
   return high is None or (value < high if m.get("open_high") else value <= high)
 
 
-def describe_range(m: Mapping[str, Any], scalar: type = float) -> str:
-  """The allowed values of a number with the range `m` (an `option`'s metadata: low, high,
-  open_low, open_high, meaning) in words, e.g. "a finite number in (0, 1]" or "a whole number
-  >= 2"."""
+def range_text(m: Mapping[str, Any]) -> str:
+  """The range `m` (an `option`'s metadata: low, high, open_low, open_high, meaning) in words,
+  e.g. "in (0, 1]", ">= 2 (the largest and smallest SubNets plus random ones)" or ""."""
   low, high = m.get("low"), m.get("high")
   if low is not None and high is not None:
     text = (f"in {'(' if m.get('open_low') else '['}{low:g}, {high:g}"
@@ -182,8 +181,14 @@ def describe_range(m: Mapping[str, Any], scalar: type = float) -> str:
   else:
     text = ""
   note = f" ({m['meaning']})" if m.get("meaning") else ""
+  return f"{text}{note}".strip()
+
+
+def describe_range(m: Mapping[str, Any], scalar: type = float) -> str:
+  """A number in the range `m` in words, e.g. "a finite number in (0, 1]" or "a whole number
+  >= 2"."""
   kind = "a whole number" if scalar is int else "a finite number"
-  return f"{kind} {text}{note}".strip()
+  return f"{kind} {range_text(m)}".strip()
 
 
 @dataclasses.dataclass(frozen=True)
