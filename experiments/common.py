@@ -426,12 +426,6 @@ def method_config(values: Mapping[str, Any] | None = None):
   return config.from_options(options).check(lambda field: f"--{flag_name(config, field)}")
 
 
-def dymu_stage_steps(values: Mapping[str, Any] | None = None) -> dict[str, int]:
-  """Optimizer steps per DYMU stage (`dymu.Config.steps_per_stage` of the flags)."""
-  v = _values(values)
-  return method_config(v).steps_per_stage(v["steps"], lambda f: f"--dymu_{f}")
-
-
 def run_record(train_config, values: Mapping[str, Any] | None = None,
                flag_files: Sequence[str] = ()) -> dict:
   """What a run was made of, typed: {method, method_config, data, model, train, flag_files}
@@ -446,8 +440,8 @@ def build_method(values: Mapping[str, Any] | None = None, tasks=None, *,
                  axis_name: str | None = None, inputs: Mapping[str, Any] | None = None):
   """The method of the flags (or of a saved run's flag `values`) for `tasks`.
 
-  `inputs`: runtime values that are not flags (the DYMU stages' task affinity and weights,
-  `experiments.runs.dymu_stage_inputs`); their "task_weights" replace --task_weights.
+  `inputs`: runtime values that are not flags (options a stage measured on its earlier stage,
+  `dymu_jax.train.stages.StageStart.options`); their "task_weights" replace --task_weights.
   """
   v = _values(values)
   inputs = dict(inputs or {})

@@ -112,6 +112,7 @@ from dymu_jax.train import loop as loop_lib
 from dymu_jax.evaluation import measures
 from dymu_jax.evaluation import report
 from dymu_jax.evaluation import sweep as sweep_lib
+from dymu_jax.methods import affinity as affinity_lib
 from dymu_jax.metrics import pareto
 from dymu_jax.metrics import tasks as metrics_lib
 
@@ -327,19 +328,19 @@ def _resources() -> list[float]:
 
 def _affinity_for_report(run, output_dir: str) -> dict | None:
   """The run's affinity record, with its heat map copied (or drawn) into `output_dir`."""
-  record = runs.read_affinity(run.workdir)
+  record = affinity_lib.read_record(run.workdir)
   if record is None:
     return None
   record = dict(record, heatmap=None)
   if FLAGS.plots:
-    source = files_lib.run_path(run.workdir) / runs.AFFINITY_PLOT
-    target = files_lib.run_path(output_dir) / runs.AFFINITY_PLOT
+    source = files_lib.run_path(run.workdir) / affinity_lib.RECORD_PLOT
+    target = files_lib.run_path(output_dir) / affinity_lib.RECORD_PLOT
     if files_lib.is_file(source):
       if source != target:
         files_lib.copy_file(source, target)
     else:
-      runs.plot_affinity(record, target)
-    record["heatmap"] = runs.AFFINITY_PLOT
+      affinity_lib.plot_record(record, target)
+    record["heatmap"] = affinity_lib.RECORD_PLOT
   return record
 
 

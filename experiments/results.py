@@ -236,8 +236,9 @@ def load_runs(patterns: Sequence[str]) -> tuple[list[dict], list[str]]:
       notes.append(f"{folder}: {error}; rerun its training command to rewrite it")
       continue
     values = saved_flags(folder)
-    if values is None and summary.get("dymu_stage") == "all":
-      values = dymu_parent_flags(folder, summary)
+    if values is None and isinstance(summary.get("stages"), dict):
+      # A run in stages: the command's flags (older DYMU parents: rebuilt from a stage's).
+      values = summary.get("flags") or dymu_parent_flags(folder, summary)
     if values is None:
       notes.append(f"{folder}: no checkpoint")
       continue

@@ -6,22 +6,17 @@ r"""Train a (controllable) multi-task model.
 A run resumes from the newest checkpoint in `--workdir` (same flags, same seed): killing and
 restarting it loses at most the steps since the last checkpoint. `--helpfull` lists every flag.
 
-DYMU (`--method=dymu`) trains in stages: `--dymu_stage=all` (the default) runs the pretrained
-trunk (with `--dymu_anchor_init=trunk`, the default), anchor, edge and weight stages in sequence
-in `<workdir>/pretrain`, `<workdir>/anchor`, `<workdir>/edge` and `<workdir>/weight` (steps:
-`--dymu_pretrain_steps`, `--dymu_stage_steps`), each resuming from its own checkpoints, and
-writes `<workdir>/summary.json`; with `--dymu_anchor_dir=DIR` it trains only the edge and
-weight stages, on that finished anchor. `--dymu_stage=edge --dymu_anchor_dir=DIR` or
-`--dymu_stage=weight --dymu_edge_dir=DIR` trains one stage in `--workdir` on a finished earlier
-stage. The edge stage writes the task affinity and the task weights to `dymu_affinity.json`
-(heat map: `dymu_affinity.png`) in its folder.
+A method trained in stages (`--method=dymu`: pretrained trunk, anchor, edge and weight) runs
+each stage in `<workdir>/<stage>` through the library's stage runner (`dymu_jax.train.stages`;
+the stages come from the method's config, `MethodConfig.plan`, and its flags say which to run
+and on which finished earlier stage), each resuming from its own checkpoints, and writes
+`<workdir>/summary.json` with every stage's summary and the command's flags.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 
 from absl import app
 from absl import flags
@@ -37,6 +32,7 @@ from experiments import workdir_guard
 from dymu_jax import methods as methods_lib
 from dymu_jax import train as train_lib
 from dymu_jax.data import augment as augment_lib
+from dymu_jax.train import stages as stages_lib
 
 flags.DEFINE_enum("method", "static", list(methods_lib.METHODS),
                   "Training method: " + "; ".join(f"{k}: {v}"
@@ -104,8 +100,9 @@ def train_config() -> train_lib.TrainConfig:
       compute_dtype=FLAGS.compute_dtype)
 
 
-def run() -> train_lib.TrainResult:
-  """Builds everything from the flags and trains; returns the result.
+def run() -> dict[str, dict]:
+  """Builds everything from the flags and trains every stage of the method's plan; returns
+  {stage name ("" for a run of one stage): its summary}.
 
   One training command at a time per workdir (`workdir_guard.WorkdirLock`), and a resumed run
   keeps its flags (`workdir_guard.check_resume_flags`; `--allow_changed_flags` overrides).
@@ -114,13 +111,15 @@ def run() -> train_lib.TrainResult:
     raise app.UsageError("--workdir is required: the folder for checkpoints and metrics.")
   cli_help.check_method_flags(FLAGS.method, cli_help.given_flags())
   common.check_task_weights()
-  common.method_config()  # the method's own options, before any data is read
+  config = common.method_config()  # the method's own options, before any data is read
+  plan = config.plan(FLAGS.workdir, FLAGS.steps,
+                     name=lambda field: "--" + common.flag_name(type(config), field))
   train_lib.initialize_distributed(FLAGS.multi_host)
   root = common.ensure_workdir(FLAGS.workdir)
   lock = (workdir_guard.WorkdirLock(root) if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:
-    return run_dymu() if FLAGS.method == "dymu" else run_single()
+    return run_plan(config, plan, root)
 
 
 def _augment(train_source):
@@ -134,21 +133,21 @@ def _augment(train_source):
   return augment_lib.make_augment(train_source.tasks)
 
 
-def run_single() -> train_lib.TrainResult:
-  """Trains every method but DYMU in --workdir."""
-  config = train_config()
-  train_source, test_source = common.load_sources()
-  method = common.build_method(tasks=train_source.tasks,
-                               axis_name=train_lib.method_axis_name(FLAGS.parallel))
-  common.check_data_fits(train_source, FLAGS.batch_size)
-  augment = _augment(train_source)
-  workdir = common.ensure_workdir(FLAGS.workdir)
-  logging.info("Training %s on %r (%d train, %d test examples) in %s", FLAGS.method,
-               train_source.name, len(train_source), len(test_source), workdir)
-  workdir_guard.check_resume_flags(workdir, common.flag_values(),
-                                   allow=FLAGS.allow_changed_flags)
-  metadata = {"flags": common.flag_values(),
-              "record": common.run_record(config, flag_files=cli_help.FLAG_FILES)}
+def stage_values(config, stage: stages_lib.Stage) -> dict:
+  """The flags saved with a stage: the command's, with the stage's own method options (which
+  stage, its input folders), folder and steps, so `runs.load_run` rebuilds it alone."""
+  values = common.flag_values()
+  for field in type(config).fields():
+    if getattr(stage.config, field.name) != getattr(config, field.name):
+      values[common.flag_name(type(config), field.name)] = getattr(stage.config, field.name)
+  if stage.name:
+    values.update(workdir=stage.folder, steps=stage.steps)
+  return values
+
+
+def _run_metadata(values: dict, config, train_source, source: dict) -> dict:
+  metadata = {"flags": values, "record": common.run_record(config, values, cli_help.FLAG_FILES),
+              stages_lib.SOURCE_KEY: source}
   if getattr(train_source, "input_stats", None):  # feature vectors: the standardisation used
     metadata["input_stats"] = {k: np.asarray(v).tolist()
                                for k, v in train_source.input_stats.items()}
@@ -156,178 +155,78 @@ def run_single() -> train_lib.TrainResult:
             for t in train_source.tasks if t.label_offset != 0.0 or t.label_scale != 1.0}
   if scaled:  # regression predicted in (label - offset) / scale; Task.label_units maps back
     metadata["regression_label_units"] = scaled
-  # A finished run re-run keeps its training time: the no-op resume is not the run's cost.
-  finished = _finished_summary(workdir, config.steps)
-  result = train_lib.train(method, train_source, test_source, config, workdir,
-                           run_metadata=metadata, augment=augment)
-  seconds = finished["seconds"] if finished and "seconds" in finished else result.seconds
-  summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "steps": config.steps,
-             "seconds": round(seconds, 1), "eval": result.eval_metrics,
-             "controls": list(method.control_space().names)}
-  files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)
-  # Methods with a learned structure write it next to the run (gradsplit: routing + heat map).
-  if jax.process_index() == 0:
-    for name, record in method.artefacts(result.state.variables, workdir,
-                                         step=config.steps).items():
-      print(f"wrote {record['file']} ({name})")
-  print(common.format_eval(result.eval_metrics, train_source.tasks, result.eval_labelled))
-  if finished:
-    print(f"already trained ({config.steps} steps, {seconds:.1f} s); results in {workdir}")
-  else:
-    print(f"wall time {result.seconds:.1f} s; results in {workdir}")
-  return result
+  return metadata
 
 
-# ----------------------------------------------------------------------------------------------
-# DYMU: three stages (METHODS.md section 1).
-
-
-def _dymu_plan() -> tuple[tuple[str, ...], dict[str, str], dict[str, str]]:
-  """(stages to train, their folders, {input stage: folder}) of the DYMU flags.
-
-  --dymu_stage=all trains every stage in <workdir>/<stage> (pretrain only with
-  --dymu_anchor_init=trunk); with --dymu_anchor_dir it trains the edge and weight stages on
-  that finished anchor instead (ablations that share one anchor). A single stage trains in
-  --workdir on --dymu_pretrain_dir (anchor from a trunk), --dymu_anchor_dir (edge) or
-  --dymu_edge_dir (weight). Input folders a stage would not read stop with one sentence.
-  """
-  root = files_lib.run_dir(FLAGS.workdir)
-  given = lambda path: files_lib.run_dir(path) if path else ""
-  inputs = {"pretrain": given(FLAGS.dymu_pretrain_dir), "anchor": given(FLAGS.dymu_anchor_dir),
-            "edge": given(FLAGS.dymu_edge_dir)}
-  stages = common.method_config().stages()
-  readers = {"pretrain": ("anchor",), "anchor": ("edge", "all"), "edge": ("weight",)}
-  for key, allowed in readers.items():
-    if inputs[key] and FLAGS.dymu_stage not in allowed:
-      raise ValueError(f"--dymu_{key}_dir is read by --dymu_stage={' or '.join(allowed)}, not "
-                       f"by --dymu_stage={FLAGS.dymu_stage}" + (
-                           f" (which trains its own {key} stage in <workdir>/{key})"
-                           if FLAGS.dymu_stage == "all" else "") + "; drop it.")
-  if len(stages) == 1:
-    return stages, {stages[0]: root}, inputs
-  if inputs["anchor"]:
-    stages = ("edge", "weight")
-  folders = {stage: os.fspath(files_lib.run_path(root) / stage) for stage in stages}
-  for stage in stages:
-    key = runs._INPUT_STAGE.get(stage)  # pylint: disable=protected-access
-    if key in folders:
-      inputs[key] = folders[key]
-  if inputs["anchor"] in (root, *folders.values()) and "anchor" not in folders:
-    raise ValueError(f"--dymu_anchor_dir={FLAGS.dymu_anchor_dir} is this run's own folder; "
-                     f"give the workdir of another, finished anchor stage.")
-  return stages, folders, inputs
-
-
-def _finished_summary(workdir: str, steps: int) -> dict | None:
-  """The summary of a stage that already reached `steps` in `workdir`, or None."""
-  path = files_lib.run_path(workdir) / "summary.json"
-  if runs.latest_step(workdir) != steps or not files_lib.is_file(path):
-    return None
-  try:
-    summary = files_lib.read_json(path)
-  except files_lib.DamagedFile as error:
-    print(f"{error}; evaluating the stage's final checkpoint again to rewrite it.", flush=True)
-    return None
-  return summary if isinstance(summary, dict) and summary.get("steps") == steps else None
-
-
-def _check_resume(workdir: str, stage: str, source: dict) -> None:
-  """A stage resumed in `workdir` must continue on the same inputs it started from."""
-  metadata = runs.saved_metadata(workdir)
-  if metadata is None:
-    return
-  saved = metadata.get("run", {}).get("dymu")
-  if saved is not None and saved != source:
-    raise ValueError(f"The {stage} stage in {workdir} was started from {saved}, but its input "
-                     f"is now {source}; resume with the same input or use a new workdir.")
-
-
-def run_dymu() -> train_lib.TrainResult:
-  """Trains the DYMU stages of --dymu_stage; each resumes from its own checkpoints.
-
-  --dymu_stage=all trains <workdir>/anchor, then <workdir>/edge on it, then <workdir>/weight on
-  that (with --dymu_anchor_dir: only edge and weight, on that anchor), and writes
-  <workdir>/summary.json with every stage's summary. A single stage trains in --workdir. A
-  finished stage is not trained again: re-running the command continues where it stopped.
-
-  Returns the last trained stage's result (None when every stage had already finished).
-  """
-  stages, folders, input_dirs = _dymu_plan()
-  stage_steps = common.dymu_stage_steps()
+def run_plan(config, plan: tuple[stages_lib.Stage, ...], root: str) -> dict[str, dict]:
+  """Trains the stages of `plan` (`stages.run_stages`); a run in stages also writes
+  <workdir>/summary.json with every stage's summary."""
   train_source, test_source = common.load_sources()
   augment = _augment(train_source)
-  root = common.ensure_workdir(FLAGS.workdir)
   axis_name = train_lib.method_axis_name(FLAGS.parallel)
-  summaries, result = {}, None
-  for stage in stages:
-    workdir = common.ensure_workdir(folders[stage])
-    # The flags saved with the stage describe it alone, so runs.load_run rebuilds it.
-    values = {**common.flag_values(), "dymu_stage": stage, "workdir": workdir,
-              "steps": stage_steps[stage], "dymu_pretrain_dir": input_dirs["pretrain"],
-              "dymu_anchor_dir": input_dirs["anchor"], "dymu_edge_dir": input_dirs["edge"]}
-    is_chief = jax.process_index() == 0
-    done = _finished_summary(workdir, stage_steps[stage])
-    if done is not None:
-      # Finished: check that its input is still the one it was trained on, and move on.
-      source = runs.dymu_stage_source(stage, values)
-      _check_resume(workdir, stage, source)
-      if stage == "edge":
-        runs.check_affinity(workdir, runs.affinity_signature(values, source["anchor_dir"],
-                                                             source["anchor_step"]))
-      workdir_guard.check_resume_flags(workdir, values, allow=FLAGS.allow_changed_flags,
-                                       ignore_prefix="dymu_")
-      summaries[stage] = {**done, "workdir": workdir}
-      print(f"DYMU stage {stage}: already trained ({done['steps']} steps) in {workdir}",
-            flush=True)
-      continue
-    inputs, initial, source = runs.dymu_stage_inputs(stage, values, train_source, workdir,
-                                                     plot=is_chief)
-    _check_resume(workdir, stage, source)
-    workdir_guard.check_resume_flags(workdir, values, allow=FLAGS.allow_changed_flags,
-                                     ignore_prefix="dymu_")
+  is_chief = jax.process_index() == 0
+  title = type(config).TITLE or FLAGS.method
+  staged = any(stage.name for stage in plan)
+
+  def load(folder: str, stage_name: str) -> stages_lib.Finished:
+    run = runs.finished_run(folder, stage_name, common.flag_values(), train_source)
+    return stages_lib.Finished(run.workdir, run.step, run.method, run.variables)
+
+  def check(stage: stages_lib.Stage) -> None:
+    prefix = type(config).PREFIX + "_" if staged and type(config).PREFIX else ""
+    workdir_guard.check_resume_flags(stage.folder, stage_values(config, stage),
+                                     allow=FLAGS.allow_changed_flags, ignore_prefix=prefix)
+
+  def train_stage(stage, start, source, stage_source) -> dict:
+    values = stage_values(config, stage)
+    workdir = common.ensure_workdir(stage.folder)
     method = common.build_method(values, train_source.tasks, axis_name=axis_name,
-                                 inputs=inputs)
+                                 inputs=dict(start.options) or None)
     common.check_data_fits(train_source, FLAGS.batch_size, values)  # before any tracing
-    config = dataclasses.replace(train_config(), steps=stage_steps[stage])
-    if stage == "anchor" and FLAGS.dymu_anchor_learning_rate:
-      config = dataclasses.replace(config, learning_rate=FLAGS.dymu_anchor_learning_rate)
-    stage_source, validation_source = train_source, None
-    if stage in ("pretrain", "anchor"):
-      # These stages never see the held-out examples that set the task weights.
-      stage_source, validation_source = runs.dymu_train_split(values, train_source)
-    print(f"DYMU stage {stage}: {config.steps} steps at learning rate {config.learning_rate:g} "
-          f"on {len(stage_source)} training examples in {workdir}", flush=True)
-    if stage == "edge" and is_chief:
-      record = runs.read_affinity(workdir)
-      print(f"task affinity A = {record['affinity']}; task weights w = "
-            f"{record['task_weights']} (wrote {files_lib.run_path(workdir) / runs.AFFINITY_FILE})")
-    record = common.run_record(config, values, cli_help.FLAG_FILES)
-    result = train_lib.train(method, stage_source, test_source, config, workdir,
-                             run_metadata={"flags": values, "record": record, "dymu": source},
-                             augment=augment, initial_variables=initial)
-    summary = {"method": "dymu", "dymu_stage": stage, "dataset": FLAGS.dataset,
-               "steps": config.steps, "seconds": round(result.seconds, 1),
-               "eval": result.eval_metrics, "controls": list(method.control_space().names)}
+    train_config_ = dataclasses.replace(train_config(), steps=stage.steps)
+    if stage.learning_rate:
+      train_config_ = dataclasses.replace(train_config_, learning_rate=stage.learning_rate)
+    if stage.name:
+      print(f"{title} stage {stage.name}: {stage.steps} steps at learning rate "
+            f"{train_config_.learning_rate:g} on {len(stage_source)} training examples in "
+            f"{workdir}", flush=True)
+    else:
+      logging.info("Training %s on %r (%d train, %d test examples) in %s", FLAGS.method,
+                   train_source.name, len(stage_source), len(test_source), workdir)
+    result = train_lib.train(method, stage_source, test_source, train_config_, workdir,
+                             run_metadata=_run_metadata(values, train_config_, train_source,
+                                                        source),
+                             augment=augment, initial_variables=dict(start.variables) or None)
+    summary = {"method": FLAGS.method, **({"stage": stage.name} if stage.name else {}),
+               "dataset": FLAGS.dataset, "steps": stage.steps,
+               "seconds": round(result.seconds, 1), "eval": result.eval_metrics,
+               "controls": list(method.control_space().names)}
     if is_chief:
       files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)
-    summaries[stage] = {**summary, "workdir": workdir}
+      # Methods with a learned structure write it next to the run (gradsplit: routing + map).
+      for name, record in method.artefacts(result.state.variables, workdir,
+                                           step=stage.steps).items():
+        print(f"wrote {record['file']} ({name})")
     print(common.format_eval(result.eval_metrics, train_source.tasks, result.eval_labelled))
-    if stage == "anchor" and is_chief:
-      # Whether sharing can work on this anchor: on held-out examples (else the test set).
-      report_source = validation_source if validation_source is not None else test_source
-      print(runs.write_anchor_report(runs.load_run(workdir), report_source, workdir))
-    print(f"stage {stage}: wall time {result.seconds:.1f} s; results in {workdir}", flush=True)
-  if len(stages) > 1 and jax.process_index() == 0:
-    last = summaries[stages[-1]]
-    summary = {"method": "dymu", "dymu_stage": "all", "dataset": FLAGS.dataset,
-               "anchor_dir": input_dirs["anchor"],
+    label = f"{stage.label}: " if stage.name else ""
+    print(f"{label}wall time {result.seconds:.1f} s; results in {workdir}", flush=True)
+    return summary
+
+  summaries = stages_lib.run_stages(plan, train_source=train_source, test_source=test_source,
+                                    seed=FLAGS.seed, load=load, train_stage=train_stage,
+                                    check=check, is_chief=is_chief, title=title)
+  if len(plan) > 1 and is_chief:
+    last = summaries[plan[-1].name]
+    # The command's own flags: what trains the whole run again (each stage saved its own).
+    summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "flags": common.flag_values(),
                "steps": sum(s["steps"] for s in summaries.values()),
                "seconds": round(sum(s["seconds"] for s in summaries.values()), 1),
                "eval": last["eval"], "controls": last.get("controls", []),
                "stages": summaries}
     files_lib.write_json(files_lib.run_path(root) / "summary.json", summary, indent=1)
-    print(f"DYMU stages done: {', '.join(stages)}; summary in {root}/summary.json")
-  return result
+    print(f"{title} stages done: {', '.join(s.name for s in plan)}; summary in "
+          f"{root}/summary.json")
+  return summaries
 
 
 def main(argv):

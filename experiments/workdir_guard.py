@@ -36,7 +36,7 @@ HISTORY_FILE = "flag_history.jsonl"
 # Flags a resumed run may change: its length, its logging/evaluation cadence, where its data
 # and outputs live, how it is spread over devices, and how errors are shown.
 CHANGEABLE = frozenset({
-    "steps", "dymu_stage_steps", "dymu_pretrain_steps", "workdir", "data_dir", "eval_every",
+    "steps", "workdir", "data_dir", "eval_every",
     "eval_batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
     "prefetch", "traceback", "multi_host", "parallel", "allow_changed_flags",
     "dymu_eval_resources", "execution", "compilation_cache", "compilation_cache_min_seconds",

@@ -21,6 +21,7 @@ from absl import flags
 
 from dymu_jax import controls as controls_lib
 from dymu_jax.metrics import pareto
+from dymu_jax.methods.dymu import stages as dymu_stages
 from experiments import runs
 from experiments import train
 
@@ -81,7 +82,7 @@ def test_all_stages_train_in_their_folders_with_affinity_files(dymu_run):
     assert values["dymu_stage"] == stage and values["steps"] == steps
   assert "omega" in train_records(workdir / "edge" / "metrics.jsonl")[0]
   summary = json.load(open(workdir / "summary.json"))
-  assert summary["dymu_stage"] == "all" and set(summary["stages"]) == {
+  assert summary["flags"]["dymu_stage"] == "all" and set(summary["stages"]) == {
       "pretrain", "anchor", "edge", "weight"}
   assert summary["steps"] == 10 and summary["eval"] == summary["stages"]["weight"]["eval"]
   # The pretrain and anchor stages trained without the 32 held-out examples, the anchor at its
@@ -89,20 +90,20 @@ def test_all_stages_train_in_their_folders_with_affinity_files(dymu_run):
   assert "DYMU stage pretrain: 2 steps at learning rate 0.001 on 96 training examples" in stdout
   assert "DYMU stage anchor: 3 steps at learning rate 0.0003 on 96 training examples" in stdout
   assert "DYMU stage edge: 3 steps at learning rate 0.001 on 128 training examples" in stdout
-  anchor_source = runs.saved_metadata(str(workdir / "anchor"))["run"]["dymu"]
+  anchor_source = runs.saved_metadata(str(workdir / "anchor"))["run"]["stage_source"]
   assert anchor_source == {"pretrain_dir": str(workdir / "pretrain"), "pretrain_step": 2}
   # The anchor report: divergence per block and the probe trees, on the held-out examples.
-  report = json.load(open(workdir / "anchor" / runs.ANCHOR_REPORT))
+  report = json.load(open(workdir / "anchor" / dymu_stages.ANCHOR_REPORT))
   assert report["examples"] == 32 and len(report["divergence"]) == 3
   assert len(report["probes"]) == 12  # 6 one-edge changes, 6 prefix-sharing trees
   for d in report["divergence"]:  # fine-tuned copies of one trunk: close, not identical
     assert 0 < d[0][1] < 0.5 and d[0][1] == d[1][0]
-  assert "| block 0 shared (stream 0) |" in (workdir / "anchor" / runs.ANCHOR_REPORT_MD
+  assert "| block 0 shared (stream 0) |" in (workdir / "anchor" / dymu_stages.ANCHOR_REPORT_MD
                                              ).read_text()
   assert set(summary["eval"]) == {"preference=0.5,0.5;resource=0",
                                   "preference=0.5,0.5;resource=1"}
   # The edge stage wrote A and w (and a heat map); the weight stage copied them.
-  record = json.load(open(workdir / "edge" / runs.AFFINITY_FILE))
+  record = json.load(open(workdir / "edge" / dymu_stages.AFFINITY_FILE))
   a = np.asarray(record["affinity"])
   assert record["tasks"] == ["left", "right"] and record["normalisation"] == "pair"
   assert record["num_images"] == 32 and a.shape == (2, 2)
@@ -112,9 +113,9 @@ def test_all_stages_train_in_their_folders_with_affinity_files(dymu_run):
   inverse = 1.0 / np.asarray(record["anchor_task_losses"])
   np.testing.assert_allclose(record["task_weights"], inverse / inverse.mean(), rtol=1e-6)
   assert record["task_weight_source"] == "held-out"
-  assert json.load(open(workdir / "weight" / runs.AFFINITY_FILE)) == record
+  assert json.load(open(workdir / "weight" / dymu_stages.AFFINITY_FILE)) == record
   for stage in ("edge", "weight"):
-    assert (workdir / stage / runs.AFFINITY_PLOT).stat().st_size > 1000
+    assert (workdir / stage / dymu_stages.AFFINITY_PLOT).stat().st_size > 1000
   assert "task affinity A =" in stdout
 
 
@@ -175,7 +176,7 @@ def test_evaluate_sweeps_both_resources_with_and_without_weight_hypernet(dymu_ru
     assert len(row["macs_fractions"]) == 64 and len(row["dominant_preference"]) == 64
     assert min(row["dominant_preference"]) >= 0.5
   assert results["affinity"]["affinity"] == json.load(
-      open(workdir / "edge" / runs.AFFINITY_FILE))["affinity"]
+      open(workdir / "edge" / dymu_stages.AFFINITY_FILE))["affinity"]
   report = (workdir / "eval" / "report.md").read_text()
   for text in ("| edge, c=0 |", "| weight, c=1 |", "## Cost", "## Task affinity",
                "![task affinity](dymu_affinity.png)", "HV (losses)", "distinct trees",
@@ -256,7 +257,7 @@ def test_rerunning_the_command_continues_where_it_stopped(dymu_run, dymu_eval, s
   before = train_records(weight / "metrics.jsonl")
   sizes = {s: len(train_records(workdir / s / "metrics.jsonl"))
            for s in ("pretrain", "anchor", "edge")}
-  affinity_time = os.path.getmtime(workdir / "edge" / runs.AFFINITY_FILE)
+  affinity_time = os.path.getmtime(workdir / "edge" / dymu_stages.AFFINITY_FILE)
   shutil.rmtree(weight / "checkpoints" / "2")
   assert runs.latest_step(str(weight)) == 1
   result = run_cli("train", *dymu_args(shared_data, workdir))
@@ -271,7 +272,7 @@ def test_rerunning_the_command_continues_where_it_stopped(dymu_run, dymu_eval, s
   assert after[-1]["loss"] == pytest.approx(before[-1]["loss"], rel=1e-5)
   for stage, size in sizes.items():  # finished stages are not trained again
     assert len(train_records(workdir / stage / "metrics.jsonl")) == size
-  assert os.path.getmtime(workdir / "edge" / runs.AFFINITY_FILE) == affinity_time
+  assert os.path.getmtime(workdir / "edge" / dymu_stages.AFFINITY_FILE) == affinity_time
   assert runs.latest_step(str(weight)) == 2
 
 

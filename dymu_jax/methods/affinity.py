@@ -25,17 +25,22 @@ gets correlation 0 with every image (itself included).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dymu_jax import files as files_lib
 from dymu_jax.models import backbones
 from dymu_jax.models.branched import BranchedNet
 
 PyTree = Any
 NUM_IMAGES = 128  # K [ours]
+# The record of a run's affinity (A, the task weights, what they were measured on) and its
+# heat map, next to its checkpoints.
+RECORD_FILE = "dymu_affinity.json"
+RECORD_PLOT = "dymu_affinity.png"
 NORMALISATIONS = ("row", "pair")
 _EPS = 1e-12
 
@@ -140,3 +145,39 @@ def task_affinity(net: BranchedNet, anchor_variables: PyTree, images,
   layer_features = [jnp.concatenate([c[l] for c in chunks], axis=1)
                     for l in range(net.num_layers)]
   return rsa_affinity(layer_features, normalisation)
+
+
+# ----------------------------------------------------------------------------------------------
+# The saved record.
+
+
+def read_record(folder: str) -> dict | None:
+  """The affinity record (RECORD_FILE) next to a run in `folder` (DYMU's edge and weight
+  stages), or None."""
+  path = files_lib.run_path(folder) / RECORD_FILE
+  if not files_lib.is_file(path):
+    return None
+  return files_lib.read_json(path)
+
+
+def plot_record(record: Mapping[str, Any], path: str) -> None:
+  """A heat map of the task affinity A as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = record["tasks"]
+  values = np.asarray(record["affinity"], float)
+  size = 1.6 + 0.6 * len(names)
+  fig, ax = plt.subplots(figsize=(size + 0.8, size))
+  image = ax.imshow(values, cmap="viridis", vmin=0, vmax=1)
+  for (i, j), v in np.ndenumerate(values):
+    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+            color="black" if v > 0.5 else "white")
+  ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+  ax.set_yticks(range(len(names)), names, fontsize=8)
+  ax.set_title(f"task affinity A (RSA, {record['normalisation']} normalisation, "
+               f"K={record['num_images']})", fontsize=8)
+  fig.colorbar(image, ax=ax, fraction=0.046)
+  fig.tight_layout()
+  files_lib.save_figure(fig, path, dpi=110)
+  plt.close(fig)

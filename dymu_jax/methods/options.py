@@ -26,6 +26,8 @@ import types
 import typing
 from typing import Any, Callable, ClassVar, Mapping
 
+from dymu_jax.train import stages as stages_lib
+
 _MISSING = dataclasses.MISSING
 
 
@@ -77,6 +79,9 @@ class MethodConfig:
 
   PREFIX: ClassVar[str] = ""
   TITLE: ClassVar[str] = ""
+  # Fields that shape the network besides the model options (a stage read by a later one must
+  # agree on them with it).
+  MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()
 
   @classmethod
   def fields(cls) -> tuple[dataclasses.Field, ...]:
@@ -151,6 +156,23 @@ class MethodConfig:
 
   def check_values(self, name: Callable[[str], str]) -> None:
     """Checks between fields (a subclass's own rules); `name` as in `check`."""
+
+  def plan(self, workdir: str, steps: int, name: Callable[[str], str] = lambda field: field
+           ) -> tuple:
+    """The stages a training run in `workdir` of `steps` steps covers, as
+    `dymu_jax.train.stages.Stage`s (run by `stages.run_stages`): by default one, the run
+    itself; a method trained in stages plans its own (DYMU). `name` as in `check`."""
+    return (stages_lib.Stage(name="", folder=workdir, steps=int(steps), config=self),)
+
+  def stage_name(self) -> str:
+    """The stage this config trains ("" for a method of one stage)."""
+    return ""
+
+  def restored_options(self, folder: str, num_tasks: int) -> dict:
+    """Options a run trained in `folder` was built with besides this config (measured on an
+    earlier stage and saved next to it: DYMU's task affinity and weights); by default none."""
+    del folder, num_tasks
+    return {}
 
 
 def _freeze(value: Any) -> Any:

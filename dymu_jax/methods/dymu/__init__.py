@@ -81,7 +81,8 @@ other collections of the model state):
   weight: {"params": {"weight_hypernet": ...}, "anchor": ..., "edge_hypernet": {"params": ...}}
 
 A stage starts from the earlier stage's variables as those collections: the stage runner
-(`experiments.train`) restores the earlier stage's checkpoint and hands them to
+(`dymu_jax.train.stages`, with the stages `Config.plan` returns and the hooks of
+`dymu.stages`: affinity, anchor report) restores the earlier stage's checkpoint and hands them to
 `train.train(..., initial_variables=...)` (the anchor from a trunk: its "params" and
 "batch_stats", `streams_from_trunk` of the trunk); `DymuMethod.required_variables` names the
 ones a stage needs, and training refuses to start without them. A stage's own checkpoint holds

@@ -9,10 +9,14 @@ are `DymuMethod` fields.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import ClassVar
 
+from dymu_jax import files as files_lib
 from dymu_jax.methods import affinity
 from dymu_jax.methods import options as options_lib
+from dymu_jax.methods.dymu import stages as dymu_stages
+from dymu_jax.train import stages as stages_lib
 from dymu_jax.methods.dymu.method import ANCHOR_INITS, STAGES
 from dymu_jax.methods.dymu.regulariser import DEPTH_FACTORS, USE_GRADIENTS
 
@@ -28,6 +32,7 @@ class Config(options_lib.MethodConfig):
 
   PREFIX: ClassVar[str] = "dymu"
   TITLE: ClassVar[str] = "DYMU"
+  MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("head_hidden_layers",)
 
   # --- the stages (the stage runner) ---
   stage: str = option(
@@ -151,3 +156,81 @@ class Config(options_lib.MethodConfig):
       raise ValueError(f"{name('stage_steps')} takes three numbers >= 1 (anchor, edge and "
                        f"weight steps), got {','.join(str(s) for s in self.stage_steps)}.")
     return {"pretrain": self.pretrain_steps, **dict(zip(main_stages, self.stage_steps))}
+
+  def plan(self, workdir: str, steps: int, name=lambda field: field) -> tuple:
+    """The stages of a run in `workdir` (`dymu_jax.train.stages.Stage`s with DYMU's hooks).
+
+    stage=all trains every stage in <workdir>/<stage> (pretrain only with anchor_init=trunk);
+    with anchor_dir it trains the edge and weight stages on that finished anchor instead
+    (ablations that share one anchor). A single stage trains in `workdir` on pretrain_dir
+    (anchor from a trunk), anchor_dir (edge) or edge_dir (weight). An input folder a stage
+    would not read, or a missing one, stops with one sentence.
+    """
+    root = files_lib.run_dir(workdir)
+    given = lambda path: files_lib.run_dir(path) if path else ""
+    inputs = {"pretrain": given(self.pretrain_dir), "anchor": given(self.anchor_dir),
+              "edge": given(self.edge_dir)}
+    readers = {"pretrain": ("anchor",), "anchor": ("edge", "all"), "edge": ("weight",)}
+    for key, allowed in readers.items():
+      if inputs[key] and self.stage not in allowed:
+        raise ValueError(
+            f"{name(key + '_dir')} is read by {name('stage')}={' or '.join(allowed)}, not by "
+            f"{name('stage')}={self.stage}" + (
+                f" (which trains its own {key} stage in <workdir>/{key})"
+                if self.stage == "all" else "") + "; drop it.")
+    for key, folder in inputs.items():
+      if folder and not files_lib.is_dir(files_lib.run_path(folder)):
+        raise ValueError(f"{name(key + '_dir')}={getattr(self, key + '_dir')} does not exist; "
+                         f"give the workdir of a finished {name('stage')}={key} run.")
+    stages = self.stages()
+    if len(stages) == 1:
+      folders = {stages[0]: root}
+    else:
+      if inputs["anchor"]:
+        stages = ("edge", "weight")
+      folders = {stage: os.fspath(files_lib.run_path(root) / stage) for stage in stages}
+      for stage in stages:
+        if _READS.get(stage) in folders:
+          inputs[_READS[stage]] = folders[_READS[stage]]
+      if inputs["anchor"] in (root, *folders.values()) and "anchor" not in folders:
+        raise ValueError(f"{name('anchor_dir')}={self.anchor_dir} is this run's own folder; "
+                         f"give the workdir of another, finished anchor stage.")
+    steps_per_stage = self.steps_per_stage(steps, name)
+    planned = []
+    for stage in stages:
+      reads = _READS.get(stage, "")
+      if stage == "anchor" and self.anchor_init != "trunk":
+        reads = ""
+      if reads and not inputs[reads]:
+        extra = f" with {name('anchor_init')}=trunk" if stage == "anchor" else ""
+        raise ValueError(f"{name('stage')}={stage}{extra} needs {name(reads + '_dir')}, the "
+                         f"workdir of a finished {name('stage')}={reads} run (or train every "
+                         f"stage with {name('stage')}=all).")
+      config = dataclasses.replace(self, stage=stage, pretrain_dir=inputs["pretrain"],
+                                   anchor_dir=inputs["anchor"], edge_dir=inputs["edge"])
+      hooks = _HOOKS.get(stage, {})
+      planned.append(stages_lib.Stage(
+          name=stage,
+          folder=folders[stage], steps=steps_per_stage[stage], config=config,
+          reads=inputs[reads] if reads else "", reads_stage=reads,
+          learning_rate=self.anchor_learning_rate if stage == "anchor" else 0.0,
+          holdout=self.validation_examples if stage in ("pretrain", "anchor") else 0,
+          **hooks))
+    return tuple(planned)
+
+  def stage_name(self) -> str:
+    return self.stage
+
+  def restored_options(self, folder: str, num_tasks: int) -> dict:
+    """The edge and weight stages' task affinity and weights, from their folder."""
+    if self.stage not in ("edge", "weight"):
+      return {}
+    return dymu_stages.restored_options(folder, num_tasks)
+
+
+# The stage each stage starts from, and its hooks (`dymu_jax.methods.dymu.stages`).
+_READS = {"anchor": "pretrain", "edge": "anchor", "weight": "edge"}
+_HOOKS = {"anchor": {"start": dymu_stages.start_anchor, "finish": dymu_stages.finish_anchor},
+          "edge": {"start": dymu_stages.start_edge,
+                   "check_finished": dymu_stages.check_finished_edge},
+          "weight": {"start": dymu_stages.start_weight}}
