@@ -73,10 +73,22 @@ class MethodConfig:
     PREFIX: the option family's flag prefix (`--<PREFIX>_<field>`); "" for a method without
       options.
     TITLE: the methods' name for help headings and errors (e.g. "PHN and PHN-BN").
+    INPUT_DIRS: the fields that name earlier run folders a run reads (DYMU's stage inputs);
+      runs of one configuration may read different folders, so the results page groups them
+      by whether each is set, not by its value.
+    STAGE_FIELD: the field that selects which stages of a staged method a run trains ("" for
+      a method of one stage).
   """
 
   PREFIX: ClassVar[str] = ""
   TITLE: ClassVar[str] = ""
+  INPUT_DIRS: ClassVar[tuple[str, ...]] = ()
+  STAGE_FIELD: ClassVar[str] = ""
+
+  @classmethod
+  def flag_name(cls, field: str) -> str:
+    """The command-line flag of a field: `<PREFIX>_<field>`."""
+    return f"{cls.PREFIX}_{field}"
 
   @classmethod
   def fields(cls) -> tuple[dataclasses.Field, ...]:

@@ -28,6 +28,8 @@ class Config(options_lib.MethodConfig):
 
   PREFIX: ClassVar[str] = "dymu"
   TITLE: ClassVar[str] = "DYMU"
+  INPUT_DIRS: ClassVar[tuple[str, ...]] = ("pretrain_dir", "anchor_dir", "edge_dir")
+  STAGE_FIELD: ClassVar[str] = "stage"
 
   # --- the stages (the stage runner) ---
   stage: str = option(
