@@ -210,3 +210,51 @@ def move_dir(source: PathLike, target: PathLike) -> None:
       destination = target / relative / name if relative else target / name
       atomic_write(destination, read_bytes(folder / name))
   source.rmtree()
+
+
+# ----------------------------------------------------------------------------------------------
+# Flag files (local text files of `--name=value` lines).
+
+
+def flag_file_args(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
+  """The flags of a flag file as command-line arguments, with `--flagfile=` lines inside it
+  expanded in place. An included path is looked up next to the including file, then in each
+  folder above it, then from the working directory: the project's files include
+  `experiments/flags/base/<dataset>.flags`, which absl alone finds from the repository root and
+  this finds from anywhere. Blank lines and lines starting with # or // are skipped; a loop of
+  includes stops with one sentence."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if path in _seen:
+    raise ValueError(f"The flag file {path} includes itself (through "
+                     f"{' -> '.join(_seen)}); remove the loop.")
+  if not os.path.isfile(path):
+    raise ValueError(f"--flagfile={path} does not exist; give the path of a flag file, e.g. "
+                     f"experiments/flags/synthetic_static.flags.")
+  args = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line or line.startswith(("#", "//")):
+        continue
+      name, sep, included = line.partition("=")
+      if sep and name.lstrip("-") == "flagfile":
+        args.extend(flag_file_args(_included(path, os.path.expanduser(included)),
+                                   (*_seen, path)))
+      else:
+        args.append(line)
+  return args
+
+
+def _included(including: str, included: str) -> str:
+  """Where the flag file `included` (named inside `including`) is: see `flag_file_args`."""
+  if os.path.isabs(included):
+    return included
+  folder = os.path.dirname(including)
+  while True:
+    candidate = os.path.join(folder, included)
+    if os.path.isfile(candidate):
+      return candidate
+    parent = os.path.dirname(folder)
+    if parent == folder:
+      return included  # from the working directory (or not found: reported by the caller)
+    folder = parent

@@ -161,48 +161,10 @@ def check_data_fits(train_source, batch_size: int, values: Mapping[str, Any] | N
                      f"--image_size={minimum} or more, or choose another --backbone.")
 
 
-def flag_file_args(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
-  """The flags of a flag file as command-line arguments, with `--flagfile=` lines inside it
-  expanded in place. An included path is looked up next to the including file, then in each
-  folder above it, then from the working directory: the project's files include
-  `experiments/flags/base/<dataset>.flags`, which absl alone finds from the repository root and
-  this finds from anywhere. Blank lines and lines starting with # or // are skipped; a loop of
-  includes stops with one sentence."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if path in _seen:
-    raise ValueError(f"The flag file {path} includes itself (through "
-                     f"{' -> '.join(_seen)}); remove the loop.")
-  if not os.path.isfile(path):
-    raise ValueError(f"--flagfile={path} does not exist; give the path of a flag file, e.g. "
-                     f"experiments/flags/synthetic_static.flags.")
-  args = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line or line.startswith(("#", "//")):
-        continue
-      name, sep, included = line.partition("=")
-      if sep and name.lstrip("-") == "flagfile":
-        args.extend(flag_file_args(_included(path, os.path.expanduser(included)),
-                                   (*_seen, path)))
-      else:
-        args.append(line)
-  return args
-
-
-def _included(including: str, included: str) -> str:
-  """Where the flag file `included` (named inside `including`) is: see `flag_file_args`."""
-  if os.path.isabs(included):
-    return included
-  folder = os.path.dirname(including)
-  while True:
-    candidate = os.path.join(folder, included)
-    if os.path.isfile(candidate):
-      return candidate
-    parent = os.path.dirname(folder)
-    if parent == folder:
-      return included  # from the working directory (or not found: reported by the caller)
-    folder = parent
+# The flags of a flag file, its includes expanded (`dymu_jax.files.flag_file_args`); a saved run's
+# flags under their current names (`dymu_jax.methods.normalise_flag_values`).
+flag_file_args = files_lib.flag_file_args
+normalise_values = methods_lib.normalise_flag_values
 
 
 def expand_flag_files(argv: list[str]) -> tuple[list[str], tuple[str, ...]]:
@@ -223,21 +185,8 @@ def expand_flag_files(argv: list[str]) -> tuple[list[str], tuple[str, ...]]:
         break
       continue
     files.append(os.path.relpath(os.path.abspath(os.path.expanduser(path))))
-    out.extend(flag_file_args(path))
+    out.extend(files_lib.flag_file_args(path))
   return out, tuple(files)
-
-
-def normalise_values(values: Mapping[str, Any]) -> dict:
-  """A saved run's flag values with method options under their current flag names (runs saved
-  before a rename hold the former name)."""
-  values = dict(values)
-  for config in config_owners():
-    for field in config.fields():
-      name = flag_name(config, field.name)
-      for former in field.metadata["former"]:
-        if former in values and name not in values:
-          values[name] = values.pop(former)
-  return values
 
 
 def _values(values: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -344,7 +293,7 @@ def config_owners() -> dict[type, tuple[str, ...]]:
 
 
 def flag_name(config: type, field: str) -> str:
-  return f"{config.PREFIX}_{field}"
+  return config.flag_name(field)
 
 
 def _list_validator(name: str, config: type, field) -> None:

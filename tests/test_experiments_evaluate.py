@@ -272,24 +272,26 @@ def test_results_page_collects_the_run_with_its_commands(workdir, evaluation, tm
 def test_results_matches_flag_files_and_computes_delta_m():
   from absl import flags as absl_flags
   from experiments import results  # defines the training flags
+  from dymu_jax.results import collect, tables
   absl_flags.FLAGS.unparse_flags()
   absl_flags.FLAGS(["results"])
   flags_dir = os.path.join(ROOT, "experiments", "flags")
   path = os.path.join(flags_dir, "synthetic_static.flags")
-  settings = results.parse_flag_file(path)
-  values = {name: absl_flags.FLAGS[name].default for name in absl_flags.FLAGS}
-  values.update({k: results._flag_value(k, v) for k, v in settings.items()})
-  assert results.matching_flag_file(values, flags_dir) == path
-  command = results.train_command("/x/workdirs/run", values, flags_dir)
+  defaults = results.training_defaults()
+  settings = collect.parse_flag_file(path, defaults)
+  values = dict(defaults)
+  values.update({k: collect.flag_value(v, defaults[k]) for k, v in settings.items()})
+  assert collect.matching_flag_file(values, flags_dir, defaults) == path
+  command = collect.train_command("/x/workdirs/run", values, flags_dir, defaults)
   assert "--flagfile=" in command and command.endswith("--workdir=/x/workdirs/run")
   values["steps"] = 7  # a setting of the file changed: no file matches, flags are spelled out
-  assert results.matching_flag_file(values, flags_dir) is None
-  assert "--steps=7" in results.train_command("/x/workdirs/run", values, flags_dir)
+  assert collect.matching_flag_file(values, flags_dir, defaults) is None
+  assert "--steps=7" in collect.train_command("/x/workdirs/run", values, flags_dir, defaults)
   # Delta_m of primary metrics (the first of each task): +10% accuracy, -10% error -> +10.
-  got = results.delta_m({"a": {"accuracy": 0.55}, "b": {"mae": 9.0, "rmse": 1.0}},
-                        {"a": {"accuracy": 0.5}, "b": {"mae": 10.0, "rmse": 5.0}})
+  got = tables.delta_m({"a": {"accuracy": 0.55}, "b": {"mae": 9.0, "rmse": 1.0}},
+                       {"a": {"accuracy": 0.5}, "b": {"mae": 10.0, "rmse": 5.0}})
   assert got == pytest.approx(10.0)
-  assert results.delta_m({"a": {"accuracy": 0.5}}, {"b": {"accuracy": 0.5}}) is None
+  assert tables.delta_m({"a": {"accuracy": 0.5}}, {"b": {"accuracy": 0.5}}) is None
 
 
 # -- damaged run files ----------------------------------------------------------------------------

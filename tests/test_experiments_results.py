@@ -15,7 +15,9 @@ import pytest
 
 from experiments import common
 from experiments import results
+from dymu_jax import results as results_lib
 from dymu_jax.metrics import pareto
+from dymu_jax.results import collect, plots, tables
 from dymu_jax.train import checkpoint as checkpoint_lib
 
 
@@ -132,10 +134,12 @@ def page(tmp_path_factory):
                "reference": "the SuperNet", "mean_rank_controllability": 0.9,
                "budget_check": {"budgets": 4, "searches": 40, "over_budget": 0},
                "seconds": 30.0})
-  found, notes = results.load_runs([str(root / "*")])
+  defaults = results.training_defaults()
+  found, notes = results_lib.load_runs([str(root / "*")], defaults)
   assert len(found) == 13 and not notes
   output = str(root.parent / "docs" / "results.md")
-  text = results.render(found, notes, output, results.FLAGS.flags_dir, plots=True)
+  text = results_lib.render(found, notes, output, results.FLAGS.flags_dir, plots=True,
+                            defaults=defaults, reference_method="single_task")
   return text, output, found
 
 
@@ -201,18 +205,18 @@ def test_commands_loop_over_the_seeds(page):
 def test_other_settings_are_not_grouped(page):
   _, _, found = page
   static = [r for r in found if r["values"]["method"] == "static"]
-  groups = results.group_runs(static)
+  groups = collect.group_runs(static)
   assert [g["name"] for g in groups] == ["mm_static_lr", "mm_static_s{0,1,2}"]
   assert [g["seeds"] for g in groups] == [[5], [0, 1, 2]]
   a, b = static[1]["values"], static[2]["values"]  # seeds 0 and 1
-  assert results.same_config(a, {**b, "data_dir": "/elsewhere"})
-  assert not results.same_config(a, {**b, "learning_rate": 0.02})
-  assert not results.same_config({**a, "dymu_anchor_dir": ""}, {**a, "dymu_anchor_dir": "/x"})
-  assert results.same_config({**a, "dymu_anchor_dir": "/x/a"}, {**a, "dymu_anchor_dir": "/y/a"})
-  assert results.brace_name(["a_s0", "a_s1", "a_s10"]) == "a_s{0,1,10}"
-  assert results.seed_loop(["x --seed=10 --w=r10", "x --seed=11 --w=r11"], [10, 11]) == (
+  assert collect.same_config(a, {**b, "data_dir": "/elsewhere"})
+  assert not collect.same_config(a, {**b, "learning_rate": 0.02})
+  assert not collect.same_config({**a, "dymu_anchor_dir": ""}, {**a, "dymu_anchor_dir": "/x"})
+  assert collect.same_config({**a, "dymu_anchor_dir": "/x/a"}, {**a, "dymu_anchor_dir": "/y/a"})
+  assert collect.brace_name(["a_s0", "a_s1", "a_s10"]) == "a_s{0,1,10}"
+  assert collect.seed_loop(["x --seed=10 --w=r10", "x --seed=11 --w=r11"], [10, 11]) == (
       "for seed in 10 11; do x --seed=${seed} --w=r${seed}; done")
-  assert results.seed_loop(["x --seed=0 --w=a", "x --seed=1 --w=b"], [0, 1]) is None
+  assert collect.seed_loop(["x --seed=0 --w=a", "x --seed=1 --w=b"], [0, 1]) is None
 
 
 def test_cost_vs_hypervolume_plot(page):
@@ -220,10 +224,10 @@ def test_cost_vs_hypervolume_plot(page):
   path = os.path.join(os.path.splitext(output)[0], "multi_mnist_cost_vs_hv.png")
   assert os.path.getsize(path) > 1000
   assert "![cost_vs_hv](results/multi_mnist_cost_vs_hv.png)" in text
-  groups = results.group_runs(found)
+  groups = collect.group_runs(found)
   controllable = [g for g in groups if g["kind"] != "fixed"]
-  reference = results.shared_hv_reference(results._runs_of(controllable))
-  series = {s["label"]: s for s in results.cost_hv_series(controllable, reference)}
+  reference = tables.shared_hv_reference(tables.runs_of(controllable))
+  series = {s["label"]: s for s in plots.cost_hv_series(controllable, reference)}
   assert set(series) == {"PHN: mm_phn_s{0,1,2}", "DYMU edge: mm_dymu", "ECMT: mm_ecmt_s{0,1}"}
   (phn,) = series["PHN: mm_phn_s{0,1,2}"]["points"]
   hvs = [pareto.hypervolume(np.asarray(l), reference) for l in PHN_LOSSES]
@@ -248,8 +252,8 @@ def test_cost_band_is_optional(page):
                                            for s in dymu["eval"]["sweeps"]]}
   run = {**dymu, "eval": evaluation}
   group = {"runs": [run], "name": "mm_dymu"}
-  reference = results.shared_hv_reference([run])
-  (series,) = results.cost_hv_series([group], reference)
+  reference = tables.shared_hv_reference([run])
+  (series,) = plots.cost_hv_series([group], reference)
   assert [p["label"] for p in series["points"]] == ["c=0", "c=1"]
   # A band whose points cannot be picked again, at another reference point: left out; at the
   # page's reference point: its own hypervolume.
@@ -258,35 +262,35 @@ def test_cost_band_is_optional(page):
   sweeps = [dict(s, cost_band=band) for s in evaluation["sweeps"]]
   for own, expected in (([9.0, 9.0], []), (reference, [0.123, 0.123])):
     run = {**dymu, "eval": {**evaluation, "sweeps": sweeps, "hypervolume_reference": own}}
-    (series,) = results.cost_hv_series([{"runs": [run], "name": "mm_dymu"}], reference)
+    (series,) = plots.cost_hv_series([{"runs": [run], "name": "mm_dymu"}], reference)
     assert [p["y"] for p in series["points"] if p["band"]] == expected
 
 
 def test_one_reference_point_when_the_evaluations_agree(page):
   _, _, found = page
-  controllable = [r for r in found if results.run_kind(r) != "fixed"]
+  controllable = [r for r in found if collect.run_kind(r) != "fixed"]
   source = "the 2-task Multi-MNIST default (2, 2)"
   agreed = [{**r, "eval": {**r["eval"], "hypervolume_reference": [2.0, 2.0],
                            "hypervolume_reference_source": source}} for r in controllable]
-  assert results.shared_hv_reference(agreed) == [2.0, 2.0]
-  assert results.hv_reference_text(agreed, [2.0, 2.0], "loss") == (
+  assert tables.shared_hv_reference(agreed) == [2.0, 2.0]
+  assert tables.hv_reference_text(agreed, [2.0, 2.0], "loss") == (
       f"[2.0, 2.0] (the point every evaluation here used: {source})")
   agreed[0]["eval"]["hypervolume_reference"] = [3.0, 2.0]  # one disagrees: just worse than all
-  reference = results.shared_hv_reference(agreed)
-  assert reference == results.shared_hv_reference(controllable) != [2.0, 2.0]
-  assert "(just worse than every loss)" in results.hv_reference_text(agreed, reference, "loss")
+  reference = tables.shared_hv_reference(agreed)
+  assert reference == tables.shared_hv_reference(controllable) != [2.0, 2.0]
+  assert "(just worse than every loss)" in tables.hv_reference_text(agreed, reference, "loss")
 
 
 def test_delta_m_takes_the_evaluation_only_against_the_same_seed(page):
   _, _, found = page
-  groups = {g["name"]: g for g in results.group_runs(found)}
+  groups = {g["name"]: g for g in collect.group_runs(found)}
   single = groups["mm_single_s{0,1,2}"]
   run = next(r for r in found if r["name"] == "mm_static_s1")
   for reference_run, expected in (("mm_single_s1", 3.0), ("mm_single_s0", 10.0)):
     workdir = next(r["workdir"] for r in found if r["name"] == reference_run)
     measured = {**run, "eval": {**run["eval"], "delta_m": 3.0, "reference_workdir": workdir}}
-    assert results.run_delta_m(measured, single) == pytest.approx(expected)
-  assert results.run_delta_m({**run, "eval": {"delta_m": 3.0}}, None) == 3.0
+    assert tables.run_delta_m(measured, single) == pytest.approx(expected)
+  assert tables.run_delta_m({**run, "eval": {"delta_m": 3.0}}, None) == 3.0
 
 
 def test_output_defaults_beside_the_runs_and_tracked_pages_need_consent(tmp_path):

@@ -63,6 +63,24 @@ def config_of(name: str) -> type[options.MethodConfig]:
   return registration(name).config
 
 
+def configs() -> tuple[type[options.MethodConfig], ...]:
+  """Every registered method's config class, once each, in registration order."""
+  return tuple(dict.fromkeys(entry.config for entry in _REGISTRY.values()))
+
+
+def normalise_flag_values(values: Mapping[str, Any]) -> dict:
+  """A saved run's flag values with method options under their current flag names (runs saved
+  before a rename hold the former name, `option(former=...)`)."""
+  values = dict(values)
+  for config in configs():
+    for field in config.fields():
+      name = config.flag_name(field.name)
+      for former in field.metadata["former"]:
+        if former in values and name not in values:
+          values[name] = values.pop(former)
+  return values
+
+
 def on_multitask_net(build_fn: Callable[..., Any], **fixed) -> Callable[..., Any]:
   """A builder for a method on a `MultiTaskNet`: `build_fn(tasks, make_net, *, task_weights,
   axis_name, **fixed, **config.options(), **inputs)`, with `make_net(tasks)` building the

@@ -75,6 +75,11 @@ class MethodConfig:
     PREFIX: the option family's flag prefix (`--<PREFIX>_<field>`); "" for a method without
       options.
     TITLE: the methods' name for help headings and errors (e.g. "PHN and PHN-BN").
+    INPUT_DIRS: the fields that name earlier run folders a run reads (DYMU's stage inputs);
+      runs of one configuration may read different folders, so the results page groups them
+      by whether each is set, not by its value.
+    STAGE_FIELD: the field that selects which stages of a staged method a run trains ("" for
+      a method of one stage).
   """
 
   PREFIX: ClassVar[str] = ""
@@ -82,6 +87,15 @@ class MethodConfig:
   # Fields that shape the network besides the model options (a stage read by a later one must
   # agree on them with it).
   MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()
+  # A method trained in stages: the field that selects the stage, and the fields that name
+  # the folders of finished earlier stages (their runs' flags may differ between seeds).
+  STAGE_FIELD: ClassVar[str] = ""
+  INPUT_DIRS: ClassVar[tuple[str, ...]] = ()
+
+  @classmethod
+  def flag_name(cls, field: str) -> str:
+    """The command-line flag of a field: `<PREFIX>_<field>`."""
+    return f"{cls.PREFIX}_{field}"
 
   @classmethod
   def fields(cls) -> tuple[dataclasses.Field, ...]:
@@ -165,8 +179,8 @@ class MethodConfig:
     return (stages_lib.Stage(name="", folder=workdir, steps=int(steps), config=self),)
 
   def stage_name(self) -> str:
-    """The stage this config trains ("" for a method of one stage)."""
-    return ""
+    """The stage this config trains (its `STAGE_FIELD`; "" for a method of one stage)."""
+    return getattr(self, self.STAGE_FIELD) if self.STAGE_FIELD else ""
 
   def restored_options(self, folder: str, num_tasks: int) -> dict:
     """Options a run trained in `folder` was built with besides this config (measured on an

@@ -33,6 +33,8 @@ class Config(options_lib.MethodConfig):
   PREFIX: ClassVar[str] = "dymu"
   TITLE: ClassVar[str] = "DYMU"
   MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("head_hidden_layers",)
+  INPUT_DIRS: ClassVar[tuple[str, ...]] = ("pretrain_dir", "anchor_dir", "edge_dir")
+  STAGE_FIELD: ClassVar[str] = "stage"
 
   # --- the stages (the stage runner) ---
   stage: str = option(
@@ -217,9 +219,6 @@ class Config(options_lib.MethodConfig):
           holdout=self.validation_examples if stage in ("pretrain", "anchor") else 0,
           **hooks))
     return tuple(planned)
-
-  def stage_name(self) -> str:
-    return self.stage
 
   def restored_options(self, folder: str, num_tasks: int) -> dict:
     """The edge and weight stages' task affinity and weights, from their folder."""
