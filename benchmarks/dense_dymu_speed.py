@@ -39,25 +39,16 @@ FLAGS = flags.FLAGS
 STAGES = ("static", "anchor", "edge", "weight")
 
 
-def build_methods(tasks, sample) -> dict:
-  """The static method and DYMU's three stage methods, each stage on the previous one's
-  freshly initialised variables (speed does not depend on their values)."""
+def build_methods(tasks) -> dict:
+  """The static method and DYMU's three stage methods; the edge and weight stages run on
+  `init`'s stand-ins of their frozen earlier stages (speed does not depend on their values)."""
   model = {"backbone": "resnet_small", "head_width": _HEAD.value}
   built = {"static": methods_lib.build("static", tasks, model_options=model)}
   common = {"anchor_init": "shared", "temperature_every": 10}
-  anchor = methods_lib.build("dymu", tasks, model_options=model,
-                             method_options={**common, "stage": "anchor"})
-  built["anchor"] = anchor
-  key = jax.random.PRNGKey(0)
-  anchor_variables = anchor.init(key, sample)
   affinity = np.eye(len(tasks)).tolist()
-  edge = methods_lib.build("dymu", tasks, model_options=model, method_options={
-      **common, "stage": "edge", "anchor_variables": anchor_variables, "affinity": affinity})
-  built["edge"] = edge
-  edge_params = edge.init(key, sample)["params"]["edge_hypernet"]
-  built["weight"] = methods_lib.build("dymu", tasks, model_options=model, method_options={
-      **common, "stage": "weight", "anchor_variables": anchor_variables,
-      "edge_params": edge_params, "affinity": affinity})
+  for stage in ("anchor", "edge", "weight"):
+    options = {**common, "stage": stage, **({"affinity": affinity} if stage != "anchor" else {})}
+    built[stage] = methods_lib.build("dymu", tasks, model_options=model, method_options=options)
   return built
 
 
@@ -85,7 +76,7 @@ def main(argv):
         f"{os.getloadavg()[0]:.1f}; synthetic scenes {size}x{size}, batch {batch}, tasks "
         f"{', '.join(t.name for t in source.tasks)}; {FLAGS.steps} steps per run, median of "
         f"{FLAGS.repeats} alternating runs", flush=True)
-  built = build_methods(source.tasks, {"image": batches[0]["image"][:1]})
+  built = build_methods(source.tasks)
   runners, flops, memory = {}, {}, {}
   for name in STAGES:
     start = time.perf_counter()

@@ -161,36 +161,23 @@ def dense_method(setup: Setup, name: str, tasks):
 
 
 class DymuStages:
-  """DYMU's stage methods, each with the variables its predecessors would hand it (random)."""
+  """DYMU's stage methods. A stage's frozen earlier stages (the anchor, the edge hypernetwork)
+  are collections of its variables, drawn at random with the rest by `random_variables` (the
+  step's speed does not depend on their values)."""
 
   def __init__(self, setup: Setup):
     self.model = {"backbone": "resnet_small", "head_width": setup.head_width,
                   "backbone_kwargs": dict(setup.dymu_kwargs)}
-    self.sample = {"image": np.zeros((1, setup.image_size, setup.image_size, 3), np.float32)}
-    self._cache: dict[str, Any] = {}
-
-  def _variables(self, method):
-    return random_variables(method, self.sample)
 
   def method(self, stage: str):
     tasks = utkface.TASKS
-    if stage == "pretrain":
-      return dymu.build(tasks, model_options=self.model, stage="pretrain")
-    if "anchor" not in self._cache:
-      anchor = dymu.build(tasks, model_options=self.model, stage="anchor", anchor_init="shared")
-      self._cache["anchor"] = (anchor, self._variables(anchor))
-    anchor, anchor_variables = self._cache["anchor"]
+    options = {}
     if stage == "anchor":
-      return anchor
-    affinity = tuple(tuple(1.0 if i == j else 0.5 for j in range(len(tasks)))
-                     for i in range(len(tasks)))
-    edge = dymu.build(tasks, model_options=self.model, stage="edge", affinity=affinity,
-                      anchor_variables=anchor_variables)
+      options["anchor_init"] = "shared"
     if stage == "edge":
-      return edge
-    edge_params = self._variables(edge)["params"]["edge_hypernet"]
-    return dymu.build(tasks, model_options=self.model, stage="weight",
-                      anchor_variables=anchor_variables, edge_params=edge_params)
+      options["affinity"] = tuple(tuple(1.0 if i == j else 0.5 for j in range(len(tasks)))
+                                  for i in range(len(tasks)))
+    return dymu.build(tasks, model_options=self.model, stage=stage, **options)
 
 
 # -- timing ----------------------------------------------------------------------------------

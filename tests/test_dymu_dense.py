@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from dymu_jax import methods
+from dymu_jax.methods import dymu
 from dymu_jax.data import synthetic
 from dymu_jax.models.decoders import DenseHead
 
@@ -64,10 +65,10 @@ def test_anchor_and_edge_stages_train_and_predict_on_dense_tasks():
       "edges": (2, 16, 16, 1)}
 
   edge = methods.build("dymu", TASKS, model_options=MODEL, method_options={
-      "stage": "edge", "anchor_variables": variables, "affinity": np.eye(len(TASKS)), **HYPER})
+      "stage": "edge", "affinity": np.eye(len(TASKS)), **HYPER})
   shapes = jax.eval_shape(edge.init, jax.random.key(0), shapes_of(batch))
   edge_variables = {"params": test_variables.fill(shapes["params"], seed=3),
-                    "anchor": variables}
+                    **dymu.stage_variables(anchor=variables)}
   loss, aux, grads = loss_and_grads(edge, edge_variables, batch)
   assert np.isfinite(loss) and np.isfinite(float(aux["omega"]))
   assert_finite_and_moving(grads["edge_hypernet"])

@@ -19,7 +19,7 @@ from dymu_jax import data, methods, train
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import base as data_base
 from dymu_jax.evaluation import sweep as sweep_lib
-from dymu_jax.methods import base, static
+from dymu_jax.methods import base, dymu, static
 from dymu_jax.metrics import accumulate
 from dymu_jax.models import serialize
 
@@ -60,18 +60,20 @@ def held_out(train_source) -> base.HeldOut:
 def trained(name: str, tmp_path):
   """(method, its variables after two steps); DYMU: its anchor, then its edge stage on it."""
   train_source, test_source = source("train", 64), source("test", 16)
+  earlier = None  # DYMU's edge stage starts from the trained anchor
   if name == "dymu":
     anchor = methods.build("dymu", TASKS, model_options=LENET,
                            method_options={"stage": "anchor", "anchor_init": "shared"})
     result = train.train(anchor, train_source, test_source, CONFIG, tmp_path / "anchor")
     method = methods.build("dymu", TASKS, model_options=LENET, method_options={
-        "stage": "edge", "anchor_variables": result.state.variables,
-        "affinity": ((1.0, 0.3), (0.3, 1.0)),
+        "stage": "edge", "affinity": ((1.0, 0.3), (0.3, 1.0)),
         "edge_hidden": (8,), "embedding_features": 4})
+    earlier = dymu.stage_variables(anchor=result.state.variables)
   else:
     method = methods.build(name, TASKS, model_options=ECMT_LENET if name == "ecmt" else LENET,
                            method_options=METHOD_OPTIONS.get(name))
-  result = train.train(method, train_source, test_source, CONFIG, tmp_path / "run")
+  result = train.train(method, train_source, test_source, CONFIG, tmp_path / "run",
+                       initial_variables=earlier)
   assert result.step_compiles <= 1
   return method, jax.device_get(result.state.variables), train_source, test_source
 

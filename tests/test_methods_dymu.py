@@ -48,15 +48,13 @@ def anchor():
   return method, test_variables.fill(shapes, seed=2)
 
 
-def numpy_init(method, seed: int):
-  """`method.init`'s variables with numpy-filled hypernetwork params (nothing is compiled)."""
+def numpy_init(method, seed: int, edge_params=None):
+  """`method.init`'s variables with numpy-filled hypernetwork params (nothing is compiled), on
+  the numpy anchor (and, for the weight stage, the frozen `edge_params`)."""
   shapes = jax.eval_shape(method.init, jax.random.key(0),
                           {"image": jax.ShapeDtypeStruct((1, *SHAPE), jnp.float32)})
-  variables = {"params": test_variables.fill(shapes["params"], seed, other_scale=1.0),
-                "anchor": anchor()[1]}
-  if "edge_hypernet" in shapes:
-    variables["edge_hypernet"] = {"params": method.edge_params}
-  return variables
+  return {"params": test_variables.fill(shapes["params"], seed, other_scale=1.0),
+          **dymu.stage_variables(anchor=anchor()[1], edge_params=edge_params)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,17 +63,14 @@ def trained(stage: str):
 
   The weight hypernetwork's output head is zero, as `WeightHypernet` initialises it.
   """
-  _, anchor_variables = anchor()
   edge_method = dymu.build(DIGITS, model_options=MODEL, stage="edge",
-                           affinity=((1.0, 0.5), (0.5, 1.0)),
-                           anchor_variables=anchor_variables, **HYPER)
+                           affinity=((1.0, 0.5), (0.5, 1.0)), **HYPER)
   edge_variables = numpy_init(edge_method, seed=3)
   if stage == "edge":
     return edge_method, edge_variables
-  weight_method = dymu.build(DIGITS, model_options=MODEL, stage="weight",
-                             anchor_variables=anchor_variables,
-                             edge_params=edge_variables["params"]["edge_hypernet"], **HYPER)
-  variables = numpy_init(weight_method, seed=4)
+  weight_method = dymu.build(DIGITS, model_options=MODEL, stage="weight", **HYPER)
+  variables = numpy_init(weight_method, seed=4,
+                         edge_params=edge_variables["params"]["edge_hypernet"])
   head = variables["params"]["weight_hypernet"]["shifts"]
   variables["params"]["weight_hypernet"]["shifts"] = jax.tree.map(jnp.zeros_like, head)
   return weight_method, variables
@@ -391,8 +386,9 @@ def test_build_and_stage_messages():
     dymu.build(DIGITS, model_options={**MODEL, "width_choices": (0.5, 1.0)}, stage="anchor")
   with pytest.raises(ValueError, match="Unknown DYMU stage 'search'"):
     dymu.build(DIGITS, model_options=MODEL, stage="search")
-  edge = dymu.build(DIGITS, model_options=MODEL, stage="edge", anchor_variables=anchor_variables)
-  params, model_state = split(edge.init(jax.random.key(0), digits_batch(0)))
+  edge = dymu.build(DIGITS, model_options=MODEL, stage="edge")
+  params, model_state = split({**edge.init(jax.random.key(0), digits_batch(0)),
+                               **dymu.stage_variables(anchor=anchor_variables)})
   with pytest.raises(ValueError, match="The edge stage needs the task affinity"):
     edge.loss(params, model_state, digits_batch(0), jax.random.key(1), 0)
   with pytest.raises(ValueError, match=r"The task affinity must be a finite \(2, 2\) matrix"):
@@ -402,9 +398,16 @@ def test_build_and_stage_messages():
       "anchor", "edge_hypernet")
   assert dymu.build(DIGITS, model_options=MODEL, stage="anchor").required_variables() == (
       "params",)  # anchor_init="trunk": the streams start from the trunk
-  assert edge.required_variables() == ()
-  assert dymu.build(DIGITS, model_options=MODEL, stage="weight",
-                    anchor_variables=anchor_variables).required_variables() == ("edge_hypernet",)
+  assert edge.required_variables() == ("anchor",)
+  assert dymu.build(DIGITS, model_options=MODEL, stage="anchor",
+                    anchor_init="shared").required_variables() == ()
+  assert dymu.build(DIGITS, model_options=MODEL, stage="pretrain").required_variables() == ()
+  # The frozen parts are collections, not options.
+  with pytest.raises(ValueError, match="Unknown DYMU option.*anchor_variables"):
+    dymu.build(DIGITS, model_options=MODEL, stage="edge", anchor_variables=anchor_variables)
+  given = dymu.stage_variables(anchor=anchor_variables, edge_params={"w": 1})
+  assert set(given) == {"anchor", "edge_hypernet"} and given["anchor"] is anchor_variables
+  assert given["edge_hypernet"] == {"params": {"w": 1}}
   with pytest.raises(ValueError, match="lambda_active must be a finite number >= 0"):
     dymu.build(DIGITS, model_options=MODEL, stage="anchor", lambda_active=-1.0)
   with pytest.raises(ValueError, match="Unknown DYMU anchor_init 'pretrained'; allowed: "
@@ -480,9 +483,10 @@ def test_pretrain_trains_one_shared_trunk_and_the_anchor_starts_from_its_copies(
   trained_trunk = jax.tree.map(lambda a: a, variables)
   trained_trunk["params"]["block0"] = jax.tree.map(
       lambda a: a.at[0].add(1.0), variables["params"]["block0"])
-  anchor_method = dymu.build(DIGITS, model_options=MODEL, stage="anchor",
-                             trunk_variables=trained_trunk)
-  anchor_variables = anchor_method.init(jax.random.key(3), batch)
+  anchor_method = dymu.build(DIGITS, model_options=MODEL, stage="anchor")
+  anchor_variables = {**anchor_method.init(jax.random.key(3), batch),
+                      **dymu.stage_variables(trunk=trained_trunk)}
+  assert set(anchor_variables) == {"params", "batch_stats"}
   for col in ("params", "batch_stats"):
     for l in range(3):
       for leaf, source in zip(jax.tree.leaves(anchor_variables[col][f"block{l}"]),
@@ -542,9 +546,10 @@ def test_decoder_batch_norm_is_shifted_and_updated():
 
 
 def test_a_stage_starts_from_earlier_variables_given_to_train(tmp_path):
-  """The stage runner's path: the edge stage built without its anchor, the anchor handed to
-  `train.train` as a variable collection, trains exactly as the method given the anchor as a
-  field (same seed, same steps); without the collection it refuses to start."""
+  """The stage runner's path: a stage is built without its earlier stages and takes them as
+  variable collections (`stage_variables`) given to `train.train`. It trains on them (another
+  anchor trains the edge hypernetwork differently) and keeps them exactly as given, also when
+  resumed; without them, or with them in other shapes, it refuses to start."""
   from dymu_jax import train as train_lib
   from dymu_jax.data import base as data_base
   _, anchor_variables = anchor()
@@ -554,22 +559,39 @@ def test_a_stage_starts_from_earlier_variables_given_to_train(tmp_path):
   source = data_base.ArraySource("digits", "train", images, labels, DIGITS)
   config = train_lib.TrainConfig(steps=2, batch_size=8, progress=False, prefetch=0,
                                  async_checkpoints=False, log_every=1)
-  options = dict(model_options=MODEL, stage="edge", affinity=((1.0, 0.5), (0.5, 1.0)), **HYPER)
-  as_field = train_lib.train(dymu.build(DIGITS, anchor_variables=anchor_variables, **options),
-                             source, None, config, tmp_path / "field")
-  bare = dymu.build(DIGITS, **options)
-  assert bare.required_variables() == ("anchor",)
+  edge = dymu.build(DIGITS, model_options=MODEL, stage="edge",
+                    affinity=((1.0, 0.5), (0.5, 1.0)), **HYPER)
+  assert edge.required_variables() == ("anchor",)
   with pytest.raises(ValueError, match=r"starts from collection\(s\) anchor of an earlier stage"):
-    train_lib.train(bare, source, None, config, tmp_path / "missing")
-  given = train_lib.train(bare, source, None, config, tmp_path / "given",
-                          initial_variables={"anchor": anchor_variables})
-  chex.assert_trees_all_close(given.state.variables, as_field.state.variables, rtol=1e-6)
+    train_lib.train(edge, source, None, config, tmp_path / "missing")
+  given = train_lib.train(edge, source, None, config, tmp_path / "given",
+                          initial_variables=dymu.stage_variables(anchor=anchor_variables))
   chex.assert_trees_all_equal(given.state.model_state["anchor"], anchor_variables)
+  # The edge hypernetwork trained on the given anchor: the same run on another anchor differs.
+  scaled = jax.tree.map(lambda x: 1.5 * x, anchor_variables)
+  other = train_lib.train(edge, source, None, config, tmp_path / "other",
+                          initial_variables=dymu.stage_variables(anchor=scaled))
+  chex.assert_trees_all_equal(other.state.model_state["anchor"], scaled)
+  edge_params = given.state.params["edge_hypernet"]
+  assert not all(np.allclose(a, b) for a, b in zip(
+      jax.tree.leaves(edge_params), jax.tree.leaves(other.state.params["edge_hypernet"])))
   # Resuming restores the stage's own variables: no collection needed any more.
-  again = train_lib.train(bare, source, None, dataclasses.replace(config, steps=3),
+  again = train_lib.train(edge, source, None, dataclasses.replace(config, steps=3),
                           tmp_path / "given")
   chex.assert_trees_all_equal(again.state.model_state["anchor"], anchor_variables)
   with pytest.raises(ValueError, match="does not match the method's"):
     wrong = jax.tree.map(lambda x: x[..., :1], anchor_variables)
-    train_lib.train(bare, source, None, config, tmp_path / "wrong",
-                    initial_variables={"anchor": wrong})
+    train_lib.train(edge, source, None, config, tmp_path / "wrong",
+                    initial_variables=dymu.stage_variables(anchor=wrong))
+  # The weight stage starts from the anchor and the trained edge hypernetwork; both stay.
+  weight = dymu.build(DIGITS, model_options=MODEL, stage="weight", **HYPER)
+  assert weight.required_variables() == ("anchor", "edge_hypernet")
+  with pytest.raises(ValueError, match=r"starts from collection\(s\) edge_hypernet of"):
+    train_lib.train(weight, source, None, config, tmp_path / "weight",
+                    initial_variables=dymu.stage_variables(anchor=anchor_variables))
+  result = train_lib.train(weight, source, None, config, tmp_path / "weight",
+                           initial_variables=dymu.stage_variables(anchor=anchor_variables,
+                                                                  edge_params=edge_params))
+  chex.assert_trees_all_equal(result.state.model_state["anchor"], anchor_variables)
+  chex.assert_trees_all_equal(result.state.model_state["edge_hypernet"],
+                              {"params": edge_params})

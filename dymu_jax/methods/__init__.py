@@ -159,8 +159,9 @@ def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | N
     task_weights: loss weight per task (every method; DYMU's edge and weight stages take
       `dymu.task_weights_from_losses` of the anchor).
     method_options: the method's options (fields of `config_of(name)`, e.g. `ecmt.Config`),
-      and runtime inputs that are not options (DYMU: stage and the frozen earlier stages
-      trunk_variables, anchor_variables, edge_params, affinity), by name.
+      and runtime inputs that are not options (DYMU: stage and affinity), by name; DYMU's
+      frozen earlier stages are not options but variable collections
+      (`dymu.stage_variables`, given to `train.train(..., initial_variables=...)`).
     config: the method's options as a config instance (instead of their names in
       `method_options`).
 

@@ -86,9 +86,11 @@ A stage starts from the earlier stage's variables as those collections: the stag
 `train.train(..., initial_variables=...)` (the anchor from a trunk: its "params" and
 "batch_stats", `streams_from_trunk` of the trunk); `DymuMethod.required_variables` names the
 ones a stage needs, and training refuses to start without them. A stage's own checkpoint holds
-them, so a trained stage loads without its earlier stages' folders. In Python they may also be
-given as the method's fields (`trunk_variables`, `anchor_variables`, `edge_params`), which
-`init` then copies in.
+them, so a trained stage loads without its earlier stages' folders. In Python,
+`stage_variables(trunk=..., anchor=..., edge_params=...)` makes those collections out of the
+earlier stages' variables: give them to `train.train(..., initial_variables=...)`, or, calling
+`init`/`loss`/`predict` directly, put them over `init`'s stand-ins:
+`{**method.init(rng, batch), **stage_variables(anchor=anchor_variables)}`.
 """
 
 from dymu_jax.methods.dymu.anchor import (anchor_task_losses, probe_trees, stream_divergence,
@@ -99,6 +101,7 @@ from dymu_jax.methods.dymu.method import (ANCHOR_INITS, MODEL_OPTIONS, OPTIONS, 
                                           DymuController, DymuMethod, apply_tree, build,
                                           build_registered)
 from dymu_jax.methods.dymu.config import TASK_WEIGHTS, Config
+from dymu_jax.methods.dymu.stages import stage_variables
 from dymu_jax.methods.dymu.regulariser import (DEPTH_FACTORS, USE_GRADIENTS, active_tasks,
                                                branching_regularizer, depth_weights,
                                                gumbel_softmax, hard_parents,
@@ -108,5 +111,5 @@ __all__ = ["ANCHOR_INITS", "DEPTH_FACTORS", "MODEL_OPTIONS", "OPTIONS", "STAGES"
            "TASK_WEIGHTS", "USE_GRADIENTS", "Config", "ControlEmbedding", "DymuController", "DymuMethod", "EdgeHypernet",
            "WeightHypernet", "active_tasks", "anchor_task_losses", "apply_tree",
            "branching_regularizer", "build", "build_registered", "depth_weights", "gumbel_softmax", "hard_parents",
-           "parent_use_probability", "probe_trees", "shift_unraveler", "stream_divergence",
-           "streams_from_trunk", "task_weights_from_losses", "temperature"]
+           "parent_use_probability", "probe_trees", "shift_unraveler", "stage_variables",
+           "stream_divergence", "streams_from_trunk", "task_weights_from_losses", "temperature"]

@@ -24,7 +24,6 @@ from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import branched
 from dymu_jax.models.branched import BranchedNet, Tree, TreeCost
 
-from dymu_jax.methods.dymu.anchor import streams_from_trunk
 from dymu_jax.methods.dymu.hypernets import EdgeHypernet, WeightHypernet, shift_unraveler
 from dymu_jax.methods.dymu.regulariser import (DEPTH_FACTORS, USE_GRADIENTS, branching_regularizer,
                                                gumbel_softmax, hard_parents,
@@ -88,16 +87,11 @@ class DymuMethod(base.MethodBase):
     self_logit: initial own-stream logit bias of the edge hypernetwork [ours option].
     anchor_init: how the anchor's streams start (`ANCHOR_INITS`): "trunk" (default, the
       paper's recipe), every stream a copy of one network trained with hard sharing on all
-      tasks (stage "pretrain"; `trunk_variables`), then fine-tuned on its own task, so the
-      streams stay close and a low-level cross-task edge is cheap; "shared" [ours], one random
-      draw for every stream; "independent", a draw per stream.
+      tasks (stage "pretrain"), then fine-tuned on its own task, so the streams stay close and
+      a low-level cross-task edge is cheap; "shared" [ours], one random draw for every stream;
+      "independent", a draw per stream.
     depth_factor: the regulariser's depth factor (`depth_weights`): "paper" or "shifted".
     use_gradient: "stop" (P_use is a usage weight) or "flow" (`branching_regularizer`).
-    trunk_variables, anchor_variables, edge_params: optional: the pretrained trunk's variables
-      (stage "anchor" with anchor_init="trunk"), the trained anchor's (stages "edge" and
-      "weight") and the trained edge hypernetwork's params (stage "weight"), copied in by
-      `init`; without them `init` draws stand-ins of their shapes and training takes them as
-      `train.train(..., initial_variables=...)` (`required_variables`).
     eval_resources: the c values `eval_controls` pairs with the uniform preference.
     name: the method name in logs.
     axis_name: the pmap axis the anchor's batch norms pool over (anchor stage).
@@ -122,10 +116,6 @@ class DymuMethod(base.MethodBase):
   anchor_init: str = "trunk"
   depth_factor: str = "paper"
   use_gradient: str = "stop"
-  trunk_variables: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
-  anchor_variables: Any = dataclasses.field(default=None, compare=False, hash=False,
-                                            repr=False)
-  edge_params: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
   eval_resources: tuple[float, ...] = (0.0, 1.0)
   name: str = "dymu"
   axis_name: str | None = None
@@ -218,44 +208,37 @@ class DymuMethod(base.MethodBase):
   # -- the Method interface --------------------------------------------------------------------
 
   def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> PyTree:
-    """The stage's variables. What comes from an earlier stage (the trunk, the frozen anchor,
-    the frozen edge hypernetwork) is taken from the fields when given, else drawn as a
-    stand-in of the right shapes that `train.train(..., initial_variables=...)` replaces
-    (`required_variables`) or a restored checkpoint overwrites."""
+    """The stage's variables. What comes from an earlier stage (the trunk's copies, the frozen
+    anchor, the frozen edge hypernetwork; `required_variables`) is drawn as a stand-in of the
+    right shapes, which `train.train(..., initial_variables=...)` replaces or a restored
+    checkpoint overwrites; calling the method directly, put the real ones over it:
+    `{**method.init(rng, batch), **dymu.stage_variables(anchor=..., ...)}`."""
     images = batch["image"]
     if self.stage == "pretrain":
       return self.net.init(rng, images, "shared")
     if self.stage == "anchor":
-      if self.anchor_init == "trunk" and self.trunk_variables is not None:
-        return streams_from_trunk(self.trunk_variables)
       return self.net.init(rng, images, "shared" if self.anchor_init == "trunk"
                            else self.anchor_init)
-    anchor = self.anchor_variables
-    if anchor is None:
-      anchor = self.net.init(jax.random.fold_in(rng, 1), images, "shared")
+    anchor = self.net.init(jax.random.fold_in(rng, 1), images, "shared")
     r = jnp.full((self.num_tasks,), 1.0 / self.num_tasks, jnp.float32)
     c = jnp.zeros((), jnp.float32)
     if self.stage == "edge":
       edge = self.edge_hypernet().init(rng, r, c)["params"]
       return {"params": {"edge_hypernet": edge}, "anchor": anchor}
-    edge = self.edge_params
-    if edge is None:
-      edge = self.edge_hypernet().init(jax.random.fold_in(rng, 2), r, c)["params"]
+    edge = self.edge_hypernet().init(jax.random.fold_in(rng, 2), r, c)["params"]
     size, _ = shift_unraveler(anchor)
     weight = self.weight_hypernet(size).init(rng, r, c)["params"]
     return {"params": {"weight_hypernet": weight}, "anchor": anchor,
             "edge_hypernet": {"params": edge}}
 
   def required_variables(self) -> tuple[str, ...]:
-    """The earlier stages' variables `init` was not given: the trunk's (an anchor from a trunk:
-    its start, in "params"), the frozen anchor ("anchor") and edge hypernetwork
-    ("edge_hypernet")."""
+    """The collections the stage starts from, out of its earlier stages' variables
+    (`dymu.stage_variables`): the trunk's copies (an anchor from a trunk: its start, in
+    "params"), the frozen anchor ("anchor") and edge hypernetwork ("edge_hypernet")."""
     if self.stage == "anchor":
-      return ("params",) if self.anchor_init == "trunk" and self.trunk_variables is None else ()
-    needed = () if self.anchor_variables is not None or self.stage == "pretrain" else ("anchor",)
-    if self.stage == "weight" and self.edge_params is None:
-      needed += ("edge_hypernet",)
-    return needed
+      return ("params",) if self.anchor_init == "trunk" else ()
+    return {"pretrain": (), "edge": ("anchor",),
+            "weight": ("anchor", "edge_hypernet")}[self.stage]
 
   def _task_losses(self, predictions, batch) -> dict[str, jax.Array]:
     return {t.name: t.loss(predictions[t.name], batch[t.name]) for t in self.tasks}
@@ -509,8 +492,7 @@ MODEL_OPTIONS = ("backbone", "backbone_kwargs", "head_width", "head_hidden_layer
 OPTIONS = ("stage", "affinity", "lambda_active", "lambda_inactive", "tau_factor",
            "dirichlet_alpha", "initial_temperature", "temperature_decay", "temperature_every",
            "embedding_features", "edge_hidden", "weight_hidden", "self_logit", "anchor_init",
-           "depth_factor", "use_gradient", "trunk_variables", "anchor_variables",
-           "edge_params", "eval_resources")
+           "depth_factor", "use_gradient", "eval_resources")
 
 
 def build(tasks: Sequence[tasks_lib.Task], *, model_options: Mapping[str, Any] | None = None,

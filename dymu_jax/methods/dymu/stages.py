@@ -133,12 +133,34 @@ def affinity_record(context: stages_lib.StageContext) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The stage hooks.
+# What a stage starts from, and the stage hooks.
+
+
+def stage_variables(*, trunk: Mapping[str, Any] | None = None,
+                    anchor: Mapping[str, Any] | None = None,
+                    edge_params: Any = None) -> dict:
+  """The variable collections a stage starts from, out of its earlier stages' variables
+  (`DymuMethod.required_variables` names those a stage needs):
+
+  * trunk: a finished pretrain stage's variables; the anchor from a trunk starts its streams as
+    their copies ("params" and "batch_stats", `streams_from_trunk`);
+  * anchor: the trained anchor's variables (edge and weight stages: "anchor");
+  * edge_params: the trained edge hypernetwork's params (weight stage: "edge_hypernet").
+
+  Give them to `train.train(..., initial_variables=...)`, or, calling the method directly, put
+  them over its stand-ins: `{**method.init(rng, batch), **stage_variables(anchor=...)}`.
+  """
+  variables = dict(streams_from_trunk(trunk)) if trunk is not None else {}
+  if anchor is not None:
+    variables["anchor"] = anchor
+  if edge_params is not None:
+    variables["edge_hypernet"] = {"params": edge_params}
+  return variables
 
 
 def start_anchor(context: stages_lib.StageContext) -> stages_lib.StageStart:
   """The anchor's streams start as copies of the finished pretrain stage's trunk."""
-  return stages_lib.StageStart(variables=streams_from_trunk(context.earlier.variables))
+  return stages_lib.StageStart(variables=stage_variables(trunk=context.earlier.variables))
 
 
 def start_edge(context: stages_lib.StageContext) -> stages_lib.StageStart:
@@ -150,7 +172,7 @@ def start_edge(context: stages_lib.StageContext) -> stages_lib.StageStart:
           f"{files_lib.run_path(context.stage.folder) / AFFINITY_FILE})", flush=True)
   return stages_lib.StageStart(
       options={"affinity": record["affinity"], "task_weights": tuple(record["task_weights"])},
-      variables={"anchor": context.earlier.variables})
+      variables=stage_variables(anchor=context.earlier.variables))
 
 
 def start_weight(context: stages_lib.StageContext) -> stages_lib.StageStart:
@@ -169,8 +191,8 @@ def start_weight(context: stages_lib.StageContext) -> stages_lib.StageStart:
   variables = edge.variables
   return stages_lib.StageStart(
       options={"affinity": record["affinity"], "task_weights": tuple(record["task_weights"])},
-      variables={"anchor": variables["anchor"],
-                 "edge_hypernet": {"params": variables["params"]["edge_hypernet"]}})
+      variables=stage_variables(anchor=variables["anchor"],
+                                edge_params=variables["params"]["edge_hypernet"]))
 
 
 def check_finished_edge(context: stages_lib.StageContext) -> None:
