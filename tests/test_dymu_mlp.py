@@ -259,3 +259,29 @@ def test_cli_trains_and_evaluates_dymu_on_a_tabular_file(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   network, _, _ = serialize.load_network(f"{out}_anchor")
   assert network.tree == network.net.separate_tree()
+
+
+def test_anchor_report_metrics_of_a_tree_equal_its_tree_forward():
+  """The anchor report runs every probe tree as one-hot soft mixing (one compiled program for
+  all of them): its metrics and losses equal those of the tree's own forward."""
+  from dymu_jax.data import base as data_base  # pylint: disable=g-import-not-at-top
+  from dymu_jax.methods.dymu import stages as dymu_stages  # pylint: disable=g-import-not-at-top
+  from dymu_jax.metrics import tasks as metrics_lib  # pylint: disable=g-import-not-at-top
+  net, variables, _ = setup()
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(12, D)).astype(np.float32)
+  labels = {"linear": rng.normal(size=(12,)).astype(np.float32),
+            "wave": rng.normal(size=(12,)).astype(np.float32),
+            "sign": rng.integers(0, 2, 12).astype(np.int32)}
+  batch = {"image": x, data_base.VALID_KEY: np.ones(12, bool), **labels}
+  for tree in trees(net.num_layers, net.num_tasks):
+    got = dymu_stages.tree_metrics(net, variables, tree, [batch])
+    predictions = net.apply_tree(variables, x, tree)
+    states = metrics_lib.update_all(metrics_lib.init_all(net.tasks), predictions, batch,
+                                    net.tasks)
+    expected = metrics_lib.compute_all(jax.device_get(states), net.tasks)
+    for task in net.tasks:
+      loss = float(task.loss(predictions[task.name], labels[task.name]))
+      assert got[task.name]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), str(tree)
+      for name, value in expected[task.name].items():
+        assert got[task.name][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (str(tree), name)
