@@ -381,7 +381,7 @@ def run_in_process(*argv):
     (["--dymu_stage=weight", "--dymu_anchor_dir=/x"],
      "--dymu_anchor_dir is read by --dymu_stage=edge or all"),
     (["--dymu_stage_steps=3,3"], "--dymu_stage_steps takes three numbers"),
-    (["--backbone=mobilenet_v2"], "DYMU's anchor streams are built on --backbone=lenet or"),
+    (["--backbone=resnet34"], "DYMU's anchor streams are built on --backbone=lenet or"),
     (["--backbone_options=channel_divisor=2"],
      "--backbone_options has channel_divisor, which DYMU's lenet streams do not take"),
     (["--head_batch_norm"], "--head_batch_norm puts batch norm in the decoders' hidden layers, "

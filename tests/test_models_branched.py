@@ -2,7 +2,8 @@
 
 Networks are tiny (a 4-6-8 channel LeNet on 16 px, a two-stage ResNet with one 4- and one
 8-channel block on 8 px, the same ResNet with two dense heads of width 8 and a classifier,
-a 4-stage ResNet-18 of 4-8 channels on 32 px) and every forward pass is jitted (eager vmapped
+a 4-stage ResNet-18 of 4-8 channels on 32 px, a 4-stage MobileNetV2 of 4-16 channels and one
+or two blocks per row on 16 and 32 px) and every forward pass is jitted (eager vmapped
 convolutions are slower than compiling) so that the file stays fast on a shared CPU.
 """
 
@@ -17,8 +18,7 @@ import numpy as np
 import pytest
 
 from dymu_jax import tasks as tasks_lib
-from dymu_jax.models import (backbones, branched, build_multitask, cost, pretrained,
-                             serialize)
+from dymu_jax.models import backbones, branched, build_multitask, cost, serialize
 from dymu_jax.models.branched import Tree
 from dymu_jax.models.decoders import DenseHead
 
@@ -32,8 +32,14 @@ TINY_RESNET = {"stage_channels": (4, 8), "stage_sizes": (1, 1)}
 # Dense and other tasks mixed (the synthetic scenes' kinds, and a classifier).
 SCENES = (tasks_lib.segmentation("segmentation", 3), tasks_lib.depth(),
           tasks_lib.classification("shape", 4))
+# Seven rows of one block (two in row 1, so that one block is residual), expansion 2.
+TINY_MOBILENET = {"block_setting": ((1, 4, 1, 1), (2, 4, 2, 2), (2, 8, 1, 2), (2, 8, 1, 2),
+                                    (2, 8, 1, 1), (2, 8, 1, 2), (2, 16, 1, 1)),
+                  "stem_channels": 4, "last_channels": 16}
 CASES = {
     "lenet": (DIGITS, "lenet", TINY_LENET, (16, 16, 1)),
+    # Output stride 32 on 16 px: the last stage's depthwise convolutions see 1x1 maps.
+    "mobilenet_v2": (FACES, "mobilenet_v2", TINY_MOBILENET, (16, 16, 3)),
     "resnet_small": (FACES, "resnet_small", TINY_RESNET, (8, 8, 3)),
     # Stride 2: the dense heads upsample their 4x4 maps to the 8x8 images.
     "dense": (SCENES, "resnet_small", TINY_RESNET, (8, 8, 3)),
@@ -222,9 +228,10 @@ def test_parameter_and_mac_counts_of_shared_and_separate_trees():
   assert separate.params == cost.num_params(variables["params"])
 
 
-@pytest.mark.parametrize("case", ["resnet_small", "dense_full_resolution"])
+@pytest.mark.parametrize("case", ["resnet_small", "dense_full_resolution", "mobilenet_v2"])
 def test_tree_cost_matches_xla_cost_analysis(case):
-  net, variables, images = setup(case)  # padded and dilated 3x3 convolutions, dense heads
+  # Padded and dilated 3x3 convolutions, dense heads; strided depthwise convolutions.
+  net, variables, images = setup(case)
   shape = images.shape[1:]
   flops = {}
   for tree in mixed_trees(net.num_layers, net.num_tasks):
@@ -236,7 +243,7 @@ def test_tree_cost_matches_xla_cost_analysis(case):
   # The program of a shared trunk holds only the used nodes' work (the saving is real); the
   # dense heads (every task's, whatever the tree) dominate the small dense net.
   separate, shared = net.separate_tree(), net.shared_tree(1)
-  ratio = 0.4 if case == "resnet_small" else 0.9
+  ratio = 0.9 if case == "dense_full_resolution" else 0.4
   assert flops[shared] / flops[separate] < ratio
   assert net.tree_cost(shared, shape).macs_fraction < ratio
 
@@ -276,6 +283,30 @@ def test_batch_norm_shifts():
   bad = {"block0": {"stem_bn": {"scale": jnp.zeros((2, 4))}}}
   with pytest.raises(ValueError, match="block0/stem_bn/scale has shape"):
     branched.apply_batch_norm_shifts(variables, bad)
+
+
+def test_batch_norm_shifts_cover_every_mobilenet_v2_batch_norm():
+  net, variables, images = setup("mobilenet_v2")
+  template = branched.batch_norm_shift_template(variables)
+  # Every batch norm of the blocks (stem, expansion, depthwise, projection, last conv),
+  # stacked over the 3 streams; the MLP heads have none.
+  leaves = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+  norms = {tuple(k.key for k in path[:-1]) for path, _ in leaves if path[-2].key.endswith("_bn")}
+  assert set(branched.batch_norm_paths(variables)) == norms
+  assert set(template) == {f"block{l}" for l in range(4)} and len(norms) == 2 + 3 * 8 - 1
+  assert set(template["block0"]["block1"]) == {"depthwise_bn", "project_bn"}  # t = 1
+  assert set(template["block1"]["block4"]) == {"expand_bn", "depthwise_bn", "project_bn"}
+  assert template["block0"]["stem_bn"]["scale"].shape == (3, 4)
+  assert template["block1"]["block4"]["expand_bn"]["bias"].shape == (3, 8)  # 4 in, t = 2
+  assert template["block3"]["last_bn"]["bias"].shape == (3, 16)
+  run = jax.jit(lambda v, x: net.apply_tree(v, x, net.separate_tree()))
+  anchor = run(variables, images)
+  delta = jax.tree.map(jnp.zeros_like, template)
+  delta["block1"]["block4"]["depthwise_bn"]["bias"] = (
+      delta["block1"]["block4"]["depthwise_bn"]["bias"].at[2].set(1.0))
+  moved = run(branched.apply_batch_norm_shifts(variables, delta), images)
+  assert_close({k: anchor[k] for k in ("age", "gender")}, moved)
+  assert not np.allclose(anchor["race"], moved["race"])
 
 
 def test_train_mode_updates_the_statistics_of_used_nodes_only():
@@ -324,23 +355,34 @@ def test_dense_forward_shapes_and_errors():
     branched.build_branched(SCENES, "lenet")
   with pytest.raises(ValueError, match="resnet_small streams cannot reach output_stride=3"):
     branched.build_branched(SCENES, "resnet_small", backbone_kwargs={"output_stride": 3})
+  # MobileNetV2 streams: four stages, the dense heads read the last 1x1 conv's 1280 channels.
+  mobile = branched.build_branched(SCENES, "mobilenet_v2")
+  assert mobile.stack == "mobilenet_v2" and [b.features for b in mobile.blocks] == [
+      24, 32, 96, 1280]
+  assert (mobile.heads[0].in_features, mobile.heads[0].atrous_rates) == (1280, (6, 12, 18))
+  with pytest.raises(ValueError, match=r"mobilenet_v2 streams stage_rows \(\(0,\), \(1, 2\)\) "
+                                       r"must list the block_setting rows 0..6 once each"):
+    branched.build_branched(SCENES, "mobilenet_v2",
+                            backbone_kwargs={"stage_rows": ((0,), (1, 2))})
 
 
 TINY_RESNET18 = {"stage_channels": (4, 4, 8, 8), "stage_sizes": (1, 1, 1, 1),
                  "output_stride": 8}
 
 
-def test_resnet18_stream_and_dense_head_are_the_static_network():
-  """One stream of "resnet18" blocks + its DenseHead is `build_multitask`'s single-task
-  network: the same parameter names per stage (the blocks' union is the encoder), the same
-  dilated stages at output stride 8, the same head."""
+@pytest.mark.parametrize("backbone, options", [
+    ("resnet18", TINY_RESNET18), ("mobilenet_v2", {**TINY_MOBILENET, "output_stride": 8})])
+def test_stream_and_dense_head_are_the_static_network(backbone, options):
+  """One stream of "resnet18" or "mobilenet_v2" blocks + its DenseHead is `build_multitask`'s
+  single-task network: the same parameter names per stage (the blocks' union is the encoder),
+  the same dilated stages at output stride 8, the same head."""
   tasks = SCENES[:2]
-  net = branched.build_branched(tasks, "resnet18", backbone_kwargs=TINY_RESNET18, head_width=8)
+  net = branched.build_branched(tasks, backbone, backbone_kwargs=options, head_width=8)
   shape = (32, 32, 3)
   variables = test_variables.fill(jax.eval_shape(
       net.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *shape), jnp.float32)), seed=2)
   images = np.random.default_rng(1).uniform(size=(2, *shape)).astype(np.float32)
-  static = build_multitask(tasks[1:], "resnet18", backbone_kwargs=TINY_RESNET18, head_width=8)
+  static = build_multitask(tasks[1:], backbone, backbone_kwargs=options, head_width=8)
   encoder = {col: {name: module for l in range(net.num_layers)
                    for name, module in stream_variables(variables, l, 1)[col].items()}
              for col in variables}
@@ -354,29 +396,47 @@ def test_resnet18_stream_and_dense_head_are_the_static_network():
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_pretrained_resnet18_weights_load_into_every_stream(tmp_path):
-  net = branched.build_branched(SCENES[:2], "resnet18")
+# (stack, a torchvision kernel and our path to it: stage 1's first conv, the last stage's).
+PRETRAINED_CASES = {
+    "resnet18": ("conv1.weight", ("block0", "stem_conv"), "layer4.1.conv2.weight",
+                 ("block3", "stage4_block1", "conv2"), "layer2.0.downsample.1.running_var",
+                 ("block1", "stage2_block0", "downsample_bn")),
+    "mobilenet_v2": ("features.0.0.weight", ("block0", "stem_conv"), "features.18.0.weight",
+                     ("block3", "last_conv"), "features.9.conv.1.1.running_var",
+                     ("block2", "block9", "depthwise_bn")),
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(PRETRAINED_CASES))
+def test_pretrained_weights_load_into_every_stream(tmp_path, backbone):
+  net = branched.build_branched(SCENES[:2], backbone)
   shapes = jax.eval_shape(net.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
   variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  backbone = backbones.ResNet18()
-  reference = jax.eval_shape(backbone.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  rng = np.random.default_rng(0)
-  state = {name: rng.normal(size=torch_shape).astype(np.float32)
-           for name, (_, torch_shape) in pretrained.torchvision_layout(
-               "resnet18", reference).items()}
-  np.savez(tmp_path / "resnet18.npz", **state)
-  loaded = branched.load_pretrained_streams(net, variables, str(tmp_path / "resnet18.npz"))
+  reference = jax.eval_shape(backbones.get_backbone(backbone)().init, jax.random.key(0),
+                             jnp.zeros((1, 32, 32, 3)))
+  # torchvision's names and shapes, its classifier and step counters (skipped) included.
+  state = test_variables.torchvision_state(backbone, reference)
+  path = str(tmp_path / f"{backbone}.npz")
+  np.savez(path, **state)
+  loaded = branched.load_pretrained_streams(net, variables, path)
   chex.assert_trees_all_equal_shapes_and_dtypes(loaded, variables)
-  stem = loaded["params"]["block0"]["stem_conv"]["kernel"]
-  conv = loaded["params"]["block3"]["stage4_block1"]["conv2"]["kernel"]
+  first, first_path, last, last_path, stat, stat_path = PRETRAINED_CASES[backbone]
+
+  def ours(col, module_path, leaf):
+    node = loaded[col]
+    for key in module_path:
+      node = node[key]
+    return node[leaf]
+
   for j in range(2):
-    np.testing.assert_array_equal(stem[j], state["conv1.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(conv[j], state["layer4.1.conv2.weight"].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(loaded["batch_stats"]["block1"]["stage2_block0"]["downsample_bn"]
-                                ["var"][1], state["layer2.0.downsample.1.running_var"])
+    np.testing.assert_array_equal(ours("params", first_path, "kernel")[j],
+                                  state[first].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(ours("params", last_path, "kernel")[j],
+                                  state[last].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(ours("batch_stats", stat_path, "var")[1], state[stat])
   assert loaded["params"]["head_depth"] is variables["params"]["head_depth"]
   small = branched.build_branched(SCENES[:2], "resnet_small")
-  with pytest.raises(ValueError, match="load into a resnet18 stack .* this network has "
-                                       "resnet_small streams"):
-    branched.load_pretrained_streams(small, variables, str(tmp_path / "resnet18.npz"))
+  with pytest.raises(ValueError, match="load into a resnet18 or mobilenet_v2 stack .* this "
+                                       "network has resnet_small streams"):
+    branched.load_pretrained_streams(small, variables, path)

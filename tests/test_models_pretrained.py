@@ -18,6 +18,8 @@ import pytest
 
 from dymu_jax.models import backbones, pretrained
 
+from random_variables import torchvision_state
+
 # A few names and shapes as torchvision's resnet18 / mobilenet_v2 state dicts have them.
 KNOWN_RESNET18 = {
     "conv1.weight": (64, 3, 7, 7),
@@ -53,23 +55,6 @@ def _zeros(name: str, size: int = 16):
   net = backbones.get_backbone(name)()
   shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
   return net, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
-def _random_state(name: str, variables, seed: int = 0) -> dict[str, np.ndarray]:
-  """A torchvision-layout state dict with random values, including the parts we skip."""
-  rng = np.random.default_rng(seed)
-  state = {}
-  for key, (_, shape) in pretrained.torchvision_layout(name, variables).items():
-    value = rng.normal(size=shape).astype(np.float32)
-    if key.endswith("running_var"):
-      value = np.abs(value) + 0.5
-    state[key] = value
-    if key.endswith("running_var"):
-      state[key.replace("running_var", "num_batches_tracked")] = np.array(7, np.int64)
-  head = ("fc", 512) if name.startswith("resnet") else ("classifier.1", 1280)
-  state[f"{head[0]}.weight"] = rng.normal(size=(1000, head[1])).astype(np.float32)
-  state[f"{head[0]}.bias"] = np.zeros(1000, np.float32)
-  return state
 
 
 class _Stop(Exception):
@@ -225,7 +210,7 @@ def test_layout_has_torchvision_names_and_shapes(name, known):
 
 def test_resnet18_npz_loads_and_stem_matches_torch_computation(tmp_path):
   net, variables = _zeros("resnet18")
-  state = _random_state("resnet18", variables)
+  state = torchvision_state("resnet18", variables)
   path = os.path.join(tmp_path, "resnet18.npz")
   np.savez(path, **state)
   loaded = pretrained.load_pretrained("resnet18", variables, path)
@@ -246,7 +231,7 @@ def test_resnet18_npz_loads_and_stem_matches_torch_computation(tmp_path):
 
 def test_mobilenet_v2_npz_depthwise_matches_torch_computation(tmp_path):
   net, variables = _zeros("mobilenet_v2")
-  state = _random_state("mobilenet_v2", variables)
+  state = torchvision_state("mobilenet_v2", variables)
   path = os.path.join(tmp_path, "mobilenet_v2.npz")
   np.savez(path, **state)
   loaded = pretrained.load_pretrained("mobilenet_v2", variables, path)
@@ -262,7 +247,7 @@ def test_mobilenet_v2_npz_depthwise_matches_torch_computation(tmp_path):
 
 def test_pth_written_like_torch_save_loads_identically(tmp_path):
   _, variables = _zeros("resnet18")
-  state = _random_state("resnet18", variables, seed=3)
+  state = torchvision_state("resnet18", variables, seed=3)
   npz, pth = os.path.join(tmp_path, "w.npz"), os.path.join(tmp_path, "resnet18-abc.pth")
   np.savez(npz, **state)
   _write_pth(pth, state, archive="resnet18-abc", shared_storage=("bn1.weight", "bn1.bias"),
@@ -296,7 +281,7 @@ def _write_safetensors(path, state: dict[str, np.ndarray], header_edit=None) -> 
 
 def test_safetensors_loads_identically(tmp_path):
   _, variables = _zeros("resnet18")
-  state = _random_state("resnet18", variables, seed=4)
+  state = torchvision_state("resnet18", variables, seed=4)
   npz, st = os.path.join(tmp_path, "w.npz"), os.path.join(tmp_path, "w.safetensors")
   np.savez(npz, **state)
   _write_safetensors(st, state)
@@ -324,7 +309,7 @@ def test_prefix_loads_the_backbone_inside_a_bigger_model(tmp_path):
   _, backbone = _zeros("resnet18")
   variables = {"params": {"encoder": backbone["params"], "head": {"kernel": jnp.ones((3, 2))}},
                "batch_stats": {"encoder": backbone["batch_stats"]}}
-  state = _random_state("resnet18", backbone)
+  state = torchvision_state("resnet18", backbone)
   path = os.path.join(tmp_path, "w.npz")
   np.savez(path, **state)
   loaded = pretrained.load_pretrained("resnet18", variables, path, prefix=("encoder",))
@@ -336,7 +321,7 @@ def test_prefix_loads_the_backbone_inside_a_bigger_model(tmp_path):
 
 def test_mismatching_files_are_rejected_naming_the_key(tmp_path):
   _, variables = _zeros("resnet18")
-  state = _random_state("resnet18", variables)
+  state = torchvision_state("resnet18", variables)
   path = os.path.join(tmp_path, "w.npz")
 
   def load(modified):
@@ -358,7 +343,7 @@ def test_mismatching_files_are_rejected_naming_the_key(tmp_path):
   # A MobileNetV2 file is not a ResNet-18 one.
   _, mobilenet = _zeros("mobilenet_v2")
   with pytest.raises(ValueError, match="has weight 'features"):
-    load(_random_state("mobilenet_v2", mobilenet))
+    load(torchvision_state("mobilenet_v2", mobilenet))
 
 
 def test_unsupported_backbones_and_files(tmp_path):
@@ -409,7 +394,7 @@ def test_slimmed_backbone_is_rejected(tmp_path):
   shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
   _, full = _zeros("resnet18")
   path = os.path.join(tmp_path, "w.npz")
-  np.savez(path, **_random_state("resnet18", full))
+  np.savez(path, **torchvision_state("resnet18", full))
   with pytest.raises(ValueError, match=r"'layer1\.0\.bn1\.bias' of shape \(64,\) but resnet18 "
                      r"expects shape \(32,\) \(our variable params/stage1_block0/bn1/bias\)"):
     pretrained.load_pretrained("resnet18", shapes, path)

@@ -411,6 +411,96 @@ class InvertedResidual(nn.Module):
     return y + x if self.residual else y
 
 
+# The default stages of `MobileNetV2` [ours]: block_setting rows per stage, by output stride.
+MOBILENET_V2_STAGE_ROWS = ((0,), (1,), (2,), (3, 4), (5, 6))
+
+
+def mobilenet_v2_width(value: float, width_multiplier: float) -> int:
+  """A channel count under torchvision's `width_mult` (`make_divisible`; as given at 1.0)."""
+  return int(value) if width_multiplier == 1.0 else make_divisible(value * width_multiplier)
+
+
+def mobilenet_v2_architecture(owner: str, *, width_multiplier: float = 1.0,
+                              block_setting: Sequence[Sequence[int]] = MOBILENET_V2_SETTING,
+                              stem_channels: int = 32, last_channels: int = 1280,
+                              expanded_channels: Sequence[int] | None = None,
+                              stage_rows: Sequence[Sequence[int]] = MOBILENET_V2_STAGE_ROWS,
+                              output_stride: int | None = None
+                              ) -> tuple[int, list[dict[str, int]], int]:
+  """(stem width, one dict per block, last width) of a MobileNetV2 with `MobileNetV2`'s
+  attributes: full widths after `width_multiplier`. A block's dict holds its row, stage,
+  expansion t, in_features, features, hidden (expanded) width, first_of_row, and the strides and
+  dilation of its depthwise convolution (`dilation_schedule` for `output_stride`)."""
+  rows = [r for stage in stage_rows for r in stage]
+  if rows != list(range(len(block_setting))) or not all(stage_rows):
+    raise ValueError(
+        f"{owner} stage_rows {tuple(stage_rows)} must list the block_setting rows "
+        f"0..{len(block_setting) - 1} once each, in order, at least one per stage.")
+  stage_of_row = {r: s for s, stage in enumerate(stage_rows) for r in stage}
+  stem = mobilenet_v2_width(stem_channels, width_multiplier)
+  last = (last_channels if width_multiplier == 1.0
+          else make_divisible(last_channels * max(1.0, width_multiplier)))
+  blocks, in_features = [], stem
+  for row, (t, c, n, s) in enumerate(block_setting):
+    features = mobilenet_v2_width(c, width_multiplier)
+    for i in range(n):
+      blocks.append(dict(row=row, stage=stage_of_row[row], t=t, in_features=in_features,
+                         features=features, stride=s if i == 0 else 1, first_of_row=i == 0))
+      in_features = features
+  if expanded_channels is not None and len(expanded_channels) != len(blocks):
+    raise ValueError(
+        f"{owner} expanded_channels has {len(expanded_channels)} entries but the "
+        f"network has {len(blocks)} blocks.")
+  schedule = dilation_schedule(2, [b["stride"] for b in blocks], output_stride, owner)
+  for k, block in enumerate(blocks):
+    if block["t"] == 1:
+      block["hidden"] = block["in_features"]
+    elif expanded_channels is not None:
+      block["hidden"] = expanded_channels[k]
+    else:
+      block["hidden"] = int(round(block["in_features"] * block["t"]))
+    block["strides"], block["dilation"], _ = schedule[k]
+  return stem, blocks, last
+
+
+def mobilenet_v2_stage_channels(blocks: Sequence[dict[str, int]], last: int,
+                                num_stages: int) -> tuple[int, ...]:
+  """Full output width of every stage: its last block's; the last 1x1 conv's for the last."""
+  out = [[b["features"] for b in blocks if b["stage"] == s][-1] for s in range(num_stages)]
+  out[-1] = last
+  return tuple(out)
+
+
+def inverted_residual_stage(x: jax.Array, *, stage: int, num_stages: int, stem: int,
+                            blocks: Sequence[dict[str, int]], last: int,
+                            multiplier: float | DynamicMultiplier | None, train: bool,
+                            bn_momentum: float = 0.9, bn_axis_name: str | None = None
+                            ) -> jax.Array:
+  """One MobileNetV2 stage of `mobilenet_v2_architecture`'s (stem, blocks, last): the stem
+  ("stem_conv", "stem_bn": 3x3/2 conv + BN + ReLU6) when `stage` is 0, the stage's blocks
+  ("block{k + 1}", k the block's index in the network: torchvision's `features` index), then
+  the last 1x1 conv ("last_conv", "last_bn", + ReLU6) in the last stage. Every layer slims with
+  `multiplier` (None: full width)."""
+  width = lambda full: None if multiplier is None else channels(full, multiplier)
+  bn = functools.partial(SlimBatchNorm, momentum=bn_momentum, axis_name=bn_axis_name)
+  if stage == 0:
+    x = SlimConv(stem, 3, strides=2, padding=1, name="stem_conv")(x, width(stem))
+    x = nn.relu6(bn(features=stem, name="stem_bn")(x, train, width(stem)))
+  for k, block in enumerate(blocks):
+    if block["stage"] == stage:
+      x = InvertedResidual(
+          features=block["features"], in_features=block["in_features"],
+          hidden_features=block["hidden"], expand=block["t"] != 1, strides=block["strides"],
+          dilation=block["dilation"], residual=not block["first_of_row"],
+          bn_momentum=bn_momentum, bn_axis_name=bn_axis_name, name=f"block{k + 1}")(
+              x, width(block["hidden"]), width(block["features"]), train)
+  if stage == num_stages - 1:
+    x = SlimConv(last, 1, padding=0, in_features=blocks[-1]["features"], name="last_conv")(
+        x, width(last))
+    x = nn.relu6(bn(features=last, name="last_bn")(x, train, width(last)))
+  return x
+
+
 class MobileNetV2(nn.Module):
   """torchvision MobileNetV2 features, grouped into slimmable stages.
 
@@ -418,7 +508,8 @@ class MobileNetV2(nn.Module):
   3 = row 2 (32, /8), 4 = rows 3-4 (96, /16), 5 = rows 5-6 + the last 1x1 conv (1280, /32).
   Every layer of a stage slims with that stage's multiplier. Every block but the first of its
   row is residual (torchvision's `stride == 1 and in == out` for its settings); deciding it by
-  position keeps slimmed and physically sliced networks identical.
+  position keeps slimmed and physically sliced networks identical. Each stage runs
+  `inverted_residual_stage`, as the branched "mobilenet_v2" streams do.
 
   Attributes:
     width_multiplier: torchvision's static `width_mult` (rounded by `make_divisible`); 1.0
@@ -428,7 +519,7 @@ class MobileNetV2(nn.Module):
     last_channels: width of the last 1x1 convolution.
     expanded_channels: full expanded width of every block (None: round(in * t), torchvision);
       `sliced` sets it, since slimmed expanded widths need not follow that rule.
-    stage_rows: the block_setting rows of each stage, in order.
+    stage_rows: the block_setting rows of each stage, in order (at least one per stage).
     output_stride: total stride of the output (None: 32); smaller dilates the depthwise convs.
     bn_momentum, bn_axis_name: passed to every `SlimBatchNorm`.
   """
@@ -438,47 +529,18 @@ class MobileNetV2(nn.Module):
   stem_channels: int = 32
   last_channels: int = 1280
   expanded_channels: tuple[int, ...] | None = None
-  stage_rows: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,), (3, 4), (5, 6))
+  stage_rows: tuple[tuple[int, ...], ...] = MOBILENET_V2_STAGE_ROWS
   output_stride: int | None = None
   bn_momentum: float = 0.9
   bn_axis_name: str | None = None
 
-  def _round(self, value: float) -> int:
-    if self.width_multiplier == 1.0:
-      return int(value)
-    return make_divisible(value * self.width_multiplier)
-
   def _architecture(self) -> tuple[int, list[dict[str, int]], int]:
     """(stem width, one dict per block, last width), full widths, after `width_multiplier`."""
-    owner = type(self).__name__
-    rows = [r for stage in self.stage_rows for r in stage]
-    if rows != list(range(len(self.block_setting))):
-      raise ValueError(
-          f"{owner} stage_rows {self.stage_rows} must list the block_setting rows "
-          f"0..{len(self.block_setting) - 1} once each, in order.")
-    stage_of_row = {r: s for s, stage in enumerate(self.stage_rows) for r in stage}
-    stem = self._round(self.stem_channels)
-    last = (self.last_channels if self.width_multiplier == 1.0
-            else make_divisible(self.last_channels * max(1.0, self.width_multiplier)))
-    blocks, in_features = [], stem
-    for row, (t, c, n, s) in enumerate(self.block_setting):
-      features = self._round(c)
-      for i in range(n):
-        blocks.append(dict(row=row, stage=stage_of_row[row], t=t, in_features=in_features,
-                           features=features, stride=s if i == 0 else 1, first_of_row=i == 0))
-        in_features = features
-    if self.expanded_channels is not None and len(self.expanded_channels) != len(blocks):
-      raise ValueError(
-          f"{owner} expanded_channels has {len(self.expanded_channels)} entries but the "
-          f"network has {len(blocks)} blocks.")
-    for k, block in enumerate(blocks):
-      if block["t"] == 1:
-        block["hidden"] = block["in_features"]
-      elif self.expanded_channels is not None:
-        block["hidden"] = self.expanded_channels[k]
-      else:
-        block["hidden"] = int(round(block["in_features"] * block["t"]))
-    return stem, blocks, last
+    return mobilenet_v2_architecture(
+        type(self).__name__, width_multiplier=self.width_multiplier,
+        block_setting=self.block_setting, stem_channels=self.stem_channels,
+        last_channels=self.last_channels, expanded_channels=self.expanded_channels,
+        stage_rows=self.stage_rows, output_stride=self.output_stride)
 
   @property
   def num_stages(self) -> int:
@@ -492,17 +554,15 @@ class MobileNetV2(nn.Module):
   @property
   def stage_channels(self) -> tuple[int, ...]:
     _, blocks, last = self._architecture()
-    out = [[b["features"] for b in blocks if b["stage"] == s][-1]
-           for s in range(self.num_stages)]
-    out[-1] = last
-    return tuple(out)
+    return mobilenet_v2_stage_channels(blocks, last, self.num_stages)
 
   def sliced_kwargs(self, widths: Sequence[float]) -> dict[str, Any]:
     """Attribute overrides whose full widths are this network slimmed by `widths`."""
     widths = stage_multipliers(widths, self.num_stages, type(self).__name__)
     stem, blocks, last = self._architecture()
     stage_of_row = {r: s for s, stage in enumerate(self.stage_rows) for r in stage}
-    setting = tuple((t, channels(self._round(c), widths[stage_of_row[row]]), n, s)
+    setting = tuple((t, channels(mobilenet_v2_width(c, self.width_multiplier),
+                                 widths[stage_of_row[row]]), n, s)
                     for row, (t, c, n, s) in enumerate(self.block_setting))
     return {
         "width_multiplier": 1.0,
@@ -523,33 +583,12 @@ class MobileNetV2(nn.Module):
     check_image_size(owner, self.min_image_size, x.shape)
     widths = stage_multipliers(widths, self.num_stages, owner)
     stem, blocks, last = self._architecture()
-    schedule = dilation_schedule(2, [b["stride"] for b in blocks], self.output_stride, owner)
-    bn = functools.partial(SlimBatchNorm, momentum=self.bn_momentum,
-                           axis_name=self.bn_axis_name)
-    stem_width = channels(stem, widths[0])
-    x = SlimConv(stem, 3, strides=2, padding=1, name="stem_conv")(x, stem_width)
-    x = nn.relu6(bn(features=stem, name="stem_bn")(x, train, stem_width))
     outputs = []
-    for k, block in enumerate(blocks):
-      stage = block["stage"]
-      stride, first_dilation, _ = schedule[k]
-      multiplier = widths[stage]
-      x = InvertedResidual(
-          features=block["features"], in_features=block["in_features"],
-          hidden_features=block["hidden"], expand=block["t"] != 1, strides=stride,
-          dilation=first_dilation, residual=not block["first_of_row"],
-          bn_momentum=self.bn_momentum,
-          bn_axis_name=self.bn_axis_name, name=f"block{k + 1}")(
-              x, channels(block["hidden"], multiplier), channels(block["features"], multiplier),
-              train)
-      last_of_stage = k == len(blocks) - 1 or blocks[k + 1]["stage"] != stage
-      if last_of_stage and stage < self.num_stages - 1:
-        outputs.append(x)
-    last_width = channels(last, widths[-1])
-    x = SlimConv(last, 1, padding=0, in_features=blocks[-1]["features"], name="last_conv")(
-        x, last_width)
-    x = nn.relu6(bn(features=last, name="last_bn")(x, train, last_width))
-    outputs.append(x)
+    for stage, multiplier in enumerate(widths):
+      x = inverted_residual_stage(x, stage=stage, num_stages=self.num_stages, stem=stem,
+                                  blocks=blocks, last=last, multiplier=multiplier, train=train,
+                                  bn_momentum=self.bn_momentum, bn_axis_name=self.bn_axis_name)
+      outputs.append(x)
     return outputs
 
 

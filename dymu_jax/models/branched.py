@@ -51,15 +51,21 @@ whose names are re-exported here):
   BasicBlocks (128, 256, 512 ch, stride 2; `output_stride` 8 or 16 dilates), `backbones.ResNet18`
   with its parameter names per stage (L = 4), so `load_pretrained_streams` starts every stream
   from one torchvision ResNet-18 (the paper's recipe).
+* "mobilenet_v2" (the paper's PASCAL-Context backbone): `backbones.MobileNetV2`'s
+  inverted-residual blocks grouped by resolution, stage 1 = 3x3/2 stem + rows 0-1 (24 ch, /4),
+  stage 2 = row 2 (32 ch, /8), stage 3 = rows 3-4 (96 ch, /16), stage 4 = rows 5-6 + the last
+  1x1 conv (1280 ch, /32) (L = 4; `stage_rows` regroups them, `output_stride` 8 or 16
+  dilates), with the backbone's parameter names, so `load_pretrained_streams` starts every
+  stream from one torchvision MobileNetV2.
 * "mlp" (tabular data, feature vectors): one `MLPBlock` per hidden layer, dense + BN + ReLU
   (256, 256 units by default; He initialisation, as the `backbones.MLP` encoder); decoders are
   MLP heads with one hidden layer (L = number of hidden layers).
 
 Decoders: classification and regression tasks get MLP heads (global pooling of maps; linear on
 lenet, one hidden layer on the others). Dense tasks (segmentation, depth, normals, edges; on
-the ResNet stacks) get the DeepLabv3-style `decoders.DenseHead` with `build_multitask`'s
-defaults (hidden width 256 unless head_width is given, the backbone's atrous rates, image
-pooling): it reads the parent stream's last-stage map and upsamples its prediction to the
+the ResNet and MobileNetV2 stacks, `DENSE_BACKBONES`) get the DeepLabv3-style
+`decoders.DenseHead` with `build_multitask`'s defaults (hidden width 256 unless head_width is
+given, the backbone's atrous rates, image pooling): it reads the parent stream's last-stage map and upsamples its prediction to the
 image size, so a stream and its head are the static network's encoder and head. Dense and other
 tasks mix freely.
 
@@ -92,25 +98,30 @@ from dymu_jax.models import backbones
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import pretrained
 from dymu_jax.models.branched_blocks import (
-    BACKBONES, DEFAULT_DENSE_HEAD_WIDTH, DEFAULT_HEAD_HIDDEN_LAYERS, DEFAULT_HEAD_WIDTH, STACKS,
-    ConvPoolBlock, DenseBlock, MLPBlock, ResNetStage, lenet_blocks, mlp_blocks, resnet18_blocks,
-    resnet_small_blocks, stack_blocks, stack_name, task_decoders)
+    BACKBONES, DEFAULT_DENSE_HEAD_WIDTH, DEFAULT_HEAD_HIDDEN_LAYERS, DEFAULT_HEAD_WIDTH,
+    DENSE_BACKBONES, MOBILENET_V2_STREAM_STAGE_ROWS, STACKS, ConvPoolBlock, DenseBlock,
+    MLPBlock, MobileNetV2Stage, ResNetStage, lenet_blocks, mlp_blocks, mobilenet_v2_blocks,
+    resnet18_blocks, resnet_small_blocks, stack_blocks, stack_name, task_decoders)
 from dymu_jax.models.decoders import DenseHead
 from dymu_jax.models.multitask import normalise_images
 
 # The blocks and stacks of `branched_blocks` are re-exported, so `branched.<name>` keeps working.
 __all__ = [
     "BACKBONES", "DEFAULT_DENSE_HEAD_WIDTH", "DEFAULT_HEAD_HIDDEN_LAYERS", "DEFAULT_HEAD_WIDTH",
-    "STACKS", "STREAM_INITS", "BranchedNet", "ConvPoolBlock", "DenseBlock", "MLPBlock",
+    "DENSE_BACKBONES", "MOBILENET_V2_STREAM_STAGE_ROWS", "PRETRAINED_STACKS", "STACKS",
+    "STREAM_INITS", "BranchedNet", "ConvPoolBlock", "DenseBlock", "MLPBlock", "MobileNetV2Stage",
     "ResNetStage", "Tree", "TreeCost", "TreeNetwork", "apply_batch_norm_shifts",
     "batch_norm_paths", "batch_norm_shift_template", "build_branched", "lenet_blocks",
-    "load_pretrained_streams", "mlp_blocks", "resnet18_blocks", "resnet_small_blocks",
-    "stack_blocks", "stack_name", "task_decoders",
+    "load_pretrained_streams", "mlp_blocks", "mobilenet_v2_blocks", "resnet18_blocks",
+    "resnet_small_blocks", "stack_blocks", "stack_name", "task_decoders",
 ]
 
 PyTree = Any
 # How the N streams' block weights start (`BranchedNet.init`).
 STREAM_INITS = ("independent", "shared")
+# The stacks whose one stream is a torchvision backbone (`load_pretrained_streams`): each has
+# its `backbones` twin's parameter names, under the same name in `pretrained`.
+PRETRAINED_STACKS = tuple(s for s in BACKBONES if s in pretrained.PRETRAINED_BACKBONES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -670,15 +681,19 @@ def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
                    bn_momentum: float = 0.9, bn_axis_name: str | None = None,
                    pixel_mean: Sequence[float] | None = None,
                    pixel_std: Sequence[float] | None = None) -> BranchedNet:
-  """A `BranchedNet` for `tasks` on the "lenet", "resnet_small", "resnet18" or "mlp" stack.
+  """A `BranchedNet` for `tasks` on the "lenet", "resnet_small", "resnet18", "mobilenet_v2" or
+  "mlp" stack.
 
   Args:
-    tasks: the tasks (one stream and one decoder each); dense tasks need a ResNet stack.
+    tasks: the tasks (one stream and one decoder each); dense tasks need a ResNet or
+      MobileNetV2 stack (`DENSE_BACKBONES`).
     backbone: "lenet" (`lenet_blocks`), "resnet_small" (`resnet_small_blocks`), "resnet18"
-      (`resnet18_blocks`) or "mlp" (`mlp_blocks`, feature vectors).
+      (`resnet18_blocks`), "mobilenet_v2" (`mobilenet_v2_blocks`) or "mlp" (`mlp_blocks`,
+      feature vectors).
     backbone_kwargs: options of the block stack (lenet: conv_channels, kernel_sizes,
       fc_features, batch_norm; resnet_small, resnet18: stage_channels, stage_sizes,
-      output_stride; mlp: hidden, batch_norm).
+      output_stride; mobilenet_v2: width_multiplier, block_setting, stem_channels,
+      last_channels, stage_rows, output_stride; mlp: hidden, batch_norm).
     head_width: hidden width of every decoder; None: 64 for the MLP heads, 256 for the dense
       heads (`build_multitask`'s).
     head_hidden_layers: hidden layers of each MLP head; None: 0 for lenet, 1 for the others.
@@ -688,7 +703,8 @@ def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
     atrous_rates: dilation rates of the dense heads' context branches; None: the backbone's
       `decoders.DEFAULT_ATROUS_RATES`, as `build_multitask`.
     image_pooling: the dense heads' global-pooling branch.
-    in_channels: image channels (the ResNet stems; default 3; unused by lenet and mlp).
+    in_channels: image channels (the ResNet stems; default 3; unused by lenet, mobilenet_v2
+      (its stem reads them off the images) and mlp).
     bn_momentum, bn_axis_name: passed to every batch norm.
     pixel_mean, pixel_std: image normalisation (see `BranchedNet`); not for mlp.
   """
@@ -718,24 +734,25 @@ def build_branched(tasks: Sequence[tasks_lib.Task], backbone: str = "lenet", *,
 
 def load_pretrained_streams(net: BranchedNet, variables: Mapping[str, PyTree], path: str
                             ) -> dict:
-  """`variables` whose every stream starts from one torchvision ResNet-18 checkpoint.
+  """`variables` whose every stream starts from one torchvision checkpoint (ResNet-18 for a
+  "resnet18" stack, MobileNetV2 for a "mobilenet_v2" stack: `PRETRAINED_STACKS`).
 
-  The blocks of a "resnet18" stack carry `backbones.ResNet18`'s names per stage, so one
-  stream's blocks together are a `ResNet18` variable tree: it is loaded by
+  The blocks of these stacks carry their `backbones` twin's names per stage, so one stream's
+  blocks together are a `ResNet18` or `MobileNetV2` variable tree: it is loaded by
   `pretrained.load_pretrained` (names and shapes checked there, default widths only) and copied
   into every stream. Decoders keep their own weights.
   """
-  if net.stack != "resnet18":
-    raise ValueError(f"Pretrained streams load into a resnet18 stack (torchvision ResNet-18), "
-                     f"but this network has {net.stack} streams.")
-  keys = {}  # module name in ResNet18 -> the block layer that holds it
+  if net.stack not in PRETRAINED_STACKS:
+    raise ValueError(f"Pretrained streams load into a {' or '.join(PRETRAINED_STACKS)} stack "
+                     f"(torchvision weights), but this network has {net.stack} streams.")
+  keys = {}  # module name in the backbone -> the block layer that holds it
   one_stream: dict[str, dict] = {}
   for l in range(net.num_layers):
     for col, tree in variables.items():
       for name, module in tree.get(f"block{l}", {}).items():
         keys[name] = l
         one_stream.setdefault(col, {})[name] = jax.tree.map(lambda a: a[0], module)
-  loaded = pretrained.load_pretrained("resnet18", one_stream, path)
+  loaded = pretrained.load_pretrained(net.stack, one_stream, path)
   block_keys = {f"block{l}" for l in range(net.num_layers)}
   out = {col: {key: dict(value) if key in block_keys else value for key, value in tree.items()}
          for col, tree in variables.items()}

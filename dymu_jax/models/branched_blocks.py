@@ -2,8 +2,9 @@
 and re-exports every name here).
 
 A block is one stream's stage. The blocks run the stage bodies of `models.backbones`
-(`resnet_stem`, `basic_stage`, `conv_pool_stage`, `dense_stage`), so a stream computes what the
-static network's encoder computes, under the parameter names each stack has always had:
+(`resnet_stem`, `basic_stage`, `inverted_residual_stage`, `conv_pool_stage`, `dense_stage`),
+so a stream computes what the static network's encoder computes, under the parameter names
+each stack has always had:
 
 * "lenet": `ConvPoolBlock` ("conv", "bn") per convolution, then `DenseBlock` ("dense", "bn").
   The last stage is a flatten + dense layer, not `backbones.LeNet`'s map-sized convolution
@@ -14,6 +15,14 @@ static network's encoder computes, under the parameter names each stack has alwa
   "stem_bn" in the first, then "stage{s}_block{b}", so the union of one stream's blocks is a
   `ResNet18` variable tree and torchvision weights load per stream (`load_pretrained_streams`
   in `branched`).
+* "mobilenet_v2": `MobileNetV2Stage` per stage (`backbones.inverted_residual_stage`, the
+  stage body of `backbones.MobileNetV2`) with its names: "stem_conv" and "stem_bn" in the
+  first, "block{i}" (torchvision's `features.{i}`) in the stage that holds block i,
+  "last_conv" and "last_bn" in the last, so one stream's blocks together are a `MobileNetV2`
+  variable tree and torchvision MobileNetV2 weights load per stream too. Four stages by
+  default (`MOBILENET_V2_STREAM_STAGE_ROWS`), at output strides 4, 8, 16 and 32 as the ResNet
+  streams' (the backbone's own first stage, the stem and one block at stride 2, would be a
+  node too cheap to be worth a tree layer); `stage_rows` chooses others.
 * "mlp": `MLPBlock` ("dense", "bn") per hidden layer.
 
 Decoders (`task_decoders`): a `decoders.DenseHead` for a dense task (its spatial map read from
@@ -34,10 +43,16 @@ from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import backbones
 from dymu_jax.models.decoders import DEFAULT_ATROUS_RATES, DenseHead, MLPHead
 
-BACKBONES = ("lenet", "resnet_small", "resnet18", "mlp")
+BACKBONES = ("lenet", "resnet_small", "resnet18", "mobilenet_v2", "mlp")
+# The stacks whose streams end in a spatial map (dense tasks read it).
+DENSE_BACKBONES = ("resnet_small", "resnet18", "mobilenet_v2")
+# The stages of a "mobilenet_v2" stream [ours]: block_setting rows per stage, by output stride
+# (4, 8, 16, 32), as the ResNet streams' four stages.
+MOBILENET_V2_STREAM_STAGE_ROWS = ((0, 1), (2,), (3, 4), (5, 6))
 # Decoder defaults per backbone [ours]: PHN's linear heads on LeNet, one hidden layer on the
 # ResNets and on the MLP (so that --head_batch_norm gives the decoders batch norms to shift).
-DEFAULT_HEAD_HIDDEN_LAYERS = {"lenet": 0, "resnet_small": 1, "resnet18": 1, "mlp": 1}
+DEFAULT_HEAD_HIDDEN_LAYERS = {"lenet": 0, "resnet_small": 1, "resnet18": 1, "mobilenet_v2": 1,
+                              "mlp": 1}
 # Hidden width of the MLP heads (the first anchors') and of the dense heads (`DenseHead`'s and
 # `MultiTaskNet`'s), when head_width is not given.
 DEFAULT_HEAD_WIDTH = 64
@@ -157,6 +172,53 @@ class ResNetStage(nn.Module):
         bn_axis_name=self.bn_axis_name)
 
 
+class MobileNetV2Stage(nn.Module):
+  """One MobileNetV2 stage of a "mobilenet_v2" stream (`backbones.inverted_residual_stage`):
+  [stem,] the inverted-residual blocks of its `stage_rows` [, the last 1x1 conv], under
+  `backbones.MobileNetV2`'s names ("stem_conv", "stem_bn", "block{i}" with torchvision's
+  `features` index i, "last_conv", "last_bn").
+
+  Attributes:
+    stage: which stage of the network this block is.
+    width_multiplier, block_setting, stem_channels, last_channels, output_stride: the whole
+      network's, as `backbones.MobileNetV2`'s attributes.
+    stage_rows: the block_setting rows of every stage (the stream's, not only this one's).
+    bn_momentum, bn_axis_name: passed to every batch norm.
+  """
+
+  stage: int
+  width_multiplier: float = 1.0
+  block_setting: tuple[tuple[int, int, int, int], ...] = backbones.MOBILENET_V2_SETTING
+  stem_channels: int = 32
+  last_channels: int = 1280
+  stage_rows: tuple[tuple[int, ...], ...] = MOBILENET_V2_STREAM_STAGE_ROWS
+  output_stride: int | None = None
+  bn_momentum: float = 0.9
+  bn_axis_name: str | None = None
+
+  def architecture(self) -> tuple[int, list[dict[str, int]], int]:
+    """The whole network's (stem width, blocks, last width), `backbones`' description."""
+    return backbones.mobilenet_v2_architecture(
+        "mobilenet_v2 streams", width_multiplier=self.width_multiplier,
+        block_setting=self.block_setting, stem_channels=self.stem_channels,
+        last_channels=self.last_channels, stage_rows=self.stage_rows,
+        output_stride=self.output_stride)
+
+  @property
+  def features(self) -> int:
+    """Output channels of this stage."""
+    _, blocks, last = self.architecture()
+    return backbones.mobilenet_v2_stage_channels(blocks, last, len(self.stage_rows))[self.stage]
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    stem, blocks, last = self.architecture()
+    return backbones.inverted_residual_stage(
+        x, stage=self.stage, num_stages=len(self.stage_rows), stem=stem, blocks=blocks,
+        last=last, multiplier=None, train=train, bn_momentum=self.bn_momentum,
+        bn_axis_name=self.bn_axis_name)
+
+
 # ----------------------------------------------------------------------------------------------
 # Block stacks.
 
@@ -228,6 +290,27 @@ def resnet18_blocks(stage_channels: Sequence[int] = (64, 128, 256, 512),
                         bn_axis_name)
 
 
+def mobilenet_v2_blocks(width_multiplier: float = 1.0,
+                        block_setting: Sequence[Sequence[int]] = backbones.MOBILENET_V2_SETTING,
+                        stem_channels: int = 32, last_channels: int = 1280,
+                        stage_rows: Sequence[Sequence[int]] = MOBILENET_V2_STREAM_STAGE_ROWS,
+                        output_stride: int | None = None, bn_momentum: float = 0.9,
+                        bn_axis_name: str | None = None) -> tuple[nn.Module, ...]:
+  """torchvision MobileNetV2 (`backbones.MobileNetV2`'s options and parameter names) as one
+  `MobileNetV2Stage` per group of `stage_rows` [ours]: by default four, as the ResNet streams,
+  at output strides 4, 8, 16 and 32 (stem + rows 0-1: 24 ch; row 2: 32; rows 3-4: 96; rows
+  5-6 + the last 1x1 conv: 1280); `output_stride` 8 or 16 dilates the last depthwise convs."""
+  stage_rows = tuple(tuple(int(r) for r in rows) for rows in stage_rows)
+  options = dict(width_multiplier=float(width_multiplier),
+                 block_setting=tuple(tuple(int(v) for v in row) for row in block_setting),
+                 stem_channels=int(stem_channels), last_channels=int(last_channels),
+                 stage_rows=stage_rows,
+                 output_stride=None if output_stride is None else int(output_stride),
+                 bn_momentum=bn_momentum, bn_axis_name=bn_axis_name)
+  MobileNetV2Stage(stage=0, **options).architecture()  # Bad options: one sentence, now.
+  return tuple(MobileNetV2Stage(stage=s, **options) for s in range(len(stage_rows)))
+
+
 def mlp_blocks(hidden: int | Sequence[int] = (256, 256), batch_norm: bool = True,
                bn_momentum: float = 0.9, bn_axis_name: str | None = None
                ) -> tuple[nn.Module, ...]:
@@ -250,7 +333,7 @@ def mlp_blocks(hidden: int | Sequence[int] = (256, 256), batch_norm: bool = True
 
 
 STACKS = {"lenet": lenet_blocks, "resnet_small": resnet_small_blocks,
-          "resnet18": resnet18_blocks, "mlp": mlp_blocks}
+          "resnet18": resnet18_blocks, "mobilenet_v2": mobilenet_v2_blocks, "mlp": mlp_blocks}
 
 
 def stack_blocks(backbone: str, options: Mapping[str, Any], in_channels: int | None,
@@ -271,6 +354,8 @@ def stack_name(blocks: Sequence[nn.Module]) -> str:
     return "mlp"
   if any(isinstance(b, ConvPoolBlock) for b in blocks):
     return "lenet"
+  if isinstance(blocks[0], MobileNetV2Stage):
+    return "mobilenet_v2"
   if isinstance(blocks[0], ResNetStage) and blocks[0].stem == "imagenet":
     return "resnet18"
   return "resnet_small"
@@ -291,9 +376,10 @@ def task_decoders(tasks: Sequence[tasks_lib.Task], backbone: str, in_features: i
   every head as in `MultiTaskNet`), the backbone's `DEFAULT_ATROUS_RATES`, image pooling.
   """
   dense = [t.name for t in tasks if t.is_dense]
-  if dense and backbone in ("lenet", "mlp"):
+  if dense and backbone not in DENSE_BACKBONES:
     raise ValueError(f"Task(s) {', '.join(dense)} are dense, but the {backbone} streams end in a "
-                     f"flat vector; dense tasks need resnet_small or resnet18 streams.")
+                     f"flat vector; dense tasks need {', '.join(DENSE_BACKBONES[:-1])} or "
+                     f"{DENSE_BACKBONES[-1]} streams.")
   hidden_layers = (DEFAULT_HEAD_HIDDEN_LAYERS[backbone] if head_hidden_layers is None
                    else int(head_hidden_layers))
   if head_batch_norm and hidden_layers < 1 and len(dense) < len(tasks):

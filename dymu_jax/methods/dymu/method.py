@@ -503,8 +503,9 @@ def build(tasks: Sequence[tasks_lib.Task], *, model_options: Mapping[str, Any] |
   Args:
     tasks: the tasks.
     model_options: keyword arguments of `branched.build_branched` among `MODEL_OPTIONS`
-      (backbone "lenet", "resnet_small", "resnet18" or "mlp", backbone_kwargs, head_width,
-      atrous_rates, ...); dense tasks get `DenseHead` decoders on the ResNet stacks.
+      (backbone "lenet", "resnet_small", "resnet18", "mobilenet_v2" or "mlp",
+      backbone_kwargs, head_width, atrous_rates, ...); dense tasks get `DenseHead` decoders on
+      the ResNet and MobileNetV2 stacks.
     task_weights: w_i (e.g. `task_weights_from_losses(anchor_task_losses(...))`).
     axis_name: the pmap axis batch norms pool over (anchor stage under --parallel=pmap).
     **options: `DymuMethod` fields among `OPTIONS`.
