@@ -54,7 +54,7 @@ TRAIN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Data", ("dataset", "data_dir", "tasks", "task_spec", "num_train", "num_test",
               "test_fraction", "image_size", "data_seed", "standardise_inputs",
               "standardise_targets", "augment")),
-    ("Model", ("backbone", "head_width", "head_batch_norm", "backbone_options")),
+    ("Model", ("backbone", "head_width", "head_batch_norm", "backbone_options", "pretrained")),
     ("Method", ("method", "task_weights")),
     ("Training", ("workdir", "steps", "batch_size", "seed", "optimizer", "learning_rate",
                   "schedule", "warmup_steps", "decay_steps", "decay_factor", "weight_decay",

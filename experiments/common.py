@@ -24,6 +24,7 @@ from dymu_jax import data as data_lib
 from dymu_jax import files as files_lib
 from dymu_jax import methods as methods_lib
 from dymu_jax import models
+from dymu_jax.models import pretrained as pretrained_lib
 from dymu_jax.train import loop as train_loop
 
 
@@ -108,6 +109,13 @@ flags.DEFINE_list("backbone_options", [],
                   "Options of the backbone class as name=value pairs, e.g. "
                   "'channel_divisor=2,batch_norm=true' for lenet or 'output_stride=8' for the "
                   "ResNets (see dymu_jax/models/backbones.py).")
+flags.DEFINE_string("pretrained", "",
+                    "ImageNet weights the backbone starts from: a torchvision state dict of "
+                    "resnet18, resnet34 or mobilenet_v2 at its default widths (DYMU's streams: "
+                    "resnet18 or mobilenet_v2, loaded into every stream) in a .safetensors, "
+                    ".npz or .pth/.pt file; empty = random initialisation. Only a fresh run "
+                    "loads it (a resumed run restores its checkpoint), and only a run's first "
+                    "stage (later stages start from their earlier stage).")
 
 FLAGS = flags.FLAGS
 
@@ -187,6 +195,29 @@ def expand_flag_files(argv: list[str]) -> tuple[list[str], tuple[str, ...]]:
     files.append(os.path.relpath(os.path.abspath(os.path.expanduser(path))))
     out.extend(files_lib.flag_file_args(path))
   return out, tuple(files)
+
+
+def check_pretrained(values: Mapping[str, Any] | None = None) -> None:
+  """--pretrained before any data is read: an existing file of a format
+  `models.pretrained.read_state_dict` reads, for a backbone with a torchvision layout
+  (`models.pretrained.PRETRAINED_BACKBONES`)."""
+  v = _values(values)
+  path = v.get("pretrained") or ""  # .get: runs saved before the flag existed
+  if not path:
+    return
+  either = lambda items: f"{', '.join(items[:-1])} or {items[-1]}"
+  backbones = either(pretrained_lib.PRETRAINED_BACKBONES)
+  suffixes = either(pretrained_lib.FILE_SUFFIXES)
+  if v["backbone"] not in pretrained_lib.PRETRAINED_BACKBONES:
+    raise ValueError(f"--pretrained={path} loads torchvision weights into a {backbones} "
+                     f"backbone, but --backbone={v['backbone']} has no torchvision layout; "
+                     f"choose one of those backbones or drop --pretrained.")
+  if not os.path.isfile(path):
+    raise ValueError(f"--pretrained={path} is not a file; give a {suffixes} torchvision state "
+                     f"dict of {backbones}, or leave it empty for random initialisation.")
+  if not path.endswith(pretrained_lib.FILE_SUFFIXES):
+    raise ValueError(f"--pretrained={path} must be a {suffixes} file holding a torchvision "
+                     f"state dict of {backbones}.")
 
 
 def _values(values: Mapping[str, Any] | None) -> Mapping[str, Any]:

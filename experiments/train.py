@@ -111,6 +111,7 @@ def run() -> dict[str, dict]:
     raise app.UsageError("--workdir is required: the folder for checkpoints and metrics.")
   cli_help.check_method_flags(FLAGS.method, cli_help.given_flags())
   common.check_task_weights()
+  common.check_pretrained()
   config = common.method_config()  # the method's own options, before any data is read
   plan = config.plan(FLAGS.workdir, FLAGS.steps,
                      name=lambda field: "--" + common.flag_name(type(config), field))
@@ -196,7 +197,8 @@ def run_plan(config, plan: tuple[stages_lib.Stage, ...], root: str) -> dict[str,
     result = train_lib.train(method, stage_source, test_source, train_config_, workdir,
                              run_metadata=_run_metadata(values, train_config_, train_source,
                                                         source),
-                             augment=augment, initial_variables=dict(start.variables) or None)
+                             augment=augment, initial_variables=dict(start.variables) or None,
+                             pretrained=None if stage.reads else FLAGS.pretrained or None)
     summary = {"method": FLAGS.method, **({"stage": stage.name} if stage.name else {}),
                "dataset": FLAGS.dataset, "steps": stage.steps,
                "seconds": round(result.seconds, 1), "eval": result.eval_metrics,
@@ -212,6 +214,9 @@ def run_plan(config, plan: tuple[stages_lib.Stage, ...], root: str) -> dict[str,
     print(f"{label}wall time {result.seconds:.1f} s; results in {workdir}", flush=True)
     return summary
 
+  if FLAGS.pretrained and plan[0].reads:
+    print(f"--pretrained is not loaded: {title} {plan[0].label} starts from the "
+          f"{plan[0].reads_stage} stage in {plan[0].reads}.", flush=True)
   summaries = stages_lib.run_stages(plan, train_source=train_source, test_source=test_source,
                                     seed=FLAGS.seed, load=load, train_stage=train_stage,
                                     check=check, is_chief=is_chief, title=title)

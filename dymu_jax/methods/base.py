@@ -11,6 +11,10 @@ may set after training. The protocol has two halves:
   `MethodBase` gives the defaults of a method with one fixed network (no controls, nothing to
   prepare, `deploy` returns `model` with the trained variables), so simple methods add nothing.
 
+Optional members besides: `loss_and_grad` (a method's own gradient), `load_pretrained` (a fresh
+run's backbone from a torchvision checkpoint; `MethodBase` handles a `MultiTaskNet` or
+`SingleTaskNets` in `self.model`) and `required_variables` (collections an earlier stage gives).
+
 Variables follow Flax: `{"params": ..., <other collections, e.g. "batch_stats">: ...}`. The
 engine differentiates with respect to `params` only; every other collection is the "model
 state" that the loss returns updated.
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import branched
 from dymu_jax.models import cost as cost_lib
+from dymu_jax.models import pretrained
 from dymu_jax.models import serialize
 from dymu_jax.models.multitask import MultiTaskNet, SingleTaskNets
 
@@ -82,6 +87,14 @@ class Method(Protocol):
     stage of a multi-stage method starts from an earlier stage's variables, restored from its
     checkpoint and given to `train.train(..., initial_variables=...)`, which refuses to start
     without them (DYMU's edge stage: ("anchor",)). Default ()."""
+
+  def load_pretrained(self, variables: PyTree, path: str) -> PyTree:
+    """Optional: the variables with the backbone's weights from a torchvision checkpoint
+    (`models.pretrained.load_pretrained`: a .safetensors, .npz or .pth/.pt state dict), other
+    variables unchanged; `train.train(..., pretrained=path)` passes a fresh run's initial
+    variables (host numpy) through it. `MethodBase` loads the encoder of a `MultiTaskNet` or
+    of each `SingleTaskNets` network in `self.model`; a method that cannot start from one
+    (PHN generates its weights) raises a one-sentence ValueError."""
 
   # Deployment half (defaults for a fixed network in `MethodBase`).
 
@@ -304,6 +317,24 @@ class MethodBase:
   def required_variables(self) -> tuple[str, ...]:
     """No earlier stage: `init` makes every variable."""
     return ()
+
+  def load_pretrained(self, variables: PyTree, path: str) -> PyTree:
+    """`variables` whose backbone starts from the torchvision checkpoint `path`: the encoder of
+    the `MultiTaskNet` in `self.model` (under "encoder"), or each single-task network's encoder
+    of `SingleTaskNets` (under "net_<task>/encoder"); decoders and other collections unchanged.
+    Names, shapes and the backbone are checked by `pretrained.load_pretrained` (one sentence)."""
+    model = getattr(self, "model", None)
+    if isinstance(model, MultiTaskNet):
+      places = [(model.backbone, ("encoder",))]
+    elif isinstance(model, SingleTaskNets):
+      places = [(net.backbone, (f"net_{net.tasks[0].name}", "encoder"))
+                for net in model.networks]
+    else:
+      raise ValueError(f"The {self.name} method has no MultiTaskNet encoder to load "
+                       f"pretrained weights into; it starts from random initialisation only.")
+    for backbone, prefix in places:
+      variables = pretrained.load_pretrained(backbone, variables, path, prefix=prefix)
+    return variables
 
   def control_space(self) -> ControlSpace:
     """No controls: the trained network is the deployed one."""

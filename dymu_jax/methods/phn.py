@@ -229,6 +229,13 @@ class PHNMethod(base.MethodBase):
 
   # -- the Method interface --------------------------------------------------------------------
 
+  def load_pretrained(self, variables: PyTree, path: str) -> PyTree:
+    """Refused: the hypernetwork generates the network's weights (PHN-BN: its batch norms)."""
+    del variables, path
+    raise ValueError(f"{self.name} generates its network's weights with a hypernetwork, so it "
+                     f"cannot start from a pretrained backbone; train it from random "
+                     f"initialisation.")
+
   def init(self, rng: jax.Array, batch: Mapping[str, jax.Array]) -> PyTree:
     image_shape = tuple(batch["image"].shape[1:])
     template, paths = self.generated_template(image_shape)  # abstract: fails fast

@@ -185,6 +185,8 @@ def read_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 PRETRAINED_BACKBONES = ("resnet18", "resnet34", "mobilenet_v2")
+# The file formats `read_state_dict` reads.
+FILE_SUFFIXES = (".safetensors", ".npz", ".pth", ".pt")
 # State-dict entries that are not encoder weights: the ImageNet classifier and BN step counters.
 _HEAD_PREFIXES = {"resnet18": ("fc.",), "resnet34": ("fc.",), "mobilenet_v2": ("classifier.",)}
 _SKIPPED_SUFFIXES = (".num_batches_tracked",)

@@ -505,7 +505,8 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
           config: TrainConfig, workdir: str | os.PathLike, *,
           run_metadata: Mapping[str, Any] | None = None, optimizer=None,
           augment: Callable | None = None, devices: Sequence[jax.Device] | None = None,
-          initial_variables: Mapping[str, Any] | None = None) -> TrainResult:
+          initial_variables: Mapping[str, Any] | None = None,
+          pretrained: str | os.PathLike | None = None) -> TrainResult:
   """Trains `method` on `train_source`, resuming from `workdir`'s newest checkpoint if any.
 
   Args:
@@ -526,6 +527,10 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
       (an earlier stage's variables restored from its checkpoint: DYMU's frozen anchor and
       edge hypernetwork, or the trunk its anchor starts from); a resumed run restores its own.
       Every collection in `method.required_variables()` must be given.
+    pretrained: a torchvision checkpoint the initial variables pass through at a fresh start
+      (`method.load_pretrained(variables, pretrained)`: the backbone's ImageNet weights), on
+      the host before they are placed, so every process starts from the same values; the
+      collections of `initial_variables` are kept as given, and a resumed run restores its own.
 
   Returns:
     A `TrainResult`.
@@ -577,6 +582,9 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
                          f"{', '.join(missing)} of an earlier stage; pass them as "
                          f"train(..., initial_variables={{name: variables}}).")
       resumed_from = None
+      if pretrained:
+        initial_variables = _with_pretrained(method, pretrained, seed_key, sample,
+                                             initial_variables)
       canonical = par.init_state(init, seed_key, sample, initial_variables)
     else:
       resumed_from, canonical, restored_metadata = restored
@@ -671,6 +679,20 @@ def train(method, train_source: data_lib.DataSource, eval_source: data_lib.DataS
                      resumed_from=resumed_from, step_compiles=compiles.count,
                      seconds=earlier_seconds + time.time() - started,
                      eval_labelled=dict(evaluator.labelled) if evaluator is not None else {})
+
+
+def _with_pretrained(method, path, seed_key, sample, initial) -> dict:
+  """Every collection a fresh run starts from: `method.init`'s draw for `seed_key` (as
+  `state.init_fn` draws it) through `method.load_pretrained(variables, path)`, as host numpy,
+  with the collections of `initial` in place."""
+  load = getattr(method, "load_pretrained", None)
+  if load is None:
+    raise ValueError(f"The {method.name} method cannot start from pretrained weights: it has no "
+                     f"load_pretrained.")
+  variables = jax.jit(functools.partial(state_lib.init_variables, method))(seed_key,
+                                                                           dict(sample))
+  variables = parallel_lib.to_host(load(parallel_lib.to_host(variables), os.fspath(path)))
+  return {**variables, **dict(initial or {})}
 
 
 def _check_seed(directory: str, seed: int, step: int, metadata: Mapping[str, Any]) -> None:

@@ -82,13 +82,18 @@ def init_fn(method, optimizer: optax.GradientTransformation
   """
 
   def init(seed_key, sample_batch, initial=None):
-    init_key, run_key = jax.random.split(seed_key)
-    variables = method.init(init_key, sample_batch)
+    run_key = jax.random.split(seed_key)[1]
+    variables = init_variables(method, seed_key, sample_batch)
     if initial:
       variables = replace_collections(variables, initial)
     return create(variables, optimizer, run_key)
 
   return init
+
+
+def init_variables(method, seed_key, sample_batch) -> PyTree:
+  """`method.init`'s variables for a run's seed key, drawn with its init half (`init_fn`)."""
+  return method.init(jax.random.split(seed_key)[0], sample_batch)
 
 
 def replace_collections(variables: Mapping[str, PyTree], initial: Mapping[str, PyTree]) -> dict:

@@ -231,6 +231,17 @@ class DymuMethod(base.MethodBase):
     return {"params": {"weight_hypernet": weight}, "anchor": anchor,
             "edge_hypernet": {"params": edge}}
 
+  def load_pretrained(self, variables: PyTree, path: str) -> PyTree:
+    """Every stream from one torchvision checkpoint (`branched.load_pretrained_streams`; a
+    resnet18 or mobilenet_v2 stack) in the stage a run starts with: pretrain, or anchor with
+    anchor_init shared or independent. The later stages start from their earlier stage."""
+    if self.stage == "pretrain" or (self.stage == "anchor" and self.anchor_init != "trunk"):
+      return branched.load_pretrained_streams(self.net, variables, path)
+    raise ValueError(f"DYMU's {self.stage} stage"
+                     f"{' (anchor_init=trunk)' if self.stage == 'anchor' else ''} starts from "
+                     f"its earlier stage's weights; pretrained weights load into the first "
+                     f"stage (pretrain, or anchor with anchor_init shared or independent).")
+
   def required_variables(self) -> tuple[str, ...]:
     """The collections the stage starts from, out of its earlier stages' variables
     (`dymu.stage_variables`): the trunk's copies (an anchor from a trunk: its start, in
