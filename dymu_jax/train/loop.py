@@ -685,13 +685,10 @@ def _with_pretrained(method, path, seed_key, sample, initial) -> dict:
   """Every collection a fresh run starts from: `method.init`'s draw for `seed_key` (as
   `state.init_fn` draws it) through `method.load_pretrained(variables, path)`, as host numpy,
   with the collections of `initial` in place."""
-  load = getattr(method, "load_pretrained", None)
-  if load is None:
-    raise ValueError(f"The {method.name} method cannot start from pretrained weights: it has no "
-                     f"load_pretrained.")
   variables = jax.jit(functools.partial(state_lib.init_variables, method))(seed_key,
                                                                            dict(sample))
-  variables = parallel_lib.to_host(load(parallel_lib.to_host(variables), os.fspath(path)))
+  variables = parallel_lib.to_host(method.load_pretrained(parallel_lib.to_host(variables),
+                                                          os.fspath(path)))
   return {**variables, **dict(initial or {})}
 
 
