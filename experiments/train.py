@@ -163,6 +163,7 @@ def run_plan(config, plan: tuple[stages_lib.Stage, ...], root: str) -> dict[str,
   """Trains the stages of `plan` (`stages.run_stages`); a run in stages also writes
   <workdir>/summary.json with every stage's summary."""
   train_source, test_source = common.load_sources()
+  common.check_data_fits(train_source, FLAGS.batch_size)  # before any stage holds data out
   augment = _augment(train_source)
   axis_name = train_lib.method_axis_name(FLAGS.parallel)
   is_chief = jax.process_index() == 0
@@ -183,7 +184,6 @@ def run_plan(config, plan: tuple[stages_lib.Stage, ...], root: str) -> dict[str,
     workdir = common.ensure_workdir(stage.folder)
     method = common.build_method(values, train_source.tasks, axis_name=axis_name,
                                  inputs=dict(start.options) or None)
-    common.check_data_fits(train_source, FLAGS.batch_size, values)  # before any tracing
     train_config_ = dataclasses.replace(train_config(), steps=stage.steps)
     if stage.learning_rate:
       train_config_ = dataclasses.replace(train_config_, learning_rate=stage.learning_rate)
