@@ -163,9 +163,12 @@ def run_plan(config, plan: tuple[stages_lib.Stage, ...], root: str) -> dict[str,
   """Trains the stages of `plan` (`stages.run_stages`); a run in stages also writes
   <workdir>/summary.json with every stage's summary."""
   train_source, test_source = common.load_sources()
-  common.check_data_fits(train_source, FLAGS.batch_size)  # before any stage holds data out
-  augment = _augment(train_source)
   axis_name = train_lib.method_axis_name(FLAGS.parallel)
+  # Before any stage holds examples out or reads an earlier one: the model options (by building
+  # the first stage's method), then the batch and image sizes they need.
+  common.build_method(stage_values(config, plan[0]), train_source.tasks, axis_name=axis_name)
+  common.check_data_fits(train_source, FLAGS.batch_size)
+  augment = _augment(train_source)
   is_chief = jax.process_index() == 0
   title = type(config).TITLE or FLAGS.method
   staged = any(stage.name for stage in plan)
