@@ -34,7 +34,7 @@ import numpy as np
 
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.methods import dymu
-from experiments import runs
+from dymu_jax import runs as runs_lib
 
 # --workdir (a trained DYMU run; default: random weights, no data needed) and --data_dir (where
 # its dataset is now, if it moved) are the experiments' flags.
@@ -62,7 +62,7 @@ def _random_dymu(seed: int):
 
 
 def _trained_dymu(workdir: str, data_dir: str | None):
-  run = runs.load_run(runs.resolve_workdir(workdir), data_dir=data_dir)
+  run = runs_lib.load_run(runs_lib.resolve(workdir), data_dir=data_dir)
   if not isinstance(run.method, dymu.DymuMethod) or run.method.stage == "anchor":
     raise ValueError(f"{run.workdir} is not a DYMU edge or weight stage; give a run trained "
                      f"with --method=dymu past its anchor stage.")

@@ -37,13 +37,13 @@ def _method_flags() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
   groups = {}
   for config, owners in common.config_owners().items():
     heading = f"{config.TITLE} ({', '.join('--method=' + m for m in owners)})"
-    groups[heading] = (owners, tuple(common.flag_name(config, f.name) for f in config.fields()))
+    groups[heading] = (owners, tuple(config.flag_name(f.name) for f in config.fields()))
   return groups
 
 
 METHOD_FLAGS = _method_flags()
 # Former names of method options (aliases) -> their flag.
-_FORMER = {former: common.flag_name(config, f.name)
+_FORMER = {former: config.flag_name(f.name)
            for config in common.config_owners() for f in config.fields()
            for former in f.metadata["former"]}
 

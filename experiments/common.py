@@ -6,16 +6,13 @@ any of them; a flag on the command line after `--flagfile` overrides the file.
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import dataclasses
 import errno
 import json
-import math
 import os
 import re
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from absl import flags
 from absl import logging
@@ -23,8 +20,6 @@ from absl import logging
 from dymu_jax import data as data_lib
 from dymu_jax import files as files_lib
 from dymu_jax import methods as methods_lib
-from dymu_jax import models
-from dymu_jax.models import pretrained as pretrained_lib
 from dymu_jax.train import loop as train_loop
 
 
@@ -120,61 +115,6 @@ flags.DEFINE_string("pretrained", "",
 FLAGS = flags.FLAGS
 
 
-def data_config(values: Mapping[str, Any] | None = None) -> data_lib.DataConfig:
-  """The dataset of the flags (or of a saved run's flag `values`)."""
-  v = _values(values)
-  return data_lib.DataConfig(
-      name=v["dataset"], data_dir=v["data_dir"], seed=v["data_seed"],
-      image_size=v["image_size"], num_train=v["num_train"], num_test=v["num_test"],
-      test_fraction=v["test_fraction"], task_spec=v["task_spec"],
-      standardise_inputs=v.get("standardise_inputs", True),  # .get: runs saved before them
-      standardise_targets=v.get("standardise_targets", False))
-
-
-def load_sources(values: Mapping[str, Any] | None = None):
-  """(train source, test source) restricted to `--tasks`; an empty split stops with one
-  sentence (an empty test split would put NaN metrics in summary.json)."""
-  v = _values(values)
-  config = data_config(v)
-  train = data_lib.load(config, "train").with_tasks(v["tasks"] or None)
-  test = data_lib.load(config, "test").with_tasks(v["tasks"] or None)
-  for source in (train, test):
-    if not len(source):
-      raise ValueError(f"The {source.split} split of {source.name} is empty ({len(train)} "
-                       f"training and {len(test)} test examples), so there is nothing to "
-                       f"{'train on' if source is train else 'evaluate'}; give the dataset more "
-                       f"examples or change --test_fraction={v['test_fraction']:g}.")
-  return train, test
-
-
-def check_data_fits(train_source, batch_size: int, values: Mapping[str, Any] | None = None
-                    ) -> None:
-  """Before any tracing: one batch of --batch_size fits the training split, and its images
-  are as large as the backbone needs (`backbones.min_image_size`)."""
-  v = _values(values)
-  if len(train_source) < batch_size:
-    raise ValueError(f"The training split of {train_source.name} has {len(train_source)} "
-                     f"example(s), fewer than one batch of --batch_size={batch_size}; lower "
-                     f"--batch_size or give the dataset more examples.")
-  shape = tuple(train_source.image_shape)
-  if len(shape) != 3:  # feature vectors (D,): no pixels; the network checks the input kind
-    return
-  height, width = shape[:2]
-  backbone = v["backbone"]
-  options = parse_options(v.get("backbone_options") or [], "--backbone_options")
-  minimum = models.backbones.min_image_size(backbone, options)
-  if min(height, width) < minimum:
-    raise ValueError(f"--backbone={backbone} needs images of at least {minimum}x{minimum} px, "
-                     f"but the {train_source.name} images are {height}x{width}; set "
-                     f"--image_size={minimum} or more, or choose another --backbone.")
-
-
-# The flags of a flag file, its includes expanded (`dymu_jax.files.flag_file_args`); a saved run's
-# flags under their current names (`dymu_jax.methods.normalise_flag_values`).
-flag_file_args = files_lib.flag_file_args
-normalise_values = methods_lib.normalise_flag_values
-
-
 def expand_flag_files(argv: list[str]) -> tuple[list[str], tuple[str, ...]]:
   """(`argv` with every `--flagfile=PATH` / `--flagfile PATH` replaced by its flags, the flag
   files given on the command line), so that includes resolve next to their file."""
@@ -195,33 +135,6 @@ def expand_flag_files(argv: list[str]) -> tuple[list[str], tuple[str, ...]]:
     files.append(os.path.relpath(os.path.abspath(os.path.expanduser(path))))
     out.extend(files_lib.flag_file_args(path))
   return out, tuple(files)
-
-
-def check_pretrained(values: Mapping[str, Any] | None = None) -> None:
-  """--pretrained before any data is read: an existing file of a format
-  `models.pretrained.read_state_dict` reads, for a backbone with a torchvision layout
-  (`models.pretrained.PRETRAINED_BACKBONES`)."""
-  v = _values(values)
-  path = v.get("pretrained") or ""  # .get: runs saved before the flag existed
-  if not path:
-    return
-  either = lambda items: f"{', '.join(items[:-1])} or {items[-1]}"
-  backbones = either(pretrained_lib.PRETRAINED_BACKBONES)
-  suffixes = either(pretrained_lib.FILE_SUFFIXES)
-  if v["backbone"] not in pretrained_lib.PRETRAINED_BACKBONES:
-    raise ValueError(f"--pretrained={path} loads torchvision weights into a {backbones} "
-                     f"backbone, but --backbone={v['backbone']} has no torchvision layout; "
-                     f"choose one of those backbones or drop --pretrained.")
-  if not os.path.isfile(path):
-    raise ValueError(f"--pretrained={path} is not a file; give a {suffixes} torchvision state "
-                     f"dict of {backbones}, or leave it empty for random initialisation.")
-  if not path.endswith(pretrained_lib.FILE_SUFFIXES):
-    raise ValueError(f"--pretrained={path} must be a {suffixes} file holding a torchvision "
-                     f"state dict of {backbones}.")
-
-
-def _values(values: Mapping[str, Any] | None) -> Mapping[str, Any]:
-  return flag_values() if values is None else values
 
 
 def flag_values() -> dict:
@@ -272,42 +185,6 @@ def ensure_workdir(path: str, flag: str = "--workdir") -> str:
   return path
 
 
-def parse_options(values, flag: str) -> dict:
-  """'name=value' strings as a dict; values are Python literals (true/false too) or strings."""
-  options = {}
-  for item in values:
-    name, sep, text = item.partition("=")
-    if not sep or not name.strip():
-      raise ValueError(f"{flag} takes name=value pairs, got {item!r}.")
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-      value = lowered == "true"
-    else:
-      try:
-        value = ast.literal_eval(text.strip())
-        if isinstance(value, list):  # hashable module attributes
-          value = tuple(value)
-      except (ValueError, SyntaxError):
-        value = text.strip()
-    options[name.strip()] = value
-  return options
-
-
-def model_options(values: Mapping[str, Any] | None = None) -> dict:
-  """Keyword arguments of the method's network builder (`models.build_multitask`, or DYMU's
-  branched streams) from the model flags; the builder refuses options its backbone lacks."""
-  v = _values(values)
-  options = {"backbone": v["backbone"]}
-  if v["head_width"]:
-    options["head_width"] = v["head_width"]
-  if v.get("head_batch_norm"):  # .get: runs saved before the flag existed
-    options["head_batch_norm"] = True
-  backbone_options = parse_options(v.get("backbone_options") or [], "--backbone_options")
-  if backbone_options:
-    options["backbone_kwargs"] = backbone_options
-  return options
-
-
 # --- method options: one flag per field of each registered method's config ---------------------
 # `--<Config.PREFIX>_<field>` (see `dymu_jax.methods.options`); the option's former names are
 # aliases, and a saved run is read under its new name, a former name or the field's legacy value.
@@ -321,10 +198,6 @@ def config_owners() -> dict[type, tuple[str, ...]]:
     if config.fields():
       owners.setdefault(config, []).append(name)
   return {config: tuple(names) for config, names in owners.items()}
-
-
-def flag_name(config: type, field: str) -> str:
-  return config.flag_name(field)
 
 
 def _list_validator(name: str, config: type, field) -> None:
@@ -342,125 +215,40 @@ def _list_validator(name: str, config: type, field) -> None:
                            message=f"must be comma-separated {kind} {allowed}".strip())
 
 
-def _define_method_flags() -> tuple[str, ...]:
-  """Defines the flags of every registered config; returns the alias (former) names."""
-  aliases = []
-  for config in config_owners():
-    types = config.types()
-    for field in config.fields():
-      name, meta = flag_name(config, field.name), field.metadata
-      scalar, is_tuple, _ = types[field.name]
-      text = f"{config.TITLE}: {meta['help']}" + (
-          f" Formerly --{', --'.join(meta['former'])}." if meta["former"] else "")
-      if is_tuple:
-        flags.DEFINE_list(name, [str(v) for v in field.default], text)
-        if scalar in (int, float):
-          _list_validator(name, config, field)
-      elif scalar is bool:
-        flags.DEFINE_bool(name, field.default, text)
-      elif meta["choices"]:
-        flags.DEFINE_enum(name, field.default, list(meta["choices"]), text)
-      elif scalar is int:
-        flags.DEFINE_integer(name, field.default, text)
-      elif scalar is float:
-        flags.DEFINE_float(name, field.default, text)
-      else:
-        flags.DEFINE_string(name, field.default, text)
-      if scalar in (int, float) and not is_tuple:
-        _require(name, meta, scalar)
-      for former in meta["former"]:
-        flags.DEFINE_alias(former, name)
-        aliases.append(former)
-  return tuple(aliases)
-
-
-ALIASES = _define_method_flags()
-
-
-def _field_value(raw, scalar: type, is_tuple: bool, flag: str):
-  """A saved or given flag value as the field's type (list flags hold strings)."""
-  if not is_tuple or raw is None or isinstance(raw, str):
-    return raw
-  try:
-    return tuple(scalar(v) if scalar in (int, float) else v for v in raw)
-  except ValueError:
-    raise ValueError(f"--{flag} must be comma-separated "
-                     f"{'whole numbers' if scalar is int else 'numbers'}, got "
-                     f"{','.join(str(v) for v in raw)!r}.") from None
-
-
-def method_config(values: Mapping[str, Any] | None = None):
-  """The running method's config (`methods.config_of(--method)`) from the flags, or from a
-  saved run's flag `values`, checked with errors that name the flags."""
-  v = _values(values)
-  config = methods_lib.config_of(v["method"])
-  types, options = config.types(), {}
+def define_option_flags(config: type) -> None:
+  """Defines one flag per field of the `MethodConfig` subclass `config` (its name
+  `config.flag_name(field)`, its type, default, help, range and choices), and its former names
+  as aliases (kept out of `flag_values`)."""
+  types = config.types()
   for field in config.fields():
-    name = flag_name(config, field.name)
-    key = next((k for k in (name, *field.metadata["former"]) if k in v), None)
-    if key is not None:
-      scalar, is_tuple, _ = types[field.name]
-      options[field.name] = _field_value(v[key], scalar, is_tuple, name)
-    elif field.metadata["legacy"] is not dataclasses.MISSING:  # saved before the option
-      options[field.name] = field.metadata["legacy"]
-  return config.from_options(options).check(lambda field: f"--{flag_name(config, field)}")
+    name, meta = config.flag_name(field.name), field.metadata
+    scalar, is_tuple, _ = types[field.name]
+    text = f"{config.TITLE}: {meta['help']}" + (
+        f" Formerly --{', --'.join(meta['former'])}." if meta["former"] else "")
+    if is_tuple:
+      flags.DEFINE_list(name, [str(v) for v in field.default], text)
+      if scalar in (int, float):
+        _list_validator(name, config, field)
+    elif scalar is bool:
+      flags.DEFINE_bool(name, field.default, text)
+    elif meta["choices"]:
+      flags.DEFINE_enum(name, field.default, list(meta["choices"]), text)
+    elif scalar is int:
+      flags.DEFINE_integer(name, field.default, text)
+    elif scalar is float:
+      flags.DEFINE_float(name, field.default, text)
+    else:
+      flags.DEFINE_string(name, field.default, text)
+    if scalar in (int, float) and not is_tuple:
+      _require(name, meta, scalar)
+    for former in meta["former"]:
+      flags.DEFINE_alias(former, name)
+      ALIASES.add(former)
 
 
-def run_record(train_config, values: Mapping[str, Any] | None = None,
-               flag_files: Sequence[str] = ()) -> dict:
-  """What a run was made of, typed: {method, method_config, data, model, train, flag_files}
-  (saved with its checkpoints next to the flat flags)."""
-  v = _values(values)
-  return {"method": v["method"], "method_config": method_config(v).to_dict(),
-          "data": dataclasses.asdict(data_config(v)), "model": model_options(v),
-          "train": dataclasses.asdict(train_config), "flag_files": list(flag_files)}
-
-
-def build_method(values: Mapping[str, Any] | None = None, tasks=None, *,
-                 axis_name: str | None = None, inputs: Mapping[str, Any] | None = None):
-  """The method of the flags (or of a saved run's flag `values`) for `tasks`.
-
-  `inputs`: runtime values that are not flags (options a stage measured on its earlier stage,
-  `dymu_jax.train.stages.StageStart.options`); their "task_weights" replace --task_weights.
-  """
-  v = _values(values)
-  inputs = dict(inputs or {})
-  weights = inputs.pop("task_weights", None) or parse_floats(v["task_weights"],
-                                                             "--task_weights")
-  return methods_lib.build(v["method"], tasks, model_options=model_options(v),
-                           axis_name=axis_name, task_weights=weights,
-                           config=method_config(v), method_options=inputs)
-
-
-def parse_floats(values, flag: str) -> tuple[float, ...] | None:
-  """A list flag of numbers as floats; None when empty; one sentence when not finite numbers."""
-  if not values:
-    return None
-  try:
-    numbers = tuple(float(v) for v in values)
-  except ValueError:
-    raise ValueError(f"{flag} must be comma-separated numbers, got "
-                     f"{','.join(values)!r}.") from None
-  if not all(math.isfinite(x) for x in numbers):
-    raise ValueError(f"{flag} must be finite numbers (no nan or inf), got {','.join(values)}.")
-  return numbers
-
-
-def check_task_weights(values: Mapping[str, Any] | None = None) -> None:
-  """--task_weights before any data is read: numbers >= 0, not all 0, and one per task of
-  --tasks when those are listed (otherwise the method checks the count against the data)."""
-  v = _values(values)
-  weights = parse_floats(v.get("task_weights") or [], "--task_weights")
-  if weights is None:
-    return
-  shown = ",".join(v["task_weights"])
-  if min(weights) < 0 or max(weights) == 0:
-    raise ValueError(f"--task_weights={shown} must be numbers >= 0, not all 0 (one loss weight "
-                     f"per task, in task order).")
-  if v.get("tasks") and len(weights) != len(v["tasks"]):
-    raise ValueError(f"--task_weights={shown} gives {len(weights)} weight(s) for the "
-                     f"{len(v['tasks'])} tasks of --tasks={','.join(v['tasks'])}; give one per "
-                     f"task, in that order.")
+ALIASES: set[str] = set()
+for _config in config_owners():
+  define_option_flags(_config)
 
 
 def format_eval(eval_metrics: dict, tasks, labelled: dict | None = None) -> str:

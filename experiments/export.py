@@ -2,19 +2,15 @@ r"""Export the network a trained run deploys for the controls you set, as a stan
 
     python -m experiments.export --workdir=workdirs/utkface_ecmt \
         --preference=0.6,0.2,0.2 --budget=0.5 --output_dir=exported/utk_half
-    python -m experiments.export --workdir=workdirs/mm_phn_s0 --preference=0.3,0.7
     python -m experiments.export --workdir=workdirs/utkface_static
 
-The run's method deploys its network for the controls it takes (`Method.control_space`):
-none for static, single-task, PCGrad and GradSplit (their trained network); `--preference`
-for PHN and PHN-BN (the network generated for it); `--preference` and `--budget` for ECMT (the
-search picks the width configuration with the run's cached encoder scores, computed by
-`python -m experiments.evaluate` or here when missing; the SubNet's batch norms are
-recalibrated on `--calibration_examples` training images, and its variables are physically
-sliced to those widths). A control the method does not take stops with one sentence; a
-missing one takes the method's default (uniform preference, budget 1.0). The folder then holds
+The run's method deploys its network (`Method.deploy`) for the controls it takes
+(`Method.control_space`: none, `--preference`, and `--budget` or `--resource`); a control it
+does not take stops with one sentence, a missing one takes the method's default (uniform
+preference, budget 1.0, resource 0). A method whose `prepare` reads held-out training images
+takes them here (`--calibration_examples`, `--score_examples`). The folder then holds
 `network.json` (the network's definition, the controls, MACs and parameters, the method's
-facts such as ECMT's widths) and `variables.msgpack`; loading it needs nothing else:
+facts) and `variables.msgpack`; loading it needs nothing else:
 
     from dymu_jax.models import serialize
     model, variables, info = serialize.load_network("exported/utk_half")
@@ -22,16 +18,8 @@ facts such as ECMT's widths) and `variables.msgpack`; loading it needs nothing e
     age = model.tasks[0].label_units(predictions["age"])  # regression in the label's units
 
 A tabular run's network takes raw feature vectors (B, D): it standardises them itself with the
-training split's statistics (also in `info["input_stats"]`), and regression tasks carry the
-targets' standardisation (`Task.label_offset`, `label_scale`; `label_units` maps back).
-
-DYMU (`--preference --resource`, stages edge and weight) exports the argmax tree of h(r, c) on
-the anchor's streams with g(r, c)'s batch-norm shifts applied (`network.json` holds the tree;
-the loaded network computes only the tree's nodes); an anchor-stage folder exports its
-separate streams. A single-task run exports its N networks in one folder (`SingleTaskNets`).
-
-`--budget` is a fraction of the SuperNet's MACs (0 < b <= 1) or, above 1, MACs per example.
-`--workdir` and `--output_dir` may be on any `etils.epath` filesystem (gs://bucket/run).
+training split's statistics (also in `info["input_stats"]`). What each method exports is in
+docs/evaluation.md. `--workdir` and `--output_dir` may be on any `etils.epath` filesystem.
 """
 
 from __future__ import annotations
@@ -44,6 +32,7 @@ from absl import flags
 import numpy as np
 
 from dymu_jax import files as files_lib
+from dymu_jax.runs import settings
 from experiments import cli_help
 from experiments import common
 from experiments import runs
@@ -70,7 +59,7 @@ def _controls(method) -> dict:
   """The controls the flags set, refusing one the method does not take."""
   given = {}
   if FLAGS.preference:
-    given["preference"] = common.parse_floats(FLAGS.preference, "--preference")
+    given["preference"] = settings.parse_floats(FLAGS.preference, "--preference")
   if FLAGS.budget is not None:
     given["budget"] = _budget(FLAGS.budget)
   if FLAGS.resource is not None:
@@ -99,9 +88,8 @@ def export() -> str:
   if FLAGS.output_dir:  # an output folder that cannot be written stops before the search
     common.ensure_workdir(FLAGS.output_dir, "--output_dir")
   # A `--dymu_stage=all` folder: its newest trained stage.
-  run = runs.load_run(runs.resolve_workdir(FLAGS.workdir), data_dir=FLAGS.data_dir)
-  method = runs.steered_method(run)
-  controls = _controls(method)  # a control the method does not take stops before the search
+  run = runs.load(FLAGS.workdir)
+  controls = _controls(run.method)  # a control the method does not take stops before the search
   image_shape = tuple(run.test_source.image_shape)
   method, prepared = runs.steer(run)
   deployed = method.deploy(run.variables, controls, prepared, image_shape=image_shape)
@@ -139,8 +127,7 @@ def main(argv):
 EXPORT_GROUPS = (
     ("Run", ("workdir", "data_dir", "output_dir")),
     ("Steering", ("preference", "budget", "resource")),
-    ("Held-out images and search", ("calibration_examples", "score_examples",
-                                    "eval_batch_size", "decoder_reserve", "preference_cap")),
+    *runs.STEERING_GROUPS,
     ("Errors", ("traceback",)),
     cli_help.RUNTIME_GROUP,
 )

@@ -19,6 +19,7 @@ from typing import Any
 from absl import flags
 
 from dymu_jax import files as files_lib
+from dymu_jax import methods as methods_lib
 from dymu_jax import results as results_lib
 from experiments import cli_help
 from experiments import common
@@ -39,7 +40,7 @@ flags.DEFINE_string("flags_dir", os.path.join(os.path.dirname(__file__), "flags"
 flags.DEFINE_bool("copy_plots", True,
                   "Copy each evaluation's PNG plots next to the page, and draw the page's own "
                   "plots (loss fronts, cost against hypervolume) there.")
-flags.DEFINE_string("reference_method", "single_task",
+flags.DEFINE_string("reference_method", methods_lib.REFERENCE_METHOD,
                     "The --method whose runs are the Delta_m reference of the fixed-network "
                     "table.")
 

@@ -1,241 +1,52 @@
-"""A trained run, rebuilt from its workdir: the flags it was trained with, its data, its method
-and its newest checkpoint's variables. Shared by `evaluate` and `export`.
-
-Workdirs may be on any `etils.epath` filesystem (gs://bucket/run): they are kept as strings
-(`files.run_dir`: the absolute local path, or the URI) and read through `dymu_jax.files`.
+"""Steering a trained run from the command line (`evaluate`, `export`): the run's folder, the
+held-out images a method's `prepare` reads, and each registered method's deployment options
+(`MethodConfig.DEPLOY`) as flags of their names. The work is the library's (`dymu_jax.runs`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
-
 from absl import flags
-import jax
-import numpy as np
 
-from dymu_jax import files as files_lib
+from dymu_jax import methods as methods_lib
+from dymu_jax import runs as runs_lib
 from experiments import common
-from dymu_jax import data as data_lib
-from dymu_jax.data import base as data_base
-from dymu_jax.methods import base as methods_base
-from dymu_jax import train as train_lib
-from dymu_jax.train import checkpoint as checkpoint_lib
-from dymu_jax.train import stages as stages_lib
-from dymu_jax.train import state as state_lib
 
 flags.DEFINE_string("output_dir", None, "Where results go; default <workdir>/eval (evaluate) "
-                    "or <workdir>/export/<preference and budget> (export).")
-# Steering a trained run (`steer`): the held-out training images a method's `prepare` reads,
-# and the deployment options (`Method.DEPLOY_OPTIONS`) a user may set, as flags of their names.
+                    "or <workdir>/export/<controls> (export).")
 flags.DEFINE_integer("calibration_examples", 512,
-                     "Training images that re-estimate each SubNet's batch-norm statistics.",
-                     lower_bound=1)
+                     "Held-out training images that re-estimate a deployed network's batch-norm "
+                     "statistics (methods whose `prepare` reads held-out images).", lower_bound=1)
 flags.DEFINE_integer("score_examples", 256,
-                     "Held-out training images that score the encoder configurations.",
-                     lower_bound=1)
-flags.DEFINE_float("decoder_reserve", 0.5,
-                   "ECMT search: fraction of the decoders' MACs span kept free for the "
-                   "preference.")
-common.require_number("decoder_reserve", 0, 1)
-flags.DEFINE_bool("preference_cap", True,
-                  "ECMT: cap each decoder's extra MACs at r_t / max(r) in the search "
-                  "(`ecmt.search(preference_cap=...)`); --nopreference_cap measures rank "
-                  "controllability without it.")
-flags.DEFINE_alias("ecmt_preference_cap", "preference_cap")
+                     "Held-out training images that score the configurations a search picks "
+                     "from (methods whose `prepare` reads held-out images).", lower_bound=1)
 FLAGS = flags.FLAGS
 
-# Flags added after some runs were saved: their values for older runs.
-_LATER_FLAGS = {"backbone_options": [], "tasks": [], "task_weights": []}
+DEPLOY_CONFIGS = tuple(dict.fromkeys(c.DEPLOY for c in methods_lib.configs() if c.DEPLOY))
+for _config in DEPLOY_CONFIGS:
+  common.define_option_flags(_config)
+# Help groups: the held-out images, then each method's deployment options.
+STEERING_GROUPS = (
+    ("Held-out images", ("calibration_examples", "score_examples", "eval_batch_size")),
+    *((config.TITLE, tuple(config.flag_name(f.name) for f in config.fields()))
+      for config in DEPLOY_CONFIGS))
 
 
-@dataclasses.dataclass
-class TrainedRun:
-  """Everything `load_run` rebuilds.
-
-  Attributes:
-    workdir: absolute path (or URI) of the run's folder.
-    values: the run's flags (name -> value), as saved with its checkpoints.
-    config: its `TrainConfig`.
-    step: the restored checkpoint's step.
-    method: the method (built for single-program evaluation: no pmap axis).
-    train_source, test_source: its data.
-    variables: Flax variables {"params": ..., ...} of the checkpoint.
-  """
-
-  workdir: str
-  values: dict
-  config: train_lib.TrainConfig
-  step: int
-  method: Any
-  train_source: data_lib.DataSource
-  test_source: data_lib.DataSource
-  variables: Any
+def load(workdir: str) -> runs_lib.TrainedRun:
+  """The run in `workdir` (a parent of stages: its newest trained stage), its data from
+  `--data_dir` when given."""
+  return runs_lib.load_run(runs_lib.resolve(workdir), data_dir=FLAGS.data_dir)
 
 
-def _subset(source: data_base.DataSource, count: int, seed: int, offset: int = 0) -> dict:
-  """`count` examples of `source` after `offset` in a seeded permutation, as one batch dict."""
-  order = np.random.default_rng(seed).permutation(len(source))
-  index = np.sort(order[offset:offset + count])
-  if not len(index):
-    raise ValueError(f"{source.name} {source.split} has {len(source)} examples: too few for "
-                     f"{count} held-out images after {offset}.")
-  return source.get(index)
+def deploy_options(method) -> dict:
+  """The deployment options (`Method.DEPLOY_OPTIONS`) set on the command line; an unset one
+  keeps the method's own value."""
+  return {name: FLAGS[name].value for name in method.DEPLOY_OPTIONS
+          if name in FLAGS and FLAGS[name].present}
 
 
-def _batches_of(batch: dict, size: int) -> list[dict]:
-  n = len(next(iter(batch.values())))
-  return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
-
-
-def held_out(run: TrainedRun, calibration_examples: int, score_examples: int,
-             batch_size: int) -> methods_base.HeldOut:
-  """Held-out training images for a method's `prepare`: `calibration_examples` then
-  `score_examples` of a permutation of the training split seeded by the run's seed (the test
-  split stays unseen), in batches of `batch_size`; small training sets give at most half to
-  calibration and the rest to scoring."""
-  seed = run.config.seed
-  n = len(run.train_source)
-  num_calibration = max(1, min(calibration_examples, n // 2))
-  num_score = max(1, min(score_examples, n - num_calibration))
-  calibration = [b["image"] for b in
-                 _batches_of(_subset(run.train_source, num_calibration, seed), batch_size)]
-  if len(calibration) > 1 and len(calibration[-1]) < batch_size:
-    # Equal batch sizes (each batch counts once in the statistics): drop a short last batch.
-    calibration = calibration[:-1]
-  scoring = _subset(run.train_source, num_score, seed, offset=num_calibration)
-  scoring[data_base.VALID_KEY] = np.ones(len(scoring["image"]), bool)
-  signature = (f"step={run.step}|calibration={num_calibration}|score={num_score}|seed={seed}|"
-               f"batch={batch_size}")
-  return methods_base.HeldOut(tuple(calibration), tuple(_batches_of(scoring, batch_size)),
-                              signature)
-
-
-def steered_method(run: TrainedRun):
-  """The run's method with the deployment options the flags set (`DEPLOY_OPTIONS`; a flag left
-  unset keeps the method's own value)."""
-  return run.method.replace_options(**{
-      name: FLAGS[name].value for name in run.method.DEPLOY_OPTIONS
-      if name in FLAGS and FLAGS[name].present})
-
-
-def steer(run: TrainedRun):
-  """(`steered_method(run)`, its `prepare` result): held-out training images are loaded only
-  for a method whose `prepare` reads them (`PREPARE_USES_HELD_OUT`); caches go to the run."""
-  method = steered_method(run)
-  held = None
-  if method.PREPARE_USES_HELD_OUT:
-    held = held_out(run, FLAGS.calibration_examples, FLAGS.score_examples,
-                    FLAGS.eval_batch_size or 256)
-  return method, method.prepare(run.variables, held, cache_dir=run.workdir)
-
-
-def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:
-  """Rebuilds the run trained in `workdir` from its newest checkpoint.
-
-  Args:
-    workdir: a folder written by `python -m experiments.train`.
-    data_dir: where the dataset is now, when it moved since training (default: the saved
-      `--data_dir`).
-
-  Raises:
-    FileNotFoundError: the folder or its checkpoints do not exist (one sentence).
-  """
-  workdir = files_lib.run_dir(workdir)
-  if not files_lib.is_dir(workdir):
-    raise FileNotFoundError(f"The workdir {workdir} does not exist; give the --workdir of a "
-                            f"run trained with python -m experiments.train.")
-  if not checkpoint_lib.has_checkpoint_dir(workdir):
-    raise FileNotFoundError(f"{workdir} has no checkpoints folder; train it first with "
-                            f"python -m experiments.train --workdir={workdir}.")
-  with checkpoint_lib.Checkpointer(workdir, async_save=False) as checkpointer:
-    if not checkpointer.all_steps():
-      raise FileNotFoundError(f"{checkpointer.directory} holds no complete checkpoint; train "
-                              f"the run (or let it reach its first checkpoint) first.")
-    metadata = checkpointer.metadata()  # the newest record that reads
-    values = {**_LATER_FLAGS, **dict(metadata.get("run", {}).get("flags", {}))}
-    if "method" not in values or "dataset" not in values:
-      raise ValueError(f"Checkpoint {metadata.get('step')} in {workdir} does not record the "
-                       f"flags it was trained with; it was not written by experiments.train.")
-    if data_dir:
-      values["data_dir"] = data_dir
-    fields = {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
-    config = train_lib.TrainConfig(**{k: v for k, v in metadata["config"].items()
-                                      if k in fields})
-    config = dataclasses.replace(config, parallel="mesh", progress=False)
-    train_source, test_source = common.load_sources(values)
-    batcher = data_lib.Batcher(train_source, min(config.batch_size, len(train_source)),
-                               config.seed)
-    sample = {k: np.zeros_like(v) for k, v in batcher.batch(0).items()}
-    # A stage's checkpoint holds what it started from (DYMU: the frozen anchor and edge
-    # hypernetwork), so the earlier stages' workdirs need not exist any more; the options
-    # measured on them (DYMU: task affinity and weights) are read from the run's own folder.
-    options = common.method_config(values).restored_options(workdir,
-                                                            len(train_source.tasks))
-    method = common.build_method(values, train_source.tasks, axis_name=None,
-                                 inputs=options or None)
-    par = train_lib.Parallel("mesh")
-    init = state_lib.init_fn(method, config.make_optimizer())
-    abstract = par.abstract_state(init, jax.random.PRNGKey(config.seed), sample)
-    # The newest checkpoint that reads and verifies: a damaged newer one is reported and
-    # skipped (left in place: evaluation and export do not change a run's folder).
-    step, state, _ = checkpointer.restore_intact(abstract)
-  variables = state.variables
-  return TrainedRun(workdir=workdir, values=values, config=config, step=int(step),
-                    method=method, train_source=train_source, test_source=test_source,
-                    variables=variables)
-
-
-def summary_metrics(workdir: str) -> dict:
-  """The final evaluation {control label: {task: {metric: value}}} of a run's summary.json."""
-  path = files_lib.run_path(workdir) / "summary.json"
-  if not files_lib.is_file(path):
-    raise FileNotFoundError(f"{path} does not exist; give the workdir of a finished "
-                            f"experiments.train run.")
-  try:
-    return files_lib.read_json(path)["eval"]
-  except (files_lib.DamagedFile, KeyError, TypeError) as error:
-    reason = str(error) if isinstance(error, files_lib.DamagedFile) else f"{path} has no results"
-    raise ValueError(f"{reason}; run the training command of {path.parent} again: it "
-                     f"restores the final checkpoint and rewrites summary.json.") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Runs in stages (`dymu_jax.train.stages`): each stage is a run of its own folder, whose saved
-# flags name its stage and its input folder, so `load_run` rebuilds any of them alone.
-
-latest_step = stages_lib.latest_step
-saved_metadata = stages_lib.saved_metadata
-resolve_workdir = stages_lib.resolve
-
-
-def finished_run(folder: str, stage: str, values: Mapping[str, Any], train_source) -> TrainedRun:
-  """The finished `stage` run in `folder`, checked against this run (`values`: its flags): the
-  same method and stage, every step trained, the same tasks, model and image shape."""
-  run = load_run(folder)
-  method = values["method"]
-  config = common.method_config(values)
-  title = type(config).TITLE or method
-  saved_stage = common.method_config(run.values).stage_name()
-  if run.values.get("method") != method or saved_stage != stage:
-    raise ValueError(f"{folder} holds a --method={run.values.get('method')} run (stage "
-                     f"{saved_stage or 'none'}), not a {title} {stage} stage.")
-  if run.step < run.config.steps:
-    raise ValueError(f"The {stage} stage in {folder} stopped at step {run.step} of "
-                     f"{run.config.steps}; finish it first (re-run its command).")
-  names = [t.name for t in train_source.tasks]
-  if [t.name for t in run.method.tasks] != names:
-    raise ValueError(f"The {stage} stage in {folder} learned tasks "
-                     f"{', '.join(t.name for t in run.method.tasks)}, but this run has "
-                     f"{', '.join(names)}.")
-  model = lambda v: {**common.model_options(v), **{
-      field: getattr(common.method_config(v), field) for field in type(config).MODEL_FIELDS}}
-  if model(run.values) != model(values):
-    raise ValueError(f"The {stage} stage in {folder} was built with model options "
-                     f"{model(run.values)}, but this run asks for {model(values)}; use the "
-                     f"same model flags.")
-  if tuple(run.train_source.image_shape) != tuple(train_source.image_shape):
-    raise ValueError(f"The {stage} stage in {folder} saw images of shape "
-                     f"{tuple(run.train_source.image_shape)}, but this run's are "
-                     f"{tuple(train_source.image_shape)}; use the same data flags.")
-  return run
+def steer(run: runs_lib.TrainedRun):
+  """(the run's method with the deployment flags, its `prepare` result) (`runs.steer`)."""
+  return runs_lib.steer(run, deploy_options(run.method),
+                        calibration_examples=FLAGS.calibration_examples,
+                        score_examples=FLAGS.score_examples,
+                        batch_size=FLAGS.eval_batch_size or 256)

@@ -2,7 +2,7 @@
 
 Shared by `experiments.train`, `experiments.evaluate` and `experiments.export` (applied by
 `cli_help.run` once the flags are parsed). Neither changes what a run computes beyond float32
-rounding, so a resumed run may change them (`workdir_guard.CHANGEABLE`).
+rounding, so a resumed run may change them (`dymu_jax.runs.guard.CHANGEABLE`).
 
 * `--execution` chooses the op lowerings and how repeated passes batch (`dymu_jax.execution`):
   "auto" takes the measured defaults of the backend (CPU: the fast-op rewrites and unrolled

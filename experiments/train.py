@@ -25,16 +25,17 @@ import jax
 import numpy as np
 
 from dymu_jax import files as files_lib
-from experiments import cli_help
-from experiments import common
-from experiments import runs
-from experiments import workdir_guard
 from dymu_jax import methods as methods_lib
+from dymu_jax import runs as runs_lib
 from dymu_jax import train as train_lib
 from dymu_jax.data import augment as augment_lib
+from dymu_jax.runs import guard
+from dymu_jax.runs import settings
 from dymu_jax.train import stages as stages_lib
+from experiments import cli_help
+from experiments import common
 
-flags.DEFINE_enum("method", "static", list(methods_lib.METHODS),
+flags.DEFINE_enum("method", methods_lib.DEFAULT_METHOD, list(methods_lib.METHODS),
                   "Training method: " + "; ".join(f"{k}: {v}"
                                                   for k, v in methods_lib.METHODS.items()))
 flags.DEFINE_list("task_weights", [],
@@ -87,37 +88,25 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
 FLAGS = flags.FLAGS
 
 
-def train_config() -> train_lib.TrainConfig:
-  return train_lib.TrainConfig(
-      steps=FLAGS.steps, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-      optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate, schedule=FLAGS.schedule,
-      decay_steps=FLAGS.decay_steps, decay_factor=FLAGS.decay_factor,
-      warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay,
-      grad_clip=FLAGS.grad_clip, momentum=FLAGS.momentum, eval_every=FLAGS.eval_every,
-      eval_batch_size=FLAGS.eval_batch_size, checkpoint_every=FLAGS.checkpoint_every,
-      keep_checkpoints=FLAGS.keep_checkpoints, log_every=FLAGS.log_every,
-      parallel=FLAGS.parallel, prefetch=FLAGS.prefetch, progress=FLAGS.progress,
-      compute_dtype=FLAGS.compute_dtype)
-
-
 def run() -> dict[str, dict]:
   """Builds everything from the flags and trains every stage of the method's plan; returns
   {stage name ("" for a run of one stage): its summary}.
 
-  One training command at a time per workdir (`workdir_guard.WorkdirLock`), and a resumed run
-  keeps its flags (`workdir_guard.check_resume_flags`; `--allow_changed_flags` overrides).
+  One training command at a time per workdir (`runs.guard.WorkdirLock`), and a resumed run
+  keeps its flags (`runs.guard.check_resume_flags`; `--allow_changed_flags` overrides).
   """
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the folder for checkpoints and metrics.")
   cli_help.check_method_flags(FLAGS.method, cli_help.given_flags())
-  common.check_task_weights()
-  common.check_pretrained()
-  config = common.method_config()  # the method's own options, before any data is read
+  values = common.flag_values()
+  settings.check_task_weights(values)
+  settings.check_pretrained(values)
+  config = settings.method_config(values)  # the method's own options, before any data is read
   plan = config.plan(FLAGS.workdir, FLAGS.steps,
-                     name=lambda field: "--" + common.flag_name(type(config), field))
+                     name=lambda field: "--" + type(config).flag_name(field))
   train_lib.initialize_distributed(FLAGS.multi_host)
   root = common.ensure_workdir(FLAGS.workdir)
-  lock = (workdir_guard.WorkdirLock(root) if jax.process_index() == 0
+  lock = (guard.WorkdirLock(root) if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:
     return run_plan(config, plan, root)
@@ -136,18 +125,19 @@ def _augment(train_source):
 
 def stage_values(config, stage: stages_lib.Stage) -> dict:
   """The flags saved with a stage: the command's, with the stage's own method options (which
-  stage, its input folders), folder and steps, so `runs.load_run` rebuilds it alone."""
+  stage, its input folders), folder and steps, so `dymu_jax.runs.load_run` rebuilds it alone."""
   values = common.flag_values()
   for field in type(config).fields():
     if getattr(stage.config, field.name) != getattr(config, field.name):
-      values[common.flag_name(type(config), field.name)] = getattr(stage.config, field.name)
+      values[type(config).flag_name(field.name)] = getattr(stage.config, field.name)
   if stage.name:
     values.update(workdir=stage.folder, steps=stage.steps)
   return values
 
 
 def _run_metadata(values: dict, config, train_source, source: dict) -> dict:
-  metadata = {"flags": values, "record": common.run_record(config, values, cli_help.FLAG_FILES),
+  metadata = {"flags": values,
+              "record": settings.run_record(config, values, cli_help.FLAG_FILES),
               stages_lib.SOURCE_KEY: source}
   if getattr(train_source, "input_stats", None):  # feature vectors: the standardisation used
     metadata["input_stats"] = {k: np.asarray(v).tolist()
@@ -162,32 +152,32 @@ def _run_metadata(values: dict, config, train_source, source: dict) -> dict:
 def run_plan(config, plan: tuple[stages_lib.Stage, ...], root: str) -> dict[str, dict]:
   """Trains the stages of `plan` (`stages.run_stages`); a run in stages also writes
   <workdir>/summary.json with every stage's summary."""
-  train_source, test_source = common.load_sources()
+  train_source, test_source = settings.load_sources(common.flag_values())
   axis_name = train_lib.method_axis_name(FLAGS.parallel)
   # Before any stage holds examples out or reads an earlier one: the model options (by building
   # the first stage's method), then the batch and image sizes they need.
-  common.build_method(stage_values(config, plan[0]), train_source.tasks, axis_name=axis_name)
-  common.check_data_fits(train_source, FLAGS.batch_size)
+  settings.build_method(stage_values(config, plan[0]), train_source.tasks, axis_name=axis_name)
+  settings.check_data_fits(train_source, FLAGS.batch_size, common.flag_values())
   augment = _augment(train_source)
   is_chief = jax.process_index() == 0
   title = type(config).TITLE or FLAGS.method
   staged = any(stage.name for stage in plan)
 
   def load(folder: str, stage_name: str) -> stages_lib.Finished:
-    run = runs.finished_run(folder, stage_name, common.flag_values(), train_source)
+    run = runs_lib.finished_run(folder, stage_name, common.flag_values(), train_source)
     return stages_lib.Finished(run.workdir, run.step, run.method, run.variables)
 
   def check(stage: stages_lib.Stage) -> None:
     prefix = type(config).PREFIX + "_" if staged and type(config).PREFIX else ""
-    workdir_guard.check_resume_flags(stage.folder, stage_values(config, stage),
+    guard.check_resume_flags(stage.folder, stage_values(config, stage),
                                      allow=FLAGS.allow_changed_flags, ignore_prefix=prefix)
 
   def train_stage(stage, start, source, stage_source) -> dict:
     values = stage_values(config, stage)
     workdir = common.ensure_workdir(stage.folder)
-    method = common.build_method(values, train_source.tasks, axis_name=axis_name,
-                                 inputs=dict(start.options) or None)
-    train_config_ = dataclasses.replace(train_config(), steps=stage.steps)
+    method = settings.build_method(values, train_source.tasks, axis_name=axis_name,
+                                   inputs=dict(start.options) or None)
+    train_config_ = dataclasses.replace(settings.train_config(values), steps=stage.steps)
     if stage.learning_rate:
       train_config_ = dataclasses.replace(train_config_, learning_rate=stage.learning_rate)
     if stage.name:

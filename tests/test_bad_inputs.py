@@ -25,13 +25,13 @@ from dymu_jax import tasks as tasks_lib
 from dymu_jax.data import DataConfig, DatasetError, load
 from dymu_jax.models import backbones, branched, build_multitask
 from dymu_jax.models.layers import SlimConv
+from dymu_jax.runs import guard
 from experiments import cli_help
 from experiments import common
 from experiments import evaluate
 from experiments import export
 from experiments import results
 from experiments import train
-from experiments import workdir_guard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset=synthetic", "--image_size=16", "--num_train=32", "--num_test=16",
@@ -270,9 +270,9 @@ def test_unwritable_workdir_even_as_root(capsys, tmp_path, monkeypatch):
 def test_full_disk_is_one_sentence(capsys, tmp_path, monkeypatch):
   def full(self):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
-  monkeypatch.setattr(workdir_guard.WorkdirLock, "__enter__", full)
+  monkeypatch.setattr(guard.WorkdirLock, "__enter__", full)
   error = run_main(capsys, train, *TINY, f"--workdir={tmp_path / 'w'}")
-  lock = tmp_path / "w" / workdir_guard.LOCK_FILE
+  lock = tmp_path / "w" / guard.LOCK_FILE
   assert error == (f"error: cannot write {lock}: No space left on device (errno 28); free some "
                    f"space or choose a folder on another disk with --workdir.")
 

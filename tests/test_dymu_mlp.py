@@ -183,18 +183,18 @@ def test_affinity_on_feature_vectors():
 
 
 def test_cli_block_options_map_to_mlp_blocks():
-  from experiments import common
+  from dymu_jax.runs import settings  # pylint: disable=g-import-not-at-top
   values = {"method": "dymu", "backbone": "mlp", "head_width": 16, "head_batch_norm": True,
             "backbone_options": ["hidden=(16,16)", "batch_norm=false"], "task_weights": []}
-  options = common.model_options(values)
+  options = settings.model_options(values)
   assert options == {"backbone": "mlp", "head_width": 16, "head_batch_norm": True,
                      "backbone_kwargs": {"hidden": (16, 16), "batch_norm": False}}
-  method = common.build_method(values, TASKS)
+  method = settings.build_method(values, TASKS)
   net = method.net
   assert [b.features for b in net.blocks] == [16, 16] and not net.blocks[0].batch_norm
   with pytest.raises(ValueError, match="which DYMU's mlp streams do not take; they take "
                                        "batch_norm, hidden"):
-    common.build_method({**values, "backbone_options": ["channel_divisor=2"]}, TASKS)
+    settings.build_method({**values, "backbone_options": ["channel_divisor=2"]}, TASKS)
 
 
 def run_cli(module, *args, timeout=600):

@@ -22,7 +22,7 @@ from absl import flags
 from dymu_jax import controls as controls_lib
 from dymu_jax.metrics import pareto
 from dymu_jax.methods.dymu import stages as dymu_stages
-from experiments import runs
+from dymu_jax import runs as runs_lib
 from experiments import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +78,7 @@ def test_all_stages_train_in_their_folders_with_affinity_files(dymu_run):
     assert [r["step"] for r in train_records(workdir / stage / "metrics.jsonl")] == list(
         range(1, steps + 1)), stage
     # Each stage's saved flags describe it alone: load_run rebuilds it as that stage.
-    values = runs.saved_metadata(str(workdir / stage))["run"]["flags"]
+    values = runs_lib.saved_metadata(str(workdir / stage))["run"]["flags"]
     assert values["dymu_stage"] == stage and values["steps"] == steps
   assert "omega" in train_records(workdir / "edge" / "metrics.jsonl")[0]
   summary = json.load(open(workdir / "summary.json"))
@@ -90,7 +90,7 @@ def test_all_stages_train_in_their_folders_with_affinity_files(dymu_run):
   assert "DYMU stage pretrain: 2 steps at learning rate 0.001 on 96 training examples" in stdout
   assert "DYMU stage anchor: 3 steps at learning rate 0.0003 on 96 training examples" in stdout
   assert "DYMU stage edge: 3 steps at learning rate 0.001 on 128 training examples" in stdout
-  anchor_source = runs.saved_metadata(str(workdir / "anchor"))["run"]["stage_source"]
+  anchor_source = runs_lib.saved_metadata(str(workdir / "anchor"))["run"]["stage_source"]
   assert anchor_source == {"pretrain_dir": str(workdir / "pretrain"), "pretrain_step": 2}
   # The anchor report: divergence per block and the probe trees, on the held-out examples.
   report = json.load(open(workdir / "anchor" / dymu_stages.ANCHOR_REPORT))
@@ -192,7 +192,7 @@ def test_evaluate_sweeps_both_resources_with_and_without_weight_hypernet(dymu_ru
 def test_reported_points_match_the_controlled_network(dymu_run, dymu_eval):
   """A sweep point recomputed through the method's own predict and cost agrees."""
   workdir, _ = dymu_run
-  run = runs.load_run(runs.resolve_workdir(str(workdir)))
+  run = runs_lib.load_run(runs_lib.resolve(str(workdir)))
   method = run.method
   assert method.stage == "weight"
   batch = run.test_source.get(np.arange(len(run.test_source)))
@@ -259,7 +259,7 @@ def test_rerunning_the_command_continues_where_it_stopped(dymu_run, dymu_eval, s
            for s in ("pretrain", "anchor", "edge")}
   affinity_time = os.path.getmtime(workdir / "edge" / dymu_stages.AFFINITY_FILE)
   shutil.rmtree(weight / "checkpoints" / "2")
-  assert runs.latest_step(str(weight)) == 1
+  assert runs_lib.latest_step(str(weight)) == 1
   result = run_cli("train", *dymu_args(shared_data, workdir))
   assert result.returncode == 0, result.stderr[-3000:]
   for stage in ("pretrain", "anchor", "edge"):
@@ -273,7 +273,7 @@ def test_rerunning_the_command_continues_where_it_stopped(dymu_run, dymu_eval, s
   for stage, size in sizes.items():  # finished stages are not trained again
     assert len(train_records(workdir / stage / "metrics.jsonl")) == size
   assert os.path.getmtime(workdir / "edge" / dymu_stages.AFFINITY_FILE) == affinity_time
-  assert runs.latest_step(str(weight)) == 2
+  assert runs_lib.latest_step(str(weight)) == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_phn_sweep_and_report(phn_run):
   cost = results["cost"]
   assert cost["inference_macs"] > 0 and cost["trained_params"] > cost["params"] > 0
   # The first point recomputed through PHN's own predict.
-  run = runs.load_run(str(workdir))
+  run = runs_lib.load_run(str(workdir))
   batch = run.test_source.get(np.arange(len(run.test_source)))
   point = sweep["points"][0]
   predictions = run.method.predict(run.variables, batch["image"],

@@ -142,13 +142,14 @@ def test_the_preference_cap_flag_sets_the_deployment_option(workdir):
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   from experiments import evaluate  # pylint: disable=g-import-not-at-top
   from experiments import runs  # pylint: disable=g-import-not-at-top
-  run = types.SimpleNamespace(method=runs.load_run(str(workdir)).method)
+  from dymu_jax import runs as runs_lib  # pylint: disable=g-import-not-at-top
+  run = types.SimpleNamespace(method=runs_lib.load_run(str(workdir)).method)
   absl_flags.FLAGS.unparse_flags()
   try:
     for argv, expected in ((["evaluate"], True), (["evaluate", "--noecmt_preference_cap"], False),
                            (["evaluate", "--nopreference_cap", "--decoder_reserve=0.2"], False)):
       absl_flags.FLAGS(argv)
-      method = runs.steered_method(run)
+      method = run.method.replace_options(**runs.deploy_options(run.method))
       assert method.preference_cap is expected
       assert method.decoder_reserve == (0.2 if "--decoder_reserve=0.2" in argv
                                         else ecmt.DECODER_RESERVE)
@@ -191,8 +192,8 @@ def test_export_is_a_standalone_network_equal_to_the_supernet(workdir, evaluatio
   # The SuperNet, from its checkpoint, with the exported (recalibrated) statistics written into
   # the leading channels: the exported parameters are its leading blocks, and the outputs of
   # the standalone network equal the SuperNet's at that configuration.
-  from experiments import runs  # pylint: disable=g-import-not-at-top
-  run = runs.load_run(str(workdir))
+  from dymu_jax import runs as runs_lib  # pylint: disable=g-import-not-at-top
+  run = runs_lib.load_run(str(workdir))
   full = run.variables
   for path, small in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
     big = full["params"]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dymu_jax.runs import settings
 from experiments import common
 from experiments import train  # noqa: F401  (defines --method and the optimisation flags)
 from dymu_jax import methods
@@ -158,7 +159,7 @@ def test_bad_gradsplit_flags_stop_with_one_sentence(flags_, message):
     fv(["prog", "--method=gradsplit", BACKBONE, *flags_])
     with pytest.raises(ValueError) as error:
       task_list = tuple(tasks_lib.regression(n) for n in ("depth", "edges"))
-      common.build_method(tasks=task_list)
+      settings.build_method(common.flag_values(), task_list)
   finally:
     fv.unparse_flags()
   text = str(error.value)
@@ -180,7 +181,7 @@ def test_gradsplit_criterion_flags(flags_, criterion, threshold):
   try:
     fv(["prog", "--method=gradsplit", BACKBONE, *flags_])
     task_list = tuple(tasks_lib.regression(n) for n in ("depth", "edges"))
-    method = common.build_method(tasks=task_list)
+    method = settings.build_method(common.flag_values(), task_list)
   finally:
     fv.unparse_flags()
   assert method.criterion == criterion and method.threshold == threshold
@@ -199,11 +200,11 @@ def test_unknown_gradsplit_criterion_and_runs_saved_before_the_flag():
   # The flags of a run saved before --gradsplit_criterion existed: it trained with "pooled".
   saved = {"method": "gradsplit", "gradsplit_routing": "learned", "gradsplit_warmup_steps": 5,
            "gradsplit_stages": 1}  # and its former name of --gradsplit_split_stages
-  assert common.method_config(saved).criterion == "pooled"
+  assert settings.method_config(saved).criterion == "pooled"
   with pytest.raises(ValueError, match=re.escape(
       "--gradsplit_criterion='median' is not allowed; choose one of module_mean, "
       "module_frequency, pooled.")):
-    common.method_config({**saved, "gradsplit_criterion": "median"})
+    settings.method_config({**saved, "gradsplit_criterion": "median"})
 
 
 @pytest.mark.parametrize("flags_, message", [

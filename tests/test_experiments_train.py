@@ -58,11 +58,11 @@ def test_phn_flag_files_are_the_authors_settings():
              "learning_rate": 1e-4, "schedule": "constant", "batch_size": 256, "steps": 6330,
              "num_train": 0, "phn_dirichlet_alpha": 0.2}
   assert {k: phn[k] for k in authors} == authors
-  assert train.common.parse_options(phn["backbone_options"], "--backbone_options") == {
+  assert train.settings.parse_options(phn["backbone_options"], "--backbone_options") == {
       "batch_norm": False}
   bn = parsed("multi_mnist_phn_bn.flags")
   assert {k: bn[k] for k in authors} == authors
-  assert train.common.parse_options(bn["backbone_options"], "--backbone_options") == {
+  assert train.settings.parse_options(bn["backbone_options"], "--backbone_options") == {
       "batch_norm": True}
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from experiments import workdir_guard
+from dymu_jax.runs import guard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset=synthetic", "--image_size=16", "--num_train=32", "--num_test=16",
@@ -36,7 +36,7 @@ def test_changed_flags_ignore_length_cadence_places_and_unknown_flags():
            "method": "static"}
   current = {"learning_rate": 3e-3, "steps": 20, "data_dir": "/b", "tasks": ("x", "y"),
              "method": "static", "new_flag": 1}
-  assert workdir_guard.changed_flags(saved, current) == {"learning_rate": (1e-3, 3e-3)}
+  assert guard.changed_flags(saved, current) == {"learning_rate": (1e-3, 3e-3)}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def finished(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("guard") / "run"
   result = run_cli("--steps=2", f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert not (workdir / workdir_guard.LOCK_FILE).exists()  # released at the end
+  assert not (workdir / guard.LOCK_FILE).exists()  # released at the end
   return workdir
 
 
@@ -66,7 +66,7 @@ def test_allowed_change_is_recorded(tmp_path, finished):
   result = run_cli("--steps=3", f"--workdir={workdir}", "--learning_rate=0.003",
                    "--allow_changed_flags")
   assert result.returncode == 0, result.stderr[-3000:]
-  history = [json.loads(l) for l in open(workdir / workdir_guard.HISTORY_FILE)]
+  history = [json.loads(l) for l in open(workdir / guard.HISTORY_FILE)]
   assert history[0]["step"] == 2
   assert history[0]["changed"] == {"learning_rate": {"from": 0.001, "to": 0.003}}
 
@@ -74,7 +74,7 @@ def test_allowed_change_is_recorded(tmp_path, finished):
 def test_second_run_on_a_locked_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
-  lock = workdir / workdir_guard.LOCK_FILE
+  lock = workdir / guard.LOCK_FILE
   lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                               "started": "now"}))  # this test process: alive
   error = one_error(run_cli("--steps=1", f"--workdir={workdir}"))

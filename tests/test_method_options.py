@@ -15,6 +15,8 @@ from absl import flags
 
 from dymu_jax import methods
 from dymu_jax.methods import options as options_lib
+from dymu_jax import files as files_lib
+from dymu_jax.runs import settings
 from experiments import cli_help
 from experiments import common
 from experiments import train  # noqa: F401  (defines the training flags)
@@ -29,7 +31,7 @@ def test_every_option_is_a_documented_flag_with_the_configs_default(name):
   default = config().check()  # the defaults are allowed values
   for field in config.fields():
     assert field.metadata["help"].strip(), (name, field.name)
-    flag = flags.FLAGS[common.flag_name(config, field.name)]
+    flag = flags.FLAGS[config.flag_name(field.name)]
     value = getattr(default, field.name)
     if isinstance(value, tuple):
       assert [type(value[0])(v) for v in flag.default] == list(value) if value else (
@@ -48,8 +50,8 @@ def test_one_naming_rule_and_shared_configs():
   assert methods.config_of("static") is options_lib.NoOptions
   for config in common.config_owners():
     for field in config.fields():
-      assert common.flag_name(config, field.name) == f"{config.PREFIX}_{field.name}"
-  assert common.flag_name(methods.ecmt.Config, "num_subnets") == "ecmt_num_subnets"
+      assert config.flag_name(field.name) == f"{config.PREFIX}_{field.name}"
+  assert methods.ecmt.Config.flag_name("num_subnets") == "ecmt_num_subnets"
 
 
 def test_unknown_and_out_of_range_options_are_one_sentence():
@@ -89,16 +91,16 @@ def test_saved_runs_read_former_names_and_legacy_values():
   """A run saved before the options were renamed (or before one existed) reads the same."""
   saved = {"method": "ecmt", "num_subnets": 3, "kd": "none", "lambda_kd": 0.0,
            "width_choices": ["0.5", "1.0"]}
-  config = common.method_config(saved)
+  config = settings.method_config(saved)
   assert (config.num_subnets, config.kd, config.lambda_kd, config.width_choices) == (
       3, "none", 0.0, (0.5, 1.0))
-  assert common.normalise_values(saved)["ecmt_num_subnets"] == 3
+  assert methods.normalise_flag_values(saved)["ecmt_num_subnets"] == 3
   old_dymu = {"method": "dymu", "dymu_stage": "edge"}  # before anchor_init and depth_factor
-  config = common.method_config(old_dymu)
+  config = settings.method_config(old_dymu)
   assert (config.anchor_init, config.depth_factor, config.use_gradient) == (
       "independent", "shifted", "flow")
   with pytest.raises(ValueError, match="--dymu_edge_hidden must be comma-separated whole "):
-    common.method_config({"method": "dymu", "dymu_edge_hidden": ["a"]})
+    settings.method_config({"method": "dymu", "dymu_edge_hidden": ["a"]})
 
 
 def _parsed(path: str, cwd: str) -> dict:
@@ -141,19 +143,19 @@ def test_flag_file_includes_next_to_the_file_loops_and_missing_files(tmp_path):
   (tmp_path / "sub").mkdir()
   (tmp_path / "sub" / "base.flags").write_text("# base\n--dataset=synthetic\n--steps=5\n")
   (tmp_path / "sub" / "run.flags").write_text("# run\n--flagfile=base.flags\n\n// c\n--steps=7\n")
-  assert common.flag_file_args(str(tmp_path / "sub" / "run.flags")) == [
+  assert files_lib.flag_file_args(str(tmp_path / "sub" / "run.flags")) == [
       "--dataset=synthetic", "--steps=5", "--steps=7"]
   (tmp_path / "a.flags").write_text("--flagfile=b.flags\n")
   (tmp_path / "b.flags").write_text("--flagfile=a.flags\n")
   with pytest.raises(ValueError, match="includes itself"):
-    common.flag_file_args(str(tmp_path / "a.flags"))
+    files_lib.flag_file_args(str(tmp_path / "a.flags"))
   with pytest.raises(ValueError, match="does not exist"):
     common.expand_flag_files(["prog", "--flagfile", str(tmp_path / "none.flags")])
 
 
 def _settings(path: str) -> dict[str, str]:
   out = {}
-  for arg in common.flag_file_args(path):
+  for arg in files_lib.flag_file_args(path):
     name, _, text = arg[2:].partition("=")
     out[name] = text
   return out
@@ -183,8 +185,8 @@ def test_a_run_records_its_typed_config_and_flag_files(tmp_path):
        f"--workdir={workdir}"], cwd=str(tmp_path), capture_output=True, text=True, timeout=600,
       env={**os.environ, "PYTHONPATH": ROOT})
   assert result.returncode == 0, result.stderr[-3000:]
-  from experiments import runs
-  record = runs.saved_metadata(str(workdir))["run"]["record"]
+  from dymu_jax import runs as runs_lib
+  record = runs_lib.saved_metadata(str(workdir))["run"]["record"]
   assert record["method"] == "pcgrad" and record["method_config"] == {"order": "random"}
   assert record["data"]["name"] == "synthetic" and record["data"]["image_size"] == 16
   assert record["model"]["backbone"] == "resnet_small" and record["train"]["steps"] == 2
@@ -196,11 +198,11 @@ def test_a_run_records_its_typed_config_and_flag_files(tmp_path):
 
 def test_resuming_compares_options_saved_under_their_former_names(monkeypatch, tmp_path):
   """A run saved with --num_subnets=2 is not resumed with --ecmt_num_subnets=4 unnoticed."""
-  from experiments import runs, workdir_guard
+  from dymu_jax.runs import guard
   saved = {"method": "ecmt", "num_subnets": 2, "kd": "ci_kd"}
-  monkeypatch.setattr(runs, "saved_metadata", lambda workdir: {"run": {"flags": saved}})
+  monkeypatch.setattr(guard.stages_lib, "saved_metadata", lambda workdir: {"run": {"flags": saved}})
   current = {"method": "ecmt", "ecmt_num_subnets": 4, "ecmt_kd": "ci_kd"}
   with pytest.raises(ValueError, match="--ecmt_num_subnets 2 -> 4"):
-    workdir_guard.check_resume_flags(str(tmp_path), current, allow=False)
-  assert workdir_guard.check_resume_flags(
+    guard.check_resume_flags(str(tmp_path), current, allow=False)
+  assert guard.check_resume_flags(
       str(tmp_path), {**current, "ecmt_num_subnets": 2}, allow=False) == {}

@@ -210,8 +210,8 @@ def test_a_registered_method_reaches_the_command_line(tmp_path):
                "--steps=2", "--batch_size=16", "--checkpoint_every=2", "--noprogress",
                f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
-  from experiments import runs
-  record = runs.saved_metadata(str(workdir))["run"]["record"]
+  from dymu_jax import runs as runs_lib
+  record = runs_lib.saved_metadata(str(workdir))["run"]["record"]
   assert record["method"] == "loss_balanced" and record["method_config"] == {"temperature": 2.0}
   bad = run("train", *common, "--method=loss_balanced", "--loss_balanced_temperature=0",
             f"--workdir={tmp_path / 'bad'}")

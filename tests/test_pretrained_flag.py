@@ -15,9 +15,9 @@ from dymu_jax import methods
 from dymu_jax import tasks as tasks_lib
 from dymu_jax.models import backbones
 from experiments import cli_help
-from experiments import runs
+from dymu_jax import runs as runs_lib
+from dymu_jax.runs import guard
 from experiments import train
-from experiments import workdir_guard
 
 from random_variables import torchvision_state
 from test_bad_inputs import TINY, cli_error, run_main
@@ -109,12 +109,12 @@ def test_cli_run_starts_from_the_file_and_records_it(weights, tmp_path):
     train.main(["train"])
   finally:
     fv.unparse_flags()
-  run = runs.load_run(str(workdir))
+  run = runs_lib.load_run(str(workdir))
   assert run.values["pretrained"] == path
   np.testing.assert_allclose(run.variables["params"]["encoder"]["stem_conv"]["kernel"],
                              _stem(state), atol=1e-6)
   # A resumed run may not change it (workdir_guard's default).
-  assert workdir_guard.changed_flags({"pretrained": path}, {"pretrained": ""}) == {
+  assert guard.changed_flags({"pretrained": path}, {"pretrained": ""}) == {
       "pretrained": (path, "")}
 
 

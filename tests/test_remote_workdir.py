@@ -263,21 +263,21 @@ def test_event_files_a_remote_path_refuses_are_skipped_in_one_line(tmp_path, mon
 
 
 def test_workdir_lock_on_a_fake_filesystem(tmp_path, monkeypatch):
-  from experiments import workdir_guard  # pylint: disable=g-import-not-at-top
+  from dymu_jax.runs import guard  # pylint: disable=g-import-not-at-top
   from dymu_jax import files  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv(STORE_ENV, str(tmp_path))
   workdir = "fake://bucket/locked"
   files.makedirs(workdir)
-  lock_file = tmp_path / "bucket" / "locked" / workdir_guard.LOCK_FILE
-  with workdir_guard.WorkdirLock(workdir):
+  lock_file = tmp_path / "bucket" / "locked" / guard.LOCK_FILE
+  with guard.WorkdirLock(workdir):
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
     with pytest.raises(ValueError, match="is in use by another training run"):
-      with workdir_guard.WorkdirLock(workdir):
+      with guard.WorkdirLock(workdir):
         pass
   assert not lock_file.exists()
   # A lock whose process is gone (same host) is taken over.
   lock_file.write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname()}))
-  with workdir_guard.WorkdirLock(workdir):
+  with guard.WorkdirLock(workdir):
     assert json.loads(lock_file.read_text())["pid"] == os.getpid()
   assert not lock_file.exists()
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dymu_jax.models import serialize
-from experiments import runs
+from dymu_jax import runs as runs_lib
 
 from test_models_mlp import write_tabular
 
@@ -35,7 +35,7 @@ def table(tmp_path_factory):
 def test_saved_run_restores_and_predicts_as_when_saved(name, table, tmp_path):
   # A copy: restoring must not need to write into the folder, and the test leaves it as is.
   folder = shutil.copytree(os.path.join(SAVED, name), tmp_path / name)
-  run = runs.load_run(runs.resolve_workdir(os.fspath(folder)), data_dir=os.fspath(table))
+  run = runs_lib.load_run(runs_lib.resolve(os.fspath(folder)), data_dir=os.fspath(table))
   expected = EXPECTED[name]
   assert run.step == expected["step"] and run.method.name == name
   rows = run.test_source.get(np.arange(4))["image"]
@@ -46,7 +46,7 @@ def test_saved_run_restores_and_predicts_as_when_saved(name, table, tmp_path):
     np.testing.assert_allclose(np.asarray(predictions[task]), np.asarray(values, np.float32),
                                rtol=1e-4, atol=1e-5)
   # The deployment half works on the restored run (ECMT needs held-out images to prepare).
-  held_out = runs.held_out(run, 16, 16, 16)
+  held_out = runs_lib.held_out(run, 16, 16, 16)
   prepared = run.method.prepare(run.variables, held_out)
   deployed = run.method.deploy(run.variables, None, prepared,
                                image_shape=run.test_source.image_shape)

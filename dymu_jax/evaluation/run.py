@@ -11,7 +11,7 @@ resource c, over the preferences), every setting deployed by `Method.deploy` and
 the one evaluation loop; a fixed network is deployed and measured once. A budget adds the
 budget measures and check (`budget_section`), a resource the matched-cost and anchor
 comparisons, the cost per c and the task affinity (`resource_section`). What the measures
-mean is in `experiments/evaluate.py`'s help.
+mean, per method: docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -144,6 +144,11 @@ register("phn_bn", "PHN-BN: a hypernetwork generates only the batch-norm scales 
          "the shared network from the preference; the other weights are learned directly",
          on_multitask_net(phn.build, mode="bn"), phn.Config)
 
+# The method a command trains when none is named, and the one whose runs are Delta_m's
+# single-task reference (its test metrics per task) on the results page.
+DEFAULT_METHOD = "static"
+REFERENCE_METHOD = "single_task"
+
 def build(name: str, tasks: Sequence[tasks_lib.Task], *, model_options: dict | None = None,
           axis_name: str | None = None, task_weights: Sequence[float] | None = None,
           method_options: Mapping[str, Any] | None = None,

@@ -298,7 +298,8 @@ class MethodBase:
   (GradSplit's routing). DYMU, whose network is a `BranchedNet` (`self.net`), overrides
   `deploy`; it has no `training_cost` yet (its evaluation reports inference cost per tree).
   `DEPLOY_OPTIONS` names the method's fields a user may change when deploying a trained run
-  (e.g. ECMT's search options); `experiments.export` sets them from flags of the same names.
+  (e.g. ECMT's search options), declared with their help and range by its config's
+  `MethodConfig.DEPLOY` (evaluate and export take them as flags of the same names).
   """
 
   DEPLOY_OPTIONS = ()

@@ -91,6 +91,10 @@ class MethodConfig:
   # the folders of finished earlier stages (their runs' flags may differ between seeds).
   STAGE_FIELD: ClassVar[str] = ""
   INPUT_DIRS: ClassVar[tuple[str, ...]] = ()
+  # The options a user may change when deploying a trained run (a `DeployOptions` subclass,
+  # e.g. ECMT's search options; None: none). The method takes them as fields of the same names
+  # (`MethodBase.replace_options`); evaluate and export set them from flags `--<field>`.
+  DEPLOY: ClassVar[type | None] = None
 
   @classmethod
   def flag_name(cls, field: str) -> str:
@@ -225,6 +229,17 @@ def describe_range(m: Mapping[str, Any], scalar: type = float) -> str:
   >= 2"."""
   kind = "a whole number" if scalar is int else "a finite number"
   return f"{kind} {range_text(m)}".strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployOptions(MethodConfig):
+  """Base of a method's deployment options (`MethodConfig.DEPLOY`): fields made with `option`,
+  whose flags are `--<field>` (no prefix: they are options of steering a trained run, shared by
+  the evaluate and export commands, not of training)."""
+
+  @classmethod
+  def flag_name(cls, field: str) -> str:
+    return field
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,10 +55,10 @@ def main():
   for name, flags in RUNS.items():
     subprocess.run([sys.executable, "-m", "experiments.train", *COMMON, f"--data_dir={table}",
                     *flags, f"--workdir={os.path.join(OUT, name)}"], cwd=ROOT, check=True)
-  from experiments import runs  # pylint: disable=g-import-not-at-top
+  from dymu_jax import runs as runs_lib  # pylint: disable=g-import-not-at-top
   expected = {}
   for name in RUNS:
-    run = runs.load_run(runs.resolve_workdir(os.path.join(OUT, name)), data_dir=table)
+    run = runs_lib.load_run(runs_lib.resolve(os.path.join(OUT, name)), data_dir=table)
     rows = run.test_source.get(np.arange(4))["image"]
     controls = run.method.eval_controls()[0]
     predictions = run.method.predict(run.variables, rows, controls)

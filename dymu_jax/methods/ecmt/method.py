@@ -37,6 +37,21 @@ PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
+class DeployConfig(options_lib.DeployOptions):
+  """ECMT's deployment options: how `search` maps (preference, budget) to widths."""
+
+  TITLE: ClassVar[str] = "ECMT search"
+
+  decoder_reserve: float = options_lib.option(
+      DECODER_RESERVE, "Fraction of the decoders' MACs span an encoder must leave free for the "
+      "preference.", low=0, high=1)
+  preference_cap: bool = options_lib.option(
+      True, "Cap each decoder's extra MACs at r_t / max(r) (`ecmt.search(preference_cap=...)`); "
+      "--nopreference_cap measures rank controllability without it.",
+      former=("ecmt_preference_cap",))
+
+
+@dataclasses.dataclass(frozen=True)
 class ECMTMethod(base.MethodBase):
   """A slimmable SuperNet trained with sampled SubNets (see the module docstring).
 
@@ -61,8 +76,8 @@ class ECMTMethod(base.MethodBase):
     preference_cap: `search`'s cap of each decoder at r_t / max(r) (deployment only).
   """
 
-  # Fields a user may set when deploying a trained run (`experiments.export` flags).
-  DEPLOY_OPTIONS = ("decoder_reserve", "preference_cap")
+  # Fields a user may set when deploying a trained run.
+  DEPLOY_OPTIONS = tuple(f.name for f in DeployConfig.fields())
   PREPARE_USES_HELD_OUT = True
 
   tasks: tuple[tasks_lib.Task, ...]
@@ -415,6 +430,7 @@ class Config(options_lib.MethodConfig):
 
   PREFIX: ClassVar[str] = "ecmt"
   TITLE: ClassVar[str] = "ECMT"
+  DEPLOY: ClassVar[type] = DeployConfig
 
   num_subnets: int = options_lib.option(
       4, "Configurations per step by the sandwich rule (max, min and num_subnets-2 random).",

@@ -27,8 +27,8 @@ import socket
 from typing import Any, Mapping
 
 from dymu_jax import files as files_lib
-from experiments import common
-from experiments import runs
+from dymu_jax import methods as methods_lib
+from dymu_jax.train import stages as stages_lib
 
 LOCK_FILE = ".dymu_lock"
 HISTORY_FILE = "flag_history.jsonl"
@@ -67,13 +67,13 @@ def check_resume_flags(workdir: str, current: Mapping[str, Any], *, allow: bool,
 
   With `allow`, the changes are appended to `<workdir>/flag_history.jsonl`. `ignore_prefix`:
   flags checked elsewhere (a DYMU stage's own "dymu_" options: its inputs and affinity are
-  checked against what the stage was trained on by `experiments.train`).
+  checked against what the stage was trained on by the stage runner).
   """
-  metadata = runs.saved_metadata(workdir)
+  metadata = stages_lib.saved_metadata(workdir)
   if metadata is None:
     return {}
   # Options saved under a former name compare under their flag.
-  saved = common.normalise_values(metadata.get("run", {}).get("flags") or {})
+  saved = methods_lib.normalise_flag_values(metadata.get("run", {}).get("flags") or {})
   changes = changed_flags(saved, current, ignore_prefix)
   if not changes:
     return {}
@@ -83,7 +83,7 @@ def check_resume_flags(workdir: str, current: Mapping[str, Any], *, allow: bool,
                      f"its flags, use a new --workdir, or pass --allow_changed_flags to "
                      f"continue it anyway (recorded in {HISTORY_FILE}).")
   record = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
-            "step": runs.latest_step(workdir),
+            "step": stages_lib.latest_step(workdir),
             "changed": {k: {"from": v[0], "to": v[1]} for k, v in changes.items()}}
   files_lib.append_text(files_lib.run_path(workdir) / HISTORY_FILE, json.dumps(record) + "\n")
   print(f"continuing {workdir} with changed flags ({listed}); recorded in {HISTORY_FILE}",
