@@ -2,7 +2,7 @@
 
 The branched MLP's tree forward against one-hot soft mixing (only used nodes compute), its tree
 cost against XLA's count, batch-norm shifts of its blocks and decoders, the affinity on
-vectors, the CLI's block options, and a whole DYMU run (pretrain, anchor, edge, weight) on a
+vectors and its record as the edge and weight stages' artefact, the CLI's block options, and a whole DYMU run (pretrain, anchor, edge, weight) on a
 tabular .npz through `experiments.train` and `experiments.evaluate`.
 
 Sizes are tiny (6 features, hidden layers of 16-24 units, a few steps) so that the file stays
@@ -182,6 +182,72 @@ def test_affinity_on_feature_vectors():
     affinity.task_affinity(net, variables, x.reshape(12, 2, 3, 1), num_images=12)
 
 
+def dymu_method(stage: str, **options):
+  """A DYMU method of the tiny MLP streams (nothing initialised)."""
+  from dymu_jax.methods import dymu  # pylint: disable=g-import-not-at-top
+  return dymu.build(TASKS, model_options={"backbone": "mlp", "backbone_kwargs": {"hidden": HIDDEN},
+                                          "head_width": 8}, stage=stage, **options)
+
+
+def test_affinity_is_the_artefact_of_the_edge_and_weight_stages(tmp_path):
+  from dymu_jax.methods.dymu import stages as dymu_stages  # pylint: disable=g-import-not-at-top
+  names = [t.name for t in TASKS]
+  a = [[1.0, 0.25, 0.5], [0.3, 1.0, 0.125], [0.5, 0.2, 1.0]]
+  edge = dymu_method("edge", affinity=a)
+  # An empty folder (an evaluation's output): the method's A and w (none given), and the heat
+  # map, whose title leaves out the normalisation and K the method does not know.
+  out = tmp_path / "out"
+  records = edge.artefacts({}, str(out), step=3)
+  written = json.load(open(out / affinity.RECORD_FILE))
+  assert written == {"tasks": names, "affinity": a, "task_weights": None}
+  assert records == {"affinity": {**written, "file": str(out / affinity.RECORD_FILE),
+                                  "heatmap": affinity.RECORD_PLOT}}
+  assert (out / affinity.RECORD_PLOT).stat().st_size > 1000
+  # Read back, it builds the same method; a second call rewrites nothing.
+  assert dymu_method("edge", **dymu_stages.restored_options(str(out), 3)) == edge
+  inodes = [(out / name).stat().st_ino for name in (affinity.RECORD_FILE, affinity.RECORD_PLOT)]
+  assert edge.artefacts({}, str(out)) == records
+  assert inodes == [(out / name).stat().st_ino
+                    for name in (affinity.RECORD_FILE, affinity.RECORD_PLOT)]
+
+  # The stage's own record (the edge hook's, signed): kept byte for byte and returned as it
+  # is, for the weight stage built from it as for a method of another A; without `plot` no
+  # heat map, with it the missing one drawn.
+  stage = tmp_path / "weight"
+  stage.mkdir()
+  signed = {"tasks": names, "affinity": [[1.0, 0.5, 0.75], [0.5, 1.0, 0.25], [0.75, 0.25, 1.0]],
+            "normalisation": "pair", "num_images": 16, "anchor_task_losses": [2.0, 1.0, 0.5],
+            "task_weight_source": "held-out", "task_weights": [0.5, 1.0, 2.0],
+            "signature": {"anchor_step": 3, "seed": 0}}
+  (stage / affinity.RECORD_FILE).write_text(json.dumps(signed, indent=1))
+  before = (stage / affinity.RECORD_FILE).read_bytes()
+  options = dymu_stages.restored_options(str(stage), 3)
+  assert options == {"affinity": signed["affinity"], "task_weights": (0.5, 1.0, 2.0)}
+  weight = dymu_method("weight", **options)
+  for method in (weight, edge):
+    record = method.artefacts({}, str(stage), plot=False)["affinity"]
+    assert record == {**signed, "file": str(stage / affinity.RECORD_FILE), "heatmap": None}
+    assert (stage / affinity.RECORD_FILE).read_bytes() == before
+  assert not (stage / affinity.RECORD_PLOT).exists()
+  assert weight.artefacts({}, str(stage))["affinity"]["heatmap"] == affinity.RECORD_PLOT
+  assert (stage / affinity.RECORD_PLOT).stat().st_size > 1000
+  assert (stage / affinity.RECORD_FILE).read_bytes() == before
+  # An unsigned record of other values (another run's evaluation) is replaced.
+  record = weight.artefacts({}, str(out))["affinity"]
+  assert json.load(open(out / affinity.RECORD_FILE)) == {
+      "tasks": names, "affinity": signed["affinity"], "task_weights": [0.5, 1.0, 2.0]}
+  assert record["affinity"] == signed["affinity"]
+  with pytest.raises(ValueError, match=r"The affinity record in .* is for the tasks linear, "
+                                       r"wave, sign, not a, b\."):
+    affinity.write_artefact(str(stage), ["a", "b"], np.eye(2))
+
+  # The trunk and the anchor have no affinity: nothing written.
+  empty = tmp_path / "anchor"
+  for stage_name in ("pretrain", "anchor"):
+    assert dymu_method(stage_name).artefacts({}, str(empty)) == {}
+  assert not empty.exists()
+
+
 def test_cli_block_options_map_to_mlp_blocks():
   from dymu_jax.runs import settings  # pylint: disable=g-import-not-at-top
   values = {"method": "dymu", "backbone": "mlp", "head_width": 16, "head_batch_norm": True,
@@ -222,6 +288,12 @@ def test_cli_trains_and_evaluates_dymu_on_a_tabular_file(tmp_path):
   assert set(summary["stages"]) == {"pretrain", "anchor", "edge", "weight"}
   record = json.load(open(workdir / "edge" / "dymu_affinity.json"))
   assert np.asarray(record["affinity"]).shape == (3, 3)
+  # The edge and weight stages (only they) name the affinity as their artefact, the hook's
+  # signed record kept (the weight stage's copy equal to it).
+  for stage in ("edge", "weight"):
+    assert f"wrote {workdir / stage / 'dymu_affinity.json'} (affinity)" in result.stdout
+    assert json.load(open(workdir / stage / "dymu_affinity.json")) == record
+  assert "signature" in record and result.stdout.count(" (affinity)") == 2
   result = run_cli("evaluate", f"--workdir={workdir}", "--eval_batch_size=16",
                    "--num_preferences=2", "--cost_preferences=4")
   assert result.returncode == 0, result.stderr[-3000:]

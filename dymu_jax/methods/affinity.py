@@ -25,6 +25,7 @@ gets correlation 0 with every image (itself included).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -160,8 +161,55 @@ def read_record(folder: str) -> dict | None:
   return files_lib.read_json(path)
 
 
+def write_artefact(directory: str, tasks: Sequence[str], affinity, task_weights=None, *,
+                   plot: bool = True) -> dict:
+  """The affinity record of a run as `Method.artefacts` returns it, kept in `directory`.
+
+  A record the folder already holds with a "signature" (the one the edge stage's hook wrote,
+  or the weight stage's copy of it) is kept byte for byte: the stage hooks and
+  `restored_options` read it. Without one, or with an unsigned record of other values (an
+  earlier evaluation's output of another run), the record of (`tasks`, `affinity`,
+  `task_weights`) is written; its normalisation and K are not known here and left out. The
+  heat map (RECORD_PLOT) is drawn with `plot` where missing or stale.
+
+  Args:
+    directory: a run's folder or an evaluation's output folder (local or a URI).
+    tasks: the task names, in stream order.
+    affinity: A (N, N).
+    task_weights: w_i, or None (1 each).
+    plot: whether to draw the heat map.
+
+  Returns:
+    The record with "file" (its JSON in `directory`) and "heatmap" (RECORD_PLOT, None without
+    `plot`).
+  """
+  tasks = [str(t) for t in tasks]
+  matrix = np.asarray(affinity, float)
+  if matrix.shape != (len(tasks), len(tasks)):
+    raise ValueError(f"The task affinity of {len(tasks)} tasks must be a ({len(tasks)}, "
+                     f"{len(tasks)}) matrix, got shape {matrix.shape}.")
+  fresh = {"tasks": tasks, "affinity": matrix.tolist(),
+           "task_weights": None if task_weights is None else [float(w) for w in task_weights]}
+  folder = files_lib.makedirs(files_lib.run_path(directory))
+  record = read_record(directory)
+  if record is not None and "signature" in record and list(record["tasks"]) != tasks:
+    raise ValueError(f"The affinity record in {directory} is for the tasks "
+                     f"{', '.join(record['tasks'])}, not {', '.join(tasks)}.")
+  # JSON keeps Python floats exactly, so a record this wrote compares equal.
+  same = record is not None and all(record.get(k) == v for k, v in fresh.items())
+  written = record is None or ("signature" not in record and not same)
+  if written:
+    record = fresh
+    files_lib.write_json(folder / RECORD_FILE, record, indent=1)
+  if plot and (written or not files_lib.is_file(folder / RECORD_PLOT)):
+    plot_record(record, folder / RECORD_PLOT)
+  return dict(record, file=os.path.join(os.fspath(directory), RECORD_FILE),
+              heatmap=RECORD_PLOT if plot else None)
+
+
 def plot_record(record: Mapping[str, Any], path: str) -> None:
-  """A heat map of the task affinity A as a PNG."""
+  """A heat map of the task affinity A as a PNG (its title names the normalisation and K
+  where the record has them)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -175,8 +223,13 @@ def plot_record(record: Mapping[str, Any], path: str) -> None:
             color="black" if v > 0.5 else "white")
   ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
   ax.set_yticks(range(len(names)), names, fontsize=8)
-  ax.set_title(f"task affinity A (RSA, {record['normalisation']} normalisation, "
-               f"K={record['num_images']})", fontsize=8)
+  # A record written from a method (`write_artefact`) does not know what A was measured on.
+  about = ["RSA"]
+  if record.get("normalisation"):
+    about.append(f"{record['normalisation']} normalisation")
+  if record.get("num_images") is not None:
+    about.append(f"K={record['num_images']}")
+  ax.set_title(f"task affinity A ({', '.join(about)})", fontsize=8)
   fig.colorbar(image, ax=ax, fraction=0.046)
   fig.tight_layout()
   files_lib.save_figure(fig, path, dpi=110)

@@ -138,7 +138,10 @@ class Method(Protocol):
   def artefacts(self, variables: PyTree, directory: str, *, step: int | None = None,
                 plot: bool = True) -> dict[str, dict]:
     """Writes the learned structure a trained run leaves (GradSplit: its routing matrices and
-    heat map) to `directory`; returns {name: JSON-able record with its "file"} ({}: none)."""
+    heat map; DYMU's edge and weight stages: the task affinity and weights they trained with,
+    kept as the stage wrote them where `directory` holds that record) to `directory`; returns
+    {name: JSON-able record with its "file" and "heatmap" (its plot's file name in
+    `directory`, None without `plot`)} ({}: none)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,8 +298,9 @@ class MethodBase:
   A method overrides what differs: `control_space` (the controls it takes), `prepare` (one-off
   work on held-out images, e.g. ECMT's cost table and encoder scores), `deploy`,
   `backward_passes` / `gradient_macs_per_step` (per-task gradient methods) and `artefacts`
-  (GradSplit's routing). DYMU, whose network is a `BranchedNet` (`self.net`), overrides
-  `deploy`; it has no `training_cost` yet (its evaluation reports inference cost per tree).
+  (GradSplit's routing, DYMU's task affinity). DYMU, whose network is a `BranchedNet`
+  (`self.net`), overrides `deploy`; it has no `training_cost` yet (its evaluation reports
+  inference cost per tree).
   `DEPLOY_OPTIONS` names the method's fields a user may change when deploying a trained run
   (e.g. ECMT's search options), declared with their help and range by its config's
   `MethodConfig.DEPLOY` (evaluate and export take them as flags of the same names).

@@ -19,6 +19,7 @@ import numpy as np
 
 from dymu_jax import controls as controls_lib
 from dymu_jax import tasks as tasks_lib
+from dymu_jax.methods import affinity as affinity_lib
 from dymu_jax.methods import base
 from dymu_jax.models import cost as cost_lib
 from dymu_jax.models import branched
@@ -350,6 +351,17 @@ class DymuMethod(base.MethodBase):
     raise NotImplementedError("DYMU's training cost (four stages on N streams and two "
                               "hypernetworks) is not counted yet; its evaluation reports each "
                               "tree's inference cost.")
+
+  def artefacts(self, variables, directory, *, step=None, plot=True) -> dict[str, dict]:
+    """{"affinity": the task affinity A and task weights w the stage trained with, with "file"
+    (`affinity.RECORD_FILE` in `directory`) and "heatmap" (None without `plot`)} for the edge
+    and weight stages; {} before (no affinity). The stage's own record (the edge hook's, or
+    the weight stage's copy, with its signature) is kept as it is (`affinity.write_artefact`)."""
+    del variables, step  # A and w are measured on the anchor before the stage, not trained
+    if self.stage in ("pretrain", "anchor") or self.affinity is None:
+      return {}
+    return {"affinity": affinity_lib.write_artefact(
+        directory, [t.name for t in self.tasks], self.affinity, self.task_weights, plot=plot)}
 
   def control_space(self) -> base.ControlSpace:
     """A preference and a resource c once the edge hypernetwork is trained; none before."""

@@ -44,13 +44,22 @@ ANCHOR_REPORT_MD = "anchor_report.md"
 # The task affinity and task weights of the edge and weight stages.
 
 
+def record_options(record: Mapping[str, Any]) -> dict:
+  """The method options of an affinity record: A, and w where it has them (a record written
+  by `DymuMethod.artefacts` for a method without task weights has none)."""
+  options = {"affinity": record["affinity"]}
+  if record.get("task_weights") is not None:
+    options["task_weights"] = tuple(record["task_weights"])
+  return options
+
+
 def restored_options(folder: str, num_tasks: int) -> dict:
   """The options an edge or weight stage in `folder` was built with besides its config: A and w
   of its affinity record (the identity affinity where it has none)."""
   record = read_affinity(folder)
   if record is None:
     return {"affinity": np.eye(num_tasks).tolist()}
-  return {"affinity": record["affinity"], "task_weights": tuple(record["task_weights"])}
+  return record_options(record)
 
 
 def affinity_signature(config, seed: int, anchor_dir: str, anchor_step: int) -> dict:
@@ -190,7 +199,7 @@ def start_weight(context: stages_lib.StageContext) -> stages_lib.StageStart:
       files_lib.copy_file(source, target / name)
   variables = edge.variables
   return stages_lib.StageStart(
-      options={"affinity": record["affinity"], "task_weights": tuple(record["task_weights"])},
+      options=record_options(record),
       variables=stage_variables(anchor=variables["anchor"],
                                 edge_params=variables["params"]["edge_hypernet"]))
 
