@@ -215,10 +215,11 @@ def _list_validator(name: str, config: type, field) -> None:
                            message=f"must be comma-separated {kind} {allowed}".strip())
 
 
-def define_option_flags(config: type) -> None:
+def define_option_flags(config: type, module_name: str = __name__) -> None:
   """Defines one flag per field of the `MethodConfig` subclass `config` (its name
   `config.flag_name(field)`, its type, default, help, range and choices), and its former names
-  as aliases (kept out of `flag_values`)."""
+  as aliases (kept out of `flag_values`); `module_name` owns them (absl's `--helpfull`
+  grouping, and which command's flags they are)."""
   types = config.types()
   for field in config.fields():
     name, meta = config.flag_name(field.name), field.metadata
@@ -226,23 +227,23 @@ def define_option_flags(config: type) -> None:
     text = f"{config.TITLE}: {meta['help']}" + (
         f" Formerly --{', --'.join(meta['former'])}." if meta["former"] else "")
     if is_tuple:
-      flags.DEFINE_list(name, [str(v) for v in field.default], text)
+      flags.DEFINE_list(name, [str(v) for v in field.default], text, module_name=module_name)
       if scalar in (int, float):
         _list_validator(name, config, field)
     elif scalar is bool:
-      flags.DEFINE_bool(name, field.default, text)
+      flags.DEFINE_bool(name, field.default, text, module_name=module_name)
     elif meta["choices"]:
-      flags.DEFINE_enum(name, field.default, list(meta["choices"]), text)
+      flags.DEFINE_enum(name, field.default, list(meta["choices"]), text, module_name=module_name)
     elif scalar is int:
-      flags.DEFINE_integer(name, field.default, text)
+      flags.DEFINE_integer(name, field.default, text, module_name=module_name)
     elif scalar is float:
-      flags.DEFINE_float(name, field.default, text)
+      flags.DEFINE_float(name, field.default, text, module_name=module_name)
     else:
-      flags.DEFINE_string(name, field.default, text)
+      flags.DEFINE_string(name, field.default, text, module_name=module_name)
     if scalar in (int, float) and not is_tuple:
       _require(name, meta, scalar)
     for former in meta["former"]:
-      flags.DEFINE_alias(former, name)
+      flags.DEFINE_alias(former, name, module_name=module_name)
       ALIASES.add(former)
 
 

@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 
 DEPLOY_CONFIGS = tuple(dict.fromkeys(c.DEPLOY for c in methods_lib.configs() if c.DEPLOY))
 for _config in DEPLOY_CONFIGS:
-  common.define_option_flags(_config)
+  common.define_option_flags(_config, __name__)
 # Help groups: the held-out images, then each method's deployment options.
 STEERING_GROUPS = (
     ("Held-out images", ("calibration_examples", "score_examples", "eval_batch_size")),

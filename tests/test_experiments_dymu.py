@@ -177,6 +177,10 @@ def test_evaluate_sweeps_both_resources_with_and_without_weight_hypernet(dymu_ru
     assert min(row["dominant_preference"]) >= 0.5
   assert results["affinity"]["affinity"] == json.load(
       open(workdir / "edge" / dymu_stages.AFFINITY_FILE))["affinity"]
+  # The affinity is the method's artefact: listed, next to the report, its heat map a plot.
+  assert results["artefacts"] == ["affinity"] and "dymu_affinity.png" in results["plots"]
+  assert json.load(open(workdir / "eval" / dymu_stages.AFFINITY_FILE))["affinity"] == results[
+      "affinity"]["affinity"]
   report = (workdir / "eval" / "report.md").read_text()
   for text in ("| edge, c=0 |", "| weight, c=1 |", "## Cost", "## Task affinity",
                "![task affinity](dymu_affinity.png)", "HV (losses)", "distinct trees",

@@ -238,9 +238,13 @@ def _cost_sweep_markdown(results: dict) -> list[str]:
               + ", ".join(f"{n} {w:.3g}" for n, w in zip(names, results["task_weights"]))
               + "."]
   if record:
+    # A record written from the method alone (`affinity.write_artefact`) lacks K and the
+    # normalisation: the line says only what is known.
+    about = [f"K = {record['num_images']} training images"
+             if record.get("num_images") is not None else "",
+             f"{record['normalisation']} normalisation" if record.get("normalisation") else ""]
     lines += ["", "## Task affinity", "",
-              f"RSA on the frozen anchor, K = {record['num_images']} training images, "
-              f"{record['normalisation']} normalisation.", "",
+              "RSA on the frozen anchor" + "".join(f", {a}" for a in about if a) + ".", "",
               "| A | " + " | ".join(record["tasks"]) + " |",
               "|---|" + "---|" * len(record["tasks"])]
     for name, row in zip(record["tasks"], record["affinity"]):

@@ -28,7 +28,6 @@ from dymu_jax.data import base as data_base
 from dymu_jax.evaluation import measures
 from dymu_jax.evaluation import report
 from dymu_jax.evaluation import sweep as sweep_lib
-from dymu_jax.methods import affinity as affinity_lib
 from dymu_jax.metrics import pareto
 from dymu_jax.metrics import tasks as metrics_lib
 from dymu_jax.train import loop as loop_lib
@@ -151,8 +150,7 @@ def evaluate_fixed(method, variables, test_source, settings: Settings, *, workdi
                    output_dir: str, step: int, train_batch_size: int,
                    reference: Reference | None = None) -> dict:
   """A run whose method takes no controls: its deployed network through the one loop, its
-  training cost, and its learned structure (`Method.artefacts`, written next to the run and
-  into `output_dir`)."""
+  training cost (its learned structure is written by `evaluate`, as for every method)."""
   tasks = tuple(method.tasks)
   missing = [t.name for t in tasks if t.name not in {s.name for s in test_source.tasks}]
   if missing:
@@ -185,13 +183,6 @@ def evaluate_fixed(method, variables, test_source, settings: Settings, *, workdi
       print(f"Delta_m leaves out task(s) {', '.join(map(str, left_out))}: their single-task "
             f"metric is 0 or their metrics are not finite (pareto.delta_m_terms).", flush=True)
   out["cost"] = method.training_cost(variables, test_source.image_shape, train_batch_size)
-  # Learned structure (gradsplit: routing JSON and heat map) into the run's folder and next to
-  # the report; the record keeps the run folder's file.
-  records = method.artefacts(variables, workdir, step=step, plot=settings.plots)
-  if records and output_dir != workdir:
-    method.artefacts(variables, output_dir, step=step, plot=settings.plots)
-  out.update(records)
-  out["artefacts"] = sorted(records)
   return out
 
 
@@ -378,26 +369,7 @@ def resource_section(results, method, variables, image_shape, settings: Settings
       "cost_band": {"min_macs_fraction": settings.cost_band[0],
                     "max_macs_fraction": settings.cost_band[1]},
       "anchor_ratio_target": report.ANCHOR_RATIO_TARGET, "cost": cost,
-      "affinity": affinity_for_report(workdir, output_dir, settings.plots),
       "task_weights": list(method.task_weights) if method.task_weights else None})
-
-
-def affinity_for_report(workdir: str, output_dir: str, plots: bool) -> dict | None:
-  """A run's affinity record, with its heat map copied (or drawn) into `output_dir`."""
-  record = affinity_lib.read_record(workdir)
-  if record is None:
-    return None
-  record = dict(record, heatmap=None)
-  if plots:
-    source = files_lib.run_path(workdir) / affinity_lib.RECORD_PLOT
-    target = files_lib.run_path(output_dir) / affinity_lib.RECORD_PLOT
-    if files_lib.is_file(source):
-      if source != target:
-        files_lib.copy_file(source, target)
-    else:
-      affinity_lib.plot_record(record, target)
-    record["heatmap"] = affinity_lib.RECORD_PLOT
-  return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,14 +379,24 @@ def affinity_for_report(workdir: str, output_dir: str, plots: bool) -> dict | No
 def evaluate(method, variables, test_source, settings: Settings, *, workdir: str,
              output_dir: str, step: int, train_batch_size: int, prepared=None,
              reference: Reference | None = None, dataset: str | None = None) -> dict:
-  """The sweep of a method with controls, else its fixed network (module docstring)."""
+  """The sweep of a method with controls, else its fixed network (module docstring); then the
+  learned structure the run leaves (`Method.artefacts`: GradSplit's routing, DYMU's task
+  affinity), written into the run's folder and next to the report, each record under its name
+  (its "file" the run folder's)."""
   if method.control_space().names:
-    return evaluate_sweep(method, variables, test_source, settings, workdir=workdir,
-                          output_dir=output_dir, step=step, prepared=prepared,
-                          reference=reference, dataset=dataset)
-  return evaluate_fixed(method, variables, test_source, settings, workdir=workdir,
-                        output_dir=output_dir, step=step, train_batch_size=train_batch_size,
-                        reference=reference)
+    results = evaluate_sweep(method, variables, test_source, settings, workdir=workdir,
+                             output_dir=output_dir, step=step, prepared=prepared,
+                             reference=reference, dataset=dataset)
+  else:
+    results = evaluate_fixed(method, variables, test_source, settings, workdir=workdir,
+                             output_dir=output_dir, step=step,
+                             train_batch_size=train_batch_size, reference=reference)
+  records = method.artefacts(variables, workdir, step=step, plot=settings.plots)
+  if records and output_dir != workdir:
+    method.artefacts(variables, output_dir, step=step, plot=settings.plots)
+  results.update(records)
+  results["artefacts"] = sorted(records)
+  return results
 
 
 def write(results: dict, output_dir: str, plots: bool = True) -> tuple[str, list[str]]:
