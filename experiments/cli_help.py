@@ -9,8 +9,7 @@ one group, so the help cannot fall behind the flags.
 
 `METHOD_FLAGS` ("which method reads this flag") derives from the registered methods' configs:
 the per-method help headings come from it, and `check_method_flags` refuses a method option
-given to another method (`--dymu_lambda_active=2 --method=ecmt` would otherwise be ignored
-silently).
+given with another `--method` (it would otherwise be ignored silently).
 """
 
 from __future__ import annotations

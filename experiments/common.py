@@ -99,14 +99,15 @@ flags.DEFINE_integer("head_width", 0,
                      lower_bound=0)
 flags.DEFINE_bool("head_batch_norm", False,
                   "Batch norm in the hidden layers of the classification/regression heads "
-                  "(recalibrated per SubNet under ECMT; see dymu_jax/models/decoders.py).")
+                  "(a slimmable network recalibrates them per width configuration; see "
+                  "dymu_jax/models/decoders.py).")
 flags.DEFINE_list("backbone_options", [],
                   "Options of the backbone class as name=value pairs, e.g. "
                   "'channel_divisor=2,batch_norm=true' for lenet or 'output_stride=8' for the "
                   "ResNets (see dymu_jax/models/backbones.py).")
 flags.DEFINE_string("pretrained", "",
                     "ImageNet weights the backbone starts from: a torchvision state dict of "
-                    "resnet18, resnet34 or mobilenet_v2 at its default widths (DYMU's streams: "
+                    "resnet18, resnet34 or mobilenet_v2 at its default widths (branched streams, one per task: "
                     "resnet18 or mobilenet_v2, loaded into every stream) in a .safetensors, "
                     ".npz or .pth/.pt file; empty = random initialisation. Only a fresh run "
                     "loads it (a resumed run restores its checkpoint), and only a run's first "

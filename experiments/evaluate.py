@@ -34,12 +34,13 @@ from experiments import runs
 
 flags.DEFINE_string("reference_workdir", None,
                     "A finished single-task run of the same data: the reference of Delta_m and "
-                    "of the normalised metrics (default: the run's own SuperNet).")
+                    "of the normalised metrics (default: the run's own full network).")
 flags.DEFINE_list("budgets", ["0.25", "0.5", "0.75", "1.0"],
-                  "ECMT: budgets as fractions of the SuperNet's MACs.")
+                  "Methods steered by a budget: budgets as fractions of the full network's "
+                  "MACs.")
 flags.DEFINE_enum("preference_grid", "rays", list(controls.PREFERENCE_GRIDS),
-                  "The preferences of every sweep (ECMT, DYMU, PHN, PHN-BN). 'rays': for 2 "
-                  "tasks PHN's evaluation rays (--num_preferences angles evenly spaced in "
+                  "The preferences of every sweep (methods steered by a preference). 'rays': "
+                  "for 2 tasks the evaluation rays of the PHN paper's code (--num_preferences angles evenly spaced in "
                   "[0.1, pi/2 - 0.1], r = (cos, sin) / (cos + sin)), for more tasks the "
                   "Das-Dennis grid; 'das_dennis': evenly spaced simplex points with the fewest "
                   "divisions giving at least --num_preferences points (corners included); "
@@ -47,30 +48,31 @@ flags.DEFINE_enum("preference_grid", "rays", list(controls.PREFERENCE_GRIDS),
                   "seeded by --preference_seed; the sweep before this flag existed).")
 flags.DEFINE_integer("num_preferences", 25,
                      "Preferences of the sweep: the number of rays or random draws, or the "
-                     "least number of Das-Dennis points (25: PHN's 25 evaluation rays).",
+                     "least number of Das-Dennis points (25: the PHN paper's 25 rays).",
                      lower_bound=1)
 flags.DEFINE_integer("preference_seed", 0, "Seed of --preference_grid=random.", lower_bound=0)
 flags.DEFINE_integer("budget_check_points", 41,
-                     "Budgets from the smallest SubNet to the SuperNet checked for MACs <= "
-                     "budget.", lower_bound=1)
+                     "Methods steered by a budget: budgets from the cheapest to the full network "
+                     "checked for MACs <= budget.", lower_bound=1)
 flags.DEFINE_integer("max_test_examples", 0, "Evaluate on at most this many test examples; "
                      "0 = all.", lower_bound=0)
 flags.DEFINE_bool("plots", True, "Write PNG plots.")
 flags.DEFINE_list("resources", ["0", "1"],
-                  "DYMU: resource preferences c of the sweep (0: no sharing pressure, 1: the "
-                  "most frugal).")
+                  "Methods steered by a resource: the levels c of the sweep (0: no sharing "
+                  "pressure, 1: the most frugal).")
 flags.DEFINE_integer("cost_preferences", 1000,
-                     "DYMU: preferences (uniform on the simplex) over which the mean fraction "
-                     "of the anchor's MACs and parameters in use is measured, per c.",
+                     "Methods steered by a resource: preferences (uniform on the simplex) over "
+                     "which the mean fraction of the full network's MACs and parameters in use "
+                     "is measured, per c.",
                      lower_bound=1)
 flags.DEFINE_list("hv_reference", [],
-                  "ECMT, DYMU, PHN, PHN-BN: the hypervolume reference point in test-loss "
-                  "space, one number per task, for every sweep of the run (give the same one to "
+                  "Methods steered by a preference: the hypervolume reference point in "
+                  "test-loss space, one number per task, for every sweep of the run (give the same one to "
                   "compare runs); empty = (2, 2) for a 2-task Multi-MNIST run, otherwise just "
                   "worse than every loss of this run's sweeps.")
 flags.DEFINE_list("cost_band", ["0.6"],
-                  "DYMU: the cost band of the matched-cost hypervolume, as fractions of the "
-                  "anchor's MACs: 'hi' (trees using at most hi) or 'lo,hi' (both inclusive).")
+                  "Methods steered by a resource: the cost band of the matched-cost "
+                  "hypervolume, as fractions of the full network's MACs: 'hi' (trees using at most hi) or 'lo,hi' (both inclusive).")
 FLAGS = flags.FLAGS
 
 

@@ -39,9 +39,11 @@ from experiments import runs
 
 flags.DEFINE_list("preference", [], "Task preference, one number per task in task order, "
                   "summing to 1; empty = uniform (methods steered by a preference).")
-flags.DEFINE_float("budget", None, "ECMT-style budget: a fraction of the full network's MACs "
+flags.DEFINE_float("budget", None, "Budget (methods steered by one): a fraction of the full "
+                   "network's MACs "
                    "in (0, 1], or MACs per example when above 1; unset = 1.0.")
-flags.DEFINE_float("resource", None, "DYMU-style resource c in [0, 1] (larger: more sharing); "
+flags.DEFINE_float("resource", None, "Resource level c in [0, 1] (methods steered by one; larger: "
+                   "more frugal); "
                    "unset = 0.")
 flags.register_validator(
     "budget", lambda b: b is None or (math.isfinite(b) and (0 < b <= 1 or (b > 1 and b == int(b)))),
@@ -87,7 +89,7 @@ def export() -> str:
     raise app.UsageError("--workdir is required: the folder of a trained run.")
   if FLAGS.output_dir:  # an output folder that cannot be written stops before the search
     common.ensure_workdir(FLAGS.output_dir, "--output_dir")
-  # A `--dymu_stage=all` folder: its newest trained stage.
+  # A parent folder of stages: its newest trained stage.
   run = runs.load(FLAGS.workdir)
   controls = _controls(run.method)  # a control the method does not take stops before the search
   image_shape = tuple(run.test_source.image_shape)

@@ -6,7 +6,7 @@ r"""Train a (controllable) multi-task model.
 A run resumes from the newest checkpoint in `--workdir` (same flags, same seed): killing and
 restarting it loses at most the steps since the last checkpoint. `--helpfull` lists every flag.
 
-A method trained in stages (`--method=dymu`: pretrained trunk, anchor, edge and weight) runs
+A method trained in stages (its config plans them: `MethodConfig.plan`) runs
 each stage in `<workdir>/<stage>` through the library's stage runner (`dymu_jax.train.stages`;
 the stages come from the method's config, `MethodConfig.plan`, and its flags say which to run
 and on which finished earlier stage), each resuming from its own checkpoints, and writes
@@ -39,8 +39,8 @@ flags.DEFINE_enum("method", methods_lib.DEFAULT_METHOD, list(methods_lib.METHODS
                   "Training method: " + "; ".join(f"{k}: {v}"
                                                   for k, v in methods_lib.METHODS.items()))
 flags.DEFINE_list("task_weights", [],
-                  "Fixed loss weight per task, in task order (every method; DYMU's edge and "
-                  "weight stages use 1 / the anchor's losses instead); empty = 1 each.")
+                  "Fixed loss weight per task, in task order (every method; a stage that "
+                  "measures its task weights on its earlier stage uses those); empty = 1 each.")
 # --- optimisation ---
 flags.DEFINE_integer("steps", 2000, "Optimizer steps of the whole run.", lower_bound=1)
 flags.DEFINE_bool("allow_changed_flags", False,
@@ -198,7 +198,7 @@ def run_plan(config, plan: tuple[stages_lib.Stage, ...], root: str) -> dict[str,
                "controls": list(method.control_space().names)}
     if is_chief:
       files_lib.write_json(files_lib.run_path(workdir) / "summary.json", summary, indent=1)
-      # Methods with a learned structure write it next to the run (gradsplit: routing + map).
+      # Methods with a learned structure write it next to the run (`Method.artefacts`).
       for name, record in method.artefacts(result.state.variables, workdir,
                                            step=stage.steps).items():
         print(f"wrote {record['file']} ({name})")
