@@ -6,10 +6,10 @@ r"""Train a (controllable) multi-task model.
 A run resumes from the newest checkpoint in `--workdir` (same flags, same seed): killing and
 restarting it loses at most the steps since the last checkpoint. `--helpfull` lists every flag.
 
-A method trained in stages (its config plans them: `MethodConfig.plan`) runs
-each stage in `<workdir>/<stage>` through the library's stage runner (`dymu_jax.train.stages`;
-the stages come from the method's config, `MethodConfig.plan`, and its flags say which to run
-and on which finished earlier stage), each resuming from its own checkpoints, and writes
+A method trained in stages runs each stage in `<workdir>/<stage>` through the library's stage
+runner (`dymu_jax.train.stages`; the stages come from the method's config, `MethodConfig.plan`,
+and its flags say which to run and on which finished earlier stage), each resuming from its own
+checkpoints, and writes
 `<workdir>/summary.json` with every stage's summary and the command's flags.
 """
 
@@ -152,25 +152,26 @@ def _run_metadata(values: dict, config, train_source, source: dict) -> dict:
 def run_plan(config, plan: tuple[stages_lib.Stage, ...], root: str) -> dict[str, dict]:
   """Trains the stages of `plan` (`stages.run_stages`); a run in stages also writes
   <workdir>/summary.json with every stage's summary."""
-  train_source, test_source = settings.load_sources(common.flag_values())
+  values = common.flag_values()
+  train_source, test_source = settings.load_sources(values)
   axis_name = train_lib.method_axis_name(FLAGS.parallel)
   # Before any stage holds examples out or reads an earlier one: the model options (by building
   # the first stage's method), then the batch and image sizes they need.
   settings.build_method(stage_values(config, plan[0]), train_source.tasks, axis_name=axis_name)
-  settings.check_data_fits(train_source, FLAGS.batch_size, common.flag_values())
+  settings.check_data_fits(train_source, FLAGS.batch_size, values)
   augment = _augment(train_source)
   is_chief = jax.process_index() == 0
   title = type(config).TITLE or FLAGS.method
   staged = any(stage.name for stage in plan)
 
   def load(folder: str, stage_name: str) -> stages_lib.Finished:
-    run = runs_lib.finished_run(folder, stage_name, common.flag_values(), train_source)
+    run = runs_lib.finished_run(folder, stage_name, values, train_source)
     return stages_lib.Finished(run.workdir, run.step, run.method, run.variables)
 
   def check(stage: stages_lib.Stage) -> None:
     prefix = type(config).PREFIX + "_" if staged and type(config).PREFIX else ""
     guard.check_resume_flags(stage.folder, stage_values(config, stage),
-                                     allow=FLAGS.allow_changed_flags, ignore_prefix=prefix)
+                             allow=FLAGS.allow_changed_flags, ignore_prefix=prefix)
 
   def train_stage(stage, start, source, stage_source) -> dict:
     values = stage_values(config, stage)
@@ -216,7 +217,7 @@ def run_plan(config, plan: tuple[stages_lib.Stage, ...], root: str) -> dict[str,
   if len(plan) > 1 and is_chief:
     last = summaries[plan[-1].name]
     # The command's own flags: what trains the whole run again (each stage saved its own).
-    summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "flags": common.flag_values(),
+    summary = {"method": FLAGS.method, "dataset": FLAGS.dataset, "flags": values,
                "steps": sum(s["steps"] for s in summaries.values()),
                "seconds": round(sum(s["seconds"] for s in summaries.values()), 1),
                "eval": last["eval"], "controls": last.get("controls", []),

@@ -83,10 +83,8 @@ def load_run(workdir: str, *, data_dir: str | None = None) -> TrainedRun:
                        f"flags it was trained with; it was not written by experiments.train.")
     if data_dir:
       values["data_dir"] = data_dir
-    fields = {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
-    config = train_lib.TrainConfig(**{k: v for k, v in metadata["config"].items()
-                                      if k in fields})
-    config = dataclasses.replace(config, parallel="mesh", progress=False)
+    config = dataclasses.replace(settings.train_config(metadata["config"]), parallel="mesh",
+                                 progress=False)
     train_source, test_source = settings.load_sources(values)
     batcher = data_lib.Batcher(train_source, min(config.batch_size, len(train_source)),
                                config.seed)
