@@ -23,7 +23,8 @@ _PREFERENCE_CAPTION = (
     "(MACs fraction of the anchor, default at most 0.6), at the same point. min mean/anchor: "
     "the lowest, over tasks, of a task's mean primary metric over the sweep divided by the "
     "anchor's (the target is >= 0.95). Delta_m: mean over the sweep's preferences against each "
-    "run's evaluation reference (DYMU: its anchor streams). DYMU costs: mean over the "
+    "run's evaluation reference (its evaluation's `--reference_workdir`, named in the commands; "
+    "without one, DYMU's anchor streams). DYMU costs: mean over the "
     "evaluation's cost preferences; fractions are of the DYMU anchor's MACs and parameters. "
     "Training time of the edge variant: the stages up to edge (not weight).")
 
