@@ -245,6 +245,22 @@ def test_cost_vs_hypervolume_plot(page):
   assert [p["label"] for p in ecmt] == ["b=0.5", "b=1"] and all(p["n"] == 2 for p in ecmt)
 
 
+def test_point_labels_at_one_spot_do_not_cover_each_other():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots()
+  ax.plot([0, 100], [0, 100])
+  # Two bands of one run at the same cost and nearly the same HV, and a label far from both.
+  plots._annotate_apart(ax, [(95, 50.0, "c=0 band <= 0.60", "C0"),
+                             (95, 50.2, "c=1 band <= 0.60", "C0"),
+                             (10, 90.0, "n=3", "C1")])
+  offsets = {a.get_text(): a.xyann[1] for a in ax.texts}
+  plt.close(fig)
+  assert offsets["n=3"] == 4 and offsets["c=1 band <= 0.60"] == 4  # the higher one stays
+  assert offsets["c=0 band <= 0.60"] <= 4 - 1.3 * 7  # moved down a whole line
+
+
 def test_cost_band_is_optional(page):
   _, _, found = page
   (dymu,) = [r for r in found if r["name"] == "mm_dymu"]

@@ -166,6 +166,23 @@ def cost_hv_series(groups: Sequence[dict], reference: Sequence[float]) -> list[d
 _MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*")
 
 
+def _annotate_apart(ax, labels: Sequence[tuple], fontsize: float = 7) -> None:
+  """Writes each (x, y, text, color) label next to its point, moving a label down a line while
+  it would cover one already written (points of one run often sit at the same cost)."""
+  ax.autoscale_view()
+  to_points = 72.0 / ax.figure.dpi
+  line, char = 1.3 * fontsize, 0.6 * fontsize  # a label's height and a character's width
+  placed = []  # (left, bottom, right) of each written label, in points
+  for x, y, text, color in sorted(labels, key=lambda label: -label[1]):
+    px, py = np.asarray(ax.transData.transform((x, y))) * to_points
+    left, right, dy = px + 4, px + 4 + char * len(text), 4.0
+    while any(left < r and l < right and abs(py + dy - b) < line for l, b, r in placed):
+      dy -= line
+    placed.append((left, py + dy, right))
+    ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, dy), fontsize=fontsize,
+                color=color)
+
+
 def plot_cost_vs_hv(series: Sequence[dict], reference: Sequence[float], path: str) -> bool:
   """The cost-vs-hypervolume figure of `cost_hv_series`; False when there is no point."""
   if not any(s["points"] for s in series):
@@ -176,6 +193,7 @@ def plot_cost_vs_hv(series: Sequence[dict], reference: Sequence[float], path: st
     markers.setdefault(entry["method"], _MARKERS[len(markers) % len(_MARKERS)])
   fig, ax = plt.subplots(figsize=(7, 4.8))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  labels = []
   for i, entry in enumerate(series):
     color = colors[i % len(colors)]
     for band in (False, True):
@@ -192,8 +210,8 @@ def plot_cost_vs_hv(series: Sequence[dict], reference: Sequence[float], path: st
       for p, x in zip(points, xs):
         text = p["label"] + (f" n={p['n']}" if p["n"] > 1 else "")
         if text:
-          ax.annotate(text, (x, p["y"]), textcoords="offset points", xytext=(4, 4),
-                      fontsize=7, color=color)
+          labels.append((x, p["y"], text, color))
+  _annotate_apart(ax, labels)
   ax.set_xlabel("MACs per example (millions; mean over the sweep's preferences)")
   ax.set_ylabel("hypervolume of the test losses")
   ax.set_title(f"Cost against hypervolume (reference {[round(x, 3) for x in reference]})",
